@@ -1,0 +1,70 @@
+"""Cross-entropy of the LM head without materializing [tokens x vocab] logits.
+
+`linear_cross_entropy(h, W, labels)` equals `F.cross_entropy(h @ W^T, labels, reduction="sum", ignore_index=-100)`
+(the twin `linear_cross_entropy_reference`). It walks the tokens in chunks; for each chunk it forms the logits in
+fp32, takes the log-sum-exp and, when gradients are wanted, the gradients of h and W right away
+(softmax - onehot), so nothing of size [tokens x vocab] outlives a chunk and backward is only a scaling.
+The fused "linear + cross-entropy" idea is that of Liger-Kernel / Apple's cut-cross-entropy; this is a plain
+PyTorch version of it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .linear import matmul_dtype
+
+IGNORE_INDEX = -100
+
+
+def linear_cross_entropy_reference(hidden, weight, labels):
+    logits = (hidden @ weight.T).float()
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def linear_cross_entropy(hidden, weight, labels, chunk_size: int = 2048):
+    """hidden (n,d), weight (v,d), labels (n,) with -100 for ignored rows. Returns the summed loss (fp32)."""
+    if hidden.shape[0] != labels.shape[0]:
+        raise ValueError(f"linear_cross_entropy: {hidden.shape[0]} rows of hidden but {labels.shape[0]} labels")
+    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_size)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size):
+        cdt = torch.float32 if matmul_dtype(hidden) == torch.float32 else hidden.dtype
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(cdt)
+        grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device) if want_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            h = hidden[rows].to(cdt)
+            y = labels[rows]
+            logits = (h @ w.T).float()  # (c,v)
+            valid = y != IGNORE_INDEX
+            safe_y = torch.where(valid, y, 0)
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe_y[:, None]).squeeze(1)
+            total += ((lse - picked) * valid).sum()
+            if want_h or want_w:
+                g = torch.softmax(logits, dim=-1)  # d loss / d logits = softmax - onehot, zero for ignored rows
+                g.scatter_add_(1, safe_y[:, None], -torch.ones_like(picked)[:, None])
+                g.mul_(valid[:, None])
+                g = g.to(cdt)
+                if want_h:
+                    grad_h[rows] = (g @ w).float()
+                if want_w:
+                    grad_w += (g.T @ h).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = (grad_h * grad_out).to(ctx.dtypes[0]) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.dtypes[1]) if grad_w is not None else None
+        return gh, gw, None, None

@@ -1,0 +1,218 @@
+"""Mamba-2 state-space duality (SSD): the selective scan, its decode step, and the causal depthwise conv.
+
+Faithful to "Transformers are SSMs" (Dao & Gu, 2024, arXiv 2405.21060): the recurrence of eq. (2) with a scalar
+decay per head, `h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T`, `y_t = C_t h_t + D x_t`, and its chunked form
+(Listing 1, `ssd_minimal`): intra-chunk quadratic term, per-chunk states, inter-chunk recurrence, state-to-output
+term. Packed documents (`seq_idx`, one id per token, each document a contiguous run) never share state: the carried
+state is dropped where the id changes, as in state-spaces/mamba's `seq_idx` argument.
+
+Twins: `ssd_reference` (one token at a time, the definition) and `ssd_chunked` (the fast path);
+`causal_conv1d_reference` (a loop over taps) and `causal_conv1d` (F.conv1d, or shifted sums when documents
+are packed). Everything runs in fp32 inside, whatever the input dtype; the outputs are fp32.
+
+Legend: b batch, t time, h heads, p head dim, g B/C groups, n state size, c chunks, l/s positions in a chunk,
+k conv taps, d channels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _check_scan_inputs(x, dt, A, B, C, seq_idx):
+    b, t, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    if dt.shape != (b, t, h) or A.shape != (h,) or B.shape != (b, t, g, n) or C.shape != (b, t, g, n):
+        raise ValueError(
+            f"ssd: shapes disagree: x {tuple(x.shape)} (b,t,h,p), dt {tuple(dt.shape)} (b,t,h), A {tuple(A.shape)} "
+            f"(h,), B {tuple(B.shape)} and C {tuple(C.shape)} (b,t,g,n)"
+        )
+    if h % g:
+        raise ValueError(f"ssd: {g} B/C groups do not divide {h} heads")
+    if seq_idx is not None and seq_idx.shape != (b, t):
+        raise ValueError(f"ssd: seq_idx has shape {tuple(seq_idx.shape)}, expected (batch, time) = {(b, t)}")
+
+
+def ssd_reference(x, dt, A, B, C, D=None, initial_state=None, seq_idx=None):
+    """The recurrence itself, one step per token. x (b,t,h,p), dt (b,t,h) after softplus, A (h,) negative,
+    B/C (b,t,g,n), D (h,), initial_state (b,h,p,n), seq_idx (b,t). Returns y (b,t,h,p) and the final state."""
+    _check_scan_inputs(x, dt, A, B, C, seq_idx)
+    b, t, h, p = x.shape
+    rep = h // B.shape[2]
+    x, dt, A = x.float(), dt.float(), A.float()
+    B_h = B.float().repeat_interleave(rep, dim=2)  # (b,t,h,n)
+    C_h = C.float().repeat_interleave(rep, dim=2)
+    state = (
+        initial_state.float().clone() if initial_state is not None else x.new_zeros(b, h, p, B.shape[-1])
+    )  # (b,h,p,n)
+    ys = []
+    for i in range(t):
+        if seq_idx is not None and i > 0:
+            keep = (seq_idx[:, i] == seq_idx[:, i - 1]).float()  # (b,)
+            state = state * keep[:, None, None, None]
+        decay = torch.exp(dt[:, i] * A)  # (b,h)
+        state = state * decay[..., None, None] + (dt[:, i, :, None] * x[:, i])[..., None] * B_h[:, i, :, None, :]
+        y = torch.einsum("bhpn,bhn->bhp", state, C_h[:, i])
+        if D is not None:
+            y = y + D.float()[:, None] * x[:, i]
+        ys.append(y)
+    return torch.stack(ys, dim=1), state
+
+
+def segsum(x: torch.Tensor) -> torch.Tensor:
+    """Stable segment sum: out[..., i, j] = sum_{j < m <= i} x[..., m] for j <= i, -inf above the diagonal.
+    Computed by cumulative sums over a masked copy, not as a difference of two cumsums (which loses precision)."""
+    L = x.size(-1)
+    x = x[..., None].expand(*x.shape, L)  # (..., i=L, j=L) holding x[..., i]
+    strictly_lower = torch.tril(torch.ones(L, L, dtype=torch.bool, device=x.device), diagonal=-1)
+    x = x.masked_fill(~strictly_lower, 0.0)
+    out = torch.cumsum(x, dim=-2)
+    lower = torch.tril(torch.ones(L, L, dtype=torch.bool, device=x.device), diagonal=0)
+    return out.masked_fill(~lower, -torch.inf)
+
+
+def ssd_chunked(x, dt, A, B, C, D=None, chunk_size=128, initial_state=None, seq_idx=None):
+    """Chunked SSD scan (Mamba-2 paper, Listing 1) with packed-document support. Same contract as
+    `ssd_reference`; returns y (b,t,h,p) fp32 and the final state (b,h,p,n) fp32."""
+    _check_scan_inputs(x, dt, A, B, C, seq_idx)
+    b, t, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    rep = h // g
+    L = chunk_size
+    pad = (-t) % L
+    x32, dt32 = x.float(), dt.float()
+    dtA = dt32 * A.float()  # (b,t,h) log decay of each step
+    xdt = x32 * dt32[..., None]  # (b,t,h,p)
+    B32, C32 = B.float(), C.float()
+    if pad:
+        # Padding steps carry no input (x = 0) and no decay (dtA = 0), so the final state is unchanged.
+        xdt = F.pad(xdt, (0, 0, 0, 0, 0, pad))
+        dtA = F.pad(dtA, (0, 0, 0, pad))
+        B32 = F.pad(B32, (0, 0, 0, 0, 0, pad))
+        C32 = F.pad(C32, (0, 0, 0, 0, 0, pad))
+        if seq_idx is not None:
+            seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1)
+    c = (t + pad) // L
+    xdt = xdt.view(b, c, L, h, p)
+    B32 = B32.view(b, c, L, g, n)
+    C32 = C32.view(b, c, L, g, n)
+    dtA = dtA.view(b, c, L, h).permute(0, 3, 1, 2)  # (b,h,c,l)
+    A_cumsum = torch.cumsum(dtA, dim=-1)  # (b,h,c,l)
+
+    # 1. Intra-chunk (diagonal blocks): y_l = sum_{s<=l} (C_l . B_s) exp(sum_{s<m<=l} dtA_m) xdt_s
+    decay_ls = torch.exp(segsum(dtA))  # (b,h,c,l,s)
+    if seq_idx is not None:
+        sid = seq_idx.view(b, c, L)
+        same_doc = sid[:, :, :, None] == sid[:, :, None, :]  # (b,c,l,s)
+        decay_ls = decay_ls * same_doc[:, None]
+    CB = torch.einsum("bclgn,bcsgn->bgcls", C32, B32)  # (b,g,c,l,s), shared by the rep heads of each group
+    M = CB[:, :, None] * decay_ls.view(b, g, rep, c, L, L)  # (b,g,rep,c,l,s)
+    y = torch.einsum("bgrcls,bcsgrp->bclgrp", M, xdt.view(b, c, L, g, rep, p)).reshape(b, c, L, h, p)
+
+    # 2. Each chunk's own contribution to the state at its end.
+    decay_to_end = torch.exp(A_cumsum[..., -1:] - A_cumsum)  # (b,h,c,l)
+    if seq_idx is not None:
+        decay_to_end = decay_to_end * (sid == sid[:, :, -1:])[:, None]
+    xdt_decayed = xdt * decay_to_end.permute(0, 2, 3, 1)[..., None]  # (b,c,l,h,p)
+    chunk_states = torch.einsum("bclgn,bclgrp->bcgrpn", B32, xdt_decayed.view(b, c, L, g, rep, p))
+    chunk_states = chunk_states.reshape(b, c, h, p, n)
+
+    # 3. Inter-chunk recurrence over chunk boundaries: S_c = exp(sum dtA over chunk c) S_{c-1} + chunk_states_c.
+    if initial_state is None:
+        initial_state = chunk_states.new_zeros(b, h, p, n)
+    states = torch.cat([initial_state.float()[:, None], chunk_states], dim=1)  # (b,c+1,h,p,n)
+    decay_chunks = torch.exp(segsum(F.pad(A_cumsum[..., -1], (1, 0))))  # (b,h,c+1,c+1) [to, from]
+    if seq_idx is not None:
+        # The state at the end of chunk z (z = -1: the initial state, in the first token's document) reaches
+        # the end of chunk c only if both lie in the same document.
+        end_doc = torch.cat([seq_idx[:, :1], sid[:, :, -1]], dim=1)  # (b,c+1)
+        decay_chunks = decay_chunks * (end_doc[:, :, None] == end_doc[:, None, :])[:, None]
+    states = torch.einsum("bhzs,bshpn->bzhpn", decay_chunks, states)  # (b,c+1,h,p,n)
+    prev_states, final_state = states[:, :-1], states[:, -1]
+
+    # 4. Off-diagonal blocks: the state entering chunk c, read out by C_l and decayed to position l.
+    decay_from_start = torch.exp(A_cumsum)  # (b,h,c,l)
+    if seq_idx is not None:
+        decay_from_start = decay_from_start * (sid == end_doc[:, :-1, None])[:, None]
+    y_off = torch.einsum("bclgn,bcgrpn->bclgrp", C32, prev_states.view(b, c, g, rep, p, n)).reshape(b, c, L, h, p)
+    y = y + y_off * decay_from_start.permute(0, 2, 3, 1)[..., None]
+
+    y = y.reshape(b, c * L, h, p)[:, :t]
+    if D is not None:
+        y = y + D.float()[:, None] * x32
+    return y, final_state
+
+
+def ssd_step(state, x, dt, A, B, C, D=None):
+    """One decode step of the recurrence, updating `state` (b,h,p,n, fp32) in place. x (b,h,p), dt (b,h) after
+    softplus, B/C (b,g,n). Returns y (b,h,p) fp32."""
+    rep = x.shape[1] // B.shape[1]
+    x, dt = x.float(), dt.float()
+    B_h = B.float().repeat_interleave(rep, dim=1)  # (b,h,n)
+    C_h = C.float().repeat_interleave(rep, dim=1)
+    decay = torch.exp(dt * A.float())  # (b,h)
+    state.mul_(decay[..., None, None]).add_((dt[..., None] * x)[..., None] * B_h[:, :, None, :])
+    y = torch.einsum("bhpn,bhn->bhp", state, C_h)
+    if D is not None:
+        y = y + D.float()[:, None] * x
+    return y
+
+
+# ---------------------------------------------------------------------------------------------- causal conv1d
+
+
+def causal_conv1d_reference(x, weight, bias=None, seq_idx=None, initial_state=None):
+    """Depthwise causal conv, written as its definition. x (b,t,d), weight (d,k), bias (d,), initial_state
+    (b,k-1,d) = the inputs before x (zeros when None). A tap that reaches into another document contributes 0."""
+    b, t, d = x.shape
+    k = weight.shape[1]
+    prev = initial_state if initial_state is not None else x.new_zeros(b, k - 1, d)
+    xe = torch.cat([prev.to(x.dtype), x], dim=1)  # (b, k-1+t, d)
+    if seq_idx is not None:
+        se = torch.cat([seq_idx[:, :1].expand(b, k - 1), seq_idx], dim=1)
+    out = []
+    for i in range(t):
+        acc = bias.float().expand(b, d).clone() if bias is not None else x.new_zeros(b, d, dtype=torch.float32)
+        for j in range(k):  # tap j looks back k-1-j steps
+            src = i + j
+            term = xe[:, src].float() * weight[:, j].float()
+            if seq_idx is not None:
+                term = term * (se[:, src] == seq_idx[:, i]).float()[:, None]
+            acc = acc + term
+        out.append(acc)
+    return torch.stack(out, dim=1)
+
+
+def causal_conv1d(x, weight, bias=None, seq_idx=None, initial_state=None):
+    """Fast depthwise causal conv; same contract as `causal_conv1d_reference`, output fp32 (b,t,d)."""
+    b, t, d = x.shape
+    k = weight.shape[1]
+    if seq_idx is None:
+        prev = initial_state if initial_state is not None else x.new_zeros(b, k - 1, d)
+        xe = torch.cat([prev.to(x.dtype), x], dim=1).float().transpose(1, 2)  # (b,d,k-1+t)
+        bias32 = bias.float() if bias is not None else None
+        return F.conv1d(xe, weight.float()[:, None, :], bias32, groups=d).transpose(1, 2)
+    # Packed documents: sum of k shifted copies, each masked where its source lies in another document.
+    prev = initial_state if initial_state is not None else x.new_zeros(b, k - 1, d)
+    xe = torch.cat([prev.to(x.dtype), x], dim=1).float()
+    se = torch.cat([seq_idx[:, :1].expand(b, k - 1), seq_idx], dim=1)
+    w = weight.float()
+    out = xe[:, k - 1 :] * w[:, k - 1]
+    for j in range(k - 1):
+        same = (se[:, j : j + t] == seq_idx).unsqueeze(-1)
+        out = out + torch.where(same, xe[:, j : j + t] * w[:, j], 0.0)
+    if bias is not None:
+        out = out + bias.float()
+    return out
+
+
+def causal_conv1d_step(conv_state, x, weight, bias=None):
+    """One decode step. conv_state (b,k-1,d) holds the previous inputs and is updated in place; x (b,d).
+    Returns the conv output (b,d) fp32 (before the activation)."""
+    window = torch.cat([conv_state, x[:, None].to(conv_state.dtype)], dim=1)  # (b,k,d)
+    conv_state.copy_(window[:, 1:])
+    out = torch.einsum("bkd,dk->bd", window.float(), weight.float())
+    if bias is not None:
+        out = out + bias.float()
+    return out
