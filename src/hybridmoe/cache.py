@@ -76,7 +76,9 @@ class HybridCache:
             )
         if symbol == "*":
             shape = (b, c.num_key_value_heads, capacity, c.head_dim)
-            return KVState(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            return KVState(
+                torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+            )
         return None
 
     def reorder(self, index: torch.Tensor) -> None:

@@ -165,7 +165,9 @@ def save_pretrained(model: HybridMoEForCausalLM, path: str | os.PathLike, max_sh
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
     ]  # fmt: skip
     for name, shard in zip(names, shards):
-        atomic_write(os.path.join(path, name), lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
+        atomic_write(
+            os.path.join(path, name), lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"})
+        )
     index_path = os.path.join(path, INDEX_NAME)
     if len(shards) > 1:
         weight_map = {key: name for name, shard in zip(names, shards) for key in shard}

@@ -290,7 +290,9 @@ class HybridMoEConfig:
         if self.tie_word_embeddings:
             raise bad("tie_word_embeddings", "nemotron_h keeps embedding and lm_head untied", "set it to false")
         if self.hidden_dropout or self.attention_dropout:
-            raise ValueError("HybridMoEConfig: dropout is not implemented; set hidden_dropout and attention_dropout to 0.")
+            raise ValueError(
+                "HybridMoEConfig: dropout is not implemented; set hidden_dropout and attention_dropout to 0."
+            )
         lo, hi = self.time_step_limit
         if not (0 <= lo <= hi):
             raise bad("time_step_limit", "must be (low, high) with 0 <= low <= high", "use (0.0, inf)")

@@ -25,13 +25,15 @@ def sample_next_token(
         return logits.argmax(dim=-1)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}; use do_sample=False for greedy")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 or None: no top-k filtering), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 or None: no nucleus filtering), got {top_p}")
     logits = logits.float() / temperature
     if top_k is not None and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, -torch.inf)
     if top_p is not None and top_p < 1.0:
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
@@ -69,7 +71,9 @@ def generate(
         mask = attention_mask.bool()
         # Left padding means every row is zeros then ones: the mask never goes from 1 back to 0.
         if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
-            raise ValueError("generate needs left padding (padding before the prompt); tokenize with padding_side='left'")
+            raise ValueError(
+                "generate needs left padding (padding before the prompt); tokenize with padding_side='left'"
+            )
         if not bool(mask[:, -1].all()):
             raise ValueError("a row of attention_mask is all padding; every prompt needs at least one token")
         attention_mask = mask.long()

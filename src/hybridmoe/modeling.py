@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import HybridCache, KVState, MambaState
+from .cache import HybridCache, KVState
 from .config import HybridMoEConfig
 from .kernels.attention import attention
 from .kernels.linear import Linear, matmul_dtype
@@ -42,6 +42,7 @@ class ForwardContext:
     document_ids: torch.Tensor | None = None  # (b, t) packed-document ids, contiguous runs
     pad_mask: torch.Tensor | None = None  # (b, t) True for real tokens of this forward (left padding)
     key_valid: torch.Tensor | None = None  # (b, start + t) True for real tokens among all keys
+    aux_losses: list[torch.Tensor] = field(default_factory=list)  # filled by MoE layers in training
 
 
 @dataclass
@@ -107,8 +108,9 @@ class Mamba2Mixer(nn.Module):
         self.n_groups, self.state_size = c.n_groups, c.ssm_state_size
         self.intermediate_size, self.conv_dim = c.mamba_intermediate_size, c.mamba_conv_dim
         self.chunk_size = c.chunk_size
-        # transformers clamps dt from below at time_step_min (not time_step_limit[0]); we do the same.
-        self.dt_min, self.dt_max = c.time_step_min, c.time_step_limit[1]
+        # As transformers does, dt is clamped from below at time_step_min and not from above; time_step_limit is
+        # read and written back but not applied (every published config has (0, inf) anyway).
+        self.dt_min, self.dt_max = c.time_step_min, math.inf
         self.in_proj = Linear(c.hidden_size, self.intermediate_size + self.conv_dim + self.num_heads, bias=c.use_bias)
         self.conv1d = nn.Conv1d(
             self.conv_dim, self.conv_dim, c.conv_kernel, groups=self.conv_dim, padding=c.conv_kernel - 1,
@@ -133,15 +135,15 @@ class Mamba2Mixer(nn.Module):
         if state is not None and ctx.start > 0 and t == 1:  # decode: one recurrent step
             xBC = F.silu(causal_conv1d_step(state.conv, xBC[:, 0], conv_w, self.conv1d.bias))
             xs, Bs, Cs = xBC.split([self.intermediate_size, G * N, G * N], dim=-1)
-            y = ssd_step(
-                state.ssm, xs.view(b, H, P), self._dt(dt[:, 0]), A, Bs.view(b, G, N), Cs.view(b, G, N), self.D
-            )
+            y = ssd_step(state.ssm, xs.view(b, H, P), self._dt(dt[:, 0]), A, Bs.view(b, G, N), Cs.view(b, G, N), self.D)
             y = y.view(b, 1, self.intermediate_size)
         else:
             resume = state is not None and ctx.start > 0
             conv_init = state.conv if resume else None
             if state is not None and state.conv.shape[1] > 0:
-                window = torch.cat([state.conv if resume else torch.zeros_like(state.conv), xBC.to(state.conv.dtype)], 1)
+                window = torch.cat(
+                    [state.conv if resume else torch.zeros_like(state.conv), xBC.to(state.conv.dtype)], 1
+                )
                 new_conv = window[:, -state.conv.shape[1] :].clone()
             xBC = F.silu(causal_conv1d(xBC, conv_w, self.conv1d.bias, ctx.document_ids, conv_init))
             if state is not None and state.conv.shape[1] > 0:
@@ -273,9 +275,9 @@ class LatentMoE(nn.Module):
             self.fc1_latent_proj = Linear(c.hidden_size, c.moe_latent_size, bias=c.mlp_bias)
             self.fc2_latent_proj = Linear(c.moe_latent_size, c.hidden_size, bias=c.mlp_bias)
         self.aux_loss_coef = c.router_aux_loss_coef
-        # Tokens routed to each expert since the trainer last read them (for the aux-loss-free bias update).
-        self.register_buffer("tokens_per_expert", torch.zeros(c.n_routed_experts), persistent=False)
-        self.aux_loss: torch.Tensor | None = None
+        # Tokens routed to each expert since the trainer last read them, for the aux-loss-free bias update
+        # (int64, so casting the model to bf16 leaves the counts exact).
+        self.register_buffer("tokens_per_expert", torch.zeros(c.n_routed_experts, dtype=torch.long), persistent=False)
 
     def forward(self, x_btd, ctx: ForwardContext | None = None):
         b, t, d = x_btd.shape
@@ -284,7 +286,8 @@ class LatentMoE(nn.Module):
         if self.training:
             with torch.no_grad():
                 self.tokens_per_expert += torch.bincount(topk_idx_TK.flatten(), minlength=scores_TE.shape[1])
-            self.aux_loss = self._sequence_aux_loss(scores_TE.view(b, t, -1), topk_idx_TK.view(b, t, -1))
+            if self.aux_loss_coef > 0 and ctx is not None:
+                ctx.aux_losses.append(self._sequence_aux_loss(scores_TE.view(b, t, -1), topk_idx_TK.view(b, t, -1)))
         h = self.fc1_latent_proj(x_TD) if self.fc1_latent_proj is not None else x_TD
         h = self.experts(h, topk_idx_TK, topk_w_TK)
         h = self.fc2_latent_proj(h) if self.fc2_latent_proj is not None else h
@@ -458,15 +461,14 @@ class HybridMoEForCausalLM(nn.Module):
             if self.mtp is not None and self.config.mtp_loss_weight > 0:
                 out.mtp_hidden_states = self.forward_mtp(h, input_ids, ctx)
                 depth_losses = [
-                    self._loss_from_hidden(hk, labels, shift=k + 2) for k, hk in enumerate(out.mtp_hidden_states)
+                    self._loss_from_hidden(hk, labels, shift=k + 2, document_ids=ctx.document_ids)
+                    for k, hk in enumerate(out.mtp_hidden_states)
                 ]
                 out.mtp_loss = torch.stack(depth_losses).mean()
                 out.loss = out.loss + self.config.mtp_loss_weight * out.mtp_loss
-            if self.training and self.config.router_aux_loss_coef > 0:
-                moe = [m for m in self.backbone.layers if m.symbol == "E"]
-                if moe:
-                    out.aux_loss = torch.stack([m.mixer.aux_loss for m in moe]).mean()
-                    out.loss = out.loss + self.config.router_aux_loss_coef * out.aux_loss
+            if ctx.aux_losses:  # training with router_aux_loss_coef > 0 (MTP MoE layers included)
+                out.aux_loss = torch.stack(ctx.aux_losses).mean()
+                out.loss = out.loss + self.config.router_aux_loss_coef * out.aux_loss
         if cache is not None:
             cache.seq_len += input_ids.shape[1]
         return out
@@ -479,10 +481,12 @@ class HybridMoEForCausalLM(nn.Module):
         c = self.config
         n = len(c.mtp_hybrid_override_pattern)
         outs = []
-        mtp_ctx = ForwardContext(document_ids=ctx.document_ids, pad_mask=ctx.pad_mask, key_valid=ctx.key_valid)
+        mtp_ctx = ForwardContext(
+            document_ids=ctx.document_ids, pad_mask=ctx.pad_mask, key_valid=ctx.key_valid, aux_losses=ctx.aux_losses
+        )
         for depth in range(c.mtp_num_depths):
             blocks = self.mtp.layers[(depth % c.num_nextn_predict_layers) * n :][:n]
-            ids = F.pad(input_ids[:, depth + 1 :], (0, depth + 1), value=0)
+            ids = _shift_left(input_ids, depth + 1, fill=0)
             first = blocks[0]
             x = first.eh_proj(torch.cat([first.enorm(self.backbone.embeddings(ids)), first.hnorm(h_btd)], dim=-1))
             for block in blocks:
@@ -492,13 +496,15 @@ class HybridMoEForCausalLM(nn.Module):
         return outs
 
     def _loss_from_logits(self, logits, labels, shift):
-        y = F.pad(labels[:, shift:], (0, shift), value=IGNORE_INDEX)
+        y = _shift_left(labels, shift, fill=IGNORE_INDEX)
         total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX,
                                 reduction="sum")  # fmt: skip
         return total / (y != IGNORE_INDEX).sum().clamp(min=1)
 
-    def _loss_from_hidden(self, h, labels, shift):
-        y = F.pad(labels[:, shift:], (0, shift), value=IGNORE_INDEX)
+    def _loss_from_hidden(self, h, labels, shift, document_ids=None):
+        y = _shift_left(labels, shift, fill=IGNORE_INDEX)
+        if document_ids is not None:  # no target from another packed document
+            y = torch.where(_shift_left(document_ids, shift, fill=-1) == document_ids, y, IGNORE_INDEX)
         total = linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, y.reshape(-1))
         return total / (y != IGNORE_INDEX).sum().clamp(min=1)
 
@@ -507,8 +513,8 @@ class HybridMoEForCausalLM(nn.Module):
         c = self.config
         if not isinstance(input_ids, torch.Tensor):
             raise ValueError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
-        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must hold integer token ids (int64 or int32), got dtype {input_ids.dtype}")
         if input_ids.dim() != 2:
             raise ValueError(
                 f"input_ids must have shape (batch, time), got {tuple(input_ids.shape)}"
@@ -521,6 +527,8 @@ class HybridMoEForCausalLM(nn.Module):
         if labels is not None:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels shape {tuple(labels.shape)} differs from input_ids {tuple(input_ids.shape)}")
+            if labels.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"labels must be int64 (or int32) token ids with -100 to ignore, got {labels.dtype}")
             _check_ids("labels", labels, c.vocab_size, allow=IGNORE_INDEX)
         start = cache.seq_len if cache is not None else 0
         if cache is not None and cache.batch_size != b:
@@ -585,6 +593,12 @@ class HybridMoEForCausalLM(nn.Module):
                 experts = layer.mixer.experts
                 inactive += (experts.up_proj.numel() + experts.down_proj.numel()) * (e - k) // e
         return {"total": total, "total_with_mtp": total + mtp, "active": total - inactive, "mtp": mtp}
+
+
+def _shift_left(x: torch.Tensor, shift: int, fill: int) -> torch.Tensor:
+    """x[:, shift:] padded on the right with `fill` back to x's length (all `fill` when shift >= length)."""
+    shift = min(shift, x.shape[1])
+    return F.pad(x[:, shift:], (0, shift), value=fill)
 
 
 def _check_ids(name: str, ids: torch.Tensor, vocab_size: int, allow: int | None = None) -> None:

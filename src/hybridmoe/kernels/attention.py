@@ -50,7 +50,7 @@ def attention(q, k, v, q_offset=0, document_ids=None, key_valid=None, block_size
     if document_ids is None and key_valid is None:
         if q_offset == 0 and t == s:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        if t == 1:  # one new token sees every cached key
+        if t == 1 and q_offset == s - 1:  # one new token sees every cached key
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     out = torch.empty_like(q)
     for t0 in range(0, t, block_size):

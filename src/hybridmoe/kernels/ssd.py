@@ -41,6 +41,7 @@ def ssd_reference(x, dt, A, B, C, D=None, initial_state=None, seq_idx=None):
     b, t, h, p = x.shape
     rep = h // B.shape[2]
     x, dt, A = x.float(), dt.float(), A.float()
+    D = D.float() if D is not None else None
     B_h = B.float().repeat_interleave(rep, dim=2)  # (b,t,h,n)
     C_h = C.float().repeat_interleave(rep, dim=2)
     state = (
@@ -55,7 +56,7 @@ def ssd_reference(x, dt, A, B, C, D=None, initial_state=None, seq_idx=None):
         state = state * decay[..., None, None] + (dt[:, i, :, None] * x[:, i])[..., None] * B_h[:, i, :, None, :]
         y = torch.einsum("bhpn,bhn->bhp", state, C_h[:, i])
         if D is not None:
-            y = y + D.float()[:, None] * x[:, i]
+            y = y + D[:, None] * x[:, i]
         ys.append(y)
     return torch.stack(ys, dim=1), state
 
@@ -185,26 +186,53 @@ def causal_conv1d_reference(x, weight, bias=None, seq_idx=None, initial_state=No
 
 
 def causal_conv1d(x, weight, bias=None, seq_idx=None, initial_state=None):
-    """Fast depthwise causal conv; same contract as `causal_conv1d_reference`, output fp32 (b,t,d)."""
+    """Fast depthwise causal conv; same contract as `causal_conv1d_reference`, output fp32 (b,t,d).
+    A sum of k shifted copies (masked where the source lies in another document) with a hand-written backward:
+    on CPU this is several times faster than F.conv1d's depthwise backward."""
     b, t, d = x.shape
     k = weight.shape[1]
-    if seq_idx is None:
-        prev = initial_state if initial_state is not None else x.new_zeros(b, k - 1, d)
-        xe = torch.cat([prev.to(x.dtype), x], dim=1).float().transpose(1, 2)  # (b,d,k-1+t)
-        bias32 = bias.float() if bias is not None else None
-        return F.conv1d(xe, weight.float()[:, None, :], bias32, groups=d).transpose(1, 2)
-    # Packed documents: sum of k shifted copies, each masked where its source lies in another document.
     prev = initial_state if initial_state is not None else x.new_zeros(b, k - 1, d)
-    xe = torch.cat([prev.to(x.dtype), x], dim=1).float()
-    se = torch.cat([seq_idx[:, :1].expand(b, k - 1), seq_idx], dim=1)
-    w = weight.float()
-    out = xe[:, k - 1 :] * w[:, k - 1]
-    for j in range(k - 1):
-        same = (se[:, j : j + t] == seq_idx).unsqueeze(-1)
-        out = out + torch.where(same, xe[:, j : j + t] * w[:, j], 0.0)
-    if bias is not None:
-        out = out + bias.float()
-    return out
+    xe = torch.cat([prev.to(x.dtype), x], dim=1)  # (b, k-1+t, d)
+    masks = None
+    if seq_idx is not None:
+        se = torch.cat([seq_idx[:, :1].expand(b, k - 1), seq_idx], dim=1)
+        masks = torch.stack([se[:, j : j + t] == seq_idx for j in range(k - 1)])[..., None]  # (k-1,b,t,1)
+    out_xe = _CausalConv.apply(xe, weight, bias, masks)
+    return out_xe
+
+
+class _CausalConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xe, weight, bias, masks):
+        k = weight.shape[1]
+        t = xe.shape[1] - (k - 1)
+        w = weight.float()
+        xf = xe.float()
+        out = xf[:, k - 1 :] * w[:, k - 1]
+        for j in range(k - 1):
+            term = xf[:, j : j + t] * w[:, j]
+            out += term.mul_(masks[j]) if masks is not None else term
+        if bias is not None:
+            out += bias.float()
+        ctx.save_for_backward(xe, weight, masks)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        xe, weight, masks = ctx.saved_tensors
+        k = weight.shape[1]
+        t = g.shape[1]
+        w = weight.float()
+        g = g.float()
+        gxe = torch.zeros(xe.shape, dtype=torch.float32, device=g.device)
+        gw = torch.empty(weight.shape, dtype=torch.float32, device=g.device)
+        for j in range(k):
+            gj = g * masks[j] if (masks is not None and j < k - 1) else g
+            gxe[:, j : j + t] += gj * w[:, j]
+            gw[:, j] = torch.einsum("btd,btd->d", gj, xe[:, j : j + t].float())
+        gb = g.sum((0, 1)).to(weight.dtype) if ctx.has_bias else None
+        return gxe.to(xe.dtype), gw.to(weight.dtype), gb, None
 
 
 def causal_conv1d_step(conv_state, x, weight, bias=None):

@@ -1,0 +1,56 @@
+"""The numbers users see, computed in one place: model FLOPs per token, the machine's matmul peak, MFU.
+
+Model FLOPs follow the usual convention (Kaplan et al. 2020; PaLM's MFU, Chowdhery et al. 2022, appendix B):
+2 FLOPs per active matmul parameter per token forward (the embedding lookup is not a matmul and is left out),
+plus attention's QK^T and AV over the causal half of the context, plus the SSD recurrence (state update and read-out,
+2 * heads * head_dim * state each); training costs 3x the forward (backward = 2x forward). Recomputation
+(activation checkpointing) is not counted: MFU counts the model's FLOPs, not the hardware's.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .config import HybridMoEConfig
+
+
+def active_matmul_params(config: HybridMoEConfig) -> int:
+    """Parameters one token multiplies through: active parameters minus the embedding table."""
+    from .modeling import HybridMoEForCausalLM
+
+    counts = HybridMoEForCausalLM(config, device="meta").parameter_counts()
+    return counts["active"] - config.vocab_size * config.hidden_size
+
+
+def flops_per_token(config: HybridMoEConfig, seq_len: int, training: bool = True) -> float:
+    """Model FLOPs per token for sequences of `seq_len` tokens (MTP layers, when trained, are not included)."""
+    pattern = config.hybrid_override_pattern
+    attn = pattern.count("*") * 2 * 2 * config.num_attention_heads * config.head_dim * (seq_len + 1) / 2
+    ssd = pattern.count("M") * 2 * 2 * config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size
+    forward = 2 * active_matmul_params(config) + attn + ssd
+    return 3 * forward if training else forward
+
+
+def measure_matmul_peak(dtypes=(torch.float32, torch.bfloat16), sizes=(1024, 2048), repeats: int = 5) -> dict:
+    """Best sustained GFLOP/s of square matmuls (torch.mm and F.linear layouts) per dtype on this machine's CPU."""
+    out = {}
+    for dtype in dtypes:
+        best = 0.0
+        for n in sizes:
+            a = torch.randn(n, n).to(dtype)
+            b = torch.randn(n, n).to(dtype)
+            for fn in (torch.mm, torch.nn.functional.linear):
+                fn(a, b)
+                t0 = time.perf_counter()
+                for _ in range(repeats):
+                    fn(a, b)
+                dt = (time.perf_counter() - t0) / repeats
+                best = max(best, 2 * n**3 / dt / 1e9)
+        out[str(dtype).removeprefix("torch.")] = best
+    return out
+
+
+def mfu(tokens_per_second: float, flops_per_tok: float, peak_gflops: float) -> float:
+    return tokens_per_second * flops_per_tok / (peak_gflops * 1e9)
