@@ -6,7 +6,8 @@ its `experts_implementation` choices (eager, grouped_mm, batched_mm):
   - prefill tokens/s (one 1024-token prompt);
   - decode tokens/s at batch 1 and batch 8 (64-token prompts, 64 new tokens, greedy).
 Every measurement runs in a fresh subprocess so that peak memory (ru_maxrss) belongs to it alone; "added" memory is
-the peak minus the process's resident size just before the model is loaded (imports excluded).
+the peak minus the process's resident size just before the model is loaded (imports excluded). All subprocesses get
+the same glibc malloc settings (MALLOC_ENV below).
 
     python benchmarks/bench_model.py                     # everything (about an hour on 2 cores)
     python benchmarks/bench_model.py --presets small --dtypes bf16 --tasks train
@@ -124,10 +125,15 @@ def worker(spec: dict) -> dict:
     return out
 
 
+# Every worker, transformers' and ours alike, runs with glibc malloc keeping freed blocks for reuse: by default
+# each large temporary tensor is a fresh mmap whose page faults cost 10-20% of a training step on this machine.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36)}
+
+
 def run_worker(spec: dict, timeout: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ | MALLOC_ENV)
     except subprocess.TimeoutExpired:
         return {"error": f"timeout after {timeout}s"}
     if proc.returncode != 0:

@@ -623,7 +623,7 @@ def test_linear_cross_entropy_frozen_weight_and_bad_shapes():
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("shape", [(5, 8), (2, 3, 8)])
+@pytest.mark.parametrize("shape", [(20, 8), (2, 13, 8)])  # >= WIDEN_MIN_ROWS rows: the widened path
 def test_widened_linear_bf16_matches_fp32(monkeypatch, with_bias, shape):
     monkeypatch.setattr(linear_mod, "_WIDEN", True)
     gen = make_gen(41)
@@ -671,7 +671,7 @@ def test_widened_linear_used_only_when_matmul_dtype_says_so(monkeypatch, widen, 
     monkeypatch.setattr(linear_mod, "_WIDEN", widen)
     calls = _spy_widened(monkeypatch)
     gen = make_gen(3)
-    x = torch.randn(4, 8, generator=gen).to(dtype)
+    x = torch.randn(linear_mod.WIDEN_MIN_ROWS, 8, generator=gen).to(dtype)
     w = torch.randn(3, 8, generator=gen).to(dtype)
     assert (linear_mod.matmul_dtype(x) == torch.float32) == (widen or dtype == torch.float32)
     assert (linear_mod.matmul_dtype(x) != x.dtype) == expect_widened
@@ -682,6 +682,9 @@ def test_widened_linear_used_only_when_matmul_dtype_says_so(monkeypatch, widen, 
     # nn.Linear subclass goes through the same switch.
     layer = linear_mod.Linear(8, 3).to(dtype)
     layer(x)
+    assert len(calls) == 2 * int(expect_widened)
+    # A few rows (a decode step) stay native whatever the setting: bound by reading the weight.
+    linear_mod.linear(x[: linear_mod.WIDEN_MIN_ROWS - 1], w)
     assert len(calls) == 2 * int(expect_widened)
 
 

@@ -145,7 +145,7 @@ class Mamba2Mixer(nn.Module):
                     [state.conv if resume else torch.zeros_like(state.conv), xBC.to(state.conv.dtype)], 1
                 )
                 new_conv = window[:, -state.conv.shape[1] :].clone()
-            xBC = F.silu(causal_conv1d(xBC, conv_w, self.conv1d.bias, ctx.document_ids, conv_init))
+            xBC = causal_conv1d(xBC, conv_w, self.conv1d.bias, ctx.document_ids, conv_init, activation="silu")
             if state is not None and state.conv.shape[1] > 0:
                 state.conv.copy_(new_conv)
             if ctx.pad_mask is not None:

@@ -23,10 +23,13 @@ def linear_cross_entropy_reference(hidden, weight, labels):
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def linear_cross_entropy(hidden, weight, labels, chunk_size: int = 2048):
-    """hidden (n,d), weight (v,d), labels (n,) with -100 for ignored rows. Returns the summed loss (fp32)."""
+def linear_cross_entropy(hidden, weight, labels, chunk_size: int | None = None):
+    """hidden (n,d), weight (v,d), labels (n,) with -100 for ignored rows. Returns the summed loss (fp32).
+    chunk_size: rows per chunk; by default as many as keep one chunk's fp32 logits within 256 MB (256..2048)."""
     if hidden.shape[0] != labels.shape[0]:
         raise ValueError(f"linear_cross_entropy: {hidden.shape[0]} rows of hidden but {labels.shape[0]} labels")
+    if chunk_size is None:
+        chunk_size = max(256, min(2048, 2**26 // weight.shape[0]))
     return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_size)
 
 
@@ -50,9 +53,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             picked = logits.gather(1, safe_y[:, None]).squeeze(1)
             total += ((lse - picked) * valid).sum()
             if want_h or want_w:
-                g = torch.softmax(logits, dim=-1)  # d loss / d logits = softmax - onehot, zero for ignored rows
+                # d loss / d logits = softmax - onehot (zero for ignored rows), formed in place over the logits
+                g = logits.sub_(lse[:, None]).exp_()
                 g.scatter_add_(1, safe_y[:, None], -torch.ones_like(picked)[:, None])
-                g.mul_(valid[:, None])
+                if not bool(valid.all()):
+                    g.mul_(valid[:, None])
                 g = g.to(cdt)
                 if want_h:
                     grad_h[rows] = (g @ w).float()

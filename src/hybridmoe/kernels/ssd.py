@@ -75,74 +75,77 @@ def segsum(x: torch.Tensor) -> torch.Tensor:
 
 def ssd_chunked(x, dt, A, B, C, D=None, chunk_size=128, initial_state=None, seq_idx=None):
     """Chunked SSD scan (Mamba-2 paper, Listing 1) with packed-document support. Same contract as
-    `ssd_reference`; returns y (b,t,h,p) fp32 and the final state (b,h,p,n) fp32."""
+    `ssd_reference`; returns y (b,t,h,p) fp32 and the final state (b,h,p,n) fp32.
+
+    Work is laid out per B/C group (b,g,r,c,l,p), with r = h/g heads per group, so every contraction is a plain
+    batched matmul. As in state-spaces/mamba's Triton kernels, the decay between positions s <= l of a chunk is
+    exp(cumsum_l - cumsum_s) of the chunk-local cumulative log decay."""
     _check_scan_inputs(x, dt, A, B, C, seq_idx)
     b, t, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
-    rep = h // g
+    r = h // g
     L = chunk_size
     pad = (-t) % L
-    x32, dt32 = x.float(), dt.float()
-    dtA = dt32 * A.float()  # (b,t,h) log decay of each step
-    xdt = x32 * dt32[..., None]  # (b,t,h,p)
-    B32, C32 = B.float(), C.float()
+    c = (t + pad) // L
+    x32, dt32, B32, C32 = x.float(), dt.float(), B.float(), C.float()
     if pad:
-        # Padding steps carry no input (x = 0) and no decay (dtA = 0), so the final state is unchanged.
-        xdt = F.pad(xdt, (0, 0, 0, 0, 0, pad))
-        dtA = F.pad(dtA, (0, 0, 0, pad))
+        # Padding steps carry no input (x = 0) and no decay (dt = 0), so the final state is unchanged.
+        x32 = F.pad(x32, (0, 0, 0, 0, 0, pad))
+        dt32 = F.pad(dt32, (0, 0, 0, pad))
         B32 = F.pad(B32, (0, 0, 0, 0, 0, pad))
         C32 = F.pad(C32, (0, 0, 0, 0, 0, pad))
         if seq_idx is not None:
             seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1)
-    c = (t + pad) // L
-    xdt = xdt.view(b, c, L, h, p)
-    B32 = B32.view(b, c, L, g, n)
-    C32 = C32.view(b, c, L, g, n)
-    dtA = dtA.view(b, c, L, h).permute(0, 3, 1, 2)  # (b,h,c,l)
-    A_cumsum = torch.cumsum(dtA, dim=-1)  # (b,h,c,l)
-
-    # 1. Intra-chunk (diagonal blocks): y_l = sum_{s<=l} (C_l . B_s) exp(sum_{s<m<=l} dtA_m) xdt_s
-    decay_ls = torch.exp(segsum(dtA))  # (b,h,c,l,s)
+    dt_g = dt32.view(b, c, L, g, r).permute(0, 3, 4, 1, 2)  # (b,g,r,c,l)
+    A_cs = torch.cumsum(dt_g * A.float().view(g, r, 1, 1), dim=-1)  # chunk-local cumulative log decay
+    xdt = x32.view(b, c, L, g, r, p).permute(0, 3, 4, 1, 2, 5) * dt_g[..., None]  # (b,g,r,c,l,p)
+    Bg = B32.view(b, c, L, g, n).permute(0, 3, 1, 2, 4)  # (b,g,c,l,n)
+    Cg = C32.view(b, c, L, g, n).permute(0, 3, 1, 2, 4)
+    causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
     if seq_idx is not None:
-        sid = seq_idx.view(b, c, L)
-        same_doc = sid[:, :, :, None] == sid[:, :, None, :]  # (b,c,l,s)
-        decay_ls = decay_ls * same_doc[:, None]
-    CB = torch.einsum("bclgn,bcsgn->bgcls", C32, B32)  # (b,g,c,l,s), shared by the rep heads of each group
-    M = CB[:, :, None] * decay_ls.view(b, g, rep, c, L, L)  # (b,g,rep,c,l,s)
-    y = torch.einsum("bgrcls,bcsgrp->bclgrp", M, xdt.view(b, c, L, g, rep, p)).reshape(b, c, L, h, p)
+        sid = seq_idx.view(b, 1, 1, c, L)
+        same_doc = sid[..., :, None] == sid[..., None, :]  # (b,1,1,c,l,s)
+        visible = same_doc & causal
+    else:
+        visible = causal
 
-    # 2. Each chunk's own contribution to the state at its end.
-    decay_to_end = torch.exp(A_cumsum[..., -1:] - A_cumsum)  # (b,h,c,l)
+    # 1. Intra-chunk (diagonal blocks): y_l = sum_{s<=l} (C_l . B_s) exp(A_cs_l - A_cs_s) xdt_s
+    decay_ls = torch.exp((A_cs[..., :, None] - A_cs[..., None, :]).masked_fill(~visible, -torch.inf))
+    CB = Cg @ Bg.transpose(-1, -2)  # (b,g,c,l,s), shared by the r heads of the group
+    y = (decay_ls * CB[:, :, None]) @ xdt  # (b,g,r,c,l,p)
+
+    # 2. Each chunk's own contribution to the state at its end: sum_s exp(A_cs_last - A_cs_s) xdt_s B_s^T
+    decay_to_end = torch.exp(A_cs[..., -1:] - A_cs)  # (b,g,r,c,l)
     if seq_idx is not None:
-        decay_to_end = decay_to_end * (sid == sid[:, :, -1:])[:, None]
-    xdt_decayed = xdt * decay_to_end.permute(0, 2, 3, 1)[..., None]  # (b,c,l,h,p)
-    chunk_states = torch.einsum("bclgn,bclgrp->bcgrpn", B32, xdt_decayed.view(b, c, L, g, rep, p))
-    chunk_states = chunk_states.reshape(b, c, h, p, n)
+        decay_to_end = decay_to_end * (sid == sid[..., -1:])
+    chunk_states = torch.einsum("bgrclp,bgcln->bgrcpn", xdt * decay_to_end[..., None], Bg)
 
     # 3. Inter-chunk recurrence over chunk boundaries: S_c = exp(sum dtA over chunk c) S_{c-1} + chunk_states_c.
     if initial_state is None:
-        initial_state = chunk_states.new_zeros(b, h, p, n)
-    states = torch.cat([initial_state.float()[:, None], chunk_states], dim=1)  # (b,c+1,h,p,n)
-    decay_chunks = torch.exp(segsum(F.pad(A_cumsum[..., -1], (1, 0))))  # (b,h,c+1,c+1) [to, from]
+        init = chunk_states.new_zeros(b, g, r, 1, p, n)
+    else:
+        init = initial_state.float().view(b, g, r, 1, p, n)
+    states = torch.cat([init, chunk_states], dim=3)  # (b,g,r,c+1,p,n)
+    decay_chunks = torch.exp(segsum(F.pad(A_cs[..., -1], (1, 0))))  # (b,g,r,c+1,c+1) [to, from]
     if seq_idx is not None:
         # The state at the end of chunk z (z = -1: the initial state, in the first token's document) reaches
         # the end of chunk c only if both lie in the same document.
-        end_doc = torch.cat([seq_idx[:, :1], sid[:, :, -1]], dim=1)  # (b,c+1)
-        decay_chunks = decay_chunks * (end_doc[:, :, None] == end_doc[:, None, :])[:, None]
-    states = torch.einsum("bhzs,bshpn->bzhpn", decay_chunks, states)  # (b,c+1,h,p,n)
-    prev_states, final_state = states[:, :-1], states[:, -1]
+        end_doc = torch.cat([seq_idx[:, :1], seq_idx.view(b, c, L)[:, :, -1]], dim=1).view(b, 1, 1, c + 1)
+        decay_chunks = decay_chunks * (end_doc[..., :, None] == end_doc[..., None, :])
+    states = (decay_chunks @ states.view(b, g, r, c + 1, p * n)).view(b, g, r, c + 1, p, n)
+    prev_states, final_state = states[:, :, :, :-1], states[:, :, :, -1]
 
     # 4. Off-diagonal blocks: the state entering chunk c, read out by C_l and decayed to position l.
-    decay_from_start = torch.exp(A_cumsum)  # (b,h,c,l)
+    decay_from_start = torch.exp(A_cs)  # (b,g,r,c,l)
     if seq_idx is not None:
-        decay_from_start = decay_from_start * (sid == end_doc[:, :-1, None])[:, None]
-    y_off = torch.einsum("bclgn,bcgrpn->bclgrp", C32, prev_states.view(b, c, g, rep, p, n)).reshape(b, c, L, h, p)
-    y = y + y_off * decay_from_start.permute(0, 2, 3, 1)[..., None]
+        decay_from_start = decay_from_start * (sid == end_doc[..., :-1, None])
+    y_off = torch.einsum("bgcln,bgrcpn->bgrclp", Cg, prev_states)
+    y = torch.addcmul(y, y_off, decay_from_start[..., None])
 
-    y = y.reshape(b, c * L, h, p)[:, :t]
+    y = y.permute(0, 3, 4, 1, 2, 5).reshape(b, c * L, h, p)[:, :t]
     if D is not None:
-        y = y + D.float()[:, None] * x32
-    return y, final_state
+        y = torch.addcmul(y, x32[:, :t], D.float()[:, None])
+    return y, final_state.reshape(b, h, p, n)
 
 
 def ssd_step(state, x, dt, A, B, C, D=None):
@@ -185,54 +188,58 @@ def causal_conv1d_reference(x, weight, bias=None, seq_idx=None, initial_state=No
     return torch.stack(out, dim=1)
 
 
-def causal_conv1d(x, weight, bias=None, seq_idx=None, initial_state=None):
-    """Fast depthwise causal conv; same contract as `causal_conv1d_reference`, output fp32 (b,t,d).
-    A sum of k shifted copies (masked where the source lies in another document) with a hand-written backward:
-    on CPU this is several times faster than F.conv1d's depthwise backward."""
+def causal_conv1d(x, weight, bias=None, seq_idx=None, initial_state=None, activation=None):
+    """Fast depthwise causal conv; same contract as `causal_conv1d_reference`, output fp32 (b,t,d), with the
+    SiLU applied when activation="silu". A sum of k shifted copies (masked where the source lies in another
+    document) with a hand-written backward; on CPU several times faster than F.conv1d's depthwise backward."""
     b, t, d = x.shape
     k = weight.shape[1]
+    if activation not in (None, "silu"):
+        raise ValueError(f"causal_conv1d: activation must be None or 'silu', got {activation!r}")
     prev = initial_state if initial_state is not None else x.new_zeros(b, k - 1, d)
     xe = torch.cat([prev.to(x.dtype), x], dim=1)  # (b, k-1+t, d)
     masks = None
     if seq_idx is not None:
         se = torch.cat([seq_idx[:, :1].expand(b, k - 1), seq_idx], dim=1)
         masks = torch.stack([se[:, j : j + t] == seq_idx for j in range(k - 1)])[..., None]  # (k-1,b,t,1)
-    out_xe = _CausalConv.apply(xe, weight, bias, masks)
-    return out_xe
+    return _CausalConv.apply(xe, weight, bias, masks, activation == "silu")
 
 
 class _CausalConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xe, weight, bias, masks):
+    def forward(ctx, xe, weight, bias, masks, silu):
         k = weight.shape[1]
         t = xe.shape[1] - (k - 1)
         w = weight.float()
         xf = xe.float()
         out = xf[:, k - 1 :] * w[:, k - 1]
-        for j in range(k - 1):
-            term = xf[:, j : j + t] * w[:, j]
-            out += term.mul_(masks[j]) if masks is not None else term
         if bias is not None:
             out += bias.float()
-        ctx.save_for_backward(xe, weight, masks)
-        ctx.has_bias = bias is not None
-        return out
+        for j in range(k - 1):
+            tap = xf[:, j : j + t]
+            out.addcmul_(tap * masks[j] if masks is not None else tap, w[:, j])
+        ctx.save_for_backward(xe, weight, masks, out if silu else None)
+        ctx.has_bias, ctx.silu = bias is not None, silu
+        return F.silu(out) if silu else out
 
     @staticmethod
     def backward(ctx, g):
-        xe, weight, masks = ctx.saved_tensors
+        xe, weight, masks, pre = ctx.saved_tensors
         k = weight.shape[1]
         t = g.shape[1]
         w = weight.float()
         g = g.float()
+        if ctx.silu:
+            g = torch.ops.aten.silu_backward(g, pre)
+        xf = xe.float()
         gxe = torch.zeros(xe.shape, dtype=torch.float32, device=g.device)
         gw = torch.empty(weight.shape, dtype=torch.float32, device=g.device)
         for j in range(k):
             gj = g * masks[j] if (masks is not None and j < k - 1) else g
-            gxe[:, j : j + t] += gj * w[:, j]
-            gw[:, j] = torch.einsum("btd,btd->d", gj, xe[:, j : j + t].float())
+            gxe[:, j : j + t].addcmul_(gj, w[:, j])
+            gw[:, j] = (gj * xf[:, j : j + t]).sum((0, 1))
         gb = g.sum((0, 1)).to(weight.dtype) if ctx.has_bias else None
-        return gxe.to(xe.dtype), gw.to(weight.dtype), gb, None
+        return gxe.to(xe.dtype), gw.to(weight.dtype), gb, None, None
 
 
 def causal_conv1d_step(conv_state, x, weight, bias=None):
