@@ -30,7 +30,7 @@ from .kernels.attention import attention
 from .kernels.linear import Linear, matmul_dtype
 from .kernels.loss import IGNORE_INDEX, linear_cross_entropy
 from .kernels.moe import experts_grouped
-from .kernels.ssd import causal_conv1d, causal_conv1d_step, ssd_chunked, ssd_step
+from .kernels.ssd import causal_conv1d, causal_conv1d_step, conv_window, ssd_chunked, ssd_step
 
 
 @dataclass
@@ -140,14 +140,11 @@ class Mamba2Mixer(nn.Module):
         else:
             resume = state is not None and ctx.start > 0
             conv_init = state.conv if resume else None
-            if state is not None and state.conv.shape[1] > 0:
-                window = torch.cat(
-                    [state.conv if resume else torch.zeros_like(state.conv), xBC.to(state.conv.dtype)], 1
-                )
-                new_conv = window[:, -state.conv.shape[1] :].clone()
+            if state is not None:  # the window the next step starts from (read before the conv uses conv_init)
+                next_window = conv_window(conv_init, xBC, state.conv.shape[1])
             xBC = causal_conv1d(xBC, conv_w, self.conv1d.bias, ctx.document_ids, conv_init, activation="silu")
-            if state is not None and state.conv.shape[1] > 0:
-                state.conv.copy_(new_conv)
+            if state is not None:
+                state.conv.copy_(next_window)
             if ctx.pad_mask is not None:
                 xBC = xBC * ctx.pad_mask[..., None]
             xs, Bs, Cs = xBC.split([self.intermediate_size, G * N, G * N], dim=-1)

@@ -110,9 +110,7 @@ def ssd_chunked(x, dt, A, B, C, D=None, chunk_size=128, initial_state=None, seq_
         visible = causal
 
     # 1. Intra-chunk (diagonal blocks): y_l = sum_{s<=l} (C_l . B_s) exp(A_cs_l - A_cs_s) xdt_s
-    decay_ls = torch.exp((A_cs[..., :, None] - A_cs[..., None, :]).masked_fill(~visible, -torch.inf))
-    CB = Cg @ Bg.transpose(-1, -2)  # (b,g,c,l,s), shared by the r heads of the group
-    y = (decay_ls * CB[:, :, None]) @ xdt  # (b,g,r,c,l,p)
+    y = _IntraChunk.apply(A_cs, Cg, Bg, xdt, ~visible)  # (b,g,r,c,l,p)
 
     # 2. Each chunk's own contribution to the state at its end: sum_s exp(A_cs_last - A_cs_s) xdt_s B_s^T
     decay_to_end = torch.exp(A_cs[..., -1:] - A_cs)  # (b,g,r,c,l)
@@ -146,6 +144,37 @@ def ssd_chunked(x, dt, A, B, C, D=None, chunk_size=128, initial_state=None, seq_
     if D is not None:
         y = torch.addcmul(y, x32[:, :t], D.float()[:, None])
     return y, final_state.reshape(b, h, p, n)
+
+
+class _IntraChunk(torch.autograd.Function):
+    """y = (exp(A_cs_l - A_cs_s) [s visible from l] * (C_l . B_s)) @ xdt, per chunk and head, with a hand-written
+    backward that recomputes the (l, s) decay matrix instead of saving it. A_cs (b,g,r,c,l), C/B (b,g,c,l,n),
+    xdt (b,g,r,c,l,p), hidden: bool, broadcastable to (b,g,r,c,l,s)."""
+
+    @staticmethod
+    def forward(ctx, A_cs, C, B, xdt, hidden):
+        CB = (C @ B.transpose(-1, -2))[:, :, None]  # (b,g,1,c,l,s): one per group, shared by its r heads
+        M = _decay_matrix(A_cs, hidden).mul_(CB)
+        ctx.save_for_backward(A_cs, C, B, xdt, hidden, CB)
+        return M @ xdt
+
+    @staticmethod
+    def backward(ctx, dy):
+        A_cs, C, B, xdt, hidden, CB = ctx.saved_tensors
+        E = _decay_matrix(A_cs, hidden)
+        M = E * CB
+        d_xdt = M.transpose(-1, -2) @ dy
+        dM = dy @ xdt.transpose(-1, -2)  # (b,g,r,c,l,s)
+        dCB = (dM * E).sum(2)  # (b,g,c,l,s)
+        d_seg = dM.mul_(M)  # d/d(A_cs_l - A_cs_s) of exp(.) * CB
+        d_A = d_seg.sum(-1) - d_seg.sum(-2)
+        return d_A, dCB @ B, dCB.transpose(-1, -2) @ C, d_xdt, None
+
+
+def _decay_matrix(A_cs, hidden):
+    """exp(A_cs_l - A_cs_s), 0 where hidden (above the diagonal, or across documents)."""
+    seg = A_cs[..., :, None] - A_cs[..., None, :]
+    return seg.masked_fill_(hidden, -torch.inf).exp_()
 
 
 def ssd_step(state, x, dt, A, B, C, D=None):
@@ -240,6 +269,14 @@ class _CausalConv(torch.autograd.Function):
             gw[:, j] = (gj * xf[:, j : j + t]).sum((0, 1))
         gb = g.sum((0, 1)).to(weight.dtype) if ctx.has_bias else None
         return gxe.to(xe.dtype), gw.to(weight.dtype), gb, None, None
+
+
+def conv_window(prev, x, size):
+    """The last `size` inputs of [prev (zeros when None), x] along time: the conv state after x. (b,size,d)"""
+    b, t, d = x.shape
+    if prev is None:
+        prev = x.new_zeros(b, size, d)
+    return torch.cat([prev, x.to(prev.dtype)], dim=1)[:, t:]
 
 
 def causal_conv1d_step(conv_state, x, weight, bias=None):
