@@ -33,21 +33,24 @@ def flops_per_token(config: HybridMoEConfig, seq_len: int, training: bool = True
     return 3 * forward if training else forward
 
 
-def measure_matmul_peak(dtypes=(torch.float32, torch.bfloat16), sizes=(1024, 2048), repeats: int = 5) -> dict:
-    """Best sustained GFLOP/s of square matmuls (torch.mm and F.linear layouts) per dtype on this machine's CPU."""
+def measure_matmul_peak(dtypes=(torch.float32, torch.bfloat16), rounds: int = 2) -> dict:
+    """Best sustained GFLOP/s of square matmuls (torch.mm and F.linear layouts, several sizes, best of `rounds`)
+    per dtype on this machine's CPU. The best over sizes is taken so that MFU is not flattered by a low peak."""
     out = {}
     for dtype in dtypes:
+        sizes = (1024, 2048, 4096) if dtype == torch.float32 else (1024, 2048)
         best = 0.0
-        for n in sizes:
-            a = torch.randn(n, n).to(dtype)
-            b = torch.randn(n, n).to(dtype)
-            for fn in (torch.mm, torch.nn.functional.linear):
-                fn(a, b)
-                t0 = time.perf_counter()
-                for _ in range(repeats):
+        for _ in range(rounds):
+            for n in sizes:
+                a = torch.randn(n, n).to(dtype)
+                b = torch.randn(n, n).to(dtype)
+                for fn in (torch.mm, torch.nn.functional.linear):
                     fn(a, b)
-                dt = (time.perf_counter() - t0) / repeats
-                best = max(best, 2 * n**3 / dt / 1e9)
+                    repeats = max(1, int(2e10 // (2 * n**3)))
+                    t0 = time.perf_counter()
+                    for _ in range(repeats):
+                        fn(a, b)
+                    best = max(best, 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9)
         out[str(dtype).removeprefix("torch.")] = best
     return out
 

@@ -64,6 +64,11 @@ def load_pretrained(
     if dtype is not None:
         model.to(dtype)  # on meta: free; the router stays fp32
     model.to_empty(device=device)
+    with torch.no_grad():  # buffers that are not in checkpoints (expert token counters) start at zero
+        persistent = model.state_dict().keys()
+        for name, buffer in model.named_buffers():
+            if name not in persistent:
+                buffer.zero_()
     params = dict(model.named_parameters())
     params.update(model.named_buffers())
     expected = {name for name, _ in model.named_parameters()} | {

@@ -48,6 +48,53 @@ def cmd_params(args) -> int:
     return 0
 
 
+def cmd_tokenizer_train(args) -> int:
+    from .data.tokenizer import train_tokenizer
+
+    report = train_tokenizer(
+        args.inputs, args.output, vocab_size=args.vocab_size, field=args.field, min_frequency=args.min_frequency
+    )
+    print(f"tokenizer {report.summary()}")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from .data.prepare import prepare
+
+    report = prepare(
+        args.inputs,
+        args.tokenizer,
+        args.output,
+        field=args.field,
+        workers=args.workers,
+        shard_size_bytes=max(1, int(args.shard_size_mb * 2**20)),
+    )
+    print(report.summary())
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from .train.config import Recipe
+    from .train.loop import train
+
+    recipe = Recipe.from_yaml(args.recipe, args.overrides)
+    recipe.validate()
+    print(f"recipe {args.recipe} (resolved):\n{recipe.to_yaml()}", flush=True)
+    summary = train(recipe, resume=args.resume)
+    state = "interrupted" if summary.get("interrupted") else "finished"
+    print(f"{state} at step {summary['steps']}; checkpoint {summary.get('checkpoint')}; log {summary['log']}")
+    if summary.get("final_val_loss") is not None:
+        print(f"validation loss {summary['final_val_loss']:.4f}")
+    return 0
+
+
+def cmd_speedrun(args) -> int:
+    from .speedrun import speedrun
+
+    speedrun(minutes=args.minutes, out_dir=args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .presets import PRESETS
 
@@ -60,6 +107,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help='print one line {"total": N, "active": N}')
     p.add_argument("overrides", nargs="*", help="config fields as key=value")
     p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    tok_sub = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = tok_sub.add_parser("train", help="train on text/.jsonl/.parquet files and save a transformers tokenizer dir")
+    t.add_argument("inputs", nargs="+", metavar="INPUT", help="files or directories of documents")
+    t.add_argument("--output", required=True, help="directory to save the tokenizer in")
+    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--field", default="text", help="the text field of .jsonl records / column of .parquet files")
+    t.add_argument("--min-frequency", type=int, default=2, help="least count of a pair for it to be merged")
+    t.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser("prepare", help="tokenize documents into token shards with a manifest")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files or directories of documents")
+    p.add_argument("--tokenizer", required=True, help="a Hugging Face tokenizer directory")
+    p.add_argument("--output", required=True, help="directory for the shards and manifest.json")
+    p.add_argument("--field", default="text", help="the text field of .jsonl records / column of .parquet files")
+    p.add_argument("--workers", type=int, default=2, help="worker processes")
+    p.add_argument("--shard-size-mb", type=float, default=64, help="input MiB per shard")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("pretrain", help="train from a YAML recipe (pretraining, long-context extension)")
+    p.add_argument("recipe", help="a YAML recipe, e.g. recipes/tiny-pretrain.yaml")
+    p.add_argument("overrides", nargs="*", help="recipe keys as section.key=value, e.g. optim.lr=3e-4")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("speedrun", help="the whole CPU pipeline on the embedded default (stdlib sources, tiny)")
+    p.add_argument("--minutes", type=float, default=20.0, help="time budget; step counts are fitted to it")
+    p.add_argument("--out", help="run directory (default: a new speedrun-<time> folder here)")
+    p.set_defaults(func=cmd_speedrun)
     return parser
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .cache import HybridCache, KVState
 from .config import HybridMoEConfig
@@ -342,11 +343,15 @@ class HybridMoEModel(nn.Module):
             [Block(config, i, symbol) for i, symbol in enumerate(config.hybrid_override_pattern)]
         )
         self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.gradient_checkpointing = False  # recompute each layer in backward instead of keeping its activations
 
     def forward(self, input_ids, ctx: ForwardContext):
         h = self.embeddings(input_ids)
         for layer in self.layers:
-            h = layer(h, ctx)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(layer, h, ctx, use_reentrant=False)
+            else:
+                h = layer(h, ctx)
         return self.norm_f(h)
 
 

@@ -1,0 +1,368 @@
+"""`hybridmoe speedrun`: the whole CPU pipeline on an embedded default, end to end, in about 20 minutes.
+
+1. tokenizer  byte-level BPE trained on the Python standard library's own source files (every Python has them)
+2. data       two datasets from the same files, library modules and their tests, plus synthetic long-range
+              retrieval documents; tokenized into shards
+3. pretrain   `tiny`, a two-phase curriculum as in Nemotron 3: phase 1 a diverse blend (modules and tests
+              alike), phase 2 (the last 20% of tokens, as in Super's 20T + 5T) a higher-quality blend (mostly
+              modules), warmup-stable-decay with minus-sqrt decay over the last 20% of steps
+4. long ctx   continue at 8x the sequence length, 92% of steps long and 8% short (Ultra's mix), with some
+              synthetic retrieval data (Nano's long-context blend), constant learning rate
+5. evaluate   validation loss and perplexity before and after each stage, at the pretraining length and at the
+              long length; sample text from the final model
+6. report     report.md and loss.png in the run directory
+
+Step counts come from a timing calibration so that the run fits `minutes`; everything else is fixed, so two
+runs on the same machine differ only in how many steps fit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .data.loader import TokenDataset, validation_batches
+from .data.prepare import prepare
+from .data.sources import expand_inputs
+from .data.synthetic import write_retrieval_jsonl
+from .data.tokenizer import load_tokenizer, train_tokenizer
+from .train.config import Recipe
+from .train.loop import build_model, evaluate, train
+from .train.metrics import read_log
+
+
+@dataclass
+class Plan:
+    """The fixed part of the speedrun; step counts are derived from `minutes` at run time."""
+
+    minutes: float = 20.0
+    preset: str = "tiny"
+    vocab_size: int = 8192
+    seq_len: int = 512
+    batch_size: int = 8
+    long_seq_len: int = 4096
+    long_batch_size: int = 1
+    short_batch_size: int = 8
+    lr: float = 3e-3
+    min_lr: float = 3e-5
+    long_lr: float = 1e-4
+    pretrain_share: float = 0.85  # of the training time (what is left after data and the evaluation reserve)
+    long_share: float = 0.15
+    eval_reserve_s: float = 75.0  # evaluation of four checkpoints, samples, report
+    max_files: int | None = None  # use only this many source files (quick runs, tests)
+    seed: int = 0
+
+
+def stdlib_sources(max_files: int | None = None) -> tuple[list[str], list[str]]:
+    """The standard library's .py files (no site-packages), split into library modules and tests; with
+    `max_files`, an evenly spaced subset."""
+    root = sysconfig.get_paths()["stdlib"]
+    files = [f for f in expand_inputs([root]) if f.endswith(".py") and "-packages" not in f]
+    if not files:
+        raise ValueError(f"no Python source files under {root}: this Python has no standard library sources")
+    if max_files is not None and len(files) > max_files:
+        files = files[:: math.ceil(len(files) / max_files)]
+    tests = [f for f in files if _is_test(os.path.relpath(f, root))]
+    test_set = set(tests)
+    return [f for f in files if f not in test_set], tests
+
+
+def _is_test(rel: str) -> bool:
+    parts = rel.split(os.sep)
+    return any(p in ("test", "tests", "idle_test") for p in parts[:-1]) or parts[-1].startswith("test_")
+
+
+def speedrun(minutes: float = 20.0, out_dir: str | None = None, plan: Plan | None = None) -> str:
+    plan = plan or Plan(minutes=minutes)
+    t_start = time.time()
+    out = os.path.abspath(out_dir or time.strftime("speedrun-%Y%m%d-%H%M%S"))
+    os.makedirs(out, exist_ok=True)
+    torch.manual_seed(plan.seed)
+    timings = {}
+
+    def stage(name: str):
+        print(f"\n== {name} ({time.time() - t_start:.0f}s elapsed) ==", flush=True)
+        timings[name] = time.time()
+
+    stage("tokenizer")
+    modules, tests = stdlib_sources(plan.max_files)
+    tok_dir = os.path.join(out, "tokenizer")
+    report = train_tokenizer(modules + tests, tok_dir, vocab_size=plan.vocab_size)
+    print(report.summary())
+
+    stage("data")
+    data = {}
+    for name, files in (("modules", modules), ("tests", tests)):
+        data[name] = os.path.join(out, "data", name)
+        print(prepare(files, tok_dir, data[name], workers=2, shard_size_bytes=8 * 2**20).summary())
+    filler = [_read(f) for f in modules[:400]]
+    retrieval_src = os.path.join(out, "data", "retrieval.jsonl")
+    write_retrieval_jsonl(retrieval_src, filler, documents=64, target_chars=4 * plan.long_seq_len, seed=plan.seed)
+    data["retrieval"] = os.path.join(out, "data", "retrieval")
+    print(prepare([retrieval_src], tok_dir, data["retrieval"], workers=1).summary())
+
+    stage("calibration")
+    budget = plan.minutes * 60 - (time.time() - t_start) - plan.eval_reserve_s
+    base = _recipe(plan, tok_dir, data, os.path.join(out, "pretrain"), steps=1)
+    step_s = _calibrate(base, plan.batch_size, plan.seq_len)
+    long_step_s = _calibrate(base, plan.long_batch_size, plan.long_seq_len, checkpointing=True)
+    pre_steps = max(10, int(budget * plan.pretrain_share / step_s))
+    long_steps = max(4, int(budget * plan.long_share / long_step_s))
+    print(f"{budget:.0f}s left: {step_s:.2f}s per pretraining step -> {pre_steps} steps; "
+          f"{long_step_s:.2f}s per long step -> {long_steps} steps")  # fmt: skip
+
+    stage("pretrain")
+    pre = _recipe(plan, tok_dir, data, os.path.join(out, "pretrain"), steps=pre_steps)
+    phase1_steps = math.ceil(0.8 * pre_steps)
+    first = train(pre, stop_after=phase1_steps)  # phase 1 ends here: keep its checkpoint for the report
+    phase1_ckpt = first["checkpoint"]
+    pre_summary = train(pre, resume=True) if first.get("interrupted") else first
+
+    stage("long context")
+    lc = _long_recipe(plan, tok_dir, data, os.path.join(out, "long-context"), pre_summary["checkpoint"], long_steps)
+    lc_summary = train(lc)
+
+    stage("evaluate")
+    val_ds = [TokenDataset(data["modules"], val_fraction=pre.data.val_fraction)]
+    evals = []
+    checkpoints = [
+        ("initial (random init)", None),
+        ("after phase 1", phase1_ckpt),
+        ("after phase 2", pre_summary["checkpoint"]),
+        ("after long context", lc_summary["checkpoint"]),
+    ]
+    for name, ckpt in checkpoints:
+        model = build_model(pre, ckpt) if ckpt else _fresh_model(pre)
+        row = {"stage": name, "checkpoint": ckpt}
+        for label, seq, batch in (("short", plan.seq_len, 8), ("long", plan.long_seq_len, 1)):
+            loss = evaluate(model, list(validation_batches(val_ds, seq, batch, max_batches=4)))
+            row[f"val_loss_{label}"], row[f"val_ppl_{label}"] = loss, math.exp(loss)
+        evals.append(row)
+        print(f"{name:24s} val loss @{plan.seq_len}: {row['val_loss_short']:.3f} (ppl {row['val_ppl_short']:.1f})"
+              f"   @{plan.long_seq_len}: {row['val_loss_long']:.3f}")  # fmt: skip
+    samples = _samples(lc_summary["model"], tok_dir)
+
+    stage("report")
+    timings["end"] = time.time()
+    path = _write_report(out, plan, t_start, timings, evals, samples, pre, lc, pre_steps, long_steps)
+    print(f"\nreport: {path}")
+    return path
+
+
+def _recipe(plan: Plan, tok_dir, data, out_dir, steps) -> Recipe:
+    return Recipe.from_dict(
+        {
+            "model": {"preset": plan.preset, "overrides": {"vocab_size": plan.vocab_size}},
+            "data": {
+                "tokenizer": tok_dir,
+                "phases": [
+                    {"datasets": {data["modules"]: 0.5, data["tests"]: 0.5}, "until": 0.8},
+                    {"datasets": {data["modules"]: 0.9, data["tests"]: 0.1}},
+                ],
+                "seq_len": plan.seq_len,
+                "batch_size": plan.batch_size,
+                "val_fraction": 0.02,
+            },
+            "optim": {
+                "lr": plan.lr,
+                "min_lr": plan.min_lr,
+                "warmup_steps": max(1, steps // 20),
+                "decay_fraction": 0.2,
+            },
+            "train": {
+                "steps": steps,
+                "out_dir": out_dir,
+                "seed": plan.seed,
+                "val_batches": 4,
+                "keep_last": 2,  # the end of phase 1 and the end
+                "tensorboard": False,
+            },
+        }
+    )
+
+
+def _long_recipe(plan: Plan, tok_dir, data, out_dir, init_from, steps) -> Recipe:
+    long_blend = {data["modules"]: 0.7, data["tests"]: 0.1, data["retrieval"]: 0.2}
+    return Recipe.from_dict(
+        {
+            "model": {"preset": plan.preset, "init_from": init_from},
+            "data": {
+                "tokenizer": tok_dir,
+                "phases": [{"datasets": {data["modules"]: 0.9, data["tests"]: 0.1}}],
+                "seq_mix": [
+                    {
+                        "seq_len": plan.long_seq_len,
+                        "batch_size": plan.long_batch_size,
+                        "fraction": 0.92,
+                        "phases": [{"datasets": long_blend}],
+                    },
+                    {"seq_len": plan.seq_len, "batch_size": plan.short_batch_size, "fraction": 0.08},
+                ],
+                "val_fraction": 0.02,
+            },
+            "optim": {"lr": plan.long_lr, "min_lr": plan.long_lr, "schedule": "constant"},
+            "train": {
+                "steps": steps,
+                "out_dir": out_dir,
+                "seed": plan.seed,
+                "activation_checkpointing": True,
+                "val_batches": 2,
+                "keep_last": 1,
+                "tensorboard": False,
+            },
+        }
+    )
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return fh.read()
+
+
+def _fresh_model(recipe: Recipe):
+    torch.manual_seed(recipe.train.seed)
+    return build_model(recipe, None)
+
+
+def _calibrate(recipe: Recipe, batch: int, seq_len: int, checkpointing: bool = False) -> float:
+    """Seconds per training step of this shape (two warm steps on random tokens, the second timed)."""
+    model = _fresh_model(recipe)
+    model.backbone.gradient_checkpointing = checkpointing
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len))
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        model(ids, labels=ids, return_logits=False).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return times[-1] * 1.15  # logging, validation and checkpoints take their share too
+
+
+def _samples(model, tok_dir, prompts=("def fibonacci(n):\n", "import os\n\n\nclass ", '"""'), new_tokens=96):
+    tok = load_tokenizer(tok_dir)
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([tok.encode(prompt)])
+        gen = model.generate(ids, max_new_tokens=new_tokens, do_sample=True, temperature=0.8, top_p=0.95,
+                             eos_token_id=tok.eos_token_id, generator=g)  # fmt: skip
+        out.append((prompt, tok.decode(gen[0, ids.shape[1] :].tolist(), skip_special_tokens=True)))
+    return out
+
+
+def _write_report(out, plan, t_start, timings, evals, samples, pre, lc, pre_steps, long_steps) -> str:
+    from .utils import atomic_write_text
+
+    pre_log = read_log(os.path.join(pre.train.out_dir, "log.jsonl"))
+    lc_log = read_log(os.path.join(lc.train.out_dir, "log.jsonl"))
+    png = _plot(out, pre_log, lc_log)
+    steps_pre = [r for r in pre_log if "loss" in r]
+    steps_lc = [r for r in lc_log if "loss" in r]
+
+    def stage_time(a, b):
+        return f"{timings[b] - timings[a]:.0f}s"
+
+    lines = [
+        "# hybridmoe speedrun",
+        "",
+        f"- command: `{' '.join(['hybridmoe', 'speedrun'] + sys.argv[2:])}`",
+        f"- machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
+        f"- total time: {timings['end'] - t_start:.0f}s (budget {plan.minutes:.0f} min); tokenizer "
+        f"{stage_time('tokenizer', 'data')}, data {stage_time('data', 'calibration')}, pretrain "
+        f"{stage_time('pretrain', 'long context')}, long context {stage_time('long context', 'evaluate')}",
+        f"- model: `{plan.preset}` ({_param_line(lc)}), vocab {plan.vocab_size}",
+        f"- pretraining: {pre_steps} steps x {plan.batch_size} x {plan.seq_len} tokens "
+        f"({steps_pre[-1]['tokens']:,} tokens), phase 2 from step {math.ceil(0.8 * pre_steps)}, "
+        f"mean {_mean(steps_pre, 'tokens_per_s'):.0f} tokens/s, MFU {100 * _mean(steps_pre, 'mfu'):.1f}%",
+        f"- long context: {long_steps} steps at {plan.long_seq_len} (92%) and {plan.seq_len} (8%) tokens, "
+        f"{steps_lc[-1]['tokens']:,} tokens, mean {_mean(steps_lc, 'tokens_per_s'):.0f} tokens/s",
+        "",
+        "## Validation (library modules, held-out files)",
+        "",
+        f"| stage | loss @{plan.seq_len} | ppl @{plan.seq_len} | loss @{plan.long_seq_len} "
+        f"| ppl @{plan.long_seq_len} |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in evals:
+        lines.append(
+            f"| {r['stage']} | {r['val_loss_short']:.3f} | {r['val_ppl_short']:.1f} | {r['val_loss_long']:.3f} | "
+            f"{r['val_ppl_long']:.1f} |"
+        )
+    lines += ["", "## Loss", "", f"![loss curves]({os.path.basename(png)})", "", "## Samples (final model)", ""]
+    for prompt, text in samples:
+        lines += ["```python", prompt + text, "```", ""]
+    lines += [
+        "## Files",
+        "",
+        "- `tokenizer/`, `data/` (token shards and manifests), `pretrain/` and `long-context/` (logs, checkpoints:",
+        "  each a Hugging Face model directory with its tokenizer)",
+        "",
+    ]
+    path = os.path.join(out, "report.md")
+    atomic_write_text(path, "\n".join(lines))
+    atomic_write_text(os.path.join(out, "evals.json"), json.dumps(evals, indent=1))
+    return path
+
+
+def _param_line(recipe) -> str:
+    from .config import HybridMoEConfig
+    from .modeling import HybridMoEForCausalLM
+
+    config = HybridMoEConfig.from_preset(recipe.model.preset)
+    counts = HybridMoEForCausalLM(config, device="meta").parameter_counts()
+    return f"{counts['total'] / 1e6:.1f}M parameters, {counts['active'] / 1e6:.1f}M active"
+
+
+def _mean(records, key) -> float:
+    values = [r[key] for r in records if r.get(key) is not None]
+    return sum(values) / max(len(values), 1)
+
+
+def _plot(out, pre_log, lc_log) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    offset = 0
+    for log, label, color in ((pre_log, "pretrain", "tab:blue"), (lc_log, "long context", "tab:orange")):
+        steps = [r for r in log if "loss" in r]
+        xs = [offset + r["tokens"] for r in steps]
+        ys = [r["lm_loss"] for r in steps]
+        ax.plot(xs, ys, color=color, lw=0.8, alpha=0.35)
+        ax.plot(xs, _ema(ys, 0.9), color=color, lw=1.6, label=f"{label}: train (EMA)")
+        tokens_at = {0: offset, **{r["step"]: offset + r["tokens"] for r in steps}}
+        vals = [r for r in log if "val_loss" in r]
+        ax.scatter([tokens_at.get(r["step"], offset) for r in vals], [r["val_loss"] for r in vals], color=color,
+                   edgecolor="black", zorder=3, label=f"{label}: validation")  # fmt: skip
+        offset = xs[-1] if xs else offset
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("hybridmoe speedrun")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = os.path.join(out, "loss.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _ema(values, decay):
+    out, avg = [], None
+    for v in values:
+        avg = v if avg is None else decay * avg + (1 - decay) * v
+        out.append(avg)
+    return out

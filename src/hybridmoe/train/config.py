@@ -1,0 +1,207 @@
+"""The training recipe: typed sections read from YAML, overridden on the command line with the same key paths.
+
+    model:    preset + overrides (any HybridMoEConfig field), or init_from: a checkpoint to continue from
+    data:     tokenizer, curriculum phases (a blend of prepared datasets each), sequence length(s), batch size
+    optim:    AdamW and the learning-rate schedule (warmup-stable-decay with minus-sqrt decay by default)
+    balance:  MoE load balancing (aux-loss-free bias update rate, sequence-level aux loss coefficient)
+    train:    steps, precision, checkpointing, logging, validation, where to write
+
+Defaults follow the Nemotron 3 recipe (`../shared/reference/training.md`): AdamW (0.9, 0.95), eps 1e-8, weight
+decay 0.1, grad clip 1.0, WSD with minus-sqrt decay, bias update rate 1e-3, aux loss 1e-4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None  # a checkpoint directory (HF layout) to start from instead of a fresh init
+
+
+@dataclass
+class PhaseSection:
+    datasets: dict[str, float] = field(default_factory=dict)  # prepared directory -> weight
+    until: float | None = None  # fraction of the stage's tokens after which the next phase starts
+
+
+@dataclass
+class SeqMixSection:
+    """One sequence length of a long-context stage and the fraction of steps that use it."""
+
+    seq_len: int = 4096
+    batch_size: int = 1
+    fraction: float = 1.0
+    phases: list[PhaseSection] | None = None  # its own data; None: the stage's phases
+
+
+@dataclass
+class DataSection:
+    tokenizer: str | None = None  # HF tokenizer directory, copied into every checkpoint
+    phases: list[PhaseSection] = field(default_factory=list)
+    seq_len: int = 1024
+    batch_size: int = 8  # sequences per micro-batch
+    grad_accum: int = 1
+    val_fraction: float = 0.01
+    document_masking: bool = False  # pass document ids: no Mamba state or attention across documents
+    seq_mix: list[SeqMixSection] = field(default_factory=list)  # long context: several lengths, by fraction of steps
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    schedule: str = "wsd-sqrt"  # wsd-sqrt | wsd-cosine | cosine | constant
+    warmup_steps: int = 0
+    decay_fraction: float = 0.2  # WSD: the last fraction of steps decays
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class BalanceSection:
+    bias_update_rate: float = 1e-3  # aux-loss-free expert-bias update per optimizer step (0 disables)
+    aux_loss_coef: float = 1e-4  # sequence-level balancing loss (0 disables)
+
+
+@dataclass
+class TrainSection:
+    steps: int = 100
+    precision: str = "fp32"  # fp32 | bf16 (bf16 weights) | autocast-bf16 (fp32 weights, bf16 autocast)
+    activation_checkpointing: bool = False
+    seed: int = 0
+    out_dir: str = "runs/run"
+    log_every: int = 1
+    val_every: int = 0  # 0: only at the end
+    val_batches: int = 8
+    save_every: int = 0  # 0: only at the end (and on interruption)
+    keep_last: int = 2
+    tensorboard: bool = True  # when the tensorboard package is installed
+    progress: bool = True
+
+
+@dataclass
+class Recipe:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    balance: BalanceSection = field(default_factory=BalanceSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    # ------------------------------------------------------------------ reading and writing
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Recipe:
+        return _build(cls, d or {}, "recipe")
+
+    @classmethod
+    def from_yaml(cls, path: str, overrides: list[str] | None = None) -> Recipe:
+        with open(path) as fh:
+            d = yaml.safe_load(fh) or {}
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: a recipe is a YAML mapping of sections (model, data, optim, balance, train)")
+        for item in overrides or []:
+            apply_override(d, item)
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def validate(self) -> None:
+        d, o, t = self.data, self.optim, self.train
+        if o.schedule not in ("wsd-sqrt", "wsd-cosine", "cosine", "constant"):
+            raise ValueError(f"optim.schedule={o.schedule!r}: use wsd-sqrt, wsd-cosine, cosine or constant")
+        if t.precision not in ("fp32", "bf16", "autocast-bf16"):
+            raise ValueError(f"train.precision={t.precision!r}: use fp32, bf16 or autocast-bf16")
+        if t.steps < 1 or d.batch_size < 1 or d.grad_accum < 1 or d.seq_len < 2:
+            raise ValueError("train.steps, data.batch_size, data.grad_accum must be >= 1 and data.seq_len >= 2")
+        if not 0 <= o.decay_fraction <= 1 or o.warmup_steps < 0:
+            raise ValueError("optim.decay_fraction must be in [0, 1] and optim.warmup_steps >= 0")
+        if o.min_lr > o.lr:
+            raise ValueError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}")
+        if not d.phases and not any(m.phases for m in d.seq_mix):
+            raise ValueError("data.phases is empty: give at least one phase with a blend of prepared datasets")
+        if d.seq_mix and abs(sum(m.fraction for m in d.seq_mix) - 1) > 1e-6:
+            raise ValueError("data.seq_mix fractions must sum to 1")
+
+
+def apply_override(d: dict[str, Any], item: str) -> None:
+    """Apply `section.key=value` (value parsed as YAML: numbers, booleans, lists, null) to a recipe mapping."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} is not key=value (e.g. optim.lr=3e-4)")
+    path, raw = item.split("=", 1)
+    keys = path.split(".")
+    node = d
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {item!r}: {key!r} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def _build(cls, d: dict[str, Any], where: str):
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
+    kwargs = {}
+    for name, value in d.items():
+        sub = _SECTIONS.get((cls, name))
+        if sub is not None and value is not None:
+            if isinstance(value, list):
+                kwargs[name] = [_build(sub, v, f"{where}.{name}[{i}]") for i, v in enumerate(value)]
+            else:
+                kwargs[name] = _build(sub, value, f"{where}.{name}")
+        elif name == "betas":
+            kwargs[name] = tuple(_number(v, float, f"{where}.{name}") for v in value)
+        else:
+            kind = hints[name]
+            if kind in (float, float | None) and value is not None:
+                value = _number(value, float, f"{where}.{name}")
+            elif kind in (int, int | None) and value is not None:
+                value = _number(value, int, f"{where}.{name}")
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _number(value, kind, where: str):
+    """YAML 1.1 reads `3e-4` as a string: accept numbers written that way, reject anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{where}: expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{where}: expected a number, got {value!r}") from None
+    if kind is int:
+        if number != int(number):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return int(number)
+    return number
+
+
+_SECTIONS = {
+    (Recipe, "model"): ModelSection,
+    (Recipe, "data"): DataSection,
+    (Recipe, "optim"): OptimSection,
+    (Recipe, "balance"): BalanceSection,
+    (Recipe, "train"): TrainSection,
+    (DataSection, "phases"): PhaseSection,
+    (DataSection, "seq_mix"): SeqMixSection,
+    (SeqMixSection, "phases"): PhaseSection,
+}

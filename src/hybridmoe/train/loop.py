@@ -1,0 +1,218 @@
+"""The training loop: one function every training stage runs (pretraining, its second phase, long context).
+
+Read `train` top to bottom: build (or resume) the model, optimizer and data streams, then per step: set the
+learning rate, accumulate gradients over micro-batches, clip, step AdamW, update the MoE expert biases, log; now
+and then validate and checkpoint. Everything a resumed run needs (weights, optimizer, data position, RNG) is in
+the checkpoint, so a run stopped at step N and resumed logs the same losses as one that never stopped. SIGINT or
+SIGTERM finishes the current step, writes a checkpoint and returns.
+
+Distributed training (FSDP2, expert parallelism) slots in at `build_model` / `train_step` / the checkpoint
+functions without changing this loop's shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import time
+
+import torch
+
+from ..accounting import flops_per_token, measure_matmul_peak
+from ..config import HybridMoEConfig
+from ..modeling import HybridMoEForCausalLM
+from .balance import balance_experts
+from .config import Recipe
+from .data import Streams
+from .metrics import MetricsLog
+from .optim import build_optimizer, lr_at, set_lr
+from .state import latest_checkpoint, load_trainer_state, save_checkpoint
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "autocast-bf16": torch.float32}
+
+
+def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, peak_gflops: float | None = None):
+    """Run (or resume, from the newest checkpoint in train.out_dir) the recipe. `stop_after`: return after this
+    many steps of this call, with a checkpoint (a time-boxed job). Returns a summary dict."""
+    recipe.validate()
+    t = recipe.train
+    torch.manual_seed(t.seed)
+    ckpt = latest_checkpoint(t.out_dir) if resume else None
+    model = build_model(recipe, ckpt)
+    optimizer = build_optimizer(model, recipe.optim)
+    streams = Streams(recipe, model.config)
+    step = 0
+    if ckpt is not None:
+        state, payload = load_trainer_state(ckpt)
+        optimizer.load_state_dict(payload["optimizer"])
+        torch.set_rng_state(payload["torch_rng"])
+        streams.load_state_dict(state["data"])
+        step = state["step"]
+    log = MetricsLog(t.out_dir, t.tensorboard, resume_step=step if ckpt is not None else None)
+    peak = peak_gflops or measure_matmul_peak(dtypes=(torch.float32,), rounds=1)["float32"]
+    bar = _progress(t, step)
+    summary = {"start_step": step, "resumed_from": ckpt, "peak_gflops": peak}
+    if step == 0:
+        summary["initial_val_loss"] = _validate(model, streams, recipe, log, step)
+
+    with _stop_on_signals() as stop:
+        while step < t.steps:
+            stream = streams.for_step(step)
+            lr = lr_at(step, t.steps, recipe.optim)
+            set_lr(optimizer, lr)
+            t0 = time.perf_counter()
+            losses = train_step(model, optimizer, stream, recipe)
+            imbalance = balance_experts(model, recipe.balance.bias_update_rate)
+            seconds = time.perf_counter() - t0
+            step += 1
+            tokens_per_s = stream.tokens_per_step / seconds
+            record = {
+                "step": step,
+                **losses,
+                "lr": lr,
+                "tokens": streams.tokens_seen(),
+                "tokens_per_s": tokens_per_s,
+                "mfu": tokens_per_s * flops_per_token(model.config, stream.seq_len) / (peak * 1e9),
+                "expert_imbalance": imbalance,
+                "seq_len": stream.seq_len,
+                "phase": stream.phase,
+                "step_s": seconds,
+            }
+            if step % t.log_every == 0 or step == t.steps:
+                log.log(record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_s:.0f}")
+            if t.val_every and step % t.val_every == 0 and step < t.steps:
+                _validate(model, streams, recipe, log, step)
+            if stop_after is not None and step - summary["start_step"] >= stop_after:
+                stop.requested = True
+            if (t.save_every and step % t.save_every == 0) or stop.requested or step == t.steps:
+                summary["checkpoint"] = _save(t, step, model, optimizer, streams, recipe, log)
+            if stop.requested and step < t.steps:
+                summary["interrupted"] = True
+                break
+    if not summary.get("interrupted"):
+        summary["final_val_loss"] = _validate(model, streams, recipe, log, step)
+    if bar is not None:
+        bar.close()
+    log.close()
+    summary.update(steps=step, model=model, log=log.path)
+    return summary
+
+
+def train_step(model, optimizer, stream, recipe: Recipe) -> dict[str, float]:
+    """One optimizer step over `grad_accum` micro-batches; returns the mean losses and the gradient norm."""
+    accum = recipe.data.grad_accum
+    autocast = (
+        torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)
+        if recipe.train.precision == "autocast-bf16"
+        else contextlib.nullcontext()
+    )
+    sums: dict[str, float] = {}
+    for _ in range(accum):
+        batch = stream.next_batch()
+        with autocast:
+            out = model(
+                batch["input_ids"],
+                labels=batch["labels"],
+                document_ids=batch["document_ids"] if recipe.data.document_masking else None,
+                return_logits=False,
+            )
+        (out.loss / accum).backward()
+        for name in ("loss", "lm_loss", "mtp_loss", "aux_loss"):
+            value = getattr(out, name)
+            if value is not None:
+                sums[name] = sums.get(name, 0.0) + float(value.detach()) / accum
+    params = [p for p in model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, recipe.optim.grad_clip or math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {**sums, "grad_norm": float(grad_norm)}
+
+
+def build_model(recipe: Recipe, ckpt: str | None) -> HybridMoEForCausalLM:
+    """From a checkpoint being resumed, else from `model.init_from`, else a fresh init of the preset."""
+    m = recipe.model
+    dtype = _DTYPES[recipe.train.precision]
+    source = ckpt or m.init_from
+    if source is not None:
+        model = HybridMoEForCausalLM.from_pretrained(source, dtype=dtype)
+        if m.overrides:  # e.g. a loss weight changed for this stage; shapes must not change
+            model.config = model.config.replace(**m.overrides)
+    else:
+        config = HybridMoEConfig.from_preset(m.preset, **m.overrides)
+        if "router_aux_loss_coef" not in m.overrides:
+            config = config.replace(router_aux_loss_coef=recipe.balance.aux_loss_coef)
+        model = HybridMoEForCausalLM(config, dtype=dtype)
+    model.backbone.gradient_checkpointing = recipe.train.activation_checkpointing
+    model.train()
+    return model
+
+
+@torch.no_grad()
+def evaluate(model, batches) -> float:
+    """Mean next-token loss over the validation batches (token-weighted)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in batches:
+            out = model(batch["input_ids"], labels=batch["labels"], return_logits=False)
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total += float(out.lm_loss) * n
+            count += n
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+def _validate(model, streams, recipe, log, step) -> float | None:
+    batches = streams.validation_batches(recipe.train.val_batches)
+    if not batches:
+        return None
+    loss = evaluate(model, batches)
+    log.log({"step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
+    return loss
+
+
+def _save(t, step, model, optimizer, streams, recipe, log) -> str:
+    state = {"data": streams.state_dict(), "tokens": streams.tokens_seen()}
+    return save_checkpoint(
+        t.out_dir, step, model, optimizer, state, recipe.to_yaml(), recipe.data.tokenizer, keep_last=t.keep_last
+    )
+
+
+def _progress(t, start):
+    if not t.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=t.steps, initial=start, desc=os.path.basename(os.path.normpath(t.out_dir)), unit="step")
+
+
+class _StopFlag:
+    requested = False
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """First SIGINT/SIGTERM: finish the step, checkpoint, return. A second SIGINT interrupts at once."""
+    flag = _StopFlag()
+    previous = {}
+
+    def handler(signum, frame):
+        if flag.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.requested = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield flag
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)

@@ -1,0 +1,224 @@
+"""The training loop end to end on the `debug` preset and tiny synthetic data: loss falls, exact resume,
+interruption, the schedule, balancing, the recipe."""
+
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from helpers import write_prepared
+
+from hybridmoe import HybridMoEConfig, HybridMoEForCausalLM
+from hybridmoe.train import loop as loop_mod
+from hybridmoe.train.balance import balance_experts, moe_layers
+from hybridmoe.train.config import OptimSection, Recipe
+from hybridmoe.train.metrics import read_log
+from hybridmoe.train.optim import build_optimizer, lr_at
+
+VOCAB = 512
+
+
+def pattern_docs(n, seed):
+    """Arithmetic progressions (mod the vocabulary): the next token follows from the previous two."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for _ in range(n):
+        start, stride, length = rng.integers(1, VOCAB - 1), rng.integers(1, 4), rng.integers(20, 60)
+        docs.append([1 + int(start + k * stride) % (VOCAB - 2) for k in range(length)])
+    return docs
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_prepared(tmp_path_factory.mktemp("data"), pattern_docs(400, 0), vocab=VOCAB, dtype="uint16")
+
+
+def recipe(out_dir, data_dir, steps, **train):
+    return Recipe.from_dict(
+        {
+            "model": {"preset": "debug", "overrides": {"num_nextn_predict_layers": 0}},
+            "data": {
+                "phases": [{"datasets": {str(data_dir): 1.0}}],
+                "seq_len": 64,
+                "batch_size": 4,
+                "val_fraction": 0.05,
+            },
+            "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "decay_fraction": 0.3},
+            "train": {
+                "steps": steps,
+                "out_dir": str(out_dir),
+                "progress": False,
+                "tensorboard": False,
+                "val_batches": 2,
+                **train,
+            },
+        }
+    )
+
+
+def step_records(out_dir):
+    return [r for r in read_log(os.path.join(out_dir, "log.jsonl")) if "loss" in r]
+
+
+def test_debug_run_loss_falls_and_writes_a_self_contained_checkpoint(tmp_path, data_dir):
+    summary = loop_mod.train(recipe(tmp_path / "run", data_dir, 20), peak_gflops=100.0)
+    records = step_records(tmp_path / "run")
+    assert [r["step"] for r in records] == list(range(1, 21))
+    first, last = records[0]["loss"], np.mean([r["loss"] for r in records[-3:]])
+    assert last < first - 1.0, (first, last)
+    assert summary["final_val_loss"] < summary["initial_val_loss"] - 1.0
+    for key in ("lr", "grad_norm", "tokens_per_s", "mfu", "expert_imbalance", "aux_loss", "tokens"):
+        assert records[-1][key] is not None and math.isfinite(records[-1][key]), key
+    assert records[-1]["tokens"] == 20 * 4 * 64
+    ckpt = summary["checkpoint"]
+    assert os.path.basename(ckpt) == "step-0000020"
+    for f in (
+        "config.json",
+        "model.safetensors",
+        "recipe.yaml",
+        "trainer_state/state.json",
+        "trainer_state/optimizer.pt",
+    ):
+        assert os.path.exists(os.path.join(ckpt, f)), f
+    reloaded = HybridMoEForCausalLM.from_pretrained(ckpt)
+    for (n, a), (_, b) in zip(summary["model"].state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, data_dir):
+    loop_mod.train(recipe(tmp_path / "full", data_dir, 8), peak_gflops=100.0)
+    part = recipe(tmp_path / "part", data_dir, 8)
+    first = loop_mod.train(part, stop_after=3, peak_gflops=100.0)
+    assert first["interrupted"] and first["steps"] == 3
+    second = loop_mod.train(part, resume=True, peak_gflops=100.0)
+    assert second["start_step"] == 3 and second["steps"] == 8
+    full, resumed = step_records(tmp_path / "full"), step_records(tmp_path / "part")
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    for a, b in zip(full, resumed):
+        for key in ("loss", "lm_loss", "aux_loss", "grad_norm", "lr", "tokens", "expert_imbalance"):
+            assert a[key] == b[key], (a["step"], key, a[key], b[key])
+    for (n, a), (_, b) in zip(
+        second["model"].state_dict().items(), loop_mod.build_model(part, first["checkpoint"]).state_dict().items()
+    ):
+        assert a.shape == b.shape, n
+
+
+def test_sigterm_finishes_the_step_and_writes_a_checkpoint(tmp_path, data_dir, monkeypatch):
+    calls = {"n": 0}
+    real = loop_mod.balance_experts
+
+    def balance_then_signal(model, rate):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, rate)
+
+    monkeypatch.setattr(loop_mod, "balance_experts", balance_then_signal)
+    summary = loop_mod.train(recipe(tmp_path / "run", data_dir, 10), peak_gflops=100.0)
+    assert summary["interrupted"] and summary["steps"] == 3
+    assert os.path.basename(summary["checkpoint"]) == "step-0000003"
+    assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is restored
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path, data_dir):
+    loop_mod.train(recipe(tmp_path / "run", data_dir, 6, save_every=2, keep_last=2), peak_gflops=100.0)
+    names = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
+    assert names == ["latest", "step-0000004", "step-0000006"]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step-0000006"
+
+
+def test_document_masking_passes_document_ids(tmp_path, data_dir, monkeypatch):
+    seen = []
+    real = HybridMoEForCausalLM.forward
+
+    def spy(self, input_ids, labels=None, document_ids=None, **kw):
+        if self.training:
+            seen.append(document_ids)
+        return real(self, input_ids, labels=labels, document_ids=document_ids, **kw)
+
+    monkeypatch.setattr(HybridMoEForCausalLM, "forward", spy)
+    loop_mod.train(recipe(tmp_path / "a", data_dir, 1), peak_gflops=100.0)
+    loop_mod.train(recipe(tmp_path / "b", data_dir, 1, seed=0), peak_gflops=100.0)
+    assert seen[0] is None
+    r = recipe(tmp_path / "c", data_dir, 1)
+    r.data.document_masking = True
+    loop_mod.train(r, peak_gflops=100.0)
+    assert seen[-1] is not None and seen[-1].shape == (4, 64) and int(seen[-1].max()) > 0
+
+
+def test_wsd_minus_sqrt_schedule_values():
+    cfg = OptimSection(lr=1e-3, min_lr=1e-5, schedule="wsd-sqrt", warmup_steps=10, decay_fraction=0.2)
+    assert lr_at(0, 100, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, 100, cfg) == pytest.approx(1e-3)
+    assert lr_at(50, 100, cfg) == pytest.approx(1e-3)
+    assert lr_at(80, 100, cfg) == pytest.approx(1e-3)  # the decay starts at 80 = 100 - 20
+    assert lr_at(85, 100, cfg) == pytest.approx(1e-5 + (1e-3 - 1e-5) * (1 - math.sqrt(5 / 20)))
+    assert lr_at(99, 100, cfg) == pytest.approx(1e-5 + (1e-3 - 1e-5) * (1 - math.sqrt(19 / 20)))
+    assert lr_at(100, 100, cfg) == pytest.approx(1e-5)
+    cos = OptimSection(lr=1e-3, min_lr=0.0, schedule="cosine", warmup_steps=0)
+    assert lr_at(0, 100, cos) == pytest.approx(1e-3) and lr_at(50, 100, cos) == pytest.approx(5e-4)
+    wsd_cos = OptimSection(lr=1e-3, min_lr=0.0, schedule="wsd-cosine", decay_fraction=0.5)
+    assert lr_at(75, 100, wsd_cos) == pytest.approx(5e-4)
+    assert lr_at(10, 100, OptimSection(lr=2e-4, schedule="constant")) == 2e-4
+
+
+def test_balancing_moves_the_bias_toward_underloaded_experts():
+    model = HybridMoEForCausalLM(HybridMoEConfig.from_preset("debug", n_routed_experts=4, num_experts_per_tok=2))
+    layers = moe_layers(model)
+    for m in layers:
+        m.tokens_per_expert.copy_(torch.tensor([10, 0, 5, 5]))
+    before = [m.gate.e_score_correction_bias.clone() for m in layers]
+    imbalance = balance_experts(model, rate=1e-3)
+    assert imbalance == pytest.approx(2.0)
+    for m, b in zip(layers, before):
+        delta = m.gate.e_score_correction_bias - b
+        torch.testing.assert_close(delta, torch.tensor([-1e-3, 1e-3, 0.0, 0.0]))
+        assert int(m.tokens_per_expert.sum()) == 0
+
+
+def test_bias_updates_undo_a_skewed_router():
+    """Start with expert 0 favoured by every token (a +1 selection bias); the aux-loss-free updates take the
+    bias back down step by step and the load evens out."""
+    torch.manual_seed(0)
+    model = HybridMoEForCausalLM(HybridMoEConfig.from_preset("debug", num_nextn_predict_layers=0))
+    model.train()
+    for m in moe_layers(model):
+        m.gate.e_score_correction_bias[0] = 1.0
+    ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
+    history = []
+    for _ in range(15):
+        with torch.no_grad():
+            model(ids)
+        history.append(balance_experts(model, rate=0.1))
+    assert history[0] == pytest.approx(4.0)  # top-2 of 8: expert 0 takes every token, 4x the mean load
+    assert history[-1] < 2.0, history
+    for m in moe_layers(model):
+        assert float(m.gate.e_score_correction_bias[0]) < 0.5
+
+
+def test_optimizer_groups_follow_the_tags():
+    model = HybridMoEForCausalLM(HybridMoEConfig.from_preset("debug"))
+    opt = build_optimizer(model, OptimSection(weight_decay=0.1))
+    decay, plain = opt.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert {names[id(p)] for p in plain["params"]} == model.no_weight_decay_parameter_names()
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-8
+
+
+def test_recipe_overrides_and_errors(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {preset: debug}\ndata: {phases: [{datasets: {x: 1.0}}]}\noptim: {lr: 0.001}\n")
+    r = Recipe.from_yaml(str(path), ["optim.lr=3e-4", "train.steps=7", "data.document_masking=true"])
+    assert r.optim.lr == 3e-4 and r.train.steps == 7 and r.data.document_masking is True
+    assert Recipe.from_yaml(str(path)).optim.lr == 0.001
+    assert "lr: 0.0003" in r.to_yaml()
+    with pytest.raises(ValueError, match="unknown key"):
+        Recipe.from_yaml(str(path), ["optim.learning_rate=1"])
+    with pytest.raises(ValueError, match="key=value"):
+        Recipe.from_yaml(str(path), ["optim.lr"])
+    bad = Recipe.from_yaml(str(path), ["optim.schedule=linear"])
+    with pytest.raises(ValueError, match="schedule"):
+        bad.validate()
