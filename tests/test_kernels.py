@@ -317,6 +317,25 @@ def test_ssd_packed_documents_equal_separate_runs(case):
     assert_close_scaled(s_ref_packed, s_doc, 2e-5, "reference final state = last document's")
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_ssd_chunked_under_autocast_stays_fp32(packed):
+    """Inside a bf16 autocast region (the trainer's autocast-bf16 precision) the scan still computes in fp32:
+    its outputs and gradients equal the fp32 reference."""
+    gen = make_gen(5)
+    ins = make_ssd_inputs(gen, 2, 37, 4, 8, 2, 8)
+    seq_idx = torch.stack([seq_idx_from_boundaries(37, [5, 20]), seq_idx_from_boundaries(37, [])]) if packed else None
+    ref_y, ref_s = ssd_reference(**ins, seq_idx=seq_idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, s = ssd_chunked(**ins, chunk_size=8, seq_idx=seq_idx)
+    assert y.dtype == torch.float32 and s.dtype == torch.float32
+    assert_close_scaled(y, ref_y, 2e-5, "y")
+    assert_close_scaled(s, ref_s, 2e-5, "final_state")
+    leaves = [ins[k] for k in SSD_ARGS]
+    cot = [torch.randn(ref_y.shape, generator=gen), torch.randn(ref_s.shape, generator=gen)]
+    for name, gf, gr in zip(SSD_ARGS, grads_of([y, s], cot, leaves), grads_of([ref_y, ref_s], cot, leaves)):
+        assert_close_scaled(gf, gr, 2e-5, f"grad {name}")
+
+
 def test_ssd_rejects_bad_shapes():
     gen = make_gen(0)
     ins = make_ssd_inputs(gen, 1, 5, 4, 4, 3, 4, with_state=False)  # 3 groups do not divide 4 heads

@@ -222,3 +222,55 @@ def test_recipe_overrides_and_errors(tmp_path):
     bad = Recipe.from_yaml(str(path), ["optim.schedule=linear"])
     with pytest.raises(ValueError, match="schedule"):
         bad.validate()
+
+
+def test_every_shipped_recipe_parses_and_validates():
+    root = os.path.join(os.path.dirname(__file__), "..", "recipes")
+    names = sorted(f for f in os.listdir(root) if f.endswith(".yaml"))
+    assert {"tiny-pretrain.yaml", "tiny-long-context.yaml", "ultra-550b-a55b-pretrain.yaml"} <= set(names)
+    for name in names:
+        r = Recipe.from_yaml(os.path.join(root, name))
+        r.validate()
+        HybridMoEConfig.from_preset(r.model.preset, **r.model.overrides)
+
+
+def test_init_from_a_run_directory_uses_its_newest_checkpoint(tmp_path, data_dir):
+    first = loop_mod.train(recipe(tmp_path / "pre", data_dir, 2), peak_gflops=100.0)
+    r = recipe(tmp_path / "next", data_dir, 1)
+    r.model.init_from = str(tmp_path / "pre")
+    model = loop_mod.build_model(r, None)
+    for (n, a), (_, b) in zip(model.state_dict().items(), first["model"].state_dict().items()):
+        assert torch.equal(a, b), n
+    r.model.init_from = str(tmp_path / "nothing-here")
+    with pytest.raises(ValueError, match="init_from"):
+        loop_mod.build_model(r, None)
+
+
+def _two_step_losses(tmp_path, data_dir, name, **changes):
+    r = recipe(tmp_path / name, data_dir, 2)
+    for key, value in changes.items():
+        section, field = key.split("__")
+        setattr(getattr(r, section), field, value)
+    loop_mod.train(r, peak_gflops=100.0)
+    return [rec["loss"] for rec in step_records(tmp_path / name)]
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, data_dir):
+    """2 micro-batches of 2 sequences = 1 batch of 4 (every token is a target, so the means agree)."""
+    big = _two_step_losses(tmp_path, data_dir, "big", data__batch_size=4, data__grad_accum=1)
+    accum = _two_step_losses(tmp_path, data_dir, "accum", data__batch_size=2, data__grad_accum=2)
+    np.testing.assert_allclose(accum, big, rtol=1e-4)
+
+
+def test_activation_checkpointing_does_not_change_the_run(tmp_path, data_dir):
+    plain = _two_step_losses(tmp_path, data_dir, "plain")
+    recomputed = _two_step_losses(tmp_path, data_dir, "ckpt", train__activation_checkpointing=True)
+    np.testing.assert_allclose(recomputed, plain, rtol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "autocast-bf16"])
+def test_bf16_precisions_train(tmp_path, data_dir, precision):
+    fp32 = _two_step_losses(tmp_path, data_dir, "fp32")
+    low = _two_step_losses(tmp_path, data_dir, precision, train__precision=precision)
+    assert all(math.isfinite(x) for x in low)
+    np.testing.assert_allclose(low, fp32, rtol=0.05)

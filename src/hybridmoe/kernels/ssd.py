@@ -79,8 +79,13 @@ def ssd_chunked(x, dt, A, B, C, D=None, chunk_size=128, initial_state=None, seq_
 
     Work is laid out per B/C group (b,g,r,c,l,p), with r = h/g heads per group, so every contraction is a plain
     batched matmul. As in state-spaces/mamba's Triton kernels, the decay between positions s <= l of a chunk is
-    exp(cumsum_l - cumsum_s) of the chunk-local cumulative log decay."""
+    exp(cumsum_l - cumsum_s) of the chunk-local cumulative log decay. The scan runs in fp32 even under autocast."""
     _check_scan_inputs(x, dt, A, B, C, seq_idx)
+    with torch.autocast(x.device.type, enabled=False):
+        return _ssd_chunked(x, dt, A, B, C, D, chunk_size, initial_state, seq_idx)
+
+
+def _ssd_chunked(x, dt, A, B, C, D, chunk_size, initial_state, seq_idx):
     b, t, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     r = h // g

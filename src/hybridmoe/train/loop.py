@@ -137,7 +137,7 @@ def build_model(recipe: Recipe, ckpt: str | None) -> HybridMoEForCausalLM:
     """From a checkpoint being resumed, else from `model.init_from`, else a fresh init of the preset."""
     m = recipe.model
     dtype = _DTYPES[recipe.train.precision]
-    source = ckpt or m.init_from
+    source = ckpt or _resolve_init(m.init_from)
     if source is not None:
         model = HybridMoEForCausalLM.from_pretrained(source, dtype=dtype)
         if m.overrides:  # e.g. a loss weight changed for this stage; shapes must not change
@@ -150,6 +150,16 @@ def build_model(recipe: Recipe, ckpt: str | None) -> HybridMoEForCausalLM:
     model.backbone.gradient_checkpointing = recipe.train.activation_checkpointing
     model.train()
     return model
+
+
+def _resolve_init(path: str | None) -> str | None:
+    """`model.init_from` may name a model directory or a run directory (its newest checkpoint is used)."""
+    if path is None or os.path.exists(os.path.join(path, "config.json")):
+        return path
+    newest = latest_checkpoint(path)
+    if newest is None:
+        raise ValueError(f"model.init_from={path!r} is neither a model directory nor a run with checkpoints")
+    return newest
 
 
 @torch.no_grad()
