@@ -11,7 +11,9 @@ the same glibc malloc settings (MALLOC_ENV below).
 
     python benchmarks/bench_model.py                     # everything (about an hour on 2 cores)
     python benchmarks/bench_model.py --presets small --dtypes bf16 --tasks train
-Results: benchmarks/results/model.json (raw) and a markdown table on stdout (copied into benchmarks/README.md).
+    python benchmarks/bench_model.py --resume            # continue an interrupted run: measure only missing rows
+Results: benchmarks/results/model.json (raw, saved after every measurement) and a markdown table on stdout (copied
+into benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -138,7 +140,8 @@ def run_worker(spec: dict, timeout: int) -> dict:
         return {"error": f"timeout after {timeout}s"}
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"error": " | ".join(tail)[-300:]}
+        killed = " (killed by the kernel: out of memory?)" if proc.returncode == -9 else ""
+        return {"error": f"exit code {proc.returncode}{killed}: " + " | ".join(tail)[-300:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -152,7 +155,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="measured training steps (after one warm-up step)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per measurement")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "model.json"))
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the rows already in --out and measure only the missing ones"
+    )
+    parser.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = parser.parse_args()
+    if args.table:
+        with open(args.out) as fh:
+            print(markdown(json.load(fh)["results"]))
+        return
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
@@ -169,7 +180,13 @@ def main() -> None:
     )
     print(f"# machine: {machine}; matmul peak GFLOP/s: {json.dumps({k: round(v, 1) for k, v in peak.items()})}")
     impls = [(s.split(":")[0], s.split(":")[1] if ":" in s else None) for s in args.impls.split(",")]
-    results = []
+    results, runs = [], []
+    if args.resume and os.path.exists(args.out):
+        with open(args.out) as fh:
+            previous = json.load(fh)
+        results, runs = previous["results"], previous.get("runs", [])
+    runs.append({"machine": machine, "matmul_peak_gflops": peak, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    done = {(r["preset"], r["dtype"], r["task"], r["impl"], r["experts"]) for r in results}
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets.split(","):
             config = HybridMoEConfig.from_preset(preset)
@@ -180,6 +197,8 @@ def main() -> None:
             for dtype in args.dtypes.split(","):
                 for task in args.tasks.split(","):
                     for impl, experts in impls:
+                        if (preset, dtype, task, impl, experts) in done:
+                            continue
                         spec = dict(impl=impl, experts=experts, ckpt=ckpt, dtype=dtype, steps=args.steps)
                         spec.update(task="decode" if task.startswith("decode") else task)
                         if task.startswith("decode"):
@@ -190,12 +209,20 @@ def main() -> None:
                         row["wall_s"] = round(time.time() - t0, 1)
                         if task == "train" and "tokens_per_s" in res:
                             row["mfu"] = res["tokens_per_s"] * fpt / (best_peak * 1e9)
+                        row["run"] = len(runs) - 1
                         results.append(row)
                         print(json.dumps(row), flush=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump({"machine": machine, "matmul_peak_gflops": peak, "results": results}, fh, indent=1)
+                        save(args.out, {"runs": runs, "results": results})
     print(markdown(results))
+
+
+def save(path: str, data: dict) -> None:
+    """Written after every measurement, atomically, so an interrupted run keeps what it measured (see --resume)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=1)
+    os.replace(tmp, path)
 
 
 def markdown(results: list[dict]) -> str:

@@ -38,19 +38,23 @@ def measure_matmul_peak(dtypes=(torch.float32, torch.bfloat16), rounds: int = 2)
     per dtype on this machine's CPU. The best over sizes is taken so that MFU is not flattered by a low peak."""
     out = {}
     for dtype in dtypes:
-        sizes = (1024, 2048, 4096) if dtype == torch.float32 else (1024, 2048)
+        sizes = (512, 1024, 2048, 4096) if dtype == torch.float32 else (512, 1024, 2048)
         best = 0.0
         for _ in range(rounds):
-            for n in sizes:
-                a = torch.randn(n, n).to(dtype)
-                b = torch.randn(n, n).to(dtype)
-                for fn in (torch.mm, torch.nn.functional.linear):
+            for fn in (torch.mm, torch.nn.functional.linear):
+                for n in sizes:
+                    a = torch.randn(n, n).to(dtype)
+                    b = torch.randn(n, n).to(dtype)
+                    t0 = time.perf_counter()
                     fn(a, b)
-                    repeats = max(1, int(2e10 // (2 * n**3)))
+                    first = time.perf_counter() - t0
+                    repeats = max(1, int(0.5 / first))  # about half a second per size
                     t0 = time.perf_counter()
                     for _ in range(repeats):
                         fn(a, b)
                     best = max(best, 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9)
+                    if first > 1.0:  # a slow layout (some bf16 kernels on CPUs without bf16 units): no larger sizes
+                        break
         out[str(dtype).removeprefix("torch.")] = best
     return out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -79,12 +80,26 @@ def cmd_pretrain(args) -> int:
 
     recipe = Recipe.from_yaml(args.recipe, args.overrides)
     recipe.validate()
-    print(f"recipe {args.recipe} (resolved):\n{recipe.to_yaml()}", flush=True)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
+    if main_rank:
+        print(f"recipe {args.recipe} (resolved):\n{recipe.to_yaml()}", flush=True)
     summary = train(recipe, resume=args.resume)
+    if not main_rank:
+        return 0
     state = "interrupted" if summary.get("interrupted") else "finished"
     print(f"{state} at step {summary['steps']}; checkpoint {summary.get('checkpoint')}; log {summary['log']}")
     if summary.get("final_val_loss") is not None:
         print(f"validation loss {summary['final_val_loss']:.4f}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .train.state import export_distributed_checkpoint, latest_checkpoint
+
+    ckpt = args.checkpoint
+    if not os.path.isdir(os.path.join(ckpt, "dcp")) and latest_checkpoint(ckpt):
+        ckpt = latest_checkpoint(ckpt)  # a run directory: its newest checkpoint
+    print(f"exported {export_distributed_checkpoint(ckpt, args.output)} (from {ckpt})")
     return 0
 
 
@@ -132,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="recipe keys as section.key=value, e.g. optim.lr=3e-4")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("export", help="a distributed (torchrun) checkpoint -> a Hugging Face model directory")
+    p.add_argument("checkpoint", help="a checkpoint directory with dcp/, or a run directory (its newest)")
+    p.add_argument("output", help="directory for config.json, safetensors and the tokenizer")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("speedrun", help="the whole CPU pipeline on the embedded default (stdlib sources, tiny)")
     p.add_argument("--minutes", type=float, default=20.0, help="time budget; step counts are fitted to it")

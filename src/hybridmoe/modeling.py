@@ -34,16 +34,24 @@ from .kernels.moe import experts_grouped
 from .kernels.ssd import causal_conv1d, causal_conv1d_step, conv_window, ssd_chunked, ssd_step
 
 
-@dataclass
 class ForwardContext:
-    """What every layer of one forward pass needs to know besides its input."""
+    """What every layer of one forward pass needs to know besides its input.
 
-    start: int = 0  # tokens already in the cache (absolute position of the first input token)
-    cache: HybridCache | None = None
-    document_ids: torch.Tensor | None = None  # (b, t) packed-document ids, contiguous runs
-    pad_mask: torch.Tensor | None = None  # (b, t) True for real tokens of this forward (left padding)
-    key_valid: torch.Tensor | None = None  # (b, start + t) True for real tokens among all keys
-    aux_losses: list[torch.Tensor] = field(default_factory=list)  # filled by MoE layers in training
+    A plain class on purpose, not a dataclass: FSDP2's forward hooks rebuild dataclass and list arguments, which
+    would hand each sharded block a copy and lose the aux losses the MoE layers append."""
+
+    def __init__(
+        self,
+        start: int = 0,  # tokens already in the cache (absolute position of the first input token)
+        cache: HybridCache | None = None,
+        document_ids: torch.Tensor | None = None,  # (b, t) packed-document ids, contiguous runs
+        pad_mask: torch.Tensor | None = None,  # (b, t) True for real tokens of this forward (left padding)
+        key_valid: torch.Tensor | None = None,  # (b, start + t) True for real tokens among all keys
+        aux_losses: list[torch.Tensor] | None = None,  # filled by MoE layers in training
+    ):
+        self.start, self.cache, self.document_ids = start, cache, document_ids
+        self.pad_mask, self.key_valid = pad_mask, key_valid
+        self.aux_losses = [] if aux_losses is None else aux_losses
 
 
 @dataclass
@@ -253,9 +261,31 @@ class Experts(nn.Module):
         e, i, d = config.n_routed_experts, config.moe_intermediate_size, config.moe_input_size
         self.up_proj = nn.Parameter(torch.empty(e, i, d))
         self.down_proj = nn.Parameter(torch.empty(e, d, i))
+        # Expert parallelism (`hybridmoe.distributed.parallelize`): the weights become DTensors sharded over the
+        # ranks of this group by expert, and the tokens travel to their experts with all-to-alls.
+        self.ep_group = None
 
     def forward(self, x_TD, topk_idx_TK, topk_w_TK):
-        return experts_grouped(x_TD, self.up_proj, self.down_proj, topk_idx_TK, topk_w_TK)
+        up, down = self.up_proj, self.down_proj
+        if self.ep_group is not None:
+            # A local expert's gradient sums the contributions of the tokens of all ep ranks; data parallelism
+            # averages over ranks, so it is divided by the ep degree here and by the FSDP group size there.
+            scale = 1.0 / torch.distributed.get_world_size(self.ep_group)
+            up, down = _ScaleGrad.apply(up.to_local(), scale), _ScaleGrad.apply(down.to_local(), scale)
+        return experts_grouped(x_TD, up, down, topk_idx_TK, topk_w_TK, ep_group=self.ep_group)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient is multiplied by `scale`."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale, None
 
 
 class LatentMoE(nn.Module):

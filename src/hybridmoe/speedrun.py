@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .accounting import measure_matmul_peak
 from .data.loader import TokenDataset, validation_batches
 from .data.prepare import prepare
 from .data.sources import expand_inputs
@@ -119,8 +120,12 @@ def speedrun(minutes: float = 20.0, out_dir: str | None = None, plan: Plan | Non
     print(f"{budget:.0f}s left: {step_s:.2f}s per pretraining step -> {pre_steps} steps; "
           f"{long_step_s:.2f}s per long step -> {long_steps} steps")  # fmt: skip
 
+    peak = measure_matmul_peak(dtypes=(torch.float32,), rounds=1)["float32"]  # once, for every stage's MFU
+    print(f"matmul peak (fp32): {peak:.1f} GFLOP/s")
+
     stage("pretrain")
     pre = _recipe(plan, tok_dir, data, os.path.join(out, "pretrain"), steps=pre_steps)
+    pre.train.peak_gflops = peak
     phase1_steps = math.ceil(0.8 * pre_steps)
     first = train(pre, stop_after=phase1_steps)  # phase 1 ends here: keep its checkpoint for the report
     phase1_ckpt = first["checkpoint"]
@@ -128,6 +133,7 @@ def speedrun(minutes: float = 20.0, out_dir: str | None = None, plan: Plan | Non
 
     stage("long context")
     lc = _long_recipe(plan, tok_dir, data, os.path.join(out, "long-context"), pre_summary["checkpoint"], long_steps)
+    lc.train.peak_gflops = peak
     lc_summary = train(lc)
 
     stage("evaluate")
@@ -284,7 +290,8 @@ def _write_report(out, plan, t_start, timings, evals, samples, pre, lc, pre_step
         f"- model: `{plan.preset}` ({_param_line(lc)}), vocab {plan.vocab_size}",
         f"- pretraining: {pre_steps} steps x {plan.batch_size} x {plan.seq_len} tokens "
         f"({steps_pre[-1]['tokens']:,} tokens), phase 2 from step {math.ceil(0.8 * pre_steps)}, "
-        f"mean {_mean(steps_pre, 'tokens_per_s'):.0f} tokens/s, MFU {100 * _mean(steps_pre, 'mfu'):.1f}%",
+        f"mean {_mean(steps_pre, 'tokens_per_s'):.0f} tokens/s, MFU {100 * _mean(steps_pre, 'mfu'):.1f}% "
+        f"(of a measured fp32 matmul peak of {pre.train.peak_gflops:.0f} GFLOP/s)",
         f"- long context: {long_steps} steps at {plan.long_seq_len} (92%) and {plan.seq_len} (8%) tokens, "
         f"{steps_lc[-1]['tokens']:,} tokens, mean {_mean(steps_lc, 'tokens_per_s'):.0f} tokens/s",
         "",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.distributed as dist
 
 from .linear import matmul_dtype
 
@@ -57,25 +58,89 @@ def experts_backend(x: torch.Tensor) -> str:
     return _BACKEND
 
 
-def experts_grouped(x_TD, w_up_EID, w_down_EDI, topk_idx_TK, topk_w_TK):
-    """Sort token copies by expert, run the experts on contiguous segments, scatter-add the weighted results."""
+def experts_grouped(x_TD, w_up_EID, w_down_EDI, topk_idx_TK, topk_w_TK, ep_group=None):
+    """Sort token copies by expert, run the experts on contiguous segments, scatter-add the weighted results.
+
+    With `ep_group` (expert parallelism), the weights are this rank's slice of the experts (rank r of the group
+    holds experts [r*e_local, (r+1)*e_local)) while topk_idx_TK holds global expert ids: the sorted token copies
+    travel to the ranks that own their experts and back with two all-to-alls (`expert_parallel_segments`)."""
     t, k = topk_idx_TK.shape
-    e = w_up_EID.shape[0]
+    ep = 1 if ep_group is None else dist.get_world_size(ep_group)
+    e = w_up_EID.shape[0] * ep
     flat_M = topk_idx_TK.reshape(-1)
     order_M = torch.argsort(flat_M, stable=True)
     counts_E = torch.bincount(flat_M, minlength=e)
     token_M = order_M // k
     x_MD = x_TD.index_select(0, token_M)
-    if experts_backend(x_TD) == "grouped_mm" and x_TD.is_cuda:
-        offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        h_MI = torch.relu(torch._grouped_mm(x_MD, w_up_EID.transpose(-2, -1), offs=offs)) ** 2
-        y_MD = torch._grouped_mm(h_MI, w_down_EDI.transpose(-2, -1), offs=offs)
+    if ep_group is None:
+        y_MD = _run_experts(x_MD, w_up_EID, w_down_EDI, counts_E)
     else:
-        y_MD = _SegmentExperts.apply(x_MD, w_up_EID, w_down_EDI, counts_E.tolist())
+        y_MD = expert_parallel_segments(x_MD, w_up_EID, w_down_EDI, counts_E, ep_group)
     y_MD = y_MD.float() * topk_w_TK.reshape(-1).index_select(0, order_M).float()[:, None]
     out_TD = torch.zeros((t, x_TD.shape[1]), dtype=torch.float32, device=x_TD.device)
     out_TD.index_add_(0, token_M, y_MD)
     return out_TD.to(x_TD.dtype)
+
+
+def _run_experts(x_MD, w_up_EID, w_down_EDI, counts_E):
+    """The experts on rows already sorted by expert (counts_E rows each)."""
+    if experts_backend(x_MD) == "grouped_mm" and x_MD.is_cuda:
+        offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        h_MI = torch.relu(torch._grouped_mm(x_MD, w_up_EID.transpose(-2, -1), offs=offs)) ** 2
+        return torch._grouped_mm(h_MI, w_down_EDI.transpose(-2, -1), offs=offs)
+    return _SegmentExperts.apply(x_MD, w_up_EID, w_down_EDI, counts_E.tolist())
+
+
+def expert_parallel_segments(x_MD, w_up_LID, w_down_LDI, counts_E, ep_group):
+    """Expert-parallel dispatch and combine (torchtitan's all-to-all token dispatcher, written out).
+
+    x_MD: this rank's token copies sorted by global expert, counts_E (e,) of them per expert. Since experts are
+    owned in contiguous blocks, the sorted rows are already grouped by destination rank. Steps: exchange the
+    per-expert counts; send the rows to their owners (all-to-all); regroup the received rows (source-major) by
+    local expert; run the local experts; undo the regrouping; send the results back (all-to-all). Gradients take
+    the same way back: the all-to-all's backward is the reverse all-to-all."""
+    ep = dist.get_world_size(ep_group)
+    e_local = w_up_LID.shape[0]
+    send_counts = counts_E.view(ep, e_local)  # [destination rank, its local expert]
+    recv_counts = torch.empty_like(send_counts)  # [source rank, my local expert]
+    dist.all_to_all_single(recv_counts, send_counts, group=ep_group)
+    send_splits = send_counts.sum(1).tolist()
+    recv_splits = recv_counts.sum(1).tolist()
+    x_RD = _AllToAll.apply(x_MD, recv_splits, send_splits, ep_group)
+    # received rows: source-major, then local-expert-major within each source -> local-expert-major
+    local_expert_R = torch.repeat_interleave(
+        torch.arange(e_local, device=x_MD.device).repeat(ep), recv_counts.flatten()
+    )
+    order_R = torch.argsort(local_expert_R, stable=True)
+    y_sorted = _run_experts(x_RD.index_select(0, order_R), w_up_LID, w_down_LDI, recv_counts.sum(0))
+    y_RD = _unpermute(y_sorted, order_R)
+    return _AllToAll.apply(y_RD, send_splits, recv_splits, ep_group)
+
+
+def _unpermute(y_sorted, order):
+    """Inverse of index_select(0, order), differentiable."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return y_sorted.index_select(0, inverse)
+
+
+class _AllToAll(torch.autograd.Function):
+    """dist.all_to_all_single with autograd: rows split by `in_splits` go out, `out_splits` rows come in per rank.
+    The backward sends the gradients back the same way (splits swapped)."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        out_splits, in_splits = ctx.splits
+        gx = g.new_empty((sum(in_splits), *g.shape[1:]))
+        dist.all_to_all_single(gx, g.contiguous(), in_splits, out_splits, group=ctx.group)
+        return gx, None, None, None
 
 
 class _SegmentExperts(torch.autograd.Function):

@@ -5,6 +5,7 @@
     optim:    AdamW and the learning-rate schedule (warmup-stable-decay with minus-sqrt decay by default)
     balance:  MoE load balancing (aux-loss-free bias update rate, sequence-level aux loss coefficient)
     train:    steps, precision, checkpointing, logging, validation, where to write
+    parallel: under torchrun: expert-parallel degree, FSDP2 resharding, consolidated checkpoints
 
 Defaults follow the Nemotron 3 recipe (`../shared/reference/training.md`): AdamW (0.9, 0.95), eps 1e-8, weight
 decay 0.1, grad clip 1.0, WSD with minus-sqrt decay, bias update rate 1e-3, aux loss 1e-4.
@@ -89,6 +90,17 @@ class TrainSection:
     keep_last: int = 2
     tensorboard: bool = True  # when the tensorboard package is installed
     progress: bool = True
+    peak_gflops: float | None = None  # matmul peak per process for MFU; None: measured at the start
+
+
+@dataclass
+class ParallelSection:
+    """Used only under torchrun (`hybridmoe.distributed`): data parallel with FSDP2 over all processes, routed
+    experts split over `ep` of them."""
+
+    ep: int = 1  # expert-parallel degree; must divide the number of processes and of routed experts
+    reshard_after_forward: bool = True  # FSDP2: free gathered weights after forward (ZeRO-3) or keep them (ZeRO-2)
+    consolidate: bool = True  # also write the full model in the HF layout (gathered on rank 0) in each checkpoint
 
 
 @dataclass
@@ -98,6 +110,7 @@ class Recipe:
     optim: OptimSection = field(default_factory=OptimSection)
     balance: BalanceSection = field(default_factory=BalanceSection)
     train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
 
     # ------------------------------------------------------------------ reading and writing
     @classmethod
@@ -109,7 +122,9 @@ class Recipe:
         with open(path) as fh:
             d = yaml.safe_load(fh) or {}
         if not isinstance(d, dict):
-            raise ValueError(f"{path}: a recipe is a YAML mapping of sections (model, data, optim, balance, train)")
+            raise ValueError(
+                f"{path}: a recipe is a YAML mapping of sections (model, data, optim, balance, train, parallel)"
+            )
         for item in overrides or []:
             apply_override(d, item)
         return cls.from_dict(d)
@@ -201,6 +216,7 @@ _SECTIONS = {
     (Recipe, "optim"): OptimSection,
     (Recipe, "balance"): BalanceSection,
     (Recipe, "train"): TrainSection,
+    (Recipe, "parallel"): ParallelSection,
     (DataSection, "phases"): PhaseSection,
     (DataSection, "seq_mix"): SeqMixSection,
     (SeqMixSection, "phases"): PhaseSection,

@@ -15,9 +15,9 @@ import torch
 from .config import OptimSection
 
 
-def build_optimizer(model, cfg: OptimSection) -> torch.optim.AdamW:
+def build_optimizer(model, cfg: OptimSection, fused: bool = True) -> torch.optim.AdamW:
     """AdamW over two groups: weight decay on matrices and embeddings, none on what the model tags (norms,
-    biases, A_log, D, dt_bias)."""
+    biases, A_log, D, dt_bias). `fused=False` (the foreach implementation) for sharded DTensor parameters."""
     no_decay = model.no_weight_decay_parameter_names()
     decay, plain = [], []
     for name, p in model.named_parameters():
@@ -27,7 +27,7 @@ def build_optimizer(model, cfg: OptimSection) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
         {"params": plain, "weight_decay": 0.0, "name": "no_decay"},
     ]
-    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
+    fused = fused and all(p.device.type in ("cpu", "cuda") for p in model.parameters())
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
 
 

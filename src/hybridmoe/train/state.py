@@ -10,6 +10,16 @@
 
 A checkpoint is written under a temporary name and renamed when complete, so a crash never leaves a partial
 directory under a final name; the oldest checkpoints beyond `keep_last` are then removed.
+
+Runs under torchrun write distributed checkpoints instead: every rank saves its own shards of the model and
+optimizer with torch.distributed.checkpoint (DCP), which can be loaded back on any number of ranks:
+
+    out_dir/checkpoints/step-0000100/
+        config.json, tokenizer files, recipe.yaml
+        model.safetensors                    only with train.consolidate: the full model, gathered on rank 0
+        dcp/                                 model and optimizer shards (`hybridmoe export` makes an HF directory)
+        trainer_state/state.json             step, tokens, loader state (the same on every rank)
+        trainer_state/rng-<rank>.pt          each rank's RNG state
 """
 
 from __future__ import annotations
@@ -87,3 +97,106 @@ def load_trainer_state(ckpt_dir) -> tuple[dict, dict]:
         state = json.load(fh)
     payload = torch.load(os.path.join(d, "optimizer.pt"), weights_only=False)
     return state, payload
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+
+
+def is_distributed_checkpoint(ckpt_dir) -> bool:
+    return os.path.isdir(os.path.join(ckpt_dir, "dcp"))
+
+
+def save_distributed_checkpoint(
+    out_dir, step, model, optimizer, state: dict, recipe_yaml: str, tokenizer_dir, par, keep_last=2, consolidate=True
+):
+    """Collective: every rank calls it. Rank 0 owns the directory; all ranks write their DCP shards into it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    root = os.path.join(out_dir, "checkpoints")
+    name = f"step-{step:07d}"
+    tmp = os.path.join(root, f".{name}.partial")  # the same name on every rank
+    if par.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "trainer_state"))
+    par.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=os.path.join(tmp, "dcp"))
+    rng_path = os.path.join(tmp, "trainer_state", f"rng-{par.rank}.pt")
+    atomic_write(rng_path, lambda p: torch.save({"torch_rng": torch.get_rng_state()}, p))
+    full = None
+    if consolidate:
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    par.barrier()  # every rank's files are in place before rank 0 renames the directory
+    if par.is_main:
+        if full is not None:
+            save_state_dict_pretrained(model.config, full, tmp)
+        else:
+            model.config.save_pretrained(tmp)
+        if tokenizer_dir:
+            for f in TOKENIZER_FILES:
+                src = os.path.join(tokenizer_dir, f)
+                if os.path.exists(src):
+                    shutil.copyfile(src, os.path.join(tmp, f))
+        atomic_write_text(os.path.join(tmp, "recipe.yaml"), recipe_yaml)
+        atomic_write_text(os.path.join(tmp, "trainer_state", "state.json"), json.dumps({"step": step, **state}))
+        final = os.path.join(root, name)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(os.path.join(root, "latest"), name + "\n")
+        for old in list_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    par.barrier()
+    return os.path.join(root, name)
+
+
+def load_distributed_checkpoint(ckpt_dir, model, optimizer, par) -> dict:
+    """Load model and optimizer shards (resharded to this job's layout, whatever the saving job's) and this
+    rank's RNG state; returns state.json. Works in one process without torchrun too (par None)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    sd = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(sd, checkpoint_id=os.path.join(ckpt_dir, "dcp"), no_dist=par is None)
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+    rank = par.rank if par is not None else 0
+    rng = os.path.join(ckpt_dir, "trainer_state", f"rng-{rank}.pt")
+    if not os.path.exists(rng):  # resumed on more ranks than saved: the new ranks take rank 0's state
+        rng = os.path.join(ckpt_dir, "trainer_state", "rng-0.pt")
+    torch.set_rng_state(torch.load(rng, weights_only=False)["torch_rng"])
+    with open(os.path.join(ckpt_dir, "trainer_state", "state.json")) as fh:
+        return json.load(fh)
+
+
+def save_state_dict_pretrained(config, state_dict: dict, path: str) -> None:
+    """Write a full model state dict (model parameter names) in the Hugging Face layout."""
+    from ..modeling import HybridMoEForCausalLM
+
+    model = HybridMoEForCausalLM(config, device="meta")
+    model.load_state_dict(state_dict, assign=True, strict=True)
+    model.save_pretrained(path)
+
+
+def export_distributed_checkpoint(ckpt_dir, out_dir) -> str:
+    """`hybridmoe export`: a distributed checkpoint (any number of ranks) -> a Hugging Face model directory."""
+    import torch.distributed.checkpoint as dcp
+
+    from ..config import HybridMoEConfig
+    from ..modeling import HybridMoEForCausalLM
+
+    if not is_distributed_checkpoint(ckpt_dir):
+        raise ValueError(f"{ckpt_dir} has no dcp/ directory: it is not a distributed checkpoint")
+    config = HybridMoEConfig.from_pretrained(ckpt_dir)
+    model = HybridMoEForCausalLM(config, device="meta")
+    model.to_empty(device="cpu")
+    sd = {"model": model.state_dict()}
+    dcp.load(sd, checkpoint_id=os.path.join(ckpt_dir, "dcp"), no_dist=True)
+    model.load_state_dict(sd["model"])
+    model.save_pretrained(out_dir)
+    for f in (*TOKENIZER_FILES, "recipe.yaml"):
+        src = os.path.join(ckpt_dir, f)
+        if os.path.exists(src):
+            shutil.copyfile(src, os.path.join(out_dir, f))
+    return out_dir
