@@ -40,11 +40,8 @@ class Parallel:
     world_size: int
     ep: int
     device: torch.device
-    mesh: object  # DeviceMesh
-
-    @property
-    def dp_shard(self) -> int:
-        return self.world_size // self.ep
+    mesh: object  # DeviceMesh ("dp_shard", "ep")
+    dp_mesh: object  # the same ranks as one flat dimension, "dp"
 
     @property
     def ep_group(self):
@@ -64,11 +61,6 @@ class Parallel:
             )
         per = rows // self.world_size
         return {k: (v[self.rank * per : (self.rank + 1) * per] if v is not None else None) for k, v in batch.items()}
-
-    def mean(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t)
-        return float(t) / self.world_size
 
     def sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64)
@@ -103,8 +95,8 @@ def setup(ep: int = 1, backend: str | None = None) -> Parallel | None:
     if not dist.is_initialized():
         dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), timeout=datetime.timedelta(minutes=30))
     mesh = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("dp_shard", "ep"))
-    mesh["dp_shard", "ep"]._flatten("dp")
-    return Parallel(rank=dist.get_rank(), world_size=world, ep=ep, device=device, mesh=mesh)
+    dp_mesh = mesh["dp_shard", "ep"]._flatten("dp")
+    return Parallel(rank=dist.get_rank(), world_size=world, ep=ep, device=device, mesh=mesh, dp_mesh=dp_mesh)
 
 
 def teardown() -> None:
@@ -124,7 +116,7 @@ def parallelize(model, par: Parallel, reshard_after_forward: bool = True):
     n_experts = [m.experts.up_proj.shape[0] for m in model.modules() if isinstance(m, LatentMoE)]
     if par.ep > 1 and n_experts and n_experts[0] % par.ep:
         raise ValueError(f"parallel.ep={par.ep} must divide the number of routed experts ({n_experts[0]})")
-    dp_mesh, ep_mesh = par.mesh["dp"], par.mesh["ep"]
+    dp_mesh, ep_mesh = par.dp_mesh, par.mesh["ep"]
     # fp32 gradient reduction whatever the parameter dtype (the Nemotron 3 recipe reduces in fp32)
     mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     for module in model.modules():
