@@ -19,7 +19,7 @@ from helpers import write_prepared
 from safetensors.torch import load_file
 from test_train import VOCAB, pattern_docs, step_records
 
-from hybridmoe import HybridMoEForCausalLM
+from hybridmoe import HybridMoEConfig, HybridMoEForCausalLM
 from hybridmoe.cli import main as cli_main
 from hybridmoe.kernels.moe import experts_grouped, experts_reference
 from hybridmoe.train.config import Recipe
@@ -197,3 +197,10 @@ def test_torchrun_bf16_weights_with_activation_checkpointing(dist_setup):
     weights = load_file(str(out / "checkpoints" / "step-0000010" / "model.safetensors"))
     assert weights["lm_head.weight"].dtype == torch.bfloat16
     assert weights["backbone.layers.2.mixer.gate.weight"].dtype == torch.float32
+
+
+def test_export_rejects_a_checkpoint_without_shards(tmp_path, capsys):
+    model_dir = tmp_path / "plain"
+    HybridMoEForCausalLM(HybridMoEConfig.from_preset("debug")).save_pretrained(str(model_dir))
+    assert cli_main(["export", str(model_dir), str(tmp_path / "out")]) == 2
+    assert "not a distributed checkpoint" in capsys.readouterr().err
