@@ -63,7 +63,7 @@ class Parallel:
         return {k: (v[self.rank * per : (self.rank + 1) * per] if v is not None else None) for k, v in batch.items()}
 
     def sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
         dist.all_reduce(t)
         return t.tolist()
 
@@ -150,13 +150,13 @@ def clip_grad_norm_(params, max_norm: float, par: Parallel | None) -> torch.Tens
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     from torch.distributed.tensor import DTensor, Replicate
 
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=par.device)
     for g in grads:
         if isinstance(g, DTensor):
             if any(isinstance(p, Replicate) for p in g.placements):
                 raise RuntimeError("clip_grad_norm_: a replicated gradient would be counted more than once")
             g = g.to_local()
-        total += g.detach().double().pow(2).sum().cpu()
+        total += g.detach().double().pow(2).sum()
     dist.all_reduce(total)
     norm = total.sqrt().float()
     if max_norm and math.isfinite(max_norm):

@@ -62,6 +62,7 @@ def _train(recipe: Recipe, par, resume: bool, stop_after: int | None, peak_gflop
     ckpt = latest_checkpoint(t.out_dir) if resume else None
     model = build_model(recipe, ckpt)
     if par is not None:
+        model.to(par.device)  # a GPU per rank under torchrun with NCCL; a no-op on CPU
         distributed.parallelize(model, par, recipe.parallel.reshard_after_forward)
     optimizer = build_optimizer(model, recipe.optim, fused=par is None)
     streams = Streams(recipe, model.config)
@@ -150,7 +151,7 @@ def train_step(model, optimizer, stream, recipe: Recipe, par=None) -> dict[str, 
     for _ in range(accum):
         batch = stream.next_batch()
         if par is not None:
-            batch = par.local_rows(batch)
+            batch = _to(par.local_rows(batch), par.device)
         with autocast:
             out = model(
                 batch["input_ids"],
@@ -217,7 +218,7 @@ def evaluate(model, batches, par=None) -> float:
     try:
         for batch in batches:
             if par is not None:
-                batch = par.local_rows(_pad_rows(batch, par.world_size))
+                batch = _to(par.local_rows(_pad_rows(batch, par.world_size)), par.device)
             out = model(batch["input_ids"], labels=batch["labels"], return_logits=False)
             n = int((batch["labels"][:, 1:] != -100).sum())
             if n:
@@ -228,6 +229,10 @@ def evaluate(model, batches, par=None) -> float:
     if par is not None:
         total, count = par.sum([total, count])
     return total / max(count, 1)
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if v is not None else None) for k, v in batch.items()}
 
 
 def _pad_rows(batch: dict, multiple: int) -> dict:
