@@ -145,9 +145,9 @@ def clip_grad_norm_(params, max_norm: float, par: Parallel | None) -> torch.Tens
     """Clip the global gradient norm. Under FSDP/EP each gradient element lives on exactly one rank (a DTensor
     shard), on meshes that differ between expert and other parameters, so the squared norms of the local shards
     are summed over all ranks (torch's clip_grad_norm_ expects a single mesh)."""
-    grads = [p.grad for p in params if p.grad is not None]
     if par is None:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = [p.grad for p in params if p.grad is not None]
     from torch.distributed.tensor import DTensor, Replicate
 
     total = torch.zeros((), dtype=torch.float64, device=par.device)

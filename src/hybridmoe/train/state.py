@@ -53,22 +53,33 @@ def save_checkpoint(out_dir, step, model, optimizer, state: dict, recipe_yaml: s
     try:
         model.save_pretrained(tmp)
         if tokenizer_dir:
-            for f in TOKENIZER_FILES:
-                src = os.path.join(tokenizer_dir, f)
-                if os.path.exists(src):
-                    shutil.copyfile(src, os.path.join(tmp, f))
+            _copy_present(tokenizer_dir, tmp, TOKENIZER_FILES)
         atomic_write_text(os.path.join(tmp, "recipe.yaml"), recipe_yaml)
         os.makedirs(os.path.join(tmp, "trainer_state"))
         payload = {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
         atomic_write(os.path.join(tmp, "trainer_state", "optimizer.pt"), lambda p: torch.save(payload, p))
         atomic_write_text(os.path.join(tmp, "trainer_state", "state.json"), json.dumps({"step": step, **state}))
-        final = os.path.join(root, name)
-        if os.path.exists(final):  # the same step saved again (e.g. interrupted right after a save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        return _publish(out_dir, tmp, name, keep_last)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing left under a temporary name (once renamed: a no-op)
         raise
+
+
+def _copy_present(src_dir, dst_dir, names) -> None:
+    """Copy those of `names` that exist in src_dir."""
+    for f in names:
+        src = os.path.join(src_dir, f)
+        if os.path.exists(src):
+            shutil.copyfile(src, os.path.join(dst_dir, f))
+
+
+def _publish(out_dir, tmp, name, keep_last) -> str:
+    """Rename a complete checkpoint directory to its final name, point `latest` at it, drop the oldest."""
+    root = os.path.join(out_dir, "checkpoints")
+    final = os.path.join(root, name)
+    if os.path.exists(final):  # the same step saved again (e.g. interrupted right after a save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
     atomic_write_text(os.path.join(root, "latest"), name + "\n")
     for old in list_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -134,19 +145,10 @@ def save_distributed_checkpoint(
         else:
             model.config.save_pretrained(tmp)
         if tokenizer_dir:
-            for f in TOKENIZER_FILES:
-                src = os.path.join(tokenizer_dir, f)
-                if os.path.exists(src):
-                    shutil.copyfile(src, os.path.join(tmp, f))
+            _copy_present(tokenizer_dir, tmp, TOKENIZER_FILES)
         atomic_write_text(os.path.join(tmp, "recipe.yaml"), recipe_yaml)
         atomic_write_text(os.path.join(tmp, "trainer_state", "state.json"), json.dumps({"step": step, **state}))
-        final = os.path.join(root, name)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        atomic_write_text(os.path.join(root, "latest"), name + "\n")
-        for old in list_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        _publish(out_dir, tmp, name, keep_last)
     par.barrier()
     return os.path.join(root, name)
 
@@ -195,8 +197,5 @@ def export_distributed_checkpoint(ckpt_dir, out_dir) -> str:
     dcp.load(sd, checkpoint_id=os.path.join(ckpt_dir, "dcp"), no_dist=True)
     model.load_state_dict(sd["model"])
     model.save_pretrained(out_dir)
-    for f in (*TOKENIZER_FILES, "recipe.yaml"):
-        src = os.path.join(ckpt_dir, f)
-        if os.path.exists(src):
-            shutil.copyfile(src, os.path.join(out_dir, f))
+    _copy_present(ckpt_dir, out_dir, (*TOKENIZER_FILES, "recipe.yaml"))
     return out_dir
