@@ -22,7 +22,7 @@ from hybridmoe.kernels import linear as linear_mod
 from hybridmoe.kernels.activations import relu_squared, relu_squared_reference
 from hybridmoe.kernels.attention import attention, attention_reference
 from hybridmoe.kernels.loss import IGNORE_INDEX, linear_cross_entropy, linear_cross_entropy_reference
-from hybridmoe.kernels.moe import experts_backend, experts_grouped, experts_reference
+from hybridmoe.kernels.moe import clamped_swiglu, experts_backend, experts_grouped, experts_reference
 from hybridmoe.kernels.ssd import (
     causal_conv1d,
     causal_conv1d_reference,
@@ -478,6 +478,94 @@ def test_experts_grouped_bf16_against_fp32_reference(monkeypatch, widen, t, e, k
     x, w_up, w_down, topk_idx, topk_w = make_moe_inputs(gen, t, e, k, d, i, empty, dtype=torch.bfloat16)
     ref_inputs = tuple(v.detach().float().requires_grad_() for v in (x, w_up, w_down, topk_w))
     check_moe(x, w_up, w_down, topk_idx, topk_w, ref_inputs, 2e-2, 3e-2, empty, gen)
+
+
+# Gated activations with a fused gate_up weight (e, 2i, d), optionally with biases (GPT-OSS). In fp32, limit=0.75
+# makes the clamps of clamped_swiglu bite on a good share of the entries, so their gradient masks are exercised too.
+# In bf16 the saved pre-activations are rounded, which moves entries near a clamp bound across it (a gradient of 0
+# against one of O(1)), so the bf16 check uses GPT-OSS's own limit of 7, where the clamps almost never bite.
+GATED = {
+    "silu_gated": ("silu_gated", False),
+    "clamped_swiglu_biases": (clamped_swiglu(alpha=1.702, limit=0.75), True),
+}
+GATED_BF16 = GATED | {"clamped_swiglu_biases": (clamped_swiglu(alpha=1.702, limit=7.0), True)}
+
+
+def make_gated_moe_inputs(gen, t, e, k, d, i, empty, with_bias, dtype=torch.float32):
+    x, w_up, _, topk_idx, topk_w = make_moe_inputs(gen, t, e, k, d, 2 * i, empty)  # w_up (e, 2i, d)
+    w_down = torch.randn(e, d, i, generator=gen) / math.sqrt(i)
+    tensors = [x.detach(), w_up.detach(), w_down, topk_w.detach()]
+    if with_bias:
+        tensors += [0.3 * torch.randn(e, 2 * i, generator=gen), 0.3 * torch.randn(e, d, generator=gen)]
+    return [v.to(dtype).requires_grad_() for v in tensors], topk_idx
+
+
+def check_gated_moe(leaves, ref_leaves, topk_idx, activation, out_tol, grad_tol, gen):
+    names = ["x", "w_up", "w_down", "topk_w", "b_up", "b_down"][: len(leaves)]
+
+    def run(fn, v):
+        biases = dict(b_up_EU=v[4], b_down_ED=v[5]) if len(v) == 6 else {}
+        return fn(v[0], v[1], v[2], topk_idx, v[3], activation=activation, **biases)
+
+    ref = run(experts_reference, ref_leaves)
+    out = run(experts_grouped, leaves)
+    assert out.dtype == leaves[0].dtype
+    assert_close_scaled(out, ref, out_tol, "experts output")
+    cot = [torch.randn(ref.shape, generator=gen)]
+    for name, gf, gr, leaf in zip(names, grads_of([out], cot, leaves), grads_of([ref], cot, ref_leaves), leaves):
+        assert gf.dtype == leaf.dtype
+        assert_close_scaled(gf, gr, grad_tol, f"grad {name}")
+
+
+@pytest.mark.parametrize("gated", list(GATED))
+@pytest.mark.parametrize(("t", "e", "k", "d", "i", "empty"), MOE_CASES)
+def test_gated_experts_grouped_matches_reference_fp32(gated, t, e, k, d, i, empty):
+    activation, with_bias = GATED[gated]
+    gen = make_gen(t * 100 + e + 2)
+    leaves, topk_idx = make_gated_moe_inputs(gen, t, e, k, d, i, empty, with_bias)
+    check_gated_moe(leaves, leaves, topk_idx, activation, 1e-5, 1e-5, gen)
+
+
+@pytest.mark.parametrize("widen", [True, False])
+@pytest.mark.parametrize("gated", list(GATED))
+@pytest.mark.parametrize(("t", "e", "k", "d", "i", "empty"), MOE_CASES[1:4])
+def test_gated_experts_grouped_bf16_against_fp32_reference(monkeypatch, widen, gated, t, e, k, d, i, empty):
+    monkeypatch.setattr(linear_mod, "_WIDEN", widen)
+    activation, with_bias = GATED_BF16[gated]
+    gen = make_gen(t * 100 + e + 3)
+    leaves, topk_idx = make_gated_moe_inputs(gen, t, e, k, d, i, empty, with_bias, dtype=torch.bfloat16)
+    ref_leaves = [v.detach().float().requires_grad_() for v in leaves]
+    check_gated_moe(leaves, ref_leaves, topk_idx, activation, 2e-2, 3e-2, gen)
+
+
+def test_gated_experts_accept_transposed_weight_views():
+    """GPT-OSS stores its expert weights as (e, in, out): the kernel takes the transposed views as they are."""
+    gen = make_gen(11)
+    leaves, topk_idx = make_gated_moe_inputs(gen, 9, 4, 2, 8, 6, (), True)
+    x, w_up, w_down, topk_w, b_up, b_down = leaves
+    w_up_t = w_up.detach().transpose(1, 2).contiguous().requires_grad_()  # stored (e, d, 2i)
+    w_down_t = w_down.detach().transpose(1, 2).contiguous().requires_grad_()  # stored (e, i, d)
+    act = GATED["clamped_swiglu_biases"][0]
+    ref = experts_reference(x, w_up, w_down, topk_idx, topk_w, activation=act, b_up_EU=b_up, b_down_ED=b_down)
+    out = experts_grouped(
+        x, w_up_t.transpose(1, 2), w_down_t.transpose(1, 2), topk_idx, topk_w, activation=act, b_up_EU=b_up,
+        b_down_ED=b_down,
+    )  # fmt: skip
+    assert_close_scaled(out, ref, 1e-5, "experts output")
+    cot = [torch.randn(ref.shape, generator=gen)]
+    g_ref = grads_of([ref], cot, [w_up, w_down])
+    g_fast = grads_of([out], cot, [w_up_t, w_down_t])
+    assert_close_scaled(g_fast[0], g_ref[0].transpose(1, 2), 1e-5, "grad w_up")
+    assert_close_scaled(g_fast[1], g_ref[1].transpose(1, 2), 1e-5, "grad w_down")
+
+
+def test_experts_reject_mismatched_gated_shapes():
+    gen = make_gen(12)
+    x, w_up, w_down, topk_idx, topk_w = make_moe_inputs(gen, 4, 4, 2, 8, 6)
+    with pytest.raises(ValueError, match="does not fit"):
+        experts_grouped(x, w_up, w_down, topk_idx, topk_w, activation="silu_gated")  # w_up is (e, i, d), not 2i
+    with pytest.raises(ValueError, match="unknown activation"):
+        experts_grouped(x, w_up, w_down, topk_idx, topk_w, activation="gelu")
 
 
 # ---------------------------------------------------------------------------------------------- attention

@@ -1,8 +1,16 @@
-"""Routed experts: relu^2 expert MLPs applied to the tokens a router chose, combined with the routing weights.
+"""Routed experts: expert MLPs applied to the tokens a router chose, combined with the routing weights.
 
 Faithful to transformers' `NemotronHExperts` (non-gated experts: `down(relu(up(x))**2)`, the routing weight applied
 after `down`, an fp32 combine) and to the dispatch of torchtitan / NeMo AutoModel (stable sort of the token copies
 by expert, counts by bincount, grouped matmuls over contiguous segments, weighted combine by scatter-add).
+
+The expert activation is an argument (`activation`, default "relu2", the behaviour above):
+  - "relu2": h = relu(u)^2 (nemotron_h);
+  - "silu_gated": u = [gate | up] (the fused `gate_up_proj` of transformers v5's Qwen3-MoE, Qwen2-MoE, Mixtral,
+    OLMoE, DeepSeek-V3 experts, gate rows first), h = silu(gate) * up;
+  - `clamped_swiglu(alpha, limit)`: GPT-OSS's `GptOssExperts._apply_gate`: gate and up interleaved (even / odd
+    columns), gate clamped from above and up to [-limit, limit], h = (up + 1) * gate * sigmoid(alpha * gate);
+and the up / down projections may carry per-expert biases (`b_up_EU`, `b_down_ED`, GPT-OSS's `*_proj_bias`).
 
 Twins: `experts_reference` (a loop over experts with boolean masks, the definition) and `experts_grouped` (the fast
 path). Backends of the grouped matmul, chosen once per process and logged:
@@ -12,30 +20,121 @@ path). Backends of the grouped matmul, chosen once per process and logged:
     multiplied in fp32, which is exact for the products and, like a bf16 GEMM, accumulates in fp32.
 
 Legend: t tokens, k experts per token, d model width (the latent width for LatentMoE), i expert hidden width,
-e experts, m = t*k token copies.
+u the up projection's width (i, or 2i for gated activations), e experts, m = t*k token copies.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from .linear import matmul_dtype
 
 log = logging.getLogger(__name__)
 
 
-def experts_reference(x_TD, w_up_EID, w_down_EDI, topk_idx_TK, topk_w_TK):
-    """Loop over experts; returns (t,d) in x's dtype, accumulated in fp32."""
+@dataclass(frozen=True)
+class ExpertActivation:
+    """h = forward(u) on the up projection's output u (m, up_factor * i) -> (m, i), and its hand-written gradient
+    backward(u, dh) -> du (it may overwrite dh). `reference` is the plain differentiable twin (autograd)."""
+
+    name: str
+    up_factor: int
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    reference: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _relu2(u):
+    return torch.relu(u).square()
+
+
+def _relu2_backward(u, dh):
+    return dh.mul_(torch.relu(u)).mul_(2.0)  # d/du relu(u)^2 = 2 relu(u)
+
+
+def _silu_gated(u):
+    gate, up = u.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _silu_gated_backward(u, dh):
+    gate, up = u.chunk(2, dim=-1)
+    return torch.cat([torch.ops.aten.silu_backward(dh * up, gate), dh * F.silu(gate)], dim=-1)
+
+
+def clamped_swiglu(alpha: float, limit: float) -> ExpertActivation:
+    """GPT-OSS's gated activation (transformers' `GptOssExperts._apply_gate`); gate/up interleaved in u."""
+
+    def forward(u):
+        gate = u[..., ::2].clamp(max=limit)
+        up = u[..., 1::2].clamp(-limit, limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+    def backward(u, dh):
+        gate_raw, up_raw = u[..., ::2], u[..., 1::2]
+        gate, up = gate_raw.clamp(max=limit), up_raw.clamp(-limit, limit)
+        s = torch.sigmoid(gate * alpha)
+        glu = gate * s
+        dglu = s + alpha * gate * s * (1 - s)
+        # clamp passes the gradient where the input lies inside [min, max], bounds included (as torch.clamp).
+        d_gate = (dh * (up + 1) * dglu).mul_(gate_raw <= limit)
+        d_up = (dh * glu).mul_((up_raw >= -limit) & (up_raw <= limit))
+        return torch.stack([d_gate, d_up], dim=-1).view(u.shape)
+
+    return ExpertActivation(f"clamped_swiglu(alpha={alpha}, limit={limit})", 2, forward, backward, forward)
+
+
+ACTIVATIONS = {
+    "relu2": ExpertActivation("relu2", 1, _relu2, _relu2_backward, lambda u: torch.relu(u) ** 2),
+    "silu_gated": ExpertActivation("silu_gated", 2, _silu_gated, _silu_gated_backward, _silu_gated),
+}
+
+
+def _activation(activation: str | ExpertActivation) -> ExpertActivation:
+    if isinstance(activation, ExpertActivation):
+        return activation
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"experts: unknown activation {activation!r}; use one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[activation]
+
+
+def _check_experts(w_up_EUD, w_down_EDI, act, b_up_EU, b_down_ED):
+    e, u, d = w_up_EUD.shape
+    if w_down_EDI.shape[:2] != (e, d) or u != act.up_factor * w_down_EDI.shape[2]:
+        raise ValueError(
+            f"experts ({act.name}): w_up {tuple(w_up_EUD.shape)} (e, {act.up_factor}*i, d) does not fit "
+            f"w_down {tuple(w_down_EDI.shape)} (e, d, i)"
+        )
+    if b_up_EU is not None and b_up_EU.shape != (e, u):
+        raise ValueError(f"experts: b_up has shape {tuple(b_up_EU.shape)}, expected {(e, u)}")
+    if b_down_ED is not None and b_down_ED.shape != (e, d):
+        raise ValueError(f"experts: b_down has shape {tuple(b_down_ED.shape)}, expected {(e, d)}")
+
+
+def experts_reference(
+    x_TD, w_up_EID, w_down_EDI, topk_idx_TK, topk_w_TK, activation="relu2", b_up_EU=None, b_down_ED=None
+):
+    """Loop over experts; returns (t,d) in x's dtype, accumulated in fp32. w_up (e, u, d), w_down (e, d, i)."""
+    act = _activation(activation)
+    _check_experts(w_up_EID, w_down_EDI, act, b_up_EU, b_down_ED)
     out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
     for e in range(w_up_EID.shape[0]):
         tok, slot = torch.where(topk_idx_TK == e)
         if tok.numel() == 0:
             continue
-        h = torch.relu(x_TD[tok] @ w_up_EID[e].T) ** 2
-        y = (h @ w_down_EDI[e].T).float() * topk_w_TK[tok, slot, None].float()
+        u = x_TD[tok] @ w_up_EID[e].T
+        if b_up_EU is not None:
+            u = u + b_up_EU[e]
+        y = act.reference(u) @ w_down_EDI[e].T
+        if b_down_ED is not None:
+            y = y + b_down_ED[e]
+        y = y.float() * topk_w_TK[tok, slot, None].float()
         out_TD.index_add_(0, tok, y)
     return out_TD.to(x_TD.dtype)
 
@@ -58,12 +157,18 @@ def experts_backend(x: torch.Tensor) -> str:
     return _BACKEND
 
 
-def experts_grouped(x_TD, w_up_EID, w_down_EDI, topk_idx_TK, topk_w_TK, ep_group=None):
+def experts_grouped(
+    x_TD, w_up_EID, w_down_EDI, topk_idx_TK, topk_w_TK, ep_group=None, activation="relu2", b_up_EU=None, b_down_ED=None
+):
     """Sort token copies by expert, run the experts on contiguous segments, scatter-add the weighted results.
+    w_up (e, u, d) and w_down (e, d, i) as (out, in) per expert (transposed views are fine); `activation` and the
+    optional biases b_up (e, u), b_down (e, d) as in the module docstring.
 
     With `ep_group` (expert parallelism), the weights are this rank's slice of the experts (rank r of the group
     holds experts [r*e_local, (r+1)*e_local)) while topk_idx_TK holds global expert ids: the sorted token copies
     travel to the ranks that own their experts and back with two all-to-alls (`expert_parallel_segments`)."""
+    act = _activation(activation)
+    _check_experts(w_up_EID, w_down_EDI, act, b_up_EU, b_down_ED)
     t, k = topk_idx_TK.shape
     ep = 1 if ep_group is None else dist.get_world_size(ep_group)
     e = w_up_EID.shape[0] * ep
@@ -73,25 +178,32 @@ def experts_grouped(x_TD, w_up_EID, w_down_EDI, topk_idx_TK, topk_w_TK, ep_group
     token_M = order_M // k
     x_MD = x_TD.index_select(0, token_M)
     if ep_group is None:
-        y_MD = _run_experts(x_MD, w_up_EID, w_down_EDI, counts_E)
+        y_MD = _run_experts(x_MD, w_up_EID, w_down_EDI, counts_E, act, b_up_EU, b_down_ED)
     else:
-        y_MD = expert_parallel_segments(x_MD, w_up_EID, w_down_EDI, counts_E, ep_group)
+        y_MD = expert_parallel_segments(x_MD, w_up_EID, w_down_EDI, counts_E, ep_group, act, b_up_EU, b_down_ED)
     y_MD = y_MD.float() * topk_w_TK.reshape(-1).index_select(0, order_M).float()[:, None]
     out_TD = torch.zeros((t, x_TD.shape[1]), dtype=torch.float32, device=x_TD.device)
     out_TD.index_add_(0, token_M, y_MD)
     return out_TD.to(x_TD.dtype)
 
 
-def _run_experts(x_MD, w_up_EID, w_down_EDI, counts_E):
+def _run_experts(x_MD, w_up_EID, w_down_EDI, counts_E, act=ACTIVATIONS["relu2"], b_up_EU=None, b_down_ED=None):
     """The experts on rows already sorted by expert (counts_E rows each)."""
     if experts_backend(x_MD) == "grouped_mm" and x_MD.is_cuda:
         offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        h_MI = torch.relu(torch._grouped_mm(x_MD, w_up_EID.transpose(-2, -1), offs=offs)) ** 2
-        return torch._grouped_mm(h_MI, w_down_EDI.transpose(-2, -1), offs=offs)
-    return _SegmentExperts.apply(x_MD, w_up_EID, w_down_EDI, counts_E.tolist())
+        u_MU = torch._grouped_mm(x_MD, w_up_EID.transpose(-2, -1), offs=offs)
+        if b_up_EU is not None:
+            u_MU = u_MU + b_up_EU.repeat_interleave(counts_E, dim=0)
+        y_MD = torch._grouped_mm(act.reference(u_MU), w_down_EDI.transpose(-2, -1), offs=offs)
+        if b_down_ED is not None:
+            y_MD = y_MD + b_down_ED.repeat_interleave(counts_E, dim=0)
+        return y_MD
+    return _SegmentExperts.apply(x_MD, w_up_EID, w_down_EDI, b_up_EU, b_down_ED, counts_E.tolist(), act)
 
 
-def expert_parallel_segments(x_MD, w_up_LID, w_down_LDI, counts_E, ep_group):
+def expert_parallel_segments(
+    x_MD, w_up_LID, w_down_LDI, counts_E, ep_group, act=ACTIVATIONS["relu2"], b_up_LU=None, b_down_LD=None
+):
     """Expert-parallel dispatch and combine (torchtitan's all-to-all token dispatcher, written out).
 
     x_MD: this rank's token copies sorted by global expert, counts_E (e,) of them per expert. Since experts are
@@ -112,7 +224,9 @@ def expert_parallel_segments(x_MD, w_up_LID, w_down_LDI, counts_E, ep_group):
         torch.arange(e_local, device=x_MD.device).repeat(ep), recv_counts.flatten()
     )
     order_R = torch.argsort(local_expert_R, stable=True)
-    y_sorted = _run_experts(x_RD.index_select(0, order_R), w_up_LID, w_down_LDI, recv_counts.sum(0))
+    y_sorted = _run_experts(
+        x_RD.index_select(0, order_R), w_up_LID, w_down_LDI, recv_counts.sum(0), act, b_up_LU, b_down_LD
+    )
     y_RD = _unpermute(y_sorted, order_R)
     return _AllToAll.apply(y_RD, send_splits, recv_splits, ep_group)
 
@@ -144,44 +258,65 @@ class _AllToAll(torch.autograd.Function):
 
 
 class _SegmentExperts(torch.autograd.Function):
-    """y = relu(x W_up[e]^T)^2 W_down[e]^T on each contiguous segment of rows routed to expert e."""
+    """y = act(x W_up[e]^T + b_up[e]) W_down[e]^T + b_down[e] on each contiguous segment of rows routed to expert e.
+    Saves the sorted inputs and the pre-activations u; the activation is recomputed in the backward."""
 
     @staticmethod
-    def forward(ctx, x_MD, w_up_EID, w_down_EDI, counts):
+    def forward(ctx, x_MD, w_up_EUD, w_down_EDI, b_up_EU, b_down_ED, counts, act):
         cdt = matmul_dtype(x_MD)
-        m, i = x_MD.shape[0], w_up_EID.shape[1]
-        u_MI = torch.empty((m, i), dtype=cdt, device=x_MD.device)
+        m, u = x_MD.shape[0], w_up_EUD.shape[1]
+        u_MU = torch.empty((m, u), dtype=cdt, device=x_MD.device)
         y_MD = torch.empty((m, w_down_EDI.shape[1]), dtype=cdt, device=x_MD.device)
         start = 0
         for e, n in enumerate(counts):
             if n:
                 rows = slice(start, start + n)
-                torch.mm(x_MD[rows].to(cdt), w_up_EID[e].to(cdt).T, out=u_MI[rows])
-                torch.mm(torch.relu(u_MI[rows]).square(), w_down_EDI[e].to(cdt).T, out=y_MD[rows])
+                torch.mm(x_MD[rows].to(cdt), w_up_EUD[e].to(cdt).T, out=u_MU[rows])
+                if b_up_EU is not None:
+                    u_MU[rows] += b_up_EU[e].to(cdt)
+                torch.mm(act.forward(u_MU[rows]), w_down_EDI[e].to(cdt).T, out=y_MD[rows])
+                if b_down_ED is not None:
+                    y_MD[rows] += b_down_ED[e].to(cdt)
                 start += n
-        ctx.counts = counts
-        ctx.save_for_backward(x_MD, u_MI.to(x_MD.dtype), w_up_EID, w_down_EDI)
+        ctx.counts, ctx.act = counts, act
+        ctx.bias_dtypes = (None if b_up_EU is None else b_up_EU.dtype, None if b_down_ED is None else b_down_ED.dtype)
+        ctx.save_for_backward(x_MD, u_MU.to(x_MD.dtype), w_up_EUD, w_down_EDI)
         return y_MD.to(x_MD.dtype)
 
     @staticmethod
     def backward(ctx, g_MD):
-        x_MD, u_MI, w_up_EID, w_down_EDI = ctx.saved_tensors
+        x_MD, u_MU, w_up_EUD, w_down_EDI = ctx.saved_tensors
+        act = ctx.act
         cdt = matmul_dtype(x_MD)
         g_MD = g_MD.to(cdt)
-        gx_MD = torch.zeros(x_MD.shape, dtype=cdt, device=x_MD.device)
-        gw_up = torch.zeros(w_up_EID.shape, dtype=cdt, device=x_MD.device)
-        gw_down = torch.zeros(w_down_EDI.shape, dtype=cdt, device=x_MD.device)
+        zeros = lambda shape: torch.zeros(shape, dtype=cdt, device=x_MD.device)  # noqa: E731
+        gx_MD = zeros(x_MD.shape)
+        gw_up, gw_down = zeros(w_up_EUD.shape), zeros(w_down_EDI.shape)
+        b_up_dtype, b_down_dtype = ctx.bias_dtypes
+        gb_up = zeros(w_up_EUD.shape[:2]) if b_up_dtype is not None else None
+        gb_down = zeros(w_down_EDI.shape[:2]) if b_down_dtype is not None else None
         start = 0
         for e, n in enumerate(ctx.counts):
             if not n:
                 continue
             rows = slice(start, start + n)
             start += n
-            u = u_MI[rows].to(cdt)
-            r = torch.relu(u)
+            u = u_MU[rows].to(cdt)
             g = g_MD[rows]
-            torch.mm(g.T, r.square(), out=gw_down[e])
-            gu = (g @ w_down_EDI[e].to(cdt)).mul_(r).mul_(2.0)  # d/du relu(u)^2 = 2 relu(u)
+            torch.mm(g.T, act.forward(u), out=gw_down[e])
+            gu = act.backward(u, g @ w_down_EDI[e].to(cdt))
             torch.mm(gu.T, x_MD[rows].to(cdt), out=gw_up[e])
-            torch.mm(gu, w_up_EID[e].to(cdt), out=gx_MD[rows])
-        return gx_MD.to(x_MD.dtype), gw_up.to(w_up_EID.dtype), gw_down.to(w_down_EDI.dtype), None
+            torch.mm(gu, w_up_EUD[e].to(cdt), out=gx_MD[rows])
+            if gb_up is not None:
+                torch.sum(gu, 0, out=gb_up[e])
+            if gb_down is not None:
+                torch.sum(g, 0, out=gb_down[e])
+        return (
+            gx_MD.to(x_MD.dtype),
+            gw_up.to(w_up_EUD.dtype),
+            gw_down.to(w_down_EDI.dtype),
+            None if gb_up is None else gb_up.to(b_up_dtype),
+            None if gb_down is None else gb_down.to(b_down_dtype),
+            None,
+            None,
+        )

@@ -1,0 +1,281 @@
+"""Find the MoE experts (and nemotron_h's Mamba mixers) of a transformers model and run them on hybridmoe's kernels.
+
+Faithful to transformers v5's experts contract (`transformers/integrations/moe.py`, `use_experts_implementation`):
+an experts module holds 3D expert weights and is called as `experts(hidden_states (t, d), top_k_index (t, k),
+top_k_weights (t, k))`, returning the routing-weighted sum of its experts' outputs (t, d). Its router is a sibling
+module whose weight has one row per expert. Every family's own layout and activation come from its modeling file
+in `transformers/models/<family>/` (read against transformers 5.24):
+
+  family       experts class       weights (stored)                                   activation
+  qwen3_moe    Qwen3MoeExperts     gate_up_proj (e, 2i, d) [gate; up], down (e, d, i)  silu(gate) * up
+  qwen2_moe    Qwen2MoeExperts     same                                               same
+  mixtral      MixtralExperts      same                                               same
+  olmoe        OlmoeExperts        same                                               same
+  deepseek_v3  DeepseekV3Experts   same                                               same
+  gpt_oss      GptOssExperts       gate_up_proj (e, d, 2i) interleaved + bias,        clamped swiglu
+                                   down_proj (e, i, d) + bias
+  nemotron_h   NemotronHExperts    up_proj (e, i, d), down_proj (e, d, i)             relu(u)^2
+
+Only the forward computation is replaced, per module instance: the parameters, their names and shapes stay
+transformers' own, so state dicts, `save_pretrained` and plain transformers loading are untouched. The experts then
+run `hybridmoe.kernels.moe.experts_grouped` (sort by expert, one matmul per expert segment, hand-written backward
+that saves only the sorted inputs and pre-activations). nemotron_h's `NemotronHMamba2Mixer` runs its conv and scan on
+`hybridmoe.kernels.ssd` (`causal_conv1d`, `ssd_chunked`) when called without a cache, i.e. in training and in
+plain forward passes; with a cache (generation) it keeps transformers' forward.
+
+Limits: an experts module under transformers' own expert parallelism (`_is_expert_parallel`) keeps transformers'
+forward; an experts class outside the table is accelerated only when it declares transformers' standard layout
+(fused [gate; up], not transposed, no biases, no post-expert norm, the default gate, SiLU); the Mamba mixers are left
+alone where transformers would use the `mamba-ssm` CUDA kernels.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import types
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels.moe import ExpertActivation, clamped_swiglu, experts_grouped
+from ..kernels.ssd import causal_conv1d, ssd_chunked
+
+log = logging.getLogger(__name__)
+
+# Set on every module whose forward was replaced: what now runs it (also makes patching idempotent).
+PATCHED_ATTR = "_hybridmoe_kernel"
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+
+
+def _silu_gated(experts: nn.Module) -> ExpertActivation | str | None:
+    from transformers.activations import SiLUActivation
+
+    return "silu_gated" if isinstance(getattr(experts, "act_fn", None), (SiLUActivation, nn.SiLU)) else None
+
+
+def _relu2(experts: nn.Module) -> ExpertActivation | str | None:
+    from transformers.activations import ReLUSquaredActivation
+
+    return "relu2" if isinstance(getattr(experts, "act_fn", None), ReLUSquaredActivation) else None
+
+
+def _gpt_oss_swiglu(experts: nn.Module) -> ExpertActivation | str | None:
+    return clamped_swiglu(alpha=float(experts.alpha), limit=float(experts.limit))
+
+
+@dataclass(frozen=True)
+class ExpertsAdapter:
+    """How one family's experts module stores its weights and which activation it applies. `activation` reads the
+    module (its act_fn, GPT-OSS's alpha and limit) and returns None when the module uses one we have no kernel for."""
+
+    family: str
+    experts_class: str
+    activation: Callable[[nn.Module], ExpertActivation | str | None]
+    up: str = "gate_up_proj"
+    down: str = "down_proj"
+    transposed: bool = False  # stored (e, in, out) instead of nn.Linear's (e, out, in)
+    up_bias: str | None = None
+    down_bias: str | None = None
+
+
+ADAPTERS = {
+    a.experts_class: a
+    for a in (
+        ExpertsAdapter("qwen3_moe", "Qwen3MoeExperts", _silu_gated),
+        ExpertsAdapter("qwen2_moe", "Qwen2MoeExperts", _silu_gated),
+        ExpertsAdapter("mixtral", "MixtralExperts", _silu_gated),
+        ExpertsAdapter("olmoe", "OlmoeExperts", _silu_gated),
+        ExpertsAdapter("deepseek_v3", "DeepseekV3Experts", _silu_gated),
+        ExpertsAdapter(
+            "gpt_oss",
+            "GptOssExperts",
+            _gpt_oss_swiglu,
+            transposed=True,
+            up_bias="gate_up_proj_bias",
+            down_bias="down_proj_bias",
+        ),  # fmt: skip
+        ExpertsAdapter("nemotron_h", "NemotronHExperts", _relu2, up="up_proj"),
+    )
+}
+
+# The Mamba-2 mixers whose forward `_mamba2_forward` reproduces (it reads their attribute names).
+MAMBA_MIXERS = {"NemotronHMamba2Mixer": "nemotron_h"}
+
+
+def _standard_adapter(experts: nn.Module, family: str) -> ExpertsAdapter | None:
+    """An adapter for an experts class outside the table that declares, through transformers'
+    `use_experts_implementation` flags, exactly the layout of the silu-gated families above."""
+    from transformers.integrations.moe import _default_apply_gate
+
+    standard = (
+        getattr(experts, "has_gate", None) is True
+        and getattr(experts, "has_bias", None) is False
+        and getattr(experts, "is_transposed", None) is False
+        and getattr(experts, "is_concatenated", None) is True
+        and getattr(experts, "has_post_expert_norm", None) is False
+        and getattr(type(experts), "_apply_gate", None) is _default_apply_gate
+    )
+    if not standard:
+        return None
+    return ExpertsAdapter(f"{family} (standard v5 experts)", type(experts).__name__, _silu_gated)
+
+
+# ---------------------------------------------------------------------------------------------- detection
+
+
+def _expert_weights(module: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 3}
+
+
+def find_moe_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, experts module) of every MoE block: a module with a child holding 3D expert weights (at least
+    two: up and down) and a sibling router whose 2D weight has one row per expert."""
+    found = []
+    for block_name, block in model.named_modules():
+        children = dict(block.named_children())
+        for name, child in children.items():
+            weights = _expert_weights(child)
+            if len(weights) < 2:
+                continue
+            num_experts = next(iter(weights.values())).shape[0]
+            has_router = any(
+                isinstance(getattr(other, "weight", None), torch.Tensor)
+                and other.weight.dim() == 2
+                and other.weight.shape[0] == num_experts
+                for other_name, other in children.items()
+                if other_name != name
+            )
+            if has_router:
+                found.append((f"{block_name}.{name}" if block_name else name, child))
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+@dataclass
+class PatchReport:
+    """What `patch_model` replaced, per family and kind, and what it left alone (with the reason)."""
+
+    model: str
+    replaced: Counter = field(default_factory=Counter)  # (family, what) -> modules
+    skipped: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        if not self.replaced:
+            why = "" if self.skipped else " (no MoE experts with a router, no Mamba-2 mixers)"
+            head = (
+                f"hybridmoe.automodel: {self.model}: nothing accelerated{why}; it runs unchanged on transformers' "
+                "implementation"
+            )
+        else:
+            parts = ", ".join(f"{n} {what} ({family})" for (family, what), n in sorted(self.replaced.items()))
+            head = f"hybridmoe.automodel: {self.model}: replaced the forward of {parts}"
+            if any(what == "Mamba-2 mixers" for _, what in self.replaced):
+                head += " (Mamba-2 mixers: forward passes without a cache; cached generation keeps transformers')"
+        return head + "".join(f"; left alone: {s}" for s in self.skipped)
+
+
+# ---------------------------------------------------------------------------------------------- patching
+
+
+def patch_model(model: nn.Module) -> PatchReport:
+    """Replace, in place, the forward of every MoE experts module (and nemotron_h Mamba-2 mixer) with hybridmoe's
+    kernels; parameters are untouched. Logs and returns what was replaced. Calling it twice changes nothing more."""
+    config = getattr(model, "config", None)
+    family = getattr(config, "model_type", None) or type(model).__name__
+    report = PatchReport(type(model).__name__)
+
+    for name, experts in find_moe_experts(model):
+        if hasattr(experts, PATCHED_ATTR):
+            report.replaced[(_family_of(experts, family), "experts modules")] += 1
+            continue
+        adapter = ADAPTERS.get(type(experts).__name__) or _standard_adapter(experts, family)
+        if adapter is None:
+            report.skipped.append(f"{name} ({type(experts).__name__}: no adapter for this experts layout)")
+            continue
+        activation = adapter.activation(experts)
+        if activation is None:
+            act = type(getattr(experts, "act_fn", None)).__name__
+            report.skipped.append(f"{name} ({type(experts).__name__}: no kernel for its activation {act})")
+            continue
+        experts.forward = types.MethodType(_experts_forward(adapter, activation), experts)
+        setattr(experts, PATCHED_ATTR, (adapter.family, getattr(activation, "name", activation)))
+        report.replaced[(adapter.family, "experts modules")] += 1
+
+    mamba_ssm = importlib.util.find_spec("mamba_ssm") is not None
+    for name, mixer in model.named_modules():
+        mixer_family = MAMBA_MIXERS.get(type(mixer).__name__)
+        if mixer_family is None:
+            continue
+        if hasattr(mixer, PATCHED_ATTR):
+            report.replaced[(mixer_family, "Mamba-2 mixers")] += 1
+        elif mamba_ssm:
+            report.skipped.append(f"{name} (transformers runs mamba-ssm's kernels here)")
+        elif getattr(mixer, "activation", None) != "silu":
+            report.skipped.append(f"{name} (conv activation {getattr(mixer, 'activation', None)!r}, not silu)")
+        else:
+            mixer.forward = types.MethodType(_mamba2_forward, mixer)
+            setattr(mixer, PATCHED_ATTR, (mixer_family, "mamba2"))
+            report.replaced[(mixer_family, "Mamba-2 mixers")] += 1
+
+    (log.info if report.replaced else log.warning)(report.summary())
+    return report
+
+
+def _family_of(module: nn.Module, default: str) -> str:
+    return getattr(module, PATCHED_ATTR, (default,))[0]
+
+
+def _experts_forward(adapter: ExpertsAdapter, activation: ExpertActivation | str):
+    """The replacement forward of one experts module (transformers' call signature)."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        if getattr(self, "_is_expert_parallel", False):  # transformers' EP marks foreign experts with sentinel ids
+            return type(self).forward(self, hidden_states, top_k_index, top_k_weights)
+        w_up, w_down = getattr(self, adapter.up), getattr(self, adapter.down)
+        if adapter.transposed:
+            w_up, w_down = w_up.transpose(1, 2), w_down.transpose(1, 2)  # views: (e, out, in) as the kernel reads
+        return experts_grouped(
+            hidden_states, w_up, w_down, top_k_index, top_k_weights, activation=activation,
+            b_up_EU=getattr(self, adapter.up_bias) if adapter.up_bias else None,
+            b_down_ED=getattr(self, adapter.down_bias) if adapter.down_bias else None,
+        )  # fmt: skip
+
+    return forward
+
+
+def _mamba2_forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+    """transformers' `NemotronHMamba2Mixer.forward` without a cache, on hybridmoe's conv and chunked scan:
+    in_proj -> (gate z, xBC, dt); xBC -> causal depthwise conv + SiLU; SSD scan with D skip and dt =
+    clamp(softplus(dt + dt_bias), time_step_limit); gated RMSNorm with z; out_proj. Padding (the 2D
+    `attention_mask`) is zeroed before the projection and after the conv, as transformers does. `seq_idx` (b, t),
+    one id per packed document, keeps documents apart in the conv and the scan."""
+    if cache is not None or (kwargs.get("cu_seqlens") is not None and kwargs.get("seq_idx") is None):
+        return type(self).forward(self, hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
+    b, t, _ = hidden_states.shape
+    dtype = hidden_states.dtype
+    H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size
+    if attention_mask is not None:
+        hidden_states = (hidden_states * attention_mask[:, :, None]).to(dtype)
+    gate, xBC, dt = self.in_proj(hidden_states).split([self.intermediate_size, self.conv_dim, H], dim=-1)
+    seq_idx = kwargs.get("seq_idx")
+    xBC = causal_conv1d(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx, activation="silu")
+    if attention_mask is not None:
+        xBC = xBC * attention_mask[:, :, None]
+    x, B, C = xBC.split([self.intermediate_size, G * N, G * N], dim=-1)
+    dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.time_step_limit)
+    A = -torch.exp(self.A_log.float())
+    y, _ = ssd_chunked(
+        x.view(b, t, H, P), dt, A, B.view(b, t, G, N), C.view(b, t, G, N), self.D,
+        chunk_size=self.chunk_size, seq_idx=seq_idx,
+    )  # fmt: skip
+    y = self.norm(y.reshape(b, t, -1), gate)
+    return self.out_proj(y.to(dtype))
