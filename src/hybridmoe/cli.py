@@ -103,6 +103,55 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .plan import GIB, Layout, feasible_layouts, plan
+
+    config = _config_from_args(args)
+    given = {k: getattr(args, k) for k in ("dp", "tp", "pp", "cp", "ep") if getattr(args, k) is not None}
+    name = args.config or args.preset
+    print(f"{name}: {config.summary()}")
+    print(f"  {args.gpus} GPUs of {args.gpu_memory:g} GiB, sequence {args.seq}, {args.precision}, "
+          f"runtime reserve {args.overhead_gib:g} GiB per GPU")  # fmt: skip
+    if not given:
+        found = feasible_layouts(
+            config, args.gpus, args.gpu_memory, args.seq, args.global_batch, overhead_gib=args.overhead_gib,
+            moe_imbalance=args.moe_imbalance, implemented_only=args.implemented,
+        )  # fmt: skip
+        if not found:
+            print(f"no layout of {args.gpus} GPUs fits {args.gpu_memory:g} GiB; add GPUs or shorten --seq")
+            return 1
+        print(f"feasible layouts, best first (micro-batch 1; global batch {args.global_batch or 'dp'}):")
+        print(f"  {'layout':<66} {'GiB/GPU':>8}")
+        for p in found:
+            print(f"  {p.layout.describe():<66} {p.total / GIB:8.1f}")
+        return 0
+    tp, pp, cp = given.get("tp", 1), given.get("pp", 1), given.get("cp", 1)
+    dp = given.get("dp", args.gpus // (tp * pp * cp))
+    layout = Layout(dp=dp, tp=tp, pp=pp, cp=cp, ep=given.get("ep", 1), micro_batch=args.micro_batch,
+                    checkpointing=args.checkpointing)  # fmt: skip
+    if layout.gpus != args.gpus:
+        raise ValueError(f"dp x tp x pp x cp = {layout.gpus} but --gpus is {args.gpus}; make them agree")
+    p = plan(config, layout, args.seq, args.global_batch, args.precision, args.overhead_gib, args.moe_imbalance)
+    if args.json:
+        keys = ("params", "grads", "optimizer", "fsdp_buffers", "activations", "moe_dispatch", "transient",
+                "overhead", "total")  # fmt: skip
+        out = {k: getattr(p, k) for k in keys} | {"flops_per_step": p.flops_per_step, "stage": p.stage}
+        print(json.dumps(out))
+        return 0
+    fits = "fits" if p.total <= args.gpu_memory * GIB else "does NOT fit"
+    print(f"layout: {layout.describe()}")
+    print(f"per GPU (pipeline stage {p.stage}, the fullest): {fits} in {args.gpu_memory:g} GiB")
+    print(p.table())
+    tokens = p.global_batch * args.seq
+    print(f"FLOPs per step: {p.flops_per_step:.3e} ({tokens:,} tokens; {p.flops_per_step / layout.gpus:.3e} per GPU)")
+    if args.gpu_tflops:
+        seconds = p.flops_per_step / layout.gpus / (args.gpu_tflops * 1e12 * args.mfu)
+        print(f"step time at {args.mfu:.0%} MFU of {args.gpu_tflops:g} TFLOP/s: {seconds:.1f} s")
+    for note in p.notes:
+        print(f"note: {note}")
+    return 0
+
+
 def cmd_speedrun(args) -> int:
     from .speedrun import speedrun
 
@@ -152,6 +201,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a checkpoint directory with dcp/, or a run directory (its newest)")
     p.add_argument("output", help="directory for config.json, safetensors and the tokenizer")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("plan", help="per-GPU memory and FLOPs of a training layout, or the layouts that fit")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--config", help="a config.json or model directory instead of a preset")
+    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
+    p.add_argument("--seq", type=int, default=8192, help="tokens per sequence")
+    p.add_argument("--global-batch", type=int, help="sequences per optimizer step (default: dp x micro-batch)")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per rank per micro-step")
+    for dim in ("dp", "tp", "pp", "cp", "ep"):
+        p.add_argument(f"--{dim}", type=int, help=f"{dim} degree (give any of dp/tp/pp/cp/ep for one layout)")
+    p.add_argument("--checkpointing", action="store_true", help="full activation recomputation")
+    p.add_argument("--implemented", action="store_true", help="search only layouts hybridmoe runs today (dp x ep)")
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument("--overhead-gib", type=float, default=4.0, help="reserve for CUDA context, NCCL, fragmentation")
+    p.add_argument("--moe-imbalance", type=float, default=1.0, help="max/mean tokens per EP rank")
+    p.add_argument("--gpu-tflops", type=float, help="peak TFLOP/s per GPU, to estimate the step time")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for the step-time estimate")
+    p.add_argument("--json", action="store_true", help="one line of JSON (bytes)")
+    p.add_argument("overrides", nargs="*", help="config fields as key=value")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("speedrun", help="the whole CPU pipeline on the embedded default (stdlib sources, tiny)")
     p.add_argument("--minutes", type=float, default=20.0, help="time budget; step counts are fitted to it")

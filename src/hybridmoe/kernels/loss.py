@@ -63,6 +63,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_h[rows] = (g @ w).float()
                 if want_w:
                     grad_w += (g.T @ h).float()
+                del g
+            del logits  # before the next chunk's logits exist: one [rows x vocab] buffer at a time
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total
