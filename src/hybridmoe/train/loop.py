@@ -90,7 +90,7 @@ def _train(recipe: Recipe, par, resume: bool, stop_after: int | None, peak_gflop
     if step == 0:
         summary["initial_val_loss"] = _validate(model, streams, recipe, log, step, par)
 
-    with _stop_on_signals() as stop:
+    with stop_on_signals() as stop:
         while step < t.steps:
             stream = streams.for_step(step)
             lr = lr_at(step, t.steps, recipe.optim)
@@ -295,7 +295,7 @@ class _StopFlag:
 
 
 @contextlib.contextmanager
-def _stop_on_signals():
+def stop_on_signals():
     """First SIGINT/SIGTERM: finish the step, checkpoint, return. A second SIGINT interrupts at once."""
     flag = _StopFlag()
     previous = {}

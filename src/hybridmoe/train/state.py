@@ -44,14 +44,18 @@ TOKENIZER_FILES = (
 )
 
 
-def save_checkpoint(out_dir, step, model, optimizer, state: dict, recipe_yaml: str, tokenizer_dir, keep_last=2):
+def save_checkpoint(
+    out_dir, step, model, optimizer, state: dict, recipe_yaml: str, tokenizer_dir, keep_last=2, save_model=None
+):
+    """Write checkpoint `step` atomically. save_model(directory) writes the model part (default: the model's
+    save_pretrained; a LoRA run saves its adapters instead)."""
     root = os.path.join(out_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
     name = f"step-{step:07d}"
     tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=root)
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is a normal directory
     try:
-        model.save_pretrained(tmp)
+        (save_model or model.save_pretrained)(tmp)
         if tokenizer_dir:
             _copy_present(tokenizer_dir, tmp, TOKENIZER_FILES)
         atomic_write_text(os.path.join(tmp, "recipe.yaml"), recipe_yaml)

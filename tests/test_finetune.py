@@ -1,0 +1,184 @@
+"""Supervised fine-tuning of Hugging Face MoE models: chat data with an assistant-only loss, packing with
+conversation boundaries (attention and Mamba state), and `hybridmoe finetune` end to end with resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import transformers
+
+from hybridmoe.automodel import AutoModelForCausalLM
+from hybridmoe.automodel.finetune import FinetuneConfig, finetune
+from hybridmoe.data.sft import IGNORE_INDEX, load_sft_samples, pack, read_conversations, tokenize_conversation
+from hybridmoe.data.tokenizer import train_tokenizer
+from hybridmoe.train.metrics import read_log
+
+transformers.logging.set_verbosity_error()
+
+CHATS = [
+    [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "Two plus two is four."}],
+    [
+        {"role": "system", "content": "You answer briefly."},
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another one?"},
+        {"role": "assistant", "content": "Green."},
+    ],
+    [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello there, friend."}],
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tok")
+    text = root / "corpus.txt"
+    lines = [m["content"] for chat in CHATS for m in chat] * 20
+    text.write_text("\n".join(lines))
+    train_tokenizer([text], root / "tok", vocab_size=400, min_frequency=1, show_progress=False)
+    return str(root / "tok")
+
+
+def _write_chats(path, chats):
+    with open(path, "w") as fh:
+        for chat in chats:
+            fh.write(json.dumps({"messages": chat}) + "\n")
+
+
+def test_assistant_mask_covers_exactly_the_assistant_turns(tokenizer_dir):
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    conv = tokenize_conversation(tok, CHATS[1])
+    learned = tok.decode([t for t, m in zip(conv.input_ids, conv.assistant_mask) if m])
+    assert "Blue." in learned and "Green." in learned
+    assert "colour" not in learned and "briefly" not in learned and "Another" not in learned
+    # the masked spans are the assistant turns as the template renders them (content plus the end-of-turn token)
+    assert 0 < sum(conv.assistant_mask) < len(conv.input_ids) / 2
+
+
+def test_pack_keeps_conversations_apart(tokenizer_dir):
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    convs = [tokenize_conversation(tok, c, i + 1) for i, c in enumerate(CHATS)]
+    longest = max(len(c.input_ids) for c in convs)
+    samples, report = pack(convs, seq_len=longest + 8)
+    assert report.conversations == 3 and report.tokens == sum(len(c.input_ids) for c in convs)
+    seen = 0
+    for s in samples:
+        docs, pos, labels = s["document_ids"], s["position_ids"], s["labels"]
+        starts = torch.nonzero(torch.diff(docs, prepend=docs[:1] - 1)).flatten()
+        assert (pos[starts] == 0).all()  # positions restart in every conversation (and the padding)
+        assert (labels[starts] == IGNORE_INDEX).all()  # no target across a boundary
+        seen += int((labels != IGNORE_INDEX).sum())
+    assert seen == report.loss_tokens == sum(sum(c.assistant_mask) - c.assistant_mask[0] for c in convs)
+    with pytest.raises(ValueError, match="more than seq_len"):
+        pack(convs, seq_len=longest - 1)
+    _, dropped = pack(convs, seq_len=longest - 1, drop_long=True)
+    assert dropped.dropped_long and "dropped" in dropped.summary()
+
+
+def test_bad_conversation_files_fail_clearly(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    with pytest.raises(ValueError, match="no assistant message"):
+        read_conversations(bad)
+    bad.write_text("{not json\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: not valid JSON"):
+        read_conversations(bad)
+    bad.write_text('{"messages": [{"role": "robot", "content": "hi"}]}\n')
+    with pytest.raises(ValueError, match="role"):
+        read_conversations(bad)
+
+
+def _qwen3_moe(vocab):
+    return transformers.Qwen3MoeConfig(
+        vocab_size=vocab, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
+        initializer_range=0.1, tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+def _nemotron_h(vocab):
+    return transformers.NemotronHConfig(
+        vocab_size=vocab, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        layers_block_type=["linear_attention", "moe", "full_attention", "linear_attention"], intermediate_size=48,
+        mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=2, chunk_size=8, n_routed_experts=8,
+        num_experts_per_tok=2, moe_intermediate_size=16, moe_shared_expert_intermediate_size=24, n_group=1,
+        topk_group=1, num_nextn_predict_layers=0, initializer_range=0.1, eos_token_id=None,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("make_config", [_qwen3_moe, _nemotron_h])
+def test_packed_conversations_do_not_see_each_other(make_config):
+    """Logits of a conversation packed after another equal its logits alone: attention through position_ids,
+    nemotron_h's Mamba layers through seq_idx."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(make_config(97)).eval()
+    a, b = torch.randint(0, 97, (1, 11)), torch.randint(0, 97, (1, 13))
+    packed = torch.cat([a, b], 1)
+    position_ids = torch.cat([torch.arange(11), torch.arange(13)])[None]
+    extra = {}
+    if "nemotron" in model.config.model_type:
+        extra["seq_idx"] = torch.tensor([[0] * 11 + [1] * 13])
+    with torch.no_grad():
+        together = model(packed, position_ids=position_ids, use_cache=False, **extra).logits
+        alone = model(b, use_cache=False).logits
+    assert (together[:, 11:] - alone).abs().max() < 1e-5
+
+
+def _model_dir(tmp_path, tokenizer_dir, make_config):
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(make_config(len(tok)))
+    path = tmp_path / "base"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("make_config", [_qwen3_moe, _nemotron_h])
+def test_finetune_learns_saves_and_resumes_exactly(tmp_path, tokenizer_dir, make_config):
+    base = _model_dir(tmp_path, tokenizer_dir, make_config)
+    data = tmp_path / "chats.jsonl"
+    _write_chats(data, CHATS * 4)
+    cfg = FinetuneConfig(
+        model=base, data=str(data), out_dir=str(tmp_path / "run"), seq_len=96, batch_size=2, steps=6, lr=3e-3,
+        dtype="fp32", save_every=3, progress=False,
+    )  # fmt: skip
+    summary = finetune(cfg)
+    log = read_log(os.path.join(cfg.out_dir, "log.jsonl"))
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert log[-1]["loss"] < log[0]["loss"]
+    # the final directory is a plain transformers model with the tokenizer
+    final = transformers.AutoModelForCausalLM.from_pretrained(summary["final"])
+    assert final.config.model_type == make_config(8).model_type
+    assert transformers.AutoTokenizer.from_pretrained(summary["final"]).chat_template
+    # resume from step 3 (as if interrupted after it): steps 4-6 log the same losses
+    shutil.rmtree(os.path.join(cfg.out_dir, "checkpoints", "step-0000006"))
+    finetune(cfg, resume=True)
+    again = read_log(os.path.join(cfg.out_dir, "log.jsonl"))
+    assert [r["step"] for r in again] == [1, 2, 3, 4, 5, 6]
+    for first, second in zip(log[3:], again[3:]):
+        assert second["loss"] == pytest.approx(first["loss"], rel=1e-6, abs=1e-7)
+
+
+def test_finetune_rejects_bad_arguments(tmp_path, tokenizer_dir):
+    data = tmp_path / "chats.jsonl"
+    _write_chats(data, CHATS)
+    with pytest.raises(ValueError, match="not a Hugging Face model directory"):
+        finetune(FinetuneConfig(model=str(tmp_path), data=str(data)))
+    base = _model_dir(tmp_path, tokenizer_dir, _qwen3_moe)
+    with pytest.raises(ValueError, match="multiple of micro_batch_size"):
+        finetune(FinetuneConfig(model=base, data=str(data), batch_size=3, micro_batch_size=2))
+    with pytest.raises(ValueError, match="more than seq_len"):
+        finetune(FinetuneConfig(model=base, data=str(data), seq_len=8, progress=False))
+
+
+def test_sft_samples_loader_counts(tmp_path, tokenizer_dir):
+    data = tmp_path / "chats.jsonl"
+    _write_chats(data, CHATS)
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    samples, report = load_sft_samples(data, tok, seq_len=128)
+    assert report.conversations == 3 and report.samples == len(samples) >= 1
+    assert all(s["input_ids"].shape == (128,) for s in samples)
