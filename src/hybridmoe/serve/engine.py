@@ -1,0 +1,431 @@
+"""The inference engine: token ids in, token ids out, continuous batching over per-request cache slots.
+
+vLLM's shape at a readable size. A request (`add_request`) waits until a slot is free, is prefilled in chunks of at
+most `prefill_chunk` tokens, then decodes one token per `step()` alongside every other running request; requests
+join and leave at every step, and a finished or cancelled request frees its slot for the next one.
+
+Slots. `SlotPool` is one `HybridCache` with a row per slot and room for `max_model_len` tokens per row, allocated
+once: the Mamba layers' conv window and SSM state (constant size) and the attention layers' KV. Memory is therefore
+`max_num_seqs x max_model_len` KV plus `max_num_seqs` constant-size Mamba states (`Engine.cache_bytes`); there is no
+paging, so pick the two numbers to fit (or pass `max_cache_bytes` and the engine fits `max_num_seqs` to it).
+
+One step = one batched decode forward (one new token for every decoding request) + one prefill chunk (one request,
+batch 1). The chunk runs the model's ordinary cached forward on a view of its slot's row, so chunked prefill is
+exactly the model's own cache continuation. The decode batch mixes requests whose caches hold different lengths;
+the model's forward has one `start` for the whole batch, which the engine turns into per-row positions through the
+padding machinery the model already has (left-padded batches):
+  - each attention layer sees a `_RowKV` that writes row r's new key at that row's own length and returns the
+    rows' keys up to S = longest + 1 (positions beyond a row's length are masked out with `attention_mask`);
+  - the forward is told that the new token sits at position S (`seq_len = S`): with no positional encoding (NoPE)
+    a position only matters for the causal mask, and a query at S sees exactly the unmasked keys 0..S-1;
+  - the Mamba layers see gathered copies of the rows' states (one recurrent step each), written back afterwards.
+Greedy outputs therefore equal decoding each prompt alone (tested against `model.generate`).
+
+Thread-safety: `add_request` and `cancel` may be called from another thread (an asyncio loop) while `step` runs in
+a worker thread: they only append to inboxes that `step` drains at its start.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cache import KVState, MambaState
+from ..modeling import HybridMoEForCausalLM
+from .sampling import SamplingParams, TokenLogprob, sample, token_logprob
+
+
+class AdmissionError(ValueError):
+    """A request (or an engine configuration) that cannot be served as configured; the message names the numbers
+    and the fix."""
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    slot: int | None = None
+    num_prefilled: int = 0  # prompt tokens already in the slot's cache
+    generator: torch.Generator | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended the request
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_prefilled < len(self.prompt_token_ids)
+
+
+@dataclass
+class RequestOutput:
+    """What one `step` produced for one request: the new tokens since the last output (0 or 1 per step)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprob] | None
+    finished: bool
+    finish_reason: str | None
+    stop_reason: int | str | None
+    num_prompt_tokens: int
+    num_generated_tokens: int
+
+
+@dataclass
+class CompletionOutput:
+    """A finished request, as `Engine.generate` returns it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str
+    stop_reason: int | str | None
+
+
+# ---------------------------------------------------------------------------------------------- slots
+
+
+class SlotPool:
+    """`num_slots` cache rows of `max_len` tokens each; `lengths[s]` tokens of slot s are in the cache."""
+
+    def __init__(self, model: HybridMoEForCausalLM, num_slots: int, max_len: int):
+        self.cache = model.new_cache(num_slots, capacity=max_len)
+        self.max_len = max_len
+        self.lengths = [0] * num_slots
+        self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        slot = self._free.pop()
+        self.lengths[slot] = 0
+        for state in self.cache.layers:
+            if isinstance(state, MambaState):
+                state.conv[slot].zero_()
+                state.ssm[slot].zero_()
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.lengths[slot] = 0
+        self._free.append(slot)
+
+    def row(self, slot: int) -> _CacheRows:
+        """A batch-1 cache over slot `slot` whose tensors are views of the pool: the model's cached forward writes
+        the slot in place."""
+        layers = []
+        for state in self.cache.layers:
+            if isinstance(state, MambaState):
+                layers.append(MambaState(state.conv[slot : slot + 1], state.ssm[slot : slot + 1]))
+            elif isinstance(state, KVState):
+                layers.append(KVState(state.key[slot : slot + 1], state.value[slot : slot + 1]))
+            else:
+                layers.append(None)
+        return _CacheRows(layers, seq_len=self.lengths[slot], batch_size=1)
+
+    def decode_batch(self, slots: list[int]) -> tuple[_CacheRows, torch.Tensor]:
+        """A cache over `slots` for one decode token each, and the attention_mask (b, S + 1) that gives every row its
+        own length (see the module docstring). Call `write_back` after the forward."""
+        lengths = torch.tensor([self.lengths[s] for s in slots], device=_device_of(self.cache))
+        rows = torch.tensor(slots, device=lengths.device)
+        S = int(lengths.max()) + 1  # keys per row after the write: the longest row + its new token
+        layers = []
+        for state in self.cache.layers:
+            if isinstance(state, MambaState):
+                layers.append(MambaState(state.conv[rows], state.ssm[rows]))
+            elif isinstance(state, KVState):
+                layers.append(_RowKV(state, rows, lengths, S))
+            else:
+                layers.append(None)
+        mask = torch.ones(len(slots), S + 1, dtype=torch.long, device=lengths.device)
+        mask[:, :S] = torch.arange(S, device=lengths.device)[None, :] <= lengths[:, None]  # history + new key
+        return _CacheRows(layers, seq_len=S, batch_size=len(slots), rows=rows), mask
+
+    def write_back(self, batch: _CacheRows, slots: list[int]) -> None:
+        for pool_state, state in zip(self.cache.layers, batch.layers):
+            if isinstance(pool_state, MambaState):
+                pool_state.conv[batch.rows] = state.conv
+                pool_state.ssm[batch.rows] = state.ssm
+        for s in slots:
+            self.lengths[s] += 1
+
+    def bytes_per_slot(self) -> int:
+        return self.cache.memory_bytes() // self.cache.batch_size
+
+
+class _CacheRows:
+    """The part of HybridCache's interface the model's forward uses (`layers`, `seq_len`, `batch_size`), over some
+    rows of a SlotPool."""
+
+    def __init__(self, layers, seq_len: int, batch_size: int, rows: torch.Tensor | None = None):
+        self.layers, self.seq_len, self.batch_size, self.rows = layers, seq_len, batch_size, rows
+
+
+class _RowKV:
+    """An attention layer's KV for a decode batch of slots with different lengths: `update` writes row r's new key at
+    position lengths[r] of its slot and returns every row's keys 0..S-1 (b, kv, S, d)."""
+
+    def __init__(self, pool_state: KVState, rows: torch.Tensor, lengths: torch.Tensor, S: int):
+        self.pool, self.rows, self.lengths, self.S = pool_state, rows, lengths, S
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if k.shape[2] != 1:
+            raise ValueError("a slot decode batch takes one token per row")
+        self.pool.key[self.rows, :, self.lengths] = k[:, :, 0]
+        self.pool.value[self.rows, :, self.lengths] = v[:, :, 0]
+        return self.pool.key[self.rows, :, : self.S], self.pool.value[self.rows, :, : self.S]
+
+
+def _device_of(cache) -> torch.device:
+    for state in cache.layers:
+        if state is not None:
+            return next(iter(vars(state).values())).device
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------- engine
+
+
+class Engine:
+    """Continuous-batching engine over a HybridMoEForCausalLM.
+
+    max_num_seqs: slots (requests running at once; more wait in a queue). max_model_len: prompt + max_tokens limit
+    per request (each slot's KV capacity). prefill_chunk: the most prompt tokens one forward takes (bounds prefill
+    activation memory). max_cache_bytes: optional cap on the slot pool's memory; max_num_seqs is lowered to fit it.
+    eos_token_id: ends a request unless its params say ignore_eos (default: the model config's).
+    detokenize: ids -> text (or a tokenizer with `.decode`), needed for stop strings. seed: the generator of requests
+    without their own seed."""
+
+    def __init__(
+        self,
+        model: HybridMoEForCausalLM,
+        max_num_seqs: int = 8,
+        max_model_len: int = 4096,
+        prefill_chunk: int = 512,
+        max_cache_bytes: int | None = None,
+        eos_token_id: int | Sequence[int] | None | str = "config",
+        detokenize: Callable[[list[int]], str] | object | None = None,
+        seed: int = 0,
+    ):
+        if max_num_seqs < 1 or max_model_len < 2 or prefill_chunk < 1:
+            raise ValueError(
+                f"need max_num_seqs >= 1, max_model_len >= 2 and prefill_chunk >= 1; got {max_num_seqs}, "
+                f"{max_model_len}, {prefill_chunk}"
+            )
+        self.model = model.eval()
+        self.config = model.config
+        self.max_model_len, self.prefill_chunk = max_model_len, prefill_chunk
+        per_slot = _bytes_per_slot(model, max_model_len)
+        if max_cache_bytes is not None:
+            fits = max_cache_bytes // per_slot
+            if fits < 1:
+                raise AdmissionError(
+                    f"one slot of max_model_len={max_model_len} tokens needs {per_slot / 2**20:.1f} MiB of cache but "
+                    f"max_cache_bytes is {max_cache_bytes / 2**20:.1f} MiB; lower max_model_len or raise "
+                    "max_cache_bytes"
+                )
+            max_num_seqs = min(max_num_seqs, fits)
+        self.max_num_seqs = max_num_seqs
+        self.pool = SlotPool(model, max_num_seqs, max_model_len)
+        if eos_token_id == "config":
+            eos_token_id = self.config.eos_token_id
+        self.eos_token_ids = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+        if detokenize is not None and not callable(detokenize):
+            detokenize = detokenize.decode  # a tokenizer
+        self.detokenize = detokenize
+        self.device = model.lm_head.weight.device
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        self._ids = itertools.count()
+        self._inbox: deque[Request] = deque()  # appended by add_request (any thread), drained by step
+        self._cancel_inbox: deque[str] = deque()
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []  # holding a slot, in admission order
+        self._requests: dict[str, Request] = {}  # added and not yet finished, by id
+
+    # ------------------------------------------------------------------ the API a server drives
+    @property
+    def cache_bytes(self) -> int:
+        return self.pool.cache.memory_bytes()
+
+    @property
+    def num_free_slots(self) -> int:
+        return self.pool.num_free
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting) + len(self._inbox)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def add_request(
+        self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        """Queue a request; returns its id. Raises AdmissionError when it can never fit, ValueError when invalid."""
+        params = params or SamplingParams()
+        prompt = [int(t) for t in prompt_token_ids]
+        if not prompt:
+            raise ValueError("the prompt is empty; pass at least one token id")
+        bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        if len(prompt) + params.max_tokens > self.max_model_len:
+            raise AdmissionError(
+                f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} = "
+                f"{len(prompt) + params.max_tokens} exceeds the engine's max_model_len of {self.max_model_len}; "
+                "shorten the prompt, lower max_tokens, or build the Engine with a larger max_model_len"
+            )
+        if params.stop and self.detokenize is None:
+            raise ValueError("stop strings need a detokenizer: build the Engine with detokenize= (or a tokenizer)")
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(self.device).manual_seed(params.seed)
+        req = Request(request_id, prompt, params, generator=generator)
+        self._requests[request_id] = req
+        self._inbox.append(req)
+        return request_id
+
+    def cancel(self, request_id: str) -> bool:
+        """Ask to stop a request; the next `step` frees its slot and reports it finished with reason "cancelled".
+        Returns False when the id is unknown or already finished."""
+        if request_id not in self._requests:
+            return False
+        self._cancel_inbox.append(request_id)
+        return True
+
+    @torch.no_grad()
+    def step(self) -> list[RequestOutput]:
+        """Admit, run one decode token for every decoding request and one prefill chunk, sample, finish; return what
+        changed for each request."""
+        outputs: list[RequestOutput] = []
+        while self._inbox:
+            self._waiting.append(self._inbox.popleft())
+        while self._cancel_inbox:
+            req = self._requests.get(self._cancel_inbox.popleft())
+            if req is not None and req.finish_reason is None:
+                req.finish_reason = "cancelled"
+                outputs.append(self._finish(req, []))
+        while self._waiting and self.pool.num_free:
+            req = self._waiting.popleft()
+            req.slot = self.pool.allocate()
+            self._running.append(req)
+
+        decoding = [r for r in self._running if not r.prefilling]
+        if decoding:
+            logits = self._decode(decoding)
+            for req, row in zip(decoding, logits):
+                outputs.append(self._append_token(req, row))
+        prefilling = next((r for r in self._running if r.prefilling), None)
+        if prefilling is not None:
+            logits = self._prefill_chunk(prefilling)
+            if not prefilling.prefilling:  # the prompt is in: its last logits give the first token
+                outputs.append(self._append_token(prefilling, logits))
+        return outputs
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None
+    ) -> list[CompletionOutput]:
+        """Run `prompts` to completion (continuous batching over the slots); results in the order of the prompts."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        requests = [self._requests[i] for i in ids]
+        while any(r.finish_reason is None for r in requests):
+            self.step()
+        results = []
+        for i, r in zip(ids, requests):
+            logprobs = r.logprobs if r.params.logprobs is not None else None
+            results.append(
+                CompletionOutput(i, r.prompt_token_ids, r.output_token_ids, logprobs, r.finish_reason, r.stop_reason)
+            )
+        return results
+
+    # ------------------------------------------------------------------ model calls
+    def _prefill_chunk(self, req: Request) -> torch.Tensor:
+        """Feed the next <= prefill_chunk prompt tokens into the request's slot; returns the last logits (v,)."""
+        chunk = req.prompt_token_ids[req.num_prefilled : req.num_prefilled + self.prefill_chunk]
+        cache = self.pool.row(req.slot)
+        ids = torch.tensor([chunk], device=self.device)
+        out = self.model(ids, cache=cache, logits_to_keep=1)
+        req.num_prefilled += len(chunk)
+        self.pool.lengths[req.slot] = cache.seq_len
+        return out.logits[0, -1]
+
+    def _decode(self, reqs: list[Request]) -> torch.Tensor:
+        """Feed each request's last token into its slot, all in one forward; returns logits (b, v)."""
+        slots = [r.slot for r in reqs]
+        cache, mask = self.pool.decode_batch(slots)
+        ids = torch.tensor([[r.output_token_ids[-1]] for r in reqs], device=self.device)
+        out = self.model(ids, cache=cache, attention_mask=mask)
+        self.pool.write_back(cache, slots)
+        return out.logits[:, -1]
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _append_token(self, req: Request, logits_v: torch.Tensor) -> RequestOutput:
+        p = req.params
+        token = sample(logits_v, p, req.generator or self.generator)
+        req.output_token_ids.append(token)
+        new_logprobs = None
+        if p.logprobs is not None:
+            new_logprobs = [token_logprob(logits_v, token, p.logprobs)]
+            req.logprobs.extend(new_logprobs)
+        if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
+            req.finish_reason, req.stop_reason = "stop", token
+        elif p.stop and (hit := _first_stop_string(self.detokenize(req.output_token_ids), p.stop)) is not None:
+            req.finish_reason, req.stop_reason = "stop", hit
+        elif len(req.output_token_ids) >= p.max_tokens:
+            req.finish_reason = "length"
+        if req.finish_reason is not None:
+            return self._finish(req, [token], new_logprobs)
+        return self._output(req, [token], new_logprobs)
+
+    def _finish(self, req: Request, new_tokens: list[int], new_logprobs=None) -> RequestOutput:
+        if req.slot is not None:
+            self.pool.release(req.slot)
+            req.slot = None
+        if req in self._running:
+            self._running.remove(req)
+        if req in self._waiting:
+            self._waiting.remove(req)
+        self._requests.pop(req.request_id, None)
+        return self._output(req, new_tokens, new_logprobs)
+
+    def _output(self, req: Request, new_tokens: list[int], new_logprobs) -> RequestOutput:
+        return RequestOutput(
+            req.request_id, new_tokens, new_logprobs, req.finish_reason is not None, req.finish_reason,
+            req.stop_reason, len(req.prompt_token_ids), len(req.output_token_ids),
+        )  # fmt: skip
+
+
+LLMEngine = Engine  # vLLM's name
+
+
+def _first_stop_string(text: str, stops: list[str]) -> str | None:
+    """The stop string that occurs earliest in `text`, or None."""
+    hits = [(text.find(s), s) for s in stops if s in text]
+    return min(hits)[1] if hits else None
+
+
+def _bytes_per_slot(model: HybridMoEForCausalLM, max_len: int) -> int:
+    """Cache bytes of one slot with room for max_len tokens, measured on 1-row caches of 1 and 2 tokens (constant
+    Mamba state + KV per token) rather than re-derived."""
+    one, two = model.new_cache(1, capacity=1).memory_bytes(), model.new_cache(1, capacity=2).memory_bytes()
+    return one + (max_len - 1) * (two - one)

@@ -1,0 +1,99 @@
+"""Per-request sampling parameters and the sampling step of the engine.
+
+Names and meanings follow vLLM's `SamplingParams` where users meet them: `temperature` (0 = greedy), `top_p`,
+`top_k` (0 or None = off), `max_tokens`, `stop_token_ids`, `stop` (strings), `ignore_eos`, `seed`, `logprobs`
+(how many top alternatives to report besides the chosen token). The filters are applied in the order of
+transformers and of `hybridmoe.generation.sample_next_token`: temperature, then top-k, then top-p.
+
+Reported logprobs are those of the model's own distribution, `log_softmax(logits)`, before temperature and the
+filters (vLLM's default), so they mean the same thing whatever the request's sampling settings.
+
+Legend: v vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0  # 1: off
+    top_k: int | None = None  # None or 0: off
+    max_tokens: int = 16
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)  # needs the engine to have a detokenizer
+    ignore_eos: bool = False  # True: the model's eos does not end the request (stop_token_ids still do)
+    seed: int | None = None  # a private generator per request: the same seed gives the same tokens in any batch
+    logprobs: int | None = None  # None: no logprobs; 0: the chosen token's; n: also the n most likely tokens
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop_token_ids = list(self.stop_token_ids)
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus filtering), got {self.top_p}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 or None = no top-k filtering), got {self.top_k}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be None or >= 0 (the number of top alternatives), got {self.logprobs}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class TokenLogprob:
+    """The chosen token's logprob and, when asked for, the `n` most likely tokens with theirs (most likely first)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+def sampling_probs(logits_v: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a request samples from, fp32 (..., v): softmax(logits / temperature) restricted to the top-k
+    and then to the smallest prefix of tokens whose probability reaches top_p, renormalized. Greedy requests get a
+    one-hot on the argmax (what speculative decoding needs to treat greedy as a special case of sampling)."""
+    logits_v = logits_v.float()
+    if params.greedy:
+        return torch.zeros_like(logits_v).scatter_(-1, logits_v.argmax(-1, keepdim=True), 1.0)
+    logits_v = logits_v / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits_v, min(params.top_k, logits_v.shape[-1]), dim=-1).values[..., -1:]
+        logits_v = logits_v.masked_fill(logits_v < kth, -torch.inf)
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits_v, descending=True, dim=-1)
+        sorted_probs = sorted_logits.softmax(-1)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, -torch.inf)
+        logits_v = torch.full_like(logits_v, -torch.inf).scatter(-1, order, sorted_logits)
+    return logits_v.softmax(-1)
+
+
+def sample(logits_v: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token id from one row of logits (v,)."""
+    if params.greedy:
+        return int(logits_v.argmax())
+    probs = sampling_probs(logits_v, params)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_logprob(logits_v: torch.Tensor, token_id: int, top_n: int) -> TokenLogprob:
+    """log_softmax of the raw logits (v,) at `token_id`, plus the `top_n` most likely tokens."""
+    logp = torch.log_softmax(logits_v.float(), dim=-1)
+    top = []
+    if top_n:
+        values, ids = logp.topk(min(top_n, logp.shape[-1]))
+        top = [(int(i), float(v)) for i, v in zip(ids, values)]
+    return TokenLogprob(int(token_id), float(logp[token_id]), top)

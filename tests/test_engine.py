@@ -1,0 +1,198 @@
+"""The continuous-batching engine (`hybridmoe.serve.engine`).
+
+The reference is `model.generate` on each prompt alone: with many concurrent requests of different lengths,
+requests joining mid-flight, prompts prefilled in chunks and slots reused, greedy tokens must be the same. Also:
+sampling params (stop ids and strings, max_tokens, seeds), logprobs against log_softmax of a full forward,
+cancellation and admission errors. Models: the `debug` preset without MTP, random weights.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from hybridmoe import HybridMoEConfig, HybridMoEForCausalLM
+from hybridmoe.serve import AdmissionError, Engine, SamplingParams
+
+VOCAB = 512
+
+
+@functools.cache
+def model() -> HybridMoEForCausalLM:
+    cfg = HybridMoEConfig.from_preset("debug", num_nextn_predict_layers=0)
+    torch.manual_seed(0)
+    return HybridMoEForCausalLM(cfg).eval()
+
+
+def prompts_for(lengths, seed=1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def greedy(max_tokens, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+@functools.cache
+def reference(prompt: tuple[int, ...], n: int) -> list[int]:
+    """Greedy continuation of one prompt alone through model.generate."""
+    return model().generate(torch.tensor([prompt]), max_new_tokens=n)[0, len(prompt) :].tolist()
+
+
+def test_continuous_batching_equals_each_prompt_alone():
+    lengths, max_tokens = [1, 5, 40, 17, 9, 33, 3], [10, 3, 8, 12, 1, 6, 9]
+    prompts = prompts_for(lengths)
+    # 3 slots for 7 requests: requests queue, join as others finish, and reuse freed slots; chunks of 8 tokens.
+    engine = Engine(model(), max_num_seqs=3, max_model_len=64, prefill_chunk=8)
+    results = engine.generate(prompts, [greedy(n) for n in max_tokens])
+    for p, n, r in zip(prompts, max_tokens, results):
+        assert r.token_ids == reference(tuple(p), n), f"prompt of {len(p)} tokens"
+        assert r.finish_reason == "length" and len(r.token_ids) == n
+    assert engine.num_free_slots == 3 and not engine.has_unfinished()
+
+
+def test_requests_joining_mid_flight():
+    prompts = prompts_for([12, 4, 25, 7], seed=2)
+    engine = Engine(model(), max_num_seqs=4, max_model_len=64, prefill_chunk=16)
+    got: dict[str, list[int]] = {}
+    ids = [engine.add_request(prompts[0], greedy(10)), engine.add_request(prompts[1], greedy(10))]
+    batch_sizes = []
+    for step in range(30):
+        if step == 4:  # two more arrive while the first two are decoding
+            ids += [engine.add_request(prompts[2], greedy(6)), engine.add_request(prompts[3], greedy(8))]
+        outs = engine.step()
+        batch_sizes.append(sum(1 for o in outs if o.new_token_ids))
+        for o in outs:
+            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+        if not engine.has_unfinished():
+            break
+    assert max(batch_sizes) >= 3  # rows of different lengths decoded together
+    for rid, p, n in zip(ids, prompts, [10, 10, 6, 8]):
+        assert got[rid] == reference(tuple(p), n)
+
+
+def test_chunked_prefill_equals_unchunked():
+    prompts = prompts_for([37, 50, 6], seed=3)
+    params = greedy(8, logprobs=2)
+    runs = [
+        Engine(model(), max_num_seqs=2, max_model_len=64, prefill_chunk=c).generate(prompts, params) for c in (5, 64)
+    ]
+    for chunked, whole in zip(*runs):
+        assert chunked.token_ids == whole.token_ids
+        a = torch.tensor([lp.logprob for lp in chunked.logprobs])
+        b = torch.tensor([lp.logprob for lp in whole.logprobs])
+        assert (a - b).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_logprobs_equal_log_softmax_of_the_model_logits():
+    prompt = prompts_for([11], seed=4)[0]
+    engine = Engine(model(), max_num_seqs=2, max_model_len=64)
+    (r,) = engine.generate([prompt], SamplingParams(temperature=0.8, max_tokens=6, seed=3, logprobs=3))
+    full = torch.tensor([prompt + r.token_ids])
+    logp = torch.log_softmax(model()(full).logits[0].float(), -1)
+    for i, (tok, lp) in enumerate(zip(r.token_ids, r.logprobs)):
+        row = logp[len(prompt) - 1 + i]
+        assert lp.token_id == tok
+        assert abs(lp.logprob - row[tok].item()) <= 1e-4
+        values, top_ids = row.topk(3)
+        assert [t for t, _ in lp.top] == top_ids.tolist()
+        assert max(abs(v - w) for (_, v), w in zip(lp.top, values.tolist())) <= 1e-4
+
+
+def test_stop_token_ids_and_eos():
+    prompt = prompts_for([9], seed=5)[0]
+    ref = reference(tuple(prompt), 12)
+    stop = ref[4]
+    cut = ref.index(stop) + 1
+    engine = Engine(model(), max_num_seqs=2, max_model_len=64, eos_token_id=None)
+    (r,) = engine.generate([prompt], greedy(12, stop_token_ids=[stop]))
+    assert r.token_ids == ref[:cut] and r.finish_reason == "stop" and r.stop_reason == stop
+    # The model's eos ends a request unless ignore_eos.
+    eos_engine = Engine(model(), max_num_seqs=2, max_model_len=64, eos_token_id=stop)
+    (r,) = eos_engine.generate([prompt], SamplingParams(temperature=0, max_tokens=12))
+    assert r.token_ids == ref[:cut] and r.finish_reason == "stop"
+    (r,) = eos_engine.generate([prompt], greedy(12))
+    assert r.token_ids == ref and r.finish_reason == "length"
+
+
+def test_stop_strings():
+    prompt = prompts_for([7], seed=6)[0]
+    ref = reference(tuple(prompt), 12)
+    engine = Engine(model(), max_num_seqs=2, max_model_len=64, detokenize=lambda ids: "".join(f"<{i}>" for i in ids))
+    stop = f"<{ref[3]}><{ref[4]}>"
+    text = "".join(f"<{i}>" for i in ref)
+    expected = next(n for n in range(1, 13) if stop in "".join(f"<{i}>" for i in ref[:n]))
+    assert stop in text
+    (r,) = engine.generate([prompt], greedy(12, stop=[stop, "<never>"]))
+    assert r.token_ids == ref[:expected] and r.finish_reason == "stop" and r.stop_reason == stop
+    with pytest.raises(ValueError, match="detokenize"):
+        Engine(model(), max_num_seqs=1, max_model_len=64).add_request(prompt, greedy(4, stop=["x"]))
+
+
+def test_max_tokens_and_step_outputs():
+    prompt = prompts_for([5], seed=7)[0]
+    engine = Engine(model(), max_num_seqs=1, max_model_len=64)
+    rid = engine.add_request(prompt, greedy(3))
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert [o.new_token_ids for o in outs] == [[t] for t in reference(tuple(prompt), 3)]
+    assert [o.finished for o in outs] == [False, False, True]
+    assert outs[-1].finish_reason == "length" and outs[-1].num_generated_tokens == 3 and outs[-1].request_id == rid
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch():
+    prompts = prompts_for([6, 13, 20], seed=8)
+    params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, max_tokens=10, seed=123, ignore_eos=True)
+    alone = Engine(model(), max_num_seqs=1, max_model_len=64).generate([prompts[1]], params)[0].token_ids
+    others = SamplingParams(temperature=1.0, max_tokens=7, ignore_eos=True)
+    batched = Engine(model(), max_num_seqs=3, max_model_len=64).generate(prompts, [others, params, others])
+    assert batched[1].token_ids == alone
+    other_seed = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, max_tokens=10, seed=124, ignore_eos=True)
+    assert Engine(model(), max_num_seqs=1, max_model_len=64).generate([prompts[1]], other_seed)[0].token_ids != alone
+
+
+def test_cancel_frees_the_slot():
+    a, b, c = prompts_for([10, 8, 4], seed=9)
+    engine = Engine(model(), max_num_seqs=1, max_model_len=64)
+    ra = engine.add_request(a, greedy(20))
+    rb = engine.add_request(b, greedy(5))
+    rc = engine.add_request(c, greedy(5))
+    engine.step()
+    engine.step()
+    assert engine.num_free_slots == 0 and engine.num_waiting == 2
+    assert engine.cancel(ra) and engine.cancel(rc)  # one running, one waiting
+    assert not engine.cancel("no-such-request")
+    outs = {o.request_id: o for o in engine.step()}
+    assert outs[ra].finished and outs[ra].finish_reason == "cancelled"
+    assert outs[rc].finished and outs[rc].finish_reason == "cancelled"
+    got = outs[rb].new_token_ids if rb in outs else []  # b took the slot in the same step
+    while engine.has_unfinished():
+        got += [t for o in engine.step() if o.request_id == rb for t in o.new_token_ids]
+    assert got == reference(tuple(b), 5)  # the freed slot served b from a clean state
+    assert engine.num_free_slots == 1 and not engine.cancel(rb)
+
+
+def test_admission_errors_name_the_numbers_and_the_fix():
+    engine = Engine(model(), max_num_seqs=2, max_model_len=32)
+    with pytest.raises(AdmissionError, match=r"30 tokens \+ max_tokens 5 = 35 exceeds .* max_model_len of 32"):
+        engine.add_request([1] * 30, greedy(5))
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request([], greedy(5))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.add_request([VOCAB], greedy(5))
+    per_slot = engine.cache_bytes // 2
+    with pytest.raises(AdmissionError, match="lower max_model_len or raise max_cache_bytes"):
+        Engine(model(), max_num_seqs=4, max_model_len=32, max_cache_bytes=per_slot - 1)
+    fitted = Engine(model(), max_num_seqs=4, max_model_len=32, max_cache_bytes=2 * per_slot + 1)
+    assert fitted.max_num_seqs == 2 and fitted.cache_bytes <= 2 * per_slot + 1
+
+
+def test_sampling_params_are_validated():
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(max_tokens=0), dict(logprobs=-1)):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+    assert SamplingParams(stop="x").stop == ["x"]
