@@ -159,6 +159,32 @@ def cmd_speedrun(args) -> int:
     return 0
 
 
+def cmd_eval_ruler(args) -> int:
+    from .eval.report import ruler_table
+    from .eval.ruler import run_ruler
+
+    report = run_ruler(
+        args.checkpoint, args.lengths, tasks=args.tasks, samples=args.samples, out_dir=args.out, seed=args.seed,
+        haystack=args.haystack, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+    )  # fmt: skip
+    print(ruler_table(report))
+    print("wrote " + ", ".join(report["files"].values()))
+    return 0
+
+
+def cmd_eval_ppl(args) -> int:
+    from .eval.perplexity import evaluate_perplexity
+
+    r = evaluate_perplexity(
+        args.checkpoint, args.data, seq_len=args.seq_len, max_tokens=args.max_tokens, batch_size=args.batch_size,
+        field=args.field, split=args.split, out=args.out, device=args.device, dtype=args.dtype,
+    )  # fmt: skip
+    bpb = f", {r['bits_per_byte']:.4f} bits per byte" if r["bits_per_byte"] is not None else ""
+    print(f"perplexity {r['perplexity']:.4f} (loss {r['loss']:.4f} nats/token{bpb}) over {r['target_tokens']:,} "
+          f"tokens in {r['windows']} windows of {r['seq_len']}; wrote {r['out']}")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .presets import PRESETS
 
@@ -227,6 +253,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=20.0, help="time budget; step counts are fitted to it")
     p.add_argument("--out", help="run directory (default: a new speedrun-<time> folder here)")
     p.set_defaults(func=cmd_speedrun)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint: RULER long-context tasks, perplexity")
+    eval_sub = p.add_subparsers(dest="eval_command", required=True)
+    e = eval_sub.add_parser("ruler", help="RULER's 13 synthetic long-context tasks at the given lengths (resumable)")
+    e.add_argument("checkpoint", help="a Hugging Face model directory with its tokenizer")
+    e.add_argument("--lengths", required=True, help="prompt + answer lengths in tokens, e.g. 4k,8k,16k or 4096")
+    e.add_argument("--samples", type=int, default=50, help="samples per task and length (RULER reports 500)")
+    e.add_argument("--tasks", help="comma-separated subset of the 13 tasks (default: all)")
+    e.add_argument("--out", help="results folder; rerun with the same one to resume (default: eval/ruler-<name>)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--haystack", nargs="+", metavar="FILE", help="prose documents for the essay haystacks "
+                   "(text/.jsonl/.parquet; default: the Python standard library's docstrings)")  # fmt: skip
+    e.add_argument("--tokenizer", help="tokenizer directory, if not in the checkpoint")
+    e.add_argument("--device", help="default: cuda if available, else cpu")
+    e.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: bfloat16 on GPU, else fp32")
+    e.set_defaults(func=cmd_eval_ruler)
+    e = eval_sub.add_parser("ppl", help="perplexity and bits per byte on documents or a prepared token directory")
+    e.add_argument("checkpoint", help="a Hugging Face model directory with its tokenizer")
+    e.add_argument("data", nargs="+", metavar="DATA", help="text/.jsonl/.parquet files or folders, or a folder "
+                   "written by `hybridmoe prepare`")  # fmt: skip
+    e.add_argument("--seq-len", type=int, default=2048, help="tokens per window")
+    e.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens (default: all)")
+    e.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    e.add_argument("--field", default="text", help="the text field of .jsonl records / column of .parquet files")
+    e.add_argument("--split", default="all", choices=("all", "train", "val"), help="documents of a prepared folder")
+    e.add_argument("--out", help="JSON result file (default: eval/ppl-<checkpoint>-<data>-<seq-len>.json)")
+    e.add_argument("--device", help="default: cuda if available, else cpu")
+    e.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: bfloat16 on GPU, else fp32")
+    e.set_defaults(func=cmd_eval_ppl)
     return parser
 
 
