@@ -14,9 +14,22 @@ import os
 import transformers
 from transformers import PretrainedConfig, PreTrainedModel
 
+from .lora import LoraSpec, apply_lora, load_lora, lora_spec, merge_lora, save_lora
 from .patch import ADAPTERS, PatchReport, find_moe_experts, patch_model
 
-__all__ = ["ADAPTERS", "AutoModelForCausalLM", "PatchReport", "find_moe_experts", "patch_model"]
+__all__ = [
+    "ADAPTERS",
+    "AutoModelForCausalLM",
+    "LoraSpec",
+    "PatchReport",
+    "apply_lora",
+    "find_moe_experts",
+    "load_lora",
+    "lora_spec",
+    "merge_lora",
+    "patch_model",
+    "save_lora",
+]
 
 
 class AutoModelForCausalLM:

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.moe import ExpertActivation, clamped_swiglu, experts_grouped
+from ..kernels.moe import ExpertActivation, ExpertLoRA, clamped_swiglu, experts_grouped
 from ..kernels.ssd import causal_conv1d, ssd_chunked
 
 log = logging.getLogger(__name__)
@@ -238,7 +238,10 @@ def _experts_forward(adapter: ExpertsAdapter, activation: ExpertActivation | str
     """The replacement forward of one experts module (transformers' call signature)."""
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
+        lora = _expert_lora(self, adapter)
         if getattr(self, "_is_expert_parallel", False):  # transformers' EP marks foreign experts with sentinel ids
+            if lora is not None:
+                raise NotImplementedError("expert LoRA under transformers' own expert parallelism is not supported")
             return type(self).forward(self, hidden_states, top_k_index, top_k_weights)
         w_up, w_down = getattr(self, adapter.up), getattr(self, adapter.down)
         if adapter.transposed:
@@ -246,10 +249,21 @@ def _experts_forward(adapter: ExpertsAdapter, activation: ExpertActivation | str
         return experts_grouped(
             hidden_states, w_up, w_down, top_k_index, top_k_weights, activation=activation,
             b_up_EU=getattr(self, adapter.up_bias) if adapter.up_bias else None,
-            b_down_ED=getattr(self, adapter.down_bias) if adapter.down_bias else None,
+            b_down_ED=getattr(self, adapter.down_bias) if adapter.down_bias else None, lora=lora,
         )  # fmt: skip
 
     return forward
+
+
+def _expert_lora(experts: nn.Module, adapter: ExpertsAdapter) -> ExpertLoRA | None:
+    """The grouped LoRA that `hybridmoe.automodel.lora.apply_lora` attached to an experts module, if any: parameter
+    dicts `lora_A` (A (e, r, in) per adapted 3D weight name) and `lora_B` (B (e, out, r)), in the kernel's (out, in)
+    orientation whatever the weight's storage, and the float `lora_scaling`."""
+    lora_A, lora_B = getattr(experts, "lora_A", None), getattr(experts, "lora_B", None)
+    if not isinstance(lora_A, nn.ParameterDict):
+        return None
+    pair = lambda name: (lora_A[name], lora_B[name]) if name in lora_A else None  # noqa: E731
+    return ExpertLoRA(up=pair(adapter.up), down=pair(adapter.down), scaling=experts.lora_scaling)
 
 
 def _mamba2_forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):

@@ -10,7 +10,10 @@ The expert activation is an argument (`activation`, default "relu2", the behavio
     OLMoE, DeepSeek-V3 experts, gate rows first), h = silu(gate) * up;
   - `clamped_swiglu(alpha, limit)`: GPT-OSS's `GptOssExperts._apply_gate`: gate and up interleaved (even / odd
     columns), gate clamped from above and up to [-limit, limit], h = (up + 1) * gate * sigmoid(alpha * gate);
-and the up / down projections may carry per-expert biases (`b_up_EU`, `b_down_ED`, GPT-OSS's `*_proj_bias`).
+and the up / down projections may carry per-expert biases (`b_up_EU`, `b_down_ED`, GPT-OSS's `*_proj_bias`) and
+per-expert low-rank updates (`lora`, an `ExpertLoRA`: LoRA, Hu et al. 2021, eq. 3, on each expert's up / down weight,
+W[e] + scaling * B[e] A[e], computed on the sorted token copies of each expert's segment as x A[e]^T B[e]^T, so the
+full-size update is never formed).
 
 Twins: `experts_reference` (a loop over experts with boolean masks, the definition) and `experts_grouped` (the fast
 path). Backends of the grouped matmul, chosen once per process and logged:
@@ -20,7 +23,7 @@ path). Backends of the grouped matmul, chosen once per process and logged:
     multiplied in fp32, which is exact for the products and, like a bf16 GEMM, accumulates in fp32.
 
 Legend: t tokens, k experts per token, d model width (the latent width for LatentMoE), i expert hidden width,
-u the up projection's width (i, or 2i for gated activations), e experts, m = t*k token copies.
+u the up projection's width (i, or 2i for gated activations), e experts, m = t*k token copies, r LoRA rank.
 """
 
 from __future__ import annotations
@@ -48,6 +51,18 @@ class ExpertActivation:
     forward: Callable[[torch.Tensor], torch.Tensor]
     backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     reference: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ExpertLoRA:
+    """Low-rank updates of the expert weights: the up projection of expert e becomes W_up[e] + scaling * B[e] A[e]
+    with `up` = (A (e, r, d), B (e, u, r)), the down projection likewise with `down` = (A (e, r, i), B (e, d, r)),
+    both in the kernel's (out, in) orientation; either may be None (that weight is not adapted). A and B may be in a
+    wider dtype than x (fp32 adapters on bf16 weights); the products run in x's matmul dtype."""
+
+    up: tuple[torch.Tensor, torch.Tensor] | None = None
+    down: tuple[torch.Tensor, torch.Tensor] | None = None
+    scaling: float = 1.0
 
 
 def _relu2(u):
@@ -117,21 +132,47 @@ def _check_experts(w_up_EUD, w_down_EDI, act, b_up_EU, b_down_ED):
         raise ValueError(f"experts: b_down has shape {tuple(b_down_ED.shape)}, expected {(e, d)}")
 
 
+def _check_lora(lora: ExpertLoRA, w_up_EUD, w_down_EDI):
+    for name, pair, w in (("up", lora.up, w_up_EUD), ("down", lora.down, w_down_EDI)):
+        if pair is None:
+            continue
+        a_ERI, b_EOR = pair
+        e, out, inp = w.shape
+        r = a_ERI.shape[1] if a_ERI.dim() == 3 else -1
+        if a_ERI.shape != (e, r, inp) or b_EOR.shape != (e, out, r):
+            raise ValueError(
+                f"experts LoRA ({name}): A {tuple(a_ERI.shape)} and B {tuple(b_EOR.shape)} do not fit the weight "
+                f"{tuple(w.shape)} (e, out, in): expected A (e, r, in) and B (e, out, r)"
+            )
+
+
 def experts_reference(
-    x_TD, w_up_EID, w_down_EDI, topk_idx_TK, topk_w_TK, activation="relu2", b_up_EU=None, b_down_ED=None
+    x_TD, w_up_EID, w_down_EDI, topk_idx_TK, topk_w_TK, activation="relu2", b_up_EU=None, b_down_ED=None, lora=None
 ):
-    """Loop over experts; returns (t,d) in x's dtype, accumulated in fp32. w_up (e, u, d), w_down (e, d, i)."""
+    """Loop over experts; returns (t,d) in x's dtype, accumulated in fp32. w_up (e, u, d), w_down (e, d, i);
+    `lora` an optional `ExpertLoRA`."""
     act = _activation(activation)
     _check_experts(w_up_EID, w_down_EDI, act, b_up_EU, b_down_ED)
+    if lora is not None:
+        _check_lora(lora, w_up_EID, w_down_EDI)
+
+    def low_rank(v, pair, e):  # scaling * v A[e]^T B[e]^T
+        return lora.scaling * ((v @ pair[0][e].to(v.dtype).T) @ pair[1][e].to(v.dtype).T)
+
     out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
     for e in range(w_up_EID.shape[0]):
         tok, slot = torch.where(topk_idx_TK == e)
         if tok.numel() == 0:
             continue
         u = x_TD[tok] @ w_up_EID[e].T
+        if lora is not None and lora.up is not None:
+            u = u + low_rank(x_TD[tok], lora.up, e)
         if b_up_EU is not None:
             u = u + b_up_EU[e]
-        y = act.reference(u) @ w_down_EDI[e].T
+        h = act.reference(u)
+        y = h @ w_down_EDI[e].T
+        if lora is not None and lora.down is not None:
+            y = y + low_rank(h, lora.down, e)
         if b_down_ED is not None:
             y = y + b_down_ED[e]
         y = y.float() * topk_w_TK[tok, slot, None].float()
@@ -158,17 +199,29 @@ def experts_backend(x: torch.Tensor) -> str:
 
 
 def experts_grouped(
-    x_TD, w_up_EID, w_down_EDI, topk_idx_TK, topk_w_TK, ep_group=None, activation="relu2", b_up_EU=None, b_down_ED=None
+    x_TD,
+    w_up_EID,
+    w_down_EDI,
+    topk_idx_TK,
+    topk_w_TK,
+    ep_group=None,
+    activation="relu2",
+    b_up_EU=None,
+    b_down_ED=None,
+    lora=None,
 ):
     """Sort token copies by expert, run the experts on contiguous segments, scatter-add the weighted results.
-    w_up (e, u, d) and w_down (e, d, i) as (out, in) per expert (transposed views are fine); `activation` and the
-    optional biases b_up (e, u), b_down (e, d) as in the module docstring.
+    w_up (e, u, d) and w_down (e, d, i) as (out, in) per expert (transposed views are fine); `activation`, the
+    optional biases b_up (e, u), b_down (e, d) and the optional low-rank updates `lora` (an `ExpertLoRA`, A and B
+    sliced like the weights under expert parallelism) as in the module docstring.
 
     With `ep_group` (expert parallelism), the weights are this rank's slice of the experts (rank r of the group
     holds experts [r*e_local, (r+1)*e_local)) while topk_idx_TK holds global expert ids: the sorted token copies
     travel to the ranks that own their experts and back with two all-to-alls (`expert_parallel_segments`)."""
     act = _activation(activation)
     _check_experts(w_up_EID, w_down_EDI, act, b_up_EU, b_down_ED)
+    if lora is not None:
+        _check_lora(lora, w_up_EID, w_down_EDI)
     t, k = topk_idx_TK.shape
     ep = 1 if ep_group is None else dist.get_world_size(ep_group)
     e = w_up_EID.shape[0] * ep
@@ -178,31 +231,53 @@ def experts_grouped(
     token_M = order_M // k
     x_MD = x_TD.index_select(0, token_M)
     if ep_group is None:
-        y_MD = _run_experts(x_MD, w_up_EID, w_down_EDI, counts_E, act, b_up_EU, b_down_ED)
+        y_MD = _run_experts(x_MD, w_up_EID, w_down_EDI, counts_E, act, b_up_EU, b_down_ED, lora)
     else:
-        y_MD = expert_parallel_segments(x_MD, w_up_EID, w_down_EDI, counts_E, ep_group, act, b_up_EU, b_down_ED)
+        y_MD = expert_parallel_segments(x_MD, w_up_EID, w_down_EDI, counts_E, ep_group, act, b_up_EU, b_down_ED, lora)
     y_MD = y_MD.float() * topk_w_TK.reshape(-1).index_select(0, order_M).float()[:, None]
     out_TD = torch.zeros((t, x_TD.shape[1]), dtype=torch.float32, device=x_TD.device)
     out_TD.index_add_(0, token_M, y_MD)
     return out_TD.to(x_TD.dtype)
 
 
-def _run_experts(x_MD, w_up_EID, w_down_EDI, counts_E, act=ACTIVATIONS["relu2"], b_up_EU=None, b_down_ED=None):
+def _run_experts(
+    x_MD, w_up_EID, w_down_EDI, counts_E, act=ACTIVATIONS["relu2"], b_up_EU=None, b_down_ED=None, lora=None
+):
     """The experts on rows already sorted by expert (counts_E rows each)."""
     if experts_backend(x_MD) == "grouped_mm" and x_MD.is_cuda:
         offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
         u_MU = torch._grouped_mm(x_MD, w_up_EID.transpose(-2, -1), offs=offs)
+        if lora is not None and lora.up is not None:
+            u_MU = u_MU + _grouped_low_rank(x_MD, *lora.up, lora.scaling, offs)
         if b_up_EU is not None:
             u_MU = u_MU + b_up_EU.repeat_interleave(counts_E, dim=0)
-        y_MD = torch._grouped_mm(act.reference(u_MU), w_down_EDI.transpose(-2, -1), offs=offs)
+        h_MI = act.reference(u_MU)
+        y_MD = torch._grouped_mm(h_MI, w_down_EDI.transpose(-2, -1), offs=offs)
+        if lora is not None and lora.down is not None:
+            y_MD = y_MD + _grouped_low_rank(h_MI, *lora.down, lora.scaling, offs)
         if b_down_ED is not None:
             y_MD = y_MD + b_down_ED.repeat_interleave(counts_E, dim=0)
         return y_MD
-    return _SegmentExperts.apply(x_MD, w_up_EID, w_down_EDI, b_up_EU, b_down_ED, counts_E.tolist(), act)
+    if lora is None:
+        return _SegmentExperts.apply(x_MD, w_up_EID, w_down_EDI, b_up_EU, b_down_ED, counts_E.tolist(), act)
+    up, down = lora.up or (None, None), lora.down or (None, None)
+    return _SegmentExperts.apply(
+        x_MD, w_up_EID, w_down_EDI, b_up_EU, b_down_ED, counts_E.tolist(), act, *up, *down, lora.scaling
+    )
+
+
+def _grouped_low_rank(v_MI, a_ERI, b_EOR, scaling, offs):
+    """scaling * v A[e]^T B[e]^T per expert segment with torch._grouped_mm (autograd); the rank is zero-padded to a
+    multiple of 8 so that the rows of the (m, r) intermediate are 16-byte aligned, as _grouped_mm requires."""
+    pad = -a_ERI.shape[1] % 8
+    a_ERI = F.pad(a_ERI.to(v_MI.dtype), (0, 0, 0, pad))
+    b_EOR = F.pad(b_EOR.to(v_MI.dtype), (0, pad))
+    va_MR = torch._grouped_mm(v_MI, a_ERI.transpose(-2, -1), offs=offs)
+    return torch._grouped_mm(va_MR, b_EOR.transpose(-2, -1), offs=offs) * scaling
 
 
 def expert_parallel_segments(
-    x_MD, w_up_LID, w_down_LDI, counts_E, ep_group, act=ACTIVATIONS["relu2"], b_up_LU=None, b_down_LD=None
+    x_MD, w_up_LID, w_down_LDI, counts_E, ep_group, act=ACTIVATIONS["relu2"], b_up_LU=None, b_down_LD=None, lora=None
 ):
     """Expert-parallel dispatch and combine (torchtitan's all-to-all token dispatcher, written out).
 
@@ -225,7 +300,7 @@ def expert_parallel_segments(
     )
     order_R = torch.argsort(local_expert_R, stable=True)
     y_sorted = _run_experts(
-        x_RD.index_select(0, order_R), w_up_LID, w_down_LDI, recv_counts.sum(0), act, b_up_LU, b_down_LD
+        x_RD.index_select(0, order_R), w_up_LID, w_down_LDI, recv_counts.sum(0), act, b_up_LU, b_down_LD, lora
     )
     y_RD = _unpermute(y_sorted, order_R)
     return _AllToAll.apply(y_RD, send_splits, recv_splits, ep_group)
@@ -259,10 +334,17 @@ class _AllToAll(torch.autograd.Function):
 
 class _SegmentExperts(torch.autograd.Function):
     """y = act(x W_up[e]^T + b_up[e]) W_down[e]^T + b_down[e] on each contiguous segment of rows routed to expert e.
-    Saves the sorted inputs and the pre-activations u; the activation is recomputed in the backward."""
+    Saves the sorted inputs and the pre-activations u; the activation is recomputed in the backward.
+
+    With LoRA factors (A (e, r, in), B (e, out, r) for the up and / or the down projection), each projection adds
+    scaling * (v A[e]^T) B[e]^T; the backward recomputes the rank-r products v A[e]^T rather than saving them, and skips
+    the full-size weight gradients when the weights are frozen."""
 
     @staticmethod
-    def forward(ctx, x_MD, w_up_EUD, w_down_EDI, b_up_EU, b_down_ED, counts, act):
+    def forward(
+        ctx, x_MD, w_up_EUD, w_down_EDI, b_up_EU, b_down_ED, counts, act,
+        a_up_ERD=None, b_up_EUR=None, a_down_ERI=None, b_down_EDR=None, scaling=1.0,
+    ):  # fmt: skip
         cdt = matmul_dtype(x_MD)
         m, u = x_MD.shape[0], w_up_EUD.shape[1]
         u_MU = torch.empty((m, u), dtype=cdt, device=x_MD.device)
@@ -272,29 +354,43 @@ class _SegmentExperts(torch.autograd.Function):
             if n:
                 rows = slice(start, start + n)
                 torch.mm(x_MD[rows].to(cdt), w_up_EUD[e].to(cdt).T, out=u_MU[rows])
+                if a_up_ERD is not None:
+                    xa = x_MD[rows].to(cdt) @ a_up_ERD[e].to(cdt).T
+                    u_MU[rows].addmm_(xa, b_up_EUR[e].to(cdt).T, alpha=scaling)
                 if b_up_EU is not None:
                     u_MU[rows] += b_up_EU[e].to(cdt)
-                torch.mm(act.forward(u_MU[rows]), w_down_EDI[e].to(cdt).T, out=y_MD[rows])
+                if a_down_ERI is None:
+                    torch.mm(act.forward(u_MU[rows]), w_down_EDI[e].to(cdt).T, out=y_MD[rows])
+                else:
+                    h = act.forward(u_MU[rows])
+                    torch.mm(h, w_down_EDI[e].to(cdt).T, out=y_MD[rows])
+                    y_MD[rows].addmm_(h @ a_down_ERI[e].to(cdt).T, b_down_EDR[e].to(cdt).T, alpha=scaling)
                 if b_down_ED is not None:
                     y_MD[rows] += b_down_ED[e].to(cdt)
                 start += n
-        ctx.counts, ctx.act = counts, act
+        ctx.counts, ctx.act, ctx.scaling = counts, act, scaling
         ctx.bias_dtypes = (None if b_up_EU is None else b_up_EU.dtype, None if b_down_ED is None else b_down_ED.dtype)
-        ctx.save_for_backward(x_MD, u_MU.to(x_MD.dtype), w_up_EUD, w_down_EDI)
+        lora = (a_up_ERD, b_up_EUR, a_down_ERI, b_down_EDR)
+        ctx.save_for_backward(x_MD, u_MU.to(x_MD.dtype), w_up_EUD, w_down_EDI, *lora)
         return y_MD.to(x_MD.dtype)
 
     @staticmethod
     def backward(ctx, g_MD):
-        x_MD, u_MU, w_up_EUD, w_down_EDI = ctx.saved_tensors
-        act = ctx.act
+        x_MD, u_MU, w_up_EUD, w_down_EDI, a_up_ERD, b_up_EUR, a_down_ERI, b_down_EDR = ctx.saved_tensors
+        act, s = ctx.act, ctx.scaling
         cdt = matmul_dtype(x_MD)
         g_MD = g_MD.to(cdt)
         zeros = lambda shape: torch.zeros(shape, dtype=cdt, device=x_MD.device)  # noqa: E731
+        maybe_zeros = lambda t: None if t is None else zeros(t.shape)  # noqa: E731
         gx_MD = zeros(x_MD.shape)
-        gw_up, gw_down = zeros(w_up_EUD.shape), zeros(w_down_EDI.shape)
+        # Frozen base weights (LoRA training) need no full-size gradient.
+        gw_up = zeros(w_up_EUD.shape) if ctx.needs_input_grad[1] else None
+        gw_down = zeros(w_down_EDI.shape) if ctx.needs_input_grad[2] else None
         b_up_dtype, b_down_dtype = ctx.bias_dtypes
         gb_up = zeros(w_up_EUD.shape[:2]) if b_up_dtype is not None else None
         gb_down = zeros(w_down_EDI.shape[:2]) if b_down_dtype is not None else None
+        g_lora = [maybe_zeros(t) for t in (a_up_ERD, b_up_EUR, a_down_ERI, b_down_EDR)]
+        ga_up, gbl_up, ga_down, gbl_down = g_lora
         start = 0
         for e, n in enumerate(ctx.counts):
             if not n:
@@ -303,20 +399,41 @@ class _SegmentExperts(torch.autograd.Function):
             start += n
             u = u_MU[rows].to(cdt)
             g = g_MD[rows]
-            torch.mm(g.T, act.forward(u), out=gw_down[e])
-            gu = act.backward(u, g @ w_down_EDI[e].to(cdt))
-            torch.mm(gu.T, x_MD[rows].to(cdt), out=gw_up[e])
+            if gw_down is not None or a_down_ERI is not None:
+                h = act.forward(u)
+            if gw_down is not None:
+                torch.mm(g.T, h, out=gw_down[e])
+            gh = g @ w_down_EDI[e].to(cdt)
+            if a_down_ERI is not None:  # y += s (h A^T) B^T
+                a, b = a_down_ERI[e].to(cdt), b_down_EDR[e].to(cdt)
+                g_ha = (g @ b).mul_(s)
+                torch.mm(g_ha.T, h, out=ga_down[e])
+                torch.mm(g.T, h @ a.T, out=gbl_down[e]).mul_(s)
+                gh.addmm_(g_ha, a)
+            gu = act.backward(u, gh)
+            if gw_up is not None:
+                torch.mm(gu.T, x_MD[rows].to(cdt), out=gw_up[e])
             torch.mm(gu, w_up_EUD[e].to(cdt), out=gx_MD[rows])
+            if a_up_ERD is not None:  # u += s (x A^T) B^T
+                x = x_MD[rows].to(cdt)
+                a, b = a_up_ERD[e].to(cdt), b_up_EUR[e].to(cdt)
+                g_xa = (gu @ b).mul_(s)
+                torch.mm(g_xa.T, x, out=ga_up[e])
+                torch.mm(gu.T, x @ a.T, out=gbl_up[e]).mul_(s)
+                gx_MD[rows].addmm_(g_xa, a)
             if gb_up is not None:
                 torch.sum(gu, 0, out=gb_up[e])
             if gb_down is not None:
                 torch.sum(g, 0, out=gb_down[e])
+        cast = lambda grad, like: None if grad is None else grad.to(like.dtype)  # noqa: E731
         return (
             gx_MD.to(x_MD.dtype),
-            gw_up.to(w_up_EUD.dtype),
-            gw_down.to(w_down_EDI.dtype),
+            cast(gw_up, w_up_EUD),
+            cast(gw_down, w_down_EDI),
             None if gb_up is None else gb_up.to(b_up_dtype),
             None if gb_down is None else gb_down.to(b_down_dtype),
             None,
+            None,
+            *(cast(grad, t) for grad, t in zip(g_lora, (a_up_ERD, b_up_EUR, a_down_ERI, b_down_EDR))),
             None,
         )
