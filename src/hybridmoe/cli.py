@@ -159,6 +159,22 @@ def cmd_speedrun(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from .automodel.finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(
+        model=args.model, data=args.data, out_dir=args.out, seq_len=args.seq_len, batch_size=args.batch_size,
+        micro_batch_size=args.micro_batch_size, epochs=args.epochs, steps=args.steps,
+        lr=args.lr if args.lr is not None else (1e-4 if args.lora else 1e-5), warmup_steps=args.warmup_steps,
+        dtype=args.dtype, lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+        lora_targets=args.lora_targets.split(",") if args.lora_targets else None, lora_experts=not args.no_lora_experts,
+        drop_long=args.drop_long, save_every=args.save_every, seed=args.seed,
+    )  # fmt: skip
+    summary = finetune(cfg, resume=args.resume)
+    print(json.dumps(summary))
+    return 0
+
+
 def cmd_eval_ruler(args) -> int:
     from .eval.report import ruler_table
     from .eval.ruler import run_ruler
@@ -253,6 +269,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=20.0, help="time budget; step counts are fitted to it")
     p.add_argument("--out", help="run directory (default: a new speedrun-<time> folder here)")
     p.set_defaults(func=cmd_speedrun)
+
+    p = sub.add_parser("finetune", help="supervised fine-tuning of a Hugging Face MoE model on chat messages (JSONL)")
+    p.add_argument("--model", required=True, help="a Hugging Face model directory (with a chat-template tokenizer)")
+    p.add_argument("--data", required=True, help='JSONL, one {"messages": [{"role", "content"}, ...]} per line')
+    p.add_argument("--out", default="runs/finetune", help="run directory (log.jsonl, checkpoints/, final/)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per packed sample")
+    p.add_argument("--batch-size", type=int, default=8, help="packed samples per optimizer step")
+    p.add_argument("--micro-batch-size", type=int, default=1, help="samples per forward/backward")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-5, or 1e-4 with --lora)")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters (linears and experts) instead")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--lora-targets", help="comma-separated module names (default: all linear layers)")
+    p.add_argument("--no-lora-experts", action="store_true", help="no LoRA on the 3D expert weights")
+    p.add_argument("--drop-long", action="store_true", help="leave out (and count) conversations over --seq-len")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint: RULER long-context tasks, perplexity")
     eval_sub = p.add_subparsers(dest="eval_command", required=True)

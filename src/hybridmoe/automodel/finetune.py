@@ -55,7 +55,7 @@ class FinetuneConfig:
     lora: bool = False
     lora_r: int = 16
     lora_alpha: float = 32.0
-    lora_targets: list[str] | None = None  # module names; None: the attention and MLP projections
+    lora_targets: list[str] | None = None  # module names (PEFT's target_modules); None: every linear layer
     lora_experts: bool = True  # grouped LoRA on the 3D expert weights too
     drop_long: bool = False  # leave out conversations longer than seq_len (reported) instead of failing
     save_every: int = 100
@@ -167,14 +167,10 @@ def _build_model(cfg: FinetuneConfig, ckpt: str | None):
         from .lora import apply_lora, load_lora
 
         model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if ckpt is not None:
-            load_lora(model, ckpt, is_trainable=True)
-        else:
-            apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets,
-                       experts=cfg.lora_experts)  # fmt: skip
-        return model
+        if ckpt is not None:  # the adapters of the checkpoint (base weights frozen, adapters trainable)
+            return load_lora(model, ckpt)
+        targets = cfg.lora_targets if cfg.lora_targets is not None else "all-linear"
+        return apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=targets, experts=cfg.lora_experts)
     return AutoModelForCausalLM.from_pretrained(ckpt or cfg.model, dtype=dtype)
 
 
