@@ -44,11 +44,14 @@ from torch import nn
 
 from ..kernels.moe import ExpertActivation, ExpertLoRA, clamped_swiglu, experts_grouped
 from ..kernels.ssd import causal_conv1d, ssd_chunked
+from ..modeling import _ScaleGrad
 
 log = logging.getLogger(__name__)
 
 # Set on every module whose forward was replaced: what now runs it (also makes patching idempotent).
 PATCHED_ATTR = "_hybridmoe_kernel"
+# Set by `automodel.parallel.parallelize` on experts modules split over an expert-parallel process group.
+EP_GROUP_ATTR = "_hybridmoe_ep_group"
 
 
 # ---------------------------------------------------------------------------------------------- adapters
@@ -243,16 +246,30 @@ def _experts_forward(adapter: ExpertsAdapter, activation: ExpertActivation | str
             if lora is not None:
                 raise NotImplementedError("expert LoRA under transformers' own expert parallelism is not supported")
             return type(self).forward(self, hidden_states, top_k_index, top_k_weights)
-        w_up, w_down = getattr(self, adapter.up), getattr(self, adapter.down)
+        ep_group = getattr(self, EP_GROUP_ATTR, None)
+        if ep_group is not None and lora is not None:
+            raise NotImplementedError("expert LoRA under hybridmoe's expert parallelism is not supported yet")
+
+        def weight(name):  # under expert parallelism: this rank's experts (`automodel.parallel`)
+            p = getattr(self, name)
+            return p if ep_group is None else _local_experts(p, ep_group)
+
+        w_up, w_down = weight(adapter.up), weight(adapter.down)
         if adapter.transposed:
             w_up, w_down = w_up.transpose(1, 2), w_down.transpose(1, 2)  # views: (e, out, in) as the kernel reads
         return experts_grouped(
             hidden_states, w_up, w_down, top_k_index, top_k_weights, activation=activation,
-            b_up_EU=getattr(self, adapter.up_bias) if adapter.up_bias else None,
-            b_down_ED=getattr(self, adapter.down_bias) if adapter.down_bias else None, lora=lora,
+            b_up_EU=weight(adapter.up_bias) if adapter.up_bias else None,
+            b_down_ED=weight(adapter.down_bias) if adapter.down_bias else None, lora=lora, ep_group=ep_group,
         )  # fmt: skip
 
     return forward
+
+
+def _local_experts(p: torch.Tensor, ep_group) -> torch.Tensor:
+    """This rank's block of an expert-sharded DTensor parameter, differentiable, its gradient divided by the ep
+    degree: it sums the tokens of every ep peer, while FSDP averages over the data-parallel ranks only."""
+    return _ScaleGrad.apply(p.to_local(), 1.0 / torch.distributed.get_world_size(ep_group))
 
 
 def _expert_lora(experts: nn.Module, adapter: ExpertsAdapter) -> ExpertLoRA | None:
