@@ -7,12 +7,17 @@ AdamW) on random tokens, and record
   - activations MB: the bytes autograd keeps for backward during one forward (unique storages handed to
     `saved_tensors_hooks`, parameters and the input ids excluded); not measured with activation checkpointing,
     where the recomputation in backward would be counted too;
-  - peak MB: the process's peak resident memory (ru_maxrss), and base MB: resident memory after imports.
-Unlike bench_model.py, the workers run with glibc's default malloc settings (what `hybridmoe pretrain` gets):
-keeping freed blocks for reuse (MALLOC_MMAP_THRESHOLD_ etc.) is faster but raises the peak, by 2.1 GB for `tiny`
-at 32K tokens.
+  - peak MB: the process's peak resident memory (ru_maxrss), and base MB: resident memory after imports, with
+    glibc's default malloc (what `hybridmoe pretrain` gets) and again with MALLOC_MMAP_THRESHOLD_=65536 (freed
+    blocks of 64 KiB or more go back to the system at once, so the resident peak follows the live tensors);
+  - allocated MB: the peak of live tensor bytes over one step, from torch.profiler's memory timeline (a third
+    run; the CPU's counterpart of torch.cuda.max_memory_allocated);
+  - planned MB: what `hybridmoe.plan` predicts for the same step (fp32, one process).
+Unlike bench_model.py's, these workers do not keep freed blocks for reuse, which is faster but raises the peak
+(by 2.1 GB for `tiny` at 32K tokens).
 
-    python benchmarks/bench_memory.py                 # the default cases (a few minutes on 2 cores)
+    python benchmarks/bench_memory.py                 # the default cases (about 20 minutes on 2 cores)
+    python benchmarks/bench_memory.py --table         # the table of the saved results
     python benchmarks/bench_memory.py --cases tiny:8:512:0,small:2:1024:0
 Results: benchmarks/results/memory.json and a markdown table on stdout.
 """
@@ -26,7 +31,8 @@ import resource
 import subprocess
 import sys
 
-DEFAULT_CASES = "tiny:8:512:0,tiny:8:512:1,tiny:1:4096:0,tiny:1:32768:1,small:2:1024:0,small:2:1024:1"
+MMAP_FIXED = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # blocks >= 64 KiB mmapped and returned when freed
+DEFAULT_CASES = "debug:1:64:0,tiny:8:512:0,tiny:8:512:1,tiny:1:4096:0,tiny:1:32768:1,small:2:1024:0,small:2:1024:1"
 
 
 def rss_mb() -> float:
@@ -34,7 +40,7 @@ def rss_mb() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def worker(preset: str, batch: int, seq: int, checkpointing: bool, steps: int) -> dict:
+def worker(preset: str, batch: int, seq: int, checkpointing: bool, steps: int, allocated: bool = False) -> dict:
     import torch
 
     from hybridmoe import HybridMoEConfig, HybridMoEForCausalLM
@@ -55,7 +61,25 @@ def worker(preset: str, batch: int, seq: int, checkpointing: bool, steps: int) -
             saved[ptr] = t.untyped_storage().nbytes()
         return t
 
+    def profiled_step():
+        """The last step under torch.profiler's memory timeline: the peak of live tensor bytes (what
+        torch.cuda.max_memory_allocated is on a GPU); parameters, gradients and optimizer state count because the
+        step touches them."""
+        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
+            loss = model(ids, labels=ids, return_logits=False).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+        _, sizes = MemoryProfileTimeline(p._memory_profile())._coalesce_timeline("cpu")
+        return max(sum(row) for row in sizes), loss
+
     for step in range(steps):
+        if allocated and step == steps - 1:
+            peak_allocated, loss = profiled_step()
+            continue
         if step == 0 and not checkpointing:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 loss = model(ids, labels=ids, return_logits=False).loss
@@ -65,6 +89,8 @@ def worker(preset: str, batch: int, seq: int, checkpointing: bool, steps: int) -
         opt.step()
         opt.zero_grad(set_to_none=False)  # keep the gradients allocated, as a training loop's peak has them
     mb = 2**-20
+    if allocated:
+        return {"allocated_mb": peak_allocated * mb}
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     adam = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
     return {
@@ -78,27 +104,50 @@ def worker(preset: str, batch: int, seq: int, checkpointing: bool, steps: int) -
     }
 
 
+def run_worker(case: str, steps: int, env: dict | None = None, allocated: bool = False) -> dict:
+    cmd = [sys.executable, __file__, "--worker", case, "--steps", str(steps)] + (["--allocated"] if allocated else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if proc.returncode != 0:
+        return {"error": f"exit code {proc.returncode}: " + (proc.stderr.strip().splitlines() or [""])[-1][-200:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def predicted_mb(preset: str, batch: int, seq: int, checkpointing: bool) -> float:
+    from hybridmoe import HybridMoEConfig
+    from hybridmoe.plan import Layout, plan
+
+    layout = Layout(micro_batch=batch, checkpointing=checkpointing)
+    return plan(HybridMoEConfig.from_preset(preset), layout, seq, precision="fp32").total / 2**20
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default=DEFAULT_CASES, help="preset:batch:seq:checkpointing(0/1), comma-separated")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "memory.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--allocated", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--table", action="store_true", help="print the table of --out and exit")
     args = parser.parse_args()
+    if args.table:
+        with open(args.out) as fh:
+            print(table(json.load(fh)))
+        return
     if args.worker:
         preset, batch, seq, ckpt = args.worker.split(":")
-        print(json.dumps(worker(preset, int(batch), int(seq), ckpt == "1", args.steps)))
+        print(json.dumps(worker(preset, int(batch), int(seq), ckpt == "1", args.steps, args.allocated)))
         return
     rows = []
     for case in args.cases.split(","):
-        cmd = [sys.executable, __file__, "--worker", case, "--steps", str(args.steps)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)  # glibc's default malloc, as users run
         preset, batch, seq, ckpt = case.split(":")
         row = {"preset": preset, "batch": int(batch), "seq": int(seq), "checkpointing": ckpt == "1"}
-        if proc.returncode != 0:
-            row["error"] = f"exit code {proc.returncode}: " + (proc.stderr.strip().splitlines() or [""])[-1][-200:]
-        else:
-            row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+        row.update(run_worker(case, args.steps))  # glibc's default malloc, as users run
+        if "error" not in row:
+            fixed = run_worker(case, args.steps, env=MMAP_FIXED)
+            row["peak_mmap_fixed_mb"] = fixed.get("peak_mb")
+            row["base_mmap_fixed_mb"] = fixed.get("base_mb")
+            row.update(run_worker(case, args.steps, allocated=True))
+            row["planned_mb"] = predicted_mb(preset, int(batch), int(seq), ckpt == "1")
         rows.append(row)
         print(json.dumps(row), flush=True)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -109,20 +158,30 @@ def main() -> None:
 
 
 def table(rows: list[dict]) -> str:
+    """The measurements and the planner's prediction side by side. "runtime" is what a process needs beyond its
+    tensors (autograd engine, thread pools, oneDNN): the `debug` row's RSS growth minus its tensor peak, measured,
+    then added to the plan of every other row and compared with that row's RSS under the fixed mmap threshold."""
+    fixed = lambda r: r["peak_mmap_fixed_mb"] - r["base_mmap_fixed_mb"]  # noqa: E731
+    debug = next((r for r in rows if r["preset"] == "debug" and "error" not in r), None)
+    runtime = fixed(debug) - debug["allocated_mb"] if debug else 0.0
     lines = [
-        "| preset | batch x seq | checkpointing | params MB | grads MB | adam MB | activations MB | peak MB | "
-        "peak - base MB |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        f"runtime (debug row's RSS growth minus its tensor peak): {runtime:.0f} MB",
+        "",
+        "| preset | batch x seq | ckpt | params | grads | adam | activations | planned | allocated peak | "
+        "planned / allocated | RSS, fixed threshold | planned + runtime vs it | RSS, default malloc |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         head = f"| {r['preset']} | {r['batch']} x {r['seq']} | {'yes' if r['checkpointing'] else 'no'} |"
         if "error" in r:
-            lines.append(f"{head} failed: {r['error'][:80]} | | | | | |")
+            lines.append(f"{head} failed: {r['error'][:80]} | | | | | | | | | |")
             continue
         act = f"{r['activations_mb']:.0f}" if r["activations_mb"] is not None else "-"
+        vs = (r["planned_mb"] + runtime) / fixed(r) - 1
         lines.append(
             f"{head} {r['params_mb']:.0f} | {r['grads_mb']:.0f} | {r['adam_mb']:.0f} | {act} | "
-            f"{r['peak_mb']:.0f} | {r['peak_mb'] - r['base_mb']:.0f} |"
+            f"{r['planned_mb']:.0f} | {r['allocated_mb']:.0f} | {r['planned_mb'] / r['allocated_mb']:.3f} | "
+            f"{fixed(r):.0f} | {vs:+.1%} | {r['peak_mb'] - r['base_mb']:.0f} |"
         )
     return "\n".join(lines)
 
