@@ -48,10 +48,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..kernels.linear import linear
 from .patch import (
     ADAPTERS,
     MAMBA_MIXERS,
@@ -161,7 +161,7 @@ def _add_linear_lora(linear: nn.Linear, r: int, scaling: float) -> None:
 
 def _lora_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """W x + b + scaling B A x, in the order PEFT's `lora.Linear` computes it (the base layer first)."""
-    result = F.linear(x, self.weight, self.bias)
+    result = linear(x, self.weight, self.bias)  # F.linear, or widened bf16 on a CPU without bf16 units
     return result + (self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))) * self.lora_scaling).to(result.dtype)
 
 

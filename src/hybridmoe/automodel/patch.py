@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.linear import Linear, widen_bf16_on_cpu
 from ..kernels.moe import ExpertActivation, ExpertLoRA, clamped_swiglu, experts_grouped
 from ..kernels.ssd import causal_conv1d, ssd_chunked
 from ..modeling import _ScaleGrad
@@ -228,6 +229,15 @@ def patch_model(model: nn.Module) -> PatchReport:
             mixer.forward = types.MethodType(_mamba2_forward, mixer)
             setattr(mixer, PATCHED_ATTR, (mixer_family, "mamba2"))
             report.replaced[(mixer_family, "Mamba-2 mixers")] += 1
+
+    # On a CPU without bf16 matmul units, bf16 GEMMs run several times slower than fp32 ones: the linear layers of
+    # an accelerated model multiply widened operands instead (`kernels.linear`; exact products, fp32 accumulation,
+    # bf16 saved for backward). A model with nothing else to accelerate stays untouched.
+    if report.replaced and widen_bf16_on_cpu():
+        for module in model.modules():
+            if type(module) is nn.Linear:  # the same parameters and state dict; only the class's forward differs
+                module.__class__ = Linear
+                report.replaced[(family, "linear layers (bf16 matmuls widened to fp32 on this CPU)")] += 1
 
     (log.info if report.replaced else log.warning)(report.summary())
     return report

@@ -332,6 +332,14 @@ class _AllToAll(torch.autograd.Function):
         return gx, None, None, None
 
 
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out = a @ b, computed in a and b's dtype and rounded once into out's dtype."""
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a @ b)
+
+
 class _SegmentExperts(torch.autograd.Function):
     """y = act(x W_up[e]^T + b_up[e]) W_down[e]^T + b_down[e] on each contiguous segment of rows routed to expert e.
     Saves the sorted inputs and the pre-activations u; the activation is recomputed in the backward.
@@ -383,9 +391,10 @@ class _SegmentExperts(torch.autograd.Function):
         zeros = lambda shape: torch.zeros(shape, dtype=cdt, device=x_MD.device)  # noqa: E731
         maybe_zeros = lambda t: None if t is None else zeros(t.shape)  # noqa: E731
         gx_MD = zeros(x_MD.shape)
-        # Frozen base weights (LoRA training) need no full-size gradient.
-        gw_up = zeros(w_up_EUD.shape) if ctx.needs_input_grad[1] else None
-        gw_down = zeros(w_down_EDI.shape) if ctx.needs_input_grad[2] else None
+        # Frozen base weights (LoRA training) need no full-size gradient. The weight gradients are written per
+        # expert straight into the weights' dtype (a bf16 model keeps no full-size fp32 copy of them).
+        gw_up = torch.zeros_like(w_up_EUD) if ctx.needs_input_grad[1] else None
+        gw_down = torch.zeros_like(w_down_EDI) if ctx.needs_input_grad[2] else None
         b_up_dtype, b_down_dtype = ctx.bias_dtypes
         gb_up = zeros(w_up_EUD.shape[:2]) if b_up_dtype is not None else None
         gb_down = zeros(w_down_EDI.shape[:2]) if b_down_dtype is not None else None
@@ -402,7 +411,7 @@ class _SegmentExperts(torch.autograd.Function):
             if gw_down is not None or a_down_ERI is not None:
                 h = act.forward(u)
             if gw_down is not None:
-                torch.mm(g.T, h, out=gw_down[e])
+                _mm_into(gw_down[e], g.T, h)
             gh = g @ w_down_EDI[e].to(cdt)
             if a_down_ERI is not None:  # y += s (h A^T) B^T
                 a, b = a_down_ERI[e].to(cdt), b_down_EDR[e].to(cdt)
@@ -412,7 +421,7 @@ class _SegmentExperts(torch.autograd.Function):
                 gh.addmm_(g_ha, a)
             gu = act.backward(u, gh)
             if gw_up is not None:
-                torch.mm(gu.T, x_MD[rows].to(cdt), out=gw_up[e])
+                _mm_into(gw_up[e], gu.T, x_MD[rows].to(cdt))
             torch.mm(gu, w_up_EUD[e].to(cdt), out=gx_MD[rows])
             if a_up_ERD is not None:  # u += s (x A^T) B^T
                 x = x_MD[rows].to(cdt)
@@ -428,8 +437,8 @@ class _SegmentExperts(torch.autograd.Function):
         cast = lambda grad, like: None if grad is None else grad.to(like.dtype)  # noqa: E731
         return (
             gx_MD.to(x_MD.dtype),
-            cast(gw_up, w_up_EUD),
-            cast(gw_down, w_down_EDI),
+            gw_up,
+            gw_down,
             None if gb_up is None else gb_up.to(b_up_dtype),
             None if gb_down is None else gb_down.to(b_down_dtype),
             None,
