@@ -201,6 +201,50 @@ def cmd_eval_ppl(args) -> int:
     return 0
 
 
+def _engine_kwargs(args) -> dict:
+    return dict(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, tokenizer=args.tokenizer)
+
+
+def _sampling_from_args(args):
+    from .serve import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+
+
+def cmd_serve(args) -> int:
+    from .serve.server import serve
+
+    serve(
+        args.checkpoint, host=args.host, port=args.port, model_name=args.served_model_name, grace_s=args.grace,
+        reasoning_budget=args.reasoning_budget, max_num_seqs=args.max_num_seqs, **_engine_kwargs(args),
+    )  # fmt: skip
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .serve.load import load_engine
+    from .serve.terminal import generate
+
+    engine, tokenizer = load_engine(args.checkpoint, max_num_seqs=1, **_engine_kwargs(args))
+    generate(
+        engine, tokenizer, args.prompt, _sampling_from_args(args), chat=args.chat, reasoning=not args.no_reasoning,
+        reasoning_budget=args.reasoning_budget,
+    )  # fmt: skip
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .serve.load import load_engine
+    from .serve.terminal import chat_loop
+
+    engine, tokenizer = load_engine(args.checkpoint, max_num_seqs=1, **_engine_kwargs(args))
+    chat_loop(
+        engine, tokenizer, _sampling_from_args(args), system=args.system, reasoning=not args.no_reasoning,
+        reasoning_budget=args.reasoning_budget,
+    )  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .presets import PRESETS
 
@@ -321,6 +365,42 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", help="default: cuda if available, else cpu")
     e.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: bfloat16 on GPU, else fp32")
     e.set_defaults(func=cmd_eval_ppl)
+
+    def add_model_args(p, max_tokens: int):
+        p.add_argument("checkpoint", help="a Hugging Face model directory with its tokenizer")
+        p.add_argument("--tokenizer", help="tokenizer directory, if not in the checkpoint")
+        p.add_argument("--max-model-len", type=int, help="prompt + output tokens per request (default: the config's)")
+        p.add_argument("--device", help="default: cuda if available, else cpu")
+        p.add_argument(
+            "--dtype", choices=("float32", "bfloat16", "float16"), help="default: bfloat16 on GPU, else fp32"
+        )
+        p.add_argument("--reasoning-budget", type=int, help="force </think> after this many thinking tokens")
+        if max_tokens:
+            p.add_argument("--max-tokens", type=int, default=max_tokens, help="tokens to generate at most")
+            p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+            p.add_argument("--top-p", type=float, default=1.0)
+            p.add_argument("--seed", type=int, help="sampling seed (default: the engine's generator)")
+            p.add_argument("--no-reasoning", action="store_true", help="answer without a thinking block")
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, models, health, metrics)")
+    add_model_args(p, max_tokens=0)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", help="the model id clients send (default: the checkpoint folder name)")
+    p.add_argument("--max-num-seqs", type=int, default=8, help="requests decoded together (engine slots)")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get on shutdown")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("generate", help="stream the continuation of one prompt (or a chat reply with --chat)")
+    add_model_args(p, max_tokens=256)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user message with the chat template")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat in the terminal, streamed (/exit quits, /think toggles reasoning)")
+    add_model_args(p, max_tokens=1024)
+    p.add_argument("--system", help="a system message")
+    p.set_defaults(func=cmd_chat)
     return parser
 
 

@@ -239,8 +239,8 @@ class Engine:
         if eos_token_id == "config":
             eos_token_id = self.config.eos_token_id
         self.eos_token_ids = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
-        if detokenize is not None and not callable(detokenize):
-            detokenize = detokenize.decode  # a tokenizer
+        if hasattr(detokenize, "decode"):  # a tokenizer (transformers tokenizers are callable too: encode)
+            detokenize = detokenize.decode
         self.detokenize = detokenize
         self.device = model.lm_head.weight.device
         self.generator = torch.Generator(self.device).manual_seed(seed)
@@ -381,7 +381,10 @@ class Engine:
     # ------------------------------------------------------------------ bookkeeping
     def _append_token(self, req: Request, logits_v: torch.Tensor) -> RequestOutput:
         p = req.params
-        token = sample(logits_v, p, req.generator or self.generator)
+        sample_logits = logits_v
+        for process in p.logits_processors:
+            sample_logits = process(req.output_token_ids, sample_logits)
+        token = sample(sample_logits, p, req.generator or self.generator)
         req.output_token_ids.append(token)
         new_logprobs = None
         if p.logprobs is not None:

@@ -2,8 +2,10 @@
 
 Names and meanings follow vLLM's `SamplingParams` where users meet them: `temperature` (0 = greedy), `top_p`,
 `top_k` (0 or None = off), `max_tokens`, `stop_token_ids`, `stop` (strings), `ignore_eos`, `seed`, `logprobs`
-(how many top alternatives to report besides the chosen token). The filters are applied in the order of
-transformers and of `hybridmoe.generation.sample_next_token`: temperature, then top-k, then top-p.
+(how many top alternatives to report besides the chosen token), and `logits_processors` (vLLM's hook: callables
+`(output_token_ids, logits_v) -> logits_v` that the engine applies before sampling; the chat layer's reasoning
+budget is one). The filters are applied in the order of transformers and of
+`hybridmoe.generation.sample_next_token`: temperature, then top-k, then top-p.
 
 Reported logprobs are those of the model's own distribution, `log_softmax(logits)`, before temperature and the
 filters (vLLM's default), so they mean the same thing whatever the request's sampling settings.
@@ -13,6 +15,7 @@ Legend: v vocab.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +32,9 @@ class SamplingParams:
     ignore_eos: bool = False  # True: the model's eos does not end the request (stop_token_ids still do)
     seed: int | None = None  # a private generator per request: the same seed gives the same tokens in any batch
     logprobs: int | None = None  # None: no logprobs; 0: the chosen token's; n: also the n most likely tokens
+    # Applied in order to each step's logits before sampling (reported logprobs stay the model's own); the engine
+    # calls them from its worker thread. Not used by speculative decoding.
+    logits_processors: list[Callable[[list[int], torch.Tensor], torch.Tensor]] = field(default_factory=list)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
