@@ -22,6 +22,15 @@ def _parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
+def _model_dir(path: str) -> str:
+    """A model directory as given, or the newest checkpoint of a run directory (e.g. runs/speedrun/long-context)."""
+    from .train.state import latest_checkpoint
+
+    if os.path.isfile(os.path.join(path, "config.json")) or not os.path.isdir(path):
+        return path  # (a missing path gets the command's own error)
+    return latest_checkpoint(path) or path
+
+
 def _config_from_args(args):
     from .config import HybridMoEConfig
 
@@ -180,8 +189,8 @@ def cmd_eval_ruler(args) -> int:
     from .eval.ruler import run_ruler
 
     report = run_ruler(
-        args.checkpoint, args.lengths, tasks=args.tasks, samples=args.samples, out_dir=args.out, seed=args.seed,
-        haystack=args.haystack, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+        _model_dir(args.checkpoint), args.lengths, tasks=args.tasks, samples=args.samples, out_dir=args.out,
+        seed=args.seed, haystack=args.haystack, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
     )  # fmt: skip
     print(ruler_table(report))
     print("wrote " + ", ".join(report["files"].values()))
@@ -192,8 +201,9 @@ def cmd_eval_ppl(args) -> int:
     from .eval.perplexity import evaluate_perplexity
 
     r = evaluate_perplexity(
-        args.checkpoint, args.data, seq_len=args.seq_len, max_tokens=args.max_tokens, batch_size=args.batch_size,
-        field=args.field, split=args.split, out=args.out, device=args.device, dtype=args.dtype,
+        _model_dir(args.checkpoint), args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
+        batch_size=args.batch_size, field=args.field, split=args.split, out=args.out, device=args.device,
+        dtype=args.dtype,
     )  # fmt: skip
     bpb = f", {r['bits_per_byte']:.4f} bits per byte" if r["bits_per_byte"] is not None else ""
     print(f"perplexity {r['perplexity']:.4f} (loss {r['loss']:.4f} nats/token{bpb}) over {r['target_tokens']:,} "
@@ -215,8 +225,9 @@ def cmd_serve(args) -> int:
     from .serve.server import serve
 
     serve(
-        args.checkpoint, host=args.host, port=args.port, model_name=args.served_model_name, grace_s=args.grace,
-        reasoning_budget=args.reasoning_budget, max_num_seqs=args.max_num_seqs, **_engine_kwargs(args),
+        _model_dir(args.checkpoint), host=args.host, port=args.port, model_name=args.served_model_name,
+        grace_s=args.grace, reasoning_budget=args.reasoning_budget, max_num_seqs=args.max_num_seqs,
+        **_engine_kwargs(args),
     )  # fmt: skip
     return 0
 
@@ -225,7 +236,7 @@ def cmd_generate(args) -> int:
     from .serve.load import load_engine
     from .serve.terminal import generate
 
-    engine, tokenizer = load_engine(args.checkpoint, max_num_seqs=1, **_engine_kwargs(args))
+    engine, tokenizer = load_engine(_model_dir(args.checkpoint), max_num_seqs=1, **_engine_kwargs(args))
     generate(
         engine, tokenizer, args.prompt, _sampling_from_args(args), chat=args.chat, reasoning=not args.no_reasoning,
         reasoning_budget=args.reasoning_budget,
@@ -237,7 +248,7 @@ def cmd_chat(args) -> int:
     from .serve.load import load_engine
     from .serve.terminal import chat_loop
 
-    engine, tokenizer = load_engine(args.checkpoint, max_num_seqs=1, **_engine_kwargs(args))
+    engine, tokenizer = load_engine(_model_dir(args.checkpoint), max_num_seqs=1, **_engine_kwargs(args))
     chat_loop(
         engine, tokenizer, _sampling_from_args(args), system=args.system, reasoning=not args.no_reasoning,
         reasoning_budget=args.reasoning_budget,
