@@ -154,6 +154,9 @@ def test_plan_command(capsys):
     parts = ("params", "grads", "optimizer", "fsdp_buffers", "activations", "moe_dispatch", "transient", "overhead")
     assert out["total"] == pytest.approx(sum(out[k] for k in parts))
     assert out["flops_per_step"] > 0
+    assert main(["plan", "--preset", "debug", "--gpus", "2", "--dp", "2", "--seq", "256"]) == 0
+    text = capsys.readouterr().out
+    assert "activations kept for backward" in text and "with activation checkpointing: activations" in text
     assert (
         main(["plan", "--preset", "debug", "--gpus", "4", "--seq", "256", "--gpu-memory", "1", "--overhead-gib", "0"])
         == 0

@@ -113,6 +113,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    from dataclasses import replace
+
     from .plan import GIB, Layout, feasible_layouts, plan
 
     config = _config_from_args(args)
@@ -151,6 +153,10 @@ def cmd_plan(args) -> int:
     print(f"layout: {layout.describe()}")
     print(f"per GPU (pipeline stage {p.stage}, the fullest): {fits} in {args.gpu_memory:g} GiB")
     print(p.table())
+    other = plan(config, replace(layout, checkpointing=not layout.checkpointing), args.seq, args.global_batch,
+                 args.precision, args.overhead_gib, args.moe_imbalance)  # fmt: skip
+    print(f"  {'with' if other.layout.checkpointing else 'without'} activation checkpointing: activations "
+          f"{other.activations / GIB:.2f} GiB, total {other.total / GIB:.2f} GiB")  # fmt: skip
     tokens = p.global_batch * args.seq
     print(f"FLOPs per step: {p.flops_per_step:.3e} ({tokens:,} tokens; {p.flops_per_step / layout.gpus:.3e} per GPU)")
     if args.gpu_tflops:
