@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from hybridmoe.kernels import linear as linear_mod
 from hybridmoe.kernels.activations import relu_squared, relu_squared_reference
-from hybridmoe.kernels.attention import attention, attention_reference
+from hybridmoe.kernels.attention import attention, attention_after_prefix, attention_reference
 from hybridmoe.kernels.loss import IGNORE_INDEX, linear_cross_entropy, linear_cross_entropy_reference
 from hybridmoe.kernels.moe import clamped_swiglu, experts_backend, experts_grouped, experts_reference
 from hybridmoe.kernels.ssd import (
@@ -643,6 +643,24 @@ def test_attention_bf16(case):
     out = attention(q, k, v, q_offset=q_offset, document_ids=document_ids, block_size=block)
     assert out.dtype == torch.bfloat16
     assert_close_scaled(out, ref, 2e-2, "bf16 attention")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("h,kv,prefix", [(4, 2, 23), (4, 4, 1), (4, 1, 40)])
+def test_attention_chunk_after_cached_keys_merges_prefix(h, kv, prefix, dtype):
+    # Chunked prefill at inference: queries after `prefix` cached keys, the keys read as views of a longer cache.
+    gen = make_gen(h * 100 + kv + prefix)
+    b, t, d = 2, 9, 8
+    q = torch.randn(b, t, h, d, generator=gen).to(dtype).transpose(1, 2)
+    cache = torch.randn(2, b, kv, prefix + t + 5, d, generator=gen).to(dtype)
+    k, v = cache[0, :, :, : prefix + t], cache[1, :, :, : prefix + t]
+    ref = attention_reference(q.float(), k.float(), v.float(), q_offset=prefix)
+    with torch.no_grad():
+        merged = attention_after_prefix(q, k, v, prefix)
+        out = attention(q, k, v, q_offset=prefix)
+    assert merged.dtype == dtype and merged.shape == (b, h, t, d)
+    assert_close_scaled(merged, ref, 1e-5 if dtype == torch.float32 else 2e-2, "merged prefix attention")
+    assert torch.equal(out, merged), "the no-grad path after cached keys should take the merge"
 
 
 # ---------------------------------------------------------------------------------------------- loss
