@@ -60,7 +60,45 @@ def rss_mb() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def worker(shape: str, impl: str, steps: int, warmup: int, batch: int, seq: int) -> dict:
+EXPERT_WEIGHTS = {"qwen3_moe": ["experts.gate_up_proj", "experts.down_proj"],
+                  "nemotron_h": ["experts.up_proj", "experts.down_proj"]}  # fmt: skip
+
+
+# PEFT refuses LoRA on a Mamba mixer's out_proj, so nemotron_h adapts every other linear layer, on both sides.
+LINEAR_TARGETS = {
+    "qwen3_moe": "all-linear",
+    "nemotron_h": ["in_proj", "q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+}
+
+
+def add_lora(model, shape: str, impl: str):
+    """Rank-8 LoRA (alpha 16) on the linear layers (all but the LM head; nemotron_h: but the Mamba out_proj) and on
+    both expert weights: hybridmoe's grouped expert LoRA, or PEFT's (target_parameters) on the transformers model;
+    the base weights frozen."""
+    if impl == "hybridmoe":
+        from hybridmoe.automodel import apply_lora
+
+        return apply_lora(model, r=8, alpha=16, target_modules=LINEAR_TARGETS[shape], experts=True)
+    import peft
+
+    config = peft.LoraConfig(
+        r=8, lora_alpha=16, target_modules=LINEAR_TARGETS[shape], target_parameters=EXPERT_WEIGHTS[shape]
+    )
+    return peft.get_peft_model(model, config)
+
+
+def tensor_peak_mb(step) -> float:
+    """The peak of live tensor bytes over one call of `step`, from torch.profiler's memory timeline."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
+        step()
+    _, sizes = MemoryProfileTimeline(p._memory_profile())._coalesce_timeline("cpu")
+    return max(sum(row) for row in sizes) / 2**20
+
+
+def worker(shape: str, impl: str, steps: int, warmup: int, batch: int, seq: int, lora: bool, tensor_peak: bool) -> dict:
     import torch
     import transformers
 
@@ -74,29 +112,39 @@ def worker(shape: str, impl: str, steps: int, warmup: int, batch: int, seq: int)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     else:
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, experts_implementation=impl)
+    if lora:
+        model = add_lora(model, shape, impl)
     model.train()
     params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True)
     g = torch.Generator().manual_seed(1)
     losses, times = [], []
-    for step in range(warmup + steps):
-        ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g)
-        t0 = time.perf_counter()
+
+    def step(ids):
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
         losses.append(float(loss.detach()))
-        if step >= warmup:
-            times.append(dt)
-    return {
+
+    for i in range(warmup + steps):
+        ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g)
+        t0 = time.perf_counter()
+        step(ids)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    out = {
         "params": params,
+        "trainable": sum(p.numel() for p in trainable),
         "tokens_per_s": batch * seq / statistics.median(times),
         "peak_mb": peak_rss_mb(),
         "added_mb": peak_rss_mb() - base,
-        "losses": losses,
     }
+    if tensor_peak:  # one more step, after the timed ones and the resident-size reading
+        ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g)
+        out["tensor_peak_mb"] = tensor_peak_mb(lambda: step(ids))
+    return out | {"losses": losses}
 
 
 def main() -> None:
@@ -107,25 +155,30 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--lora", action="store_true", help="train rank-8 LoRA adapters (linears and experts) only")
+    parser.add_argument("--tensor-peak", action="store_true", help="also profile one more step's live tensor peak")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per subprocess")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "automodel.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         shape, impl = args.worker.split(":")
-        print(json.dumps(worker(shape, impl, args.steps, args.warmup, args.batch, args.seq)))
+        row = worker(shape, impl, args.steps, args.warmup, args.batch, args.seq, args.lora, args.tensor_peak)
+        print(json.dumps(row))
         return
     import torch
 
     results = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "command": " ".join(["python", "benchmarks/bench_automodel.py", *sys.argv[1:]]),
-        "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup, "rows": [],
+        "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup, "lora": args.lora,
+        "rows": [],
     }  # fmt: skip
     for shape in args.shapes.split(","):
         for impl in args.impls.split(","):
             cmd = [sys.executable, __file__, "--worker", f"{shape}:{impl}", "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq)]  # fmt: skip
+                   "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq),
+                   *(["--lora"] if args.lora else []), *(["--tensor-peak"] if args.tensor_peak else [])]  # fmt: skip
             row = {"shape": shape, "impl": impl}
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -154,8 +207,8 @@ def save(path: str, data: dict) -> None:
 def markdown(results: dict) -> str:
     lines = [
         "| shape | implementation | tokens/s | vs best transformers | peak MB | added MB | added vs best | "
-        "max loss diff vs transformers |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "tensor peak MB | tensor peak vs best | max loss diff vs transformers |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for shape in dict.fromkeys(r["shape"] for r in results["rows"]):
         rows = [r for r in results["rows"] if r["shape"] == shape]
@@ -164,14 +217,17 @@ def markdown(results: dict) -> str:
         for r in rows:
             name = "hybridmoe.automodel" if r["impl"] == "hybridmoe" else f"transformers {r['impl']}"
             if "error" in r:
-                lines.append(f"| {shape} | {name} | failed: {r['error'][:60]} | | | | | |")
+                lines.append(f"| {shape} | {name} | failed: {r['error'][:60]} | | | | | | | |")
                 continue
             speed = f"{r['tokens_per_s'] / best['tokens_per_s']:.2f}x" if best else "-"
             mem = f"{r['added_mb'] / best['added_mb'] - 1:+.0%}" if best else "-"
             diff = max(abs(a - b) for a, b in zip(r["losses"], best["losses"])) if best else float("nan")
+            tp, tp_best = r.get("tensor_peak_mb"), best.get("tensor_peak_mb") if best else None
+            tensor = f"{tp:.0f}" if tp else "-"
+            tensor_vs = f"{tp / tp_best - 1:+.0%}" if tp and tp_best else "-"
             lines.append(
                 f"| {shape} | {name} | {r['tokens_per_s']:.0f} | {speed} | {r['peak_mb']:.0f} | {r['added_mb']:.0f} "
-                f"| {mem} | {diff:.2e} |"
+                f"| {mem} | {tensor} | {tensor_vs} | {diff:.2e} |"
             )
     return "\n".join(lines)
 
@@ -189,7 +245,8 @@ def plot(results: dict, path: str) -> None:
             if r["shape"] == shape and "losses" in r:
                 label = "hybridmoe.automodel" if r["impl"] == "hybridmoe" else r["impl"]
                 ax.plot(range(1, len(r["losses"]) + 1), r["losses"], marker="o", label=label, alpha=0.8)
-        ax.set_title(f"{shape}, bf16, batch {results['batch']} x {results['seq']}")
+        mode = ", LoRA r=8" if results.get("lora") else ""
+        ax.set_title(f"{shape}, bf16, batch {results['batch']} x {results['seq']}{mode}")
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
         ax.legend()

@@ -30,13 +30,16 @@ transformers.logging.set_verbosity_error()
 _ATTN = dict(vocab_size=128, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
 
 
+LOSS = "LM head + loss (fused in training)"
+
+
 def _qwen3_moe():
     # layer 1 is a dense MLP (mlp_only_layers): the detection must leave it alone.
     cfg = transformers.Qwen3MoeConfig(
         **_ATTN, head_dim=8, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
         num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
     )  # fmt: skip
-    return cfg, {("qwen3_moe", "experts modules"): 1}
+    return cfg, {("qwen3_moe", "experts modules"): 1, ("qwen3_moe", LOSS): 1}
 
 
 def _qwen2_moe():
@@ -44,21 +47,21 @@ def _qwen2_moe():
         **_ATTN, intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24,
         num_hidden_layers=2, num_experts=8, num_experts_per_tok=3, norm_topk_prob=False,
     )  # fmt: skip
-    return cfg, {("qwen2_moe", "experts modules"): 2}
+    return cfg, {("qwen2_moe", "experts modules"): 2, ("qwen2_moe", LOSS): 1}
 
 
 def _mixtral():
     cfg = transformers.MixtralConfig(
         **_ATTN, head_dim=8, intermediate_size=16, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2
     )
-    return cfg, {("mixtral", "experts modules"): 2}
+    return cfg, {("mixtral", "experts modules"): 2, ("mixtral", LOSS): 1}
 
 
 def _olmoe():
     cfg = transformers.OlmoeConfig(
         **_ATTN, intermediate_size=16, num_hidden_layers=2, num_experts=8, num_experts_per_tok=2, clip_qkv=4.0
     )
-    return cfg, {("olmoe", "experts modules"): 2}
+    return cfg, {("olmoe", "experts modules"): 2, ("olmoe", LOSS): 1}
 
 
 def _deepseek_v3():
@@ -70,7 +73,7 @@ def _deepseek_v3():
         topk_group=1, routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=4,
         qk_nope_head_dim=8, v_head_dim=8,
     )  # fmt: skip
-    return cfg, {("deepseek_v3", "experts modules"): 1}
+    return cfg, {("deepseek_v3", "experts modules"): 1, ("deepseek_v3", LOSS): 1}
 
 
 def _gpt_oss():
@@ -79,7 +82,7 @@ def _gpt_oss():
         **_ATTN, head_dim=8, intermediate_size=16, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
         sliding_window=8, swiglu_limit=1.5,
     )  # fmt: skip
-    return cfg, {("gpt_oss", "experts modules"): 2}
+    return cfg, {("gpt_oss", "experts modules"): 2, ("gpt_oss", LOSS): 1}
 
 
 def _nemotron_h():
@@ -90,7 +93,7 @@ def _nemotron_h():
         n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, moe_shared_expert_intermediate_size=24,
         moe_latent_size=16, n_group=2, topk_group=1, num_nextn_predict_layers=0, eos_token_id=None,
     )  # fmt: skip
-    return cfg, {("nemotron_h", "experts modules"): 2, ("nemotron_h", "Mamba-2 mixers"): 2}
+    return cfg, {("nemotron_h", "experts modules"): 2, ("nemotron_h", LOSS): 1, ("nemotron_h", "Mamba-2 mixers"): 2}
 
 
 def _glm4_moe():
@@ -100,7 +103,7 @@ def _glm4_moe():
         first_k_dense_replace=0, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=1,
         topk_group=1, use_qk_norm=True,
     )  # fmt: skip
-    return cfg, {("glm4_moe (standard v5 experts)", "experts modules"): 2}
+    return cfg, {("glm4_moe (standard v5 experts)", "experts modules"): 2, ("glm4_moe", LOSS): 1}
 
 
 FAMILIES = {
@@ -212,11 +215,46 @@ def test_family_matches_transformers(family, tmp_path, caplog):
     _state_dict_equal(reloaded, fast)
 
 
+def test_fused_lm_loss_matches_transformers_loss_variants(tmp_path):
+    """The training loss without logits equals transformers' in each of its variants: the router aux loss
+    (output_router_logits), a sum over num_items_in_batch (gradient accumulation), shift_labels given, another
+    ignore_index; eval mode and label-free calls keep transformers' logits."""
+    plain, _ = _plain_checkpoint("qwen3_moe", tmp_path / "plain")
+    fast = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float32)
+    ids, labels = _inputs(plain.config.vocab_size)
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].contiguous()
+    odd = torch.where(labels == -100, -1, labels)
+    variants = {
+        "aux loss": dict(labels=labels, output_router_logits=True),
+        "num_items_in_batch": dict(labels=labels, num_items_in_batch=torch.tensor(50)),
+        "shift_labels": dict(labels=labels, shift_labels=shifted),
+        "ignore_index -1": dict(labels=odd, ignore_index=-1),
+    }
+    plain.train(), fast.train()
+    for name, kw in variants.items():
+        ref, out = plain(input_ids=ids, **kw), fast(input_ids=ids, **kw)
+        assert out.logits is None and ref.logits is not None, name
+        assert abs(out.loss.item() - ref.loss.item()) <= LOSS_ATOL, (name, out.loss.item(), ref.loss.item())
+        if name == "aux loss":
+            assert out.aux_loss is not None and torch.allclose(out.aux_loss, ref.aux_loss), name
+        g_ref = torch.autograd.grad(ref.loss, plain.lm_head.weight)[0]
+        g_out = torch.autograd.grad(out.loss, fast.lm_head.weight)[0]
+        assert (g_out - g_ref).abs().max() <= GRAD_RTOL * g_ref.abs().max(), name
+    assert fast(input_ids=ids).logits is not None  # no labels: logits as usual
+    fast.eval()
+    with torch.no_grad():
+        out = fast(input_ids=ids, labels=labels)
+    assert (
+        out.logits is not None
+        and abs(out.loss.item() - plain.eval()(input_ids=ids, labels=labels).loss.item()) <= LOSS_ATOL
+    )
+
+
 def test_from_config_patches_the_new_model():
     cfg, expected = _mixtral()
     model = AutoModelForCausalLM.from_config(cfg)
     patched = [m for m in model.modules() if hasattr(m, PATCHED_ATTR)]
-    assert len(patched) == sum(expected.values())
+    assert len(patched) == expected[("mixtral", "experts modules")]
     assert all(getattr(m, PATCHED_ATTR) == ("mixtral", "silu_gated") for m in patched)
 
 

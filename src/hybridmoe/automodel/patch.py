@@ -23,6 +23,10 @@ that saves only the sorted inputs and pre-activations). nemotron_h's `NemotronHM
 `hybridmoe.kernels.ssd` (`causal_conv1d`, `ssd_chunked`) when called without a cache, i.e. in training and in
 plain forward passes; with a cache (generation) it keeps transformers' forward.
 
+In training with labels, the model's LM head and loss are fused (`kernels.loss.linear_cross_entropy`): the loss
+of transformers' `ForCausalLMLoss` (with the router aux loss where the family adds it) without the [tokens x vocab]
+logits, which the output then leaves as None; eval mode and calls without labels return transformers' logits.
+
 Limits: an experts module under transformers' own expert parallelism (`_is_expert_parallel`) keeps transformers'
 forward; an experts class outside the table is accelerated only when it declares transformers' standard layout
 (fused [gate; up], not transposed, no biases, no post-expert norm, the default gate, SiLU); the Mamba mixers are left
@@ -31,6 +35,7 @@ alone where transformers would use the `mamba-ssm` CUDA kernels.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import types
@@ -230,6 +235,13 @@ def patch_model(model: nn.Module) -> PatchReport:
             setattr(mixer, PATCHED_ATTR, (mixer_family, "mamba2"))
             report.replaced[(mixer_family, "Mamba-2 mixers")] += 1
 
+    if report.replaced:
+        why_not = _patch_lm_loss(model, family)
+        if why_not is None:
+            report.replaced[(family, "LM head + loss (fused in training)")] += 1
+        else:
+            report.skipped.append(f"the LM loss ({why_not})")
+
     # On a CPU without bf16 matmul units, bf16 GEMMs run several times slower than fp32 ones: the linear layers of
     # an accelerated model multiply widened operands instead (`kernels.linear`; exact products, fp32 accumulation,
     # bf16 saved for backward). A model with nothing else to accelerate stays untouched.
@@ -241,6 +253,84 @@ def patch_model(model: nn.Module) -> PatchReport:
 
     (log.info if report.replaced else log.warning)(report.summary())
     return report
+
+
+# ---------------------------------------------------------------------------------------------- fused LM loss
+
+# Families whose `*ForCausalLM.forward` is: hidden = base model; logits = lm_head(hidden) (maybe `.float()`); loss =
+# ForCausalLMLoss(logits, labels); plus, with output_router_logits, router_aux_loss_coef * aux_loss.
+FUSED_LOSS_FAMILIES = {"qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss", "nemotron_h", "glm4_moe"}
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def _patch_lm_loss(model: nn.Module, family: str) -> str | None:
+    """In training with labels, compute the loss from the LM head's input without forming the [tokens x vocab]
+    logits (`kernels.loss.linear_cross_entropy`, chunked); returns None when patched, else why not."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    if hasattr(model, "_hybridmoe_fused_loss"):
+        return None
+    head = getattr(model, "lm_head", None)
+    if family not in FUSED_LOSS_FAMILIES:
+        return f"{family}: its LM head and loss are not known to be the standard ones"
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        return "the LM head is not a linear layer without bias"
+    if getattr(model, "loss_function", None) is not ForCausalLMLoss:
+        return "the model's loss is not transformers' ForCausalLMLoss"
+    config = model.config
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
+        return "the logits are transformed after the LM head"
+    # transformers' generate reads the forward's signature (logits_to_keep, cache support): keep the original one
+    forward = functools.wraps(type(model).forward)(lambda self, *a, **kw: _fused_loss_forward(self, *a, **kw))
+    model.forward = types.MethodType(forward, model)
+    model._hybridmoe_fused_loss = True
+    return None
+
+
+def _fused_loss_forward(self, *args, labels=None, **kwargs):
+    """transformers' forward, except in training with labels: then the LM head is skipped (its input comes back as
+    the "logits"), the loss is the chunked fused cross-entropy over that input (logits rounded to the head's dtype,
+    as transformers' bf16 head gives them; the mean over the labelled tokens, or the sum over `num_items_in_batch`,
+    as `ForCausalLMLoss`), and the output's `logits` is None: no [tokens x vocab] tensor is formed. Eval mode, no
+    labels, `logits_to_keep`, positional arguments or a LoRA-adapted head: transformers' forward unchanged."""
+    from ..kernels.loss import linear_cross_entropy
+
+    head = self.lm_head
+    fuse = (
+        labels is not None
+        and isinstance(head, nn.Linear)
+        and "forward" not in vars(head)  # a LoRA-adapted head (its own forward) keeps transformers' path
+        and not args
+        and self.training
+        and torch.is_grad_enabled()
+        and kwargs.get("logits_to_keep", 0) == 0
+        and kwargs.get("return_dict", True) is not False
+    )
+    if not fuse:
+        return type(self).forward(self, *args, labels=labels, **kwargs)
+    num_items = kwargs.pop("num_items_in_batch", None)
+    ignore_index = kwargs.pop("ignore_index", -100)
+    shift_labels = kwargs.pop("shift_labels", None)
+    self._modules["lm_head"] = nn.Identity()  # the forward returns the head's input as "logits"
+    try:
+        out = type(self).forward(self, labels=None, **kwargs)
+    finally:
+        self._modules["lm_head"] = head
+    hidden = out.logits.to(head.weight.dtype)  # exact: a head that upcasts (`.float()`) only widened it
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    y = shift_labels.reshape(-1).to(hidden.device)
+    if ignore_index != -100:
+        y = torch.where(y == ignore_index, -100, y)
+    rows = max(128, 2**23 // head.weight.shape[0])  # one chunk's fp32 logits within 32 MB
+    total = linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), head.weight, y, chunk_size=rows, logits_dtype=head.weight.dtype
+    )
+    loss = total / (num_items if num_items is not None else (y != -100).sum())
+    if getattr(out, "aux_loss", None) is not None:
+        loss = loss + self.router_aux_loss_coef * out.aux_loss.to(loss.device)
+    fields = {k: v for k, v in out.items() if k != "logits"}
+    return type(out)(**fields, loss=loss)
 
 
 def _family_of(module: nn.Module, default: str) -> str:

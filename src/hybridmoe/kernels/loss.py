@@ -23,19 +23,23 @@ def linear_cross_entropy_reference(hidden, weight, labels):
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def linear_cross_entropy(hidden, weight, labels, chunk_size: int | None = None):
+def linear_cross_entropy(
+    hidden, weight, labels, chunk_size: int | None = None, logits_dtype: torch.dtype | None = None
+):
     """hidden (n,d), weight (v,d), labels (n,) with -100 for ignored rows. Returns the summed loss (fp32).
-    chunk_size: rows per chunk; by default as many as keep one chunk's fp32 logits within 256 MB (256..2048)."""
+    chunk_size: rows per chunk; by default as many as keep one chunk's fp32 logits within 256 MB (256..2048).
+    logits_dtype: round each chunk's logits, and the gradient with respect to them, to this dtype, as a model whose
+    LM head outputs logits in that dtype before an fp32 loss does (transformers' bf16 models); None keeps them fp32."""
     if hidden.shape[0] != labels.shape[0]:
         raise ValueError(f"linear_cross_entropy: {hidden.shape[0]} rows of hidden but {labels.shape[0]} labels")
     if chunk_size is None:
         chunk_size = max(256, min(2048, 2**26 // weight.shape[0]))
-    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_size)
+    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_size, logits_dtype)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size):
+    def forward(ctx, hidden, weight, labels, chunk_size, logits_dtype=None):
         cdt = torch.float32 if matmul_dtype(hidden) == torch.float32 else hidden.dtype
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         w = weight.to(cdt)
@@ -46,7 +50,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + chunk_size)
             h = hidden[rows].to(cdt)
             y = labels[rows]
-            logits = (h @ w.T).float()  # (c,v)
+            logits = h @ w.T  # (c,v)
+            logits = logits.float() if logits_dtype is None else logits.to(logits_dtype).float()
             valid = y != IGNORE_INDEX
             safe_y = torch.where(valid, y, 0)
             lse = torch.logsumexp(logits, dim=-1)
@@ -58,7 +63,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g.scatter_add_(1, safe_y[:, None], -torch.ones_like(picked)[:, None])
                 if not bool(valid.all()):
                     g.mul_(valid[:, None])
-                g = g.to(cdt)
+                g = g.to(cdt) if logits_dtype is None else g.to(logits_dtype).to(cdt)
                 if want_h:
                     grad_h[rows] = (g @ w).float()
                 if want_w:
@@ -74,4 +79,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = (grad_h * grad_out).to(ctx.dtypes[0]) if grad_h is not None else None
         gw = (grad_w * grad_out).to(ctx.dtypes[1]) if grad_w is not None else None
-        return gh, gw, None, None
+        return gh, gw, None, None, None

@@ -234,10 +234,29 @@ def experts_grouped(
         y_MD = _run_experts(x_MD, w_up_EID, w_down_EDI, counts_E, act, b_up_EU, b_down_ED, lora)
     else:
         y_MD = expert_parallel_segments(x_MD, w_up_EID, w_down_EDI, counts_E, ep_group, act, b_up_EU, b_down_ED, lora)
-    y_MD = y_MD.float() * topk_w_TK.reshape(-1).index_select(0, order_M).float()[:, None]
-    out_TD = torch.zeros((t, x_TD.shape[1]), dtype=torch.float32, device=x_TD.device)
-    out_TD.index_add_(0, token_M, y_MD)
-    return out_TD.to(x_TD.dtype)
+    w_M = topk_w_TK.reshape(-1).index_select(0, order_M)
+    return _WeightedCombine.apply(y_MD, w_M, token_M, t).to(x_TD.dtype)
+
+
+class _WeightedCombine(torch.autograd.Function):
+    """out[t] = sum of w_M[m] * y_MD[m] over the copies m of token t, in fp32 (token_M[m] = t). The same arithmetic as
+    `zeros(t).index_add_(0, token_M, y.float() * w.float()[:, None])` under autograd, but it saves y in its own dtype
+    (bf16: half the bytes of the fp32 product autograd would keep) and widens it again in the backward."""
+
+    @staticmethod
+    def forward(ctx, y_MD, w_M, token_M, t):
+        out_TD = torch.zeros((t, y_MD.shape[1]), dtype=torch.float32, device=y_MD.device)
+        out_TD.index_add_(0, token_M, y_MD.float() * w_M.float()[:, None])
+        ctx.save_for_backward(y_MD, w_M, token_M)
+        return out_TD
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        y_MD, w_M, token_M = ctx.saved_tensors
+        g_MD = g_TD.float().index_select(0, token_M)
+        gy = (g_MD * w_M.float()[:, None]).to(y_MD.dtype) if ctx.needs_input_grad[0] else None
+        gw = (g_MD * y_MD.float()).sum(1).to(w_M.dtype) if ctx.needs_input_grad[1] else None
+        return gy, gw, None, None
 
 
 def _run_experts(
