@@ -147,9 +147,11 @@ def layer_activation_bytes(c: HybridMoEConfig, symbol: str, batch: int, seq: int
         out += t * e * FP32 + t * k * (8 + FP32) + 2 * t * FP32 + batch * e * FP32  # router scores, top-k, aux loss
         if a != FP32:
             out += t * d * FP32  # the router's fp32 input
-        out += m * (2 * 8 + FP32) + m * dl * a + m * i * a + 2 * m * dl * FP32  # order, weights, x, pre-act, y
+        out += m * (2 * 8 + FP32) + m * i * a + m * dl * a  # order, token ids, weights; pre-activations; outputs
         if c.moe_latent_size is not None:
-            out += t * dl * a  # fc2_latent_proj input (fc1's input is the norm output)
+            # the experts' input (fc1_latent_proj's output; without a latent space it is the norm output, which the
+            # shared expert saves anyway) and fc2_latent_proj's input
+            out += 2 * t * dl * a
         out += 2 * t * si * a  # shared expert: up_proj output and its relu^2
     elif symbol == "-":
         out += 2 * t * c.intermediate_size * a

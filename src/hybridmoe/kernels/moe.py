@@ -229,10 +229,10 @@ def experts_grouped(
     order_M = torch.argsort(flat_M, stable=True)
     counts_E = torch.bincount(flat_M, minlength=e)
     token_M = order_M // k
-    x_MD = x_TD.index_select(0, token_M)
-    if ep_group is None:
-        y_MD = _run_experts(x_MD, w_up_EID, w_down_EDI, counts_E, act, b_up_EU, b_down_ED, lora)
+    if ep_group is None:  # the experts gather their rows of x_TD themselves (`rows_of`)
+        y_MD = _run_experts(x_TD, w_up_EID, w_down_EDI, counts_E, act, b_up_EU, b_down_ED, lora, rows_of=token_M)
     else:
+        x_MD = x_TD.index_select(0, token_M)
         y_MD = expert_parallel_segments(x_MD, w_up_EID, w_down_EDI, counts_E, ep_group, act, b_up_EU, b_down_ED, lora)
     w_M = topk_w_TK.reshape(-1).index_select(0, order_M)
     return _WeightedCombine.apply(y_MD, w_M, token_M, t).to(x_TD.dtype)
@@ -260,10 +260,14 @@ class _WeightedCombine(torch.autograd.Function):
 
 
 def _run_experts(
-    x_MD, w_up_EID, w_down_EDI, counts_E, act=ACTIVATIONS["relu2"], b_up_EU=None, b_down_ED=None, lora=None
-):
-    """The experts on rows already sorted by expert (counts_E rows each)."""
+    x_MD, w_up_EID, w_down_EDI, counts_E, act=ACTIVATIONS["relu2"], b_up_EU=None, b_down_ED=None, lora=None,
+    rows_of=None,
+):  # fmt: skip
+    """The experts on rows sorted by expert (counts_E rows each): the rows of x_MD, or with `rows_of` (m,) the rows
+    x_MD[rows_of] (gathered segment by segment, so that the sorted copy of the inputs is never saved)."""
     if experts_backend(x_MD) == "grouped_mm" and x_MD.is_cuda:
+        if rows_of is not None:
+            x_MD = x_MD.index_select(0, rows_of)
         offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
         u_MU = torch._grouped_mm(x_MD, w_up_EID.transpose(-2, -1), offs=offs)
         if lora is not None and lora.up is not None:
@@ -277,11 +281,10 @@ def _run_experts(
         if b_down_ED is not None:
             y_MD = y_MD + b_down_ED.repeat_interleave(counts_E, dim=0)
         return y_MD
-    if lora is None:
-        return _SegmentExperts.apply(x_MD, w_up_EID, w_down_EDI, b_up_EU, b_down_ED, counts_E.tolist(), act)
-    up, down = lora.up or (None, None), lora.down or (None, None)
+    up, down = (lora.up or (None, None), lora.down or (None, None)) if lora is not None else ((None, None),) * 2
+    scaling = lora.scaling if lora is not None else 1.0
     return _SegmentExperts.apply(
-        x_MD, w_up_EID, w_down_EDI, b_up_EU, b_down_ED, counts_E.tolist(), act, *up, *down, lora.scaling
+        x_MD, w_up_EID, w_down_EDI, b_up_EU, b_down_ED, counts_E.tolist(), act, *up, *down, scaling, rows_of
     )
 
 
@@ -319,7 +322,7 @@ def expert_parallel_segments(
     )
     order_R = torch.argsort(local_expert_R, stable=True)
     y_sorted = _run_experts(
-        x_RD.index_select(0, order_R), w_up_LID, w_down_LDI, recv_counts.sum(0), act, b_up_LU, b_down_LD, lora
+        x_RD, w_up_LID, w_down_LDI, recv_counts.sum(0), act, b_up_LU, b_down_LD, lora, rows_of=order_R
     )
     y_RD = _unpermute(y_sorted, order_R)
     return _AllToAll.apply(y_RD, send_splits, recv_splits, ep_group)
@@ -351,6 +354,11 @@ class _AllToAll(torch.autograd.Function):
         return gx, None, None, None
 
 
+def _rows(x: torch.Tensor, rows_of: torch.Tensor | None, rows: slice) -> torch.Tensor:
+    """Rows `rows` of the sorted inputs: x[rows], or x[rows_of[rows]] when the experts gather their own rows."""
+    return x[rows] if rows_of is None else x.index_select(0, rows_of[rows])
+
+
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """out = a @ b, computed in a and b's dtype and rounded once into out's dtype."""
     if out.dtype == a.dtype:
@@ -361,7 +369,8 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 class _SegmentExperts(torch.autograd.Function):
     """y = act(x W_up[e]^T + b_up[e]) W_down[e]^T + b_down[e] on each contiguous segment of rows routed to expert e.
-    Saves the sorted inputs and the pre-activations u; the activation is recomputed in the backward.
+    Saves the inputs (x_MD, or x and the index `rows_of` that sorts its rows: then no sorted copy is kept) and the
+    pre-activations u; the activation is recomputed in the backward.
 
     With LoRA factors (A (e, r, in), B (e, out, r) for the up and / or the down projection), each projection adds
     scaling * (v A[e]^T) B[e]^T; the backward recomputes the rank-r products v A[e]^T rather than saving them, and skips
@@ -370,19 +379,20 @@ class _SegmentExperts(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, x_MD, w_up_EUD, w_down_EDI, b_up_EU, b_down_ED, counts, act,
-        a_up_ERD=None, b_up_EUR=None, a_down_ERI=None, b_down_EDR=None, scaling=1.0,
+        a_up_ERD=None, b_up_EUR=None, a_down_ERI=None, b_down_EDR=None, scaling=1.0, rows_of=None,
     ):  # fmt: skip
         cdt = matmul_dtype(x_MD)
-        m, u = x_MD.shape[0], w_up_EUD.shape[1]
+        m, u = (x_MD.shape[0] if rows_of is None else rows_of.shape[0]), w_up_EUD.shape[1]
         u_MU = torch.empty((m, u), dtype=cdt, device=x_MD.device)
         y_MD = torch.empty((m, w_down_EDI.shape[1]), dtype=cdt, device=x_MD.device)
         start = 0
         for e, n in enumerate(counts):
             if n:
                 rows = slice(start, start + n)
-                torch.mm(x_MD[rows].to(cdt), w_up_EUD[e].to(cdt).T, out=u_MU[rows])
+                x = _rows(x_MD, rows_of, rows).to(cdt)
+                torch.mm(x, w_up_EUD[e].to(cdt).T, out=u_MU[rows])
                 if a_up_ERD is not None:
-                    xa = x_MD[rows].to(cdt) @ a_up_ERD[e].to(cdt).T
+                    xa = x @ a_up_ERD[e].to(cdt).T
                     u_MU[rows].addmm_(xa, b_up_EUR[e].to(cdt).T, alpha=scaling)
                 if b_up_EU is not None:
                     u_MU[rows] += b_up_EU[e].to(cdt)
@@ -398,18 +408,18 @@ class _SegmentExperts(torch.autograd.Function):
         ctx.counts, ctx.act, ctx.scaling = counts, act, scaling
         ctx.bias_dtypes = (None if b_up_EU is None else b_up_EU.dtype, None if b_down_ED is None else b_down_ED.dtype)
         lora = (a_up_ERD, b_up_EUR, a_down_ERI, b_down_EDR)
-        ctx.save_for_backward(x_MD, u_MU.to(x_MD.dtype), w_up_EUD, w_down_EDI, *lora)
+        ctx.save_for_backward(x_MD, u_MU.to(x_MD.dtype), w_up_EUD, w_down_EDI, *lora, rows_of)
         return y_MD.to(x_MD.dtype)
 
     @staticmethod
     def backward(ctx, g_MD):
-        x_MD, u_MU, w_up_EUD, w_down_EDI, a_up_ERD, b_up_EUR, a_down_ERI, b_down_EDR = ctx.saved_tensors
+        x_MD, u_MU, w_up_EUD, w_down_EDI, a_up_ERD, b_up_EUR, a_down_ERI, b_down_EDR, rows_of = ctx.saved_tensors
         act, s = ctx.act, ctx.scaling
         cdt = matmul_dtype(x_MD)
-        g_MD = g_MD.to(cdt)
         zeros = lambda shape: torch.zeros(shape, dtype=cdt, device=x_MD.device)  # noqa: E731
         maybe_zeros = lambda t: None if t is None else zeros(t.shape)  # noqa: E731
-        gx_MD = zeros(x_MD.shape)
+        # g and dL/dx stay in their own dtype and are widened / rounded one segment at a time: no full-size copies.
+        gx_MD = torch.zeros((u_MU.shape[0], x_MD.shape[1]), dtype=x_MD.dtype, device=x_MD.device)
         # Frozen base weights (LoRA training) need no full-size gradient. The weight gradients are written per
         # expert straight into the weights' dtype (a bf16 model keeps no full-size fp32 copy of them).
         gw_up = torch.zeros_like(w_up_EUD) if ctx.needs_input_grad[1] else None
@@ -426,7 +436,7 @@ class _SegmentExperts(torch.autograd.Function):
             rows = slice(start, start + n)
             start += n
             u = u_MU[rows].to(cdt)
-            g = g_MD[rows]
+            g = g_MD[rows].to(cdt)
             if gw_down is not None or a_down_ERI is not None:
                 h = act.forward(u)
             if gw_down is not None:
@@ -439,23 +449,27 @@ class _SegmentExperts(torch.autograd.Function):
                 torch.mm(g.T, h @ a.T, out=gbl_down[e]).mul_(s)
                 gh.addmm_(g_ha, a)
             gu = act.backward(u, gh)
+            if gw_up is not None or a_up_ERD is not None:
+                x = _rows(x_MD, rows_of, rows).to(cdt)
             if gw_up is not None:
-                _mm_into(gw_up[e], gu.T, x_MD[rows].to(cdt))
-            torch.mm(gu, w_up_EUD[e].to(cdt), out=gx_MD[rows])
+                _mm_into(gw_up[e], gu.T, x)
+            gx = gu @ w_up_EUD[e].to(cdt)
             if a_up_ERD is not None:  # u += s (x A^T) B^T
-                x = x_MD[rows].to(cdt)
                 a, b = a_up_ERD[e].to(cdt), b_up_EUR[e].to(cdt)
                 g_xa = (gu @ b).mul_(s)
                 torch.mm(g_xa.T, x, out=ga_up[e])
                 torch.mm(gu.T, x @ a.T, out=gbl_up[e]).mul_(s)
-                gx_MD[rows].addmm_(g_xa, a)
+                gx.addmm_(g_xa, a)
+            gx_MD[rows] = gx
             if gb_up is not None:
                 torch.sum(gu, 0, out=gb_up[e])
             if gb_down is not None:
                 torch.sum(g, 0, out=gb_down[e])
         cast = lambda grad, like: None if grad is None else grad.to(like.dtype)  # noqa: E731
+        if rows_of is not None:  # the backward of the gather x_MD[rows_of], as autograd's index_select has it
+            gx_MD = torch.zeros_like(x_MD).index_add_(0, rows_of, gx_MD)
         return (
-            gx_MD.to(x_MD.dtype),
+            gx_MD,
             gw_up,
             gw_down,
             None if gb_up is None else gb_up.to(b_up_dtype),
@@ -463,5 +477,6 @@ class _SegmentExperts(torch.autograd.Function):
             None,
             None,
             *(cast(grad, t) for grad, t in zip(g_lora, (a_up_ERD, b_up_EUR, a_down_ERI, b_down_EDR))),
+            None,
             None,
         )
