@@ -41,23 +41,27 @@ def _worker(rank, world, store, out_dir, family, ep):
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(0, config.vocab_size, (2 * world, 16), generator=g)
         # single process: the whole batch (every rank computes it)
-        ref_out = reference(ids, labels=ids)
+        ref_out = reference(ids, labels=ids)  # training with labels: the fused LM loss (logits None)
         ref_out.loss.backward()
         # parallel: this rank's rows; the loss is a mean over rows of equal length, so the rank average is exact
         parallelize(model, par)
         rows = slice(2 * rank, 2 * rank + 2)
+        with torch.no_grad():  # the logits first: FSDP2 drops the root's gradients at a forward after backward
+            logits, ref_logits = model(ids[rows]).logits, reference(ids).logits[rows]
         out = model(ids[rows], labels=ids[rows])
         out.loss.backward()
+        assert out.logits is None and ref_out.logits is None
         loss = out.loss.detach().clone()
         dist.all_reduce(loss)
         result = {
-            "logits": (out.logits - ref_out.logits[rows]).abs().max().item(),
+            "logits": (logits - ref_logits).abs().max().item(),
             "loss": abs(loss.item() / world - ref_out.loss.item()),
             "grads": {},
             "sharded": 0,
         }
         ref_grads = {n: p.grad for n, p in reference.named_parameters()}
         for name, p in model.named_parameters():
+            assert p.grad is not None, f"{family}: {name} has no gradient"
             grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
             ref = ref_grads[name]
             result["grads"][name] = ((grad - ref).abs().max() / ref.abs().max().clamp(min=1e-12)).item()

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import logging
 import types
 from collections import Counter
@@ -292,22 +293,27 @@ def _fused_loss_forward(self, *args, labels=None, **kwargs):
     the "logits"), the loss is the chunked fused cross-entropy over that input (logits rounded to the head's dtype,
     as transformers' bf16 head gives them; the mean over the labelled tokens, or the sum over `num_items_in_batch`,
     as `ForCausalLMLoss`), and the output's `logits` is None: no [tokens x vocab] tensor is formed. Eval mode, no
-    labels, `logits_to_keep`, positional arguments or a LoRA-adapted head: transformers' forward unchanged."""
+    labels, `logits_to_keep` or a LoRA-adapted head: transformers' forward unchanged."""
     from ..kernels.loss import linear_cross_entropy
 
     head = self.lm_head
+    if args:  # positional arguments (input_ids, attention_mask, ...) by their names in transformers' signature
+        names = list(inspect.signature(type(self).forward).parameters)[1:]
+        if len(args) > len(names) or any(n in kwargs for n in names[: len(args)]):
+            return type(self).forward(self, *args, labels=labels, **kwargs)
+        kwargs.update(zip(names, args))
+        labels = kwargs.pop("labels", labels)
     fuse = (
         labels is not None
         and isinstance(head, nn.Linear)
         and "forward" not in vars(head)  # a LoRA-adapted head (its own forward) keeps transformers' path
-        and not args
         and self.training
         and torch.is_grad_enabled()
         and kwargs.get("logits_to_keep", 0) == 0
         and kwargs.get("return_dict", True) is not False
     )
     if not fuse:
-        return type(self).forward(self, *args, labels=labels, **kwargs)
+        return type(self).forward(self, labels=labels, **kwargs)
     num_items = kwargs.pop("num_items_in_batch", None)
     ignore_index = kwargs.pop("ignore_index", -100)
     shift_labels = kwargs.pop("shift_labels", None)
