@@ -17,7 +17,21 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 WORLD = 2
 
 
-def _worker(rank, world, store, out_dir, family, ep):
+def _add_lora(model, family):
+    """Rank-2 LoRA on every linear layer and the experts, the same on every rank; B random (not zero) so that every
+    factor gets a gradient."""
+    from hybridmoe.automodel import apply_lora
+
+    torch.manual_seed(5)
+    apply_lora(model, r=2, alpha=4)
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def _worker(rank, world, store, out_dir, family, ep, lora=False):
     import transformers
 
     from hybridmoe.automodel import AutoModelForCausalLM
@@ -37,6 +51,9 @@ def _worker(rank, world, store, out_dir, family, ep):
         reference.train()
         model = AutoModelForCausalLM.from_config(config)
         model.load_state_dict(reference.state_dict())
+        if lora:
+            _add_lora(reference, family)
+            _add_lora(model, family)
         model.train()
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(0, config.vocab_size, (2 * world, 16), generator=g)
@@ -61,12 +78,20 @@ def _worker(rank, world, store, out_dir, family, ep):
         }
         ref_grads = {n: p.grad for n, p in reference.named_parameters()}
         for name, p in model.named_parameters():
+            if not p.requires_grad:  # frozen under LoRA
+                assert p.grad is None and ref_grads[name] is None, name
+                continue
             assert p.grad is not None, f"{family}: {name} has no gradient"
             grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
             ref = ref_grads[name]
             result["grads"][name] = ((grad - ref).abs().max() / ref.abs().max().clamp(min=1e-12)).item()
             local = p.to_local() if hasattr(p, "to_local") else p
             result["sharded"] += int(local.numel() < p.numel())
+        result["expert_lora_sharded"] = sum(
+            int(hasattr(p, "to_local") and p.to_local().shape[0] < p.shape[0])
+            for name, p in model.named_parameters()
+            if ".experts.lora_" in name
+        )
         with open(os.path.join(out_dir, f"{family}-{ep}-{rank}.json"), "w") as fh:
             json.dump(result, fh)
     finally:
@@ -89,3 +114,19 @@ def test_parallel_equals_single_process(tmp_path, family, ep):
         worst = max(r["grads"].items(), key=lambda kv: kv[1])
         assert worst[1] <= 1e-4, worst
         assert r["sharded"] > 0  # FSDP (and EP) really split the parameters
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_expert_lora_under_expert_parallelism_equals_single_process(tmp_path, family):
+    mp.start_processes(
+        _worker, args=(WORLD, str(tmp_path / "store"), str(tmp_path), family, 2, True), nprocs=WORLD,
+        start_method="spawn",
+    )  # fmt: skip
+    for rank in range(WORLD):
+        with open(tmp_path / f"{family}-2-{rank}.json") as fh:
+            r = json.load(fh)
+        assert r["logits"] <= 1e-5 and r["loss"] <= 1e-6, (r["logits"], r["loss"])
+        assert any(".experts.lora_" in name for name in r["grads"]), "no expert adapters were trained"
+        worst = max(r["grads"].items(), key=lambda kv: kv[1])
+        assert worst[1] <= 1e-4, worst
+        assert r["expert_lora_sharded"] > 0, "the expert adapters were not split with their experts"

@@ -3,10 +3,11 @@
 The same layout as `hybridmoe.distributed` (torchtitan's, `../shared/reference/automodel.md`) on the ("dp_shard",
 "ep") mesh of `hybridmoe.distributed.setup`:
   - every experts module found by `find_moe_experts` has each parameter whose first dimension is the expert
-    dimension (the 3D weights, GPT-OSS's (e, out) biases) split in contiguous blocks over "ep" (a DTensor sharded on
-    dim 0); its patched forward then sends the token copies to the ranks that own their experts and back with
-    all-to-alls (`kernels.moe.expert_parallel_segments`), and divides the experts' gradients by ep (they sum the
-    tokens of all ep peers, while FSDP averages over "dp_shard" only);
+    dimension (the 3D weights, GPT-OSS's (e, out) biases, the grouped LoRA factors of `apply_lora`, which must come
+    first) split in contiguous blocks over "ep" (a DTensor sharded on dim 0); its patched forward then sends the
+    token copies to the ranks that own their experts and back with all-to-alls
+    (`kernels.moe.expert_parallel_segments`), and divides the experts' gradients by ep (they sum the tokens of all
+    ep peers, while FSDP averages over "dp_shard" only);
   - the experts modules are `fully_shard`-ed over "dp_shard", every decoder layer over all ranks ("dp"), and the
     root last; a module whose own parameters have another dtype than its layer's (an fp32 router in a bf16 model)
     becomes its own FSDP unit, since one unit holds one dtype;
@@ -64,6 +65,15 @@ def parallelize(model: nn.Module, par, reshard_after_forward: bool = True) -> nn
                 if p.dim() >= 2 and p.shape[0] == n_experts:
                     sharded = distribute_tensor(p.data, par.mesh["ep"], [Shard(0)], src_data_rank=None)
                     setattr(experts, pname, nn.Parameter(sharded, requires_grad=p.requires_grad))
+            weight_dtype = next(p.dtype for p in experts.parameters(recurse=False) if p.dim() == 3)
+            for adapters in (getattr(experts, "lora_A", None), getattr(experts, "lora_B", None)):
+                if isinstance(adapters, nn.ParameterDict):  # grouped expert LoRA: A, B split with their experts
+                    for pname, p in list(adapters.items()):
+                        sharded = distribute_tensor(p.data, par.mesh["ep"], [Shard(0)], src_data_rank=None)
+                        adapters[pname] = nn.Parameter(sharded, requires_grad=p.requires_grad)
+                    if any(p.dtype != weight_dtype for p in adapters.parameters()):  # fp32 adapters, bf16 experts
+                        fully_shard(adapters, mesh=par.mesh["dp_shard"], reshard_after_forward=reshard_after_forward,
+                                    mp_policy=mp)  # fmt: skip
             setattr(experts, EP_GROUP_ATTR, par.ep_group)
             fully_shard(experts, mesh=par.mesh["dp_shard"], reshard_after_forward=reshard_after_forward, mp_policy=mp)
     for layer in decoder_layers(model):

@@ -353,12 +353,23 @@ def _experts_forward(adapter: ExpertsAdapter, activation: ExpertActivation | str
                 raise NotImplementedError("expert LoRA under transformers' own expert parallelism is not supported")
             return type(self).forward(self, hidden_states, top_k_index, top_k_weights)
         ep_group = getattr(self, EP_GROUP_ATTR, None)
-        if ep_group is not None and lora is not None:
-            raise NotImplementedError("expert LoRA under hybridmoe's expert parallelism is not supported yet")
 
-        def weight(name):  # under expert parallelism: this rank's experts (`automodel.parallel`)
-            p = getattr(self, name)
-            return p if ep_group is None else _local_experts(p, ep_group)
+        def local(p):  # under expert parallelism: this rank's experts (`automodel.parallel`)
+            if ep_group is None:
+                return p
+            if not hasattr(p, "to_local"):
+                raise ValueError(
+                    "expert LoRA added after automodel.parallelize: its adapters are whole on every rank; call "
+                    "apply_lora (or load_lora) before parallelize, so that they are split with their experts"
+                )
+            return _local_experts(p, ep_group)
+
+        def weight(name):
+            return local(getattr(self, name))
+
+        if lora is not None and ep_group is not None:
+            pair = lambda ab: None if ab is None else (local(ab[0]), local(ab[1]))  # noqa: E731
+            lora = ExpertLoRA(up=pair(lora.up), down=pair(lora.down), scaling=lora.scaling)
 
         w_up, w_down = weight(adapter.up), weight(adapter.down)
         if adapter.transposed:
