@@ -174,15 +174,31 @@ def mtp_worker(spec: dict) -> dict:
     result["plain_tokens_per_s"] = 16 * 128 / (time.perf_counter() - t0)
     for k in (1, 2, 3):
         t0, same, accepted, drafted, steps = time.perf_counter(), True, 0, 0, 0
+        parts = dict.fromkeys(("draft_s", "verify_s", "replay_s", "commit_s"), 0.0)
         for p, ref in zip(prompts, plain):
             o = speculative_generate(model, p, params, num_draft_tokens=k)
             same &= o.token_ids == ref
             accepted, drafted = accepted + o.stats.num_accepted, drafted + o.stats.num_drafted
             steps += o.stats.num_verify_steps
+            for name in parts:
+                parts[name] += getattr(o.stats, name)
         result[f"k{k}"] = {
             "tokens_per_s": 16 * 128 / (time.perf_counter() - t0), "acceptance": accepted / max(1, drafted),
             "tokens_per_verify": 16 * 128 / max(1, steps), "identical": bool(same),
+            **{f"{name[:-2]}_ms_per_token": 1e3 * v / (16 * 128) for name, v in parts.items()},
         }  # fmt: skip
+    # What one cached forward of the main model costs for 1..4 new tokens (the verification forward of k drafts
+    # reads k + 1): the mean of 32 calls after a 64-token prompt.
+    result["forward_ms"] = {}
+    with torch.no_grad():
+        for n in (1, 2, 3, 4):
+            cache = model.new_cache(1, capacity=64 + 32 * n + 1)
+            model(torch.tensor([prompts[0]]), cache=cache, logits_to_keep=1)
+            ids = torch.tensor([prompts[1][:n]])
+            t0 = time.perf_counter()
+            for _ in range(32):
+                model(ids, cache=cache)
+            result["forward_ms"][str(n)] = 1e3 * (time.perf_counter() - t0) / 32
     return result
 
 
@@ -278,6 +294,18 @@ def markdown(results: dict) -> str:
                 f"| {k} | {m['tokens_per_s']:.1f} | {m['tokens_per_s'] / r['plain_tokens_per_s']:.2f}x | "
                 f"{m['acceptance']:.1%} | {m['tokens_per_verify']:.2f} | {m['identical']} |"
             )
+        if "draft_ms_per_token" in r["k1"]:
+            lines += ["", f"plain decoding: {1e3 / r['plain_tokens_per_s']:.1f} ms per token; one cached forward "
+                      "of the main model for 1 / 2 / 3 / 4 new tokens: "
+                      + " / ".join(f"{v:.1f}" for v in r["forward_ms"].values()) + " ms", "",
+                      "| drafts | draft ms/token | verify ms/token | replay ms/token | MTP commit ms/token |",
+                      "|---:|---:|---:|---:|---:|"]  # fmt: skip
+            for k in (1, 2, 3):
+                m = r[f"k{k}"]
+                lines.append(
+                    f"| {k} | {m['draft_ms_per_token']:.1f} | {m['verify_ms_per_token']:.1f} | "
+                    f"{m['replay_ms_per_token']:.1f} | {m['commit_ms_per_token']:.1f} |"
+                )
     sel = [r for r in rows if r["part"] == "prefill"]
     if sel:
         lines += ["", "| prompt tokens | prefill s | tokens/s | KV + state cache MB | peak MB | added MB |",

@@ -27,6 +27,7 @@ This is a standalone batch-1 decode loop (`speculative_generate`); the engine's 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,12 @@ class SpeculativeStats:
     num_accepted: int = 0  # of which the main model accepted
     num_verify_steps: int = 0  # verification forwards of the main model
     num_replays: int = 0  # rollbacks that re-ran the accepted tokens
+    # where the time went (seconds): MTP drafting, the main model's verification forwards (with the Mamba snapshot
+    # and the acceptance test), replays after a rejection, and committing accepted positions to the MTP layer
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    replay_s: float = 0.0
+    commit_s: float = 0.0
 
     @property
     def acceptance_rate(self) -> float:
@@ -130,7 +137,10 @@ def speculative_generate(
 
     finish = _finish_reason(tokens, params, stop_ids)
     while finish is None:
+        t0 = time.perf_counter()
         draft_ids, draft_probs = _draft(mtp, mtp_x, mtp_logits, k, params, generator)
+        t1 = time.perf_counter()
+        stats.draft_s += t1 - t0
 
         # Verify: the pending token and the k drafts in one forward of the main model.
         m = cache.seq_len
@@ -140,6 +150,8 @@ def speculative_generate(
         target_probs = sampling_probs(out.logits[0], params)  # (k+1, v)
         new = verify_drafts(target_probs, torch.stack(draft_probs), draft_ids, params.greedy, generator)
         accepted = len(new) - 1
+        t2 = time.perf_counter()
+        stats.verify_s += t2 - t1
         stats.num_verify_steps += 1
         stats.num_drafted += k
         stats.num_accepted += accepted
@@ -154,8 +166,11 @@ def speculative_generate(
         if accepted < k:
             rollback(model, cache, snapshot, m, verify_ids[: accepted + 1])
             stats.num_replays += 1
+        t3 = time.perf_counter()
+        stats.replay_s += t3 - t2
         # Positions m..m+accepted are now processed: commit them to the MTP with the tokens that follow each.
         mtp_x, mtp_logits = mtp.commit(out.hidden_states[:, : accepted + 1], new)
+        stats.commit_s += time.perf_counter() - t3
     return SpeculativeOutput(tokens, finish, stats)
 
 
