@@ -183,7 +183,7 @@ def cmd_finetune(args) -> int:
         lr=args.lr if args.lr is not None else (1e-4 if args.lora else 1e-5), warmup_steps=args.warmup_steps,
         dtype=args.dtype, lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         lora_targets=args.lora_targets.split(",") if args.lora_targets else None, lora_experts=not args.no_lora_experts,
-        drop_long=args.drop_long, save_every=args.save_every, seed=args.seed,
+        drop_long=args.drop_long, save_every=args.save_every, seed=args.seed, ep=args.ep,
     )  # fmt: skip
     summary = finetune(cfg, resume=args.resume)
     print(json.dumps(summary))
@@ -351,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-long", action="store_true", help="leave out (and count) conversations over --seq-len")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel degree (under torchrun)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.set_defaults(func=cmd_finetune)
 
