@@ -186,7 +186,8 @@ def cmd_finetune(args) -> int:
         drop_long=args.drop_long, save_every=args.save_every, seed=args.seed, ep=args.ep,
     )  # fmt: skip
     summary = finetune(cfg, resume=args.resume)
-    print(json.dumps(summary))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 talks
+        print(json.dumps(summary))
     return 0
 
 
