@@ -40,6 +40,19 @@ def test_generate_streams_the_engine_output(checkpoint, capsys):
     assert re.search(r"\[\d+ tokens in [\d.]+ s, [\d.]+ tokens/s; finish: (stop|length)\]", err)
 
 
+def test_generate_speculative_prints_the_greedy_output_and_acceptance(checkpoint, tmp_path, capsys):
+    assert main(["generate", checkpoint, "--prompt", "Hi", "--speculative", "2"]) == 2  # no MTP layer: clear error
+    assert "num_nextn_predict_layers=0" in capsys.readouterr().err
+    with_mtp = make_checkpoint(tmp_path / "mtp", mtp=True)
+    args = ["generate", with_mtp, "--prompt", "The weather in", "--max-tokens", "12", "--temperature", "0"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--speculative", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert out == plain  # greedy speculation changes the speed, never the tokens
+    assert re.search(r"2 drafts per step, acceptance [\d.]+%, [\d.]+ tokens per verification", err), err
+
+
 def test_generate_chat_with_reasoning_budget(checkpoint, capsys):
     args = ["generate", checkpoint, "--prompt", "Weather?", "--chat", "--max-tokens", "8", "--temperature", "0"]
     assert main(args + ["--reasoning-budget", "0"]) == 0

@@ -32,8 +32,9 @@ CORPUS = (
 )
 
 
-def make_checkpoint(path) -> str:
-    """A debug-preset model with random weights and a small byte-level BPE tokenizer, saved together."""
+def make_checkpoint(path, mtp: bool = False) -> str:
+    """A debug-preset model with random weights and a small byte-level BPE tokenizer, saved together (with
+    `mtp`, the preset's MTP layer too)."""
     path.mkdir(parents=True, exist_ok=True)
     corpus = path / "corpus.txt"
     corpus.write_text(CORPUS * 40)
@@ -41,7 +42,7 @@ def make_checkpoint(path) -> str:
     corpus.unlink()
     torch.manual_seed(0)
     vocab = vocab_size_of(load_tokenizer(path))
-    config = HybridMoEConfig.from_preset("debug", num_nextn_predict_layers=0, vocab_size=vocab, eos_token_id=1)
+    config = HybridMoEConfig.from_preset("debug", num_nextn_predict_layers=int(mtp), vocab_size=vocab, eos_token_id=1)
     HybridMoEForCausalLM(config).save_pretrained(path)
     return str(path)
 

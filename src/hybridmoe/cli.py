@@ -244,6 +244,11 @@ def cmd_generate(args) -> int:
     from .serve.terminal import generate
 
     engine, tokenizer = load_engine(_model_dir(args.checkpoint), max_num_seqs=1, **_engine_kwargs(args))
+    if args.speculative:
+        from .serve.terminal import generate_speculative
+
+        generate_speculative(engine, tokenizer, args.prompt, _sampling_from_args(args), args.speculative, args.chat)
+        return 0
     generate(
         engine, tokenizer, args.prompt, _sampling_from_args(args), chat=args.chat, reasoning=not args.no_reasoning,
         reasoning_budget=args.reasoning_budget,
@@ -414,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p, max_tokens=256)
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="send the prompt as a user message with the chat template")
+    p.add_argument(
+        "--speculative", type=int, metavar="K", help="MTP speculative decoding, K drafts per step (not streamed)"
+    )
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="chat in the terminal, streamed (/exit quits, /think toggles reasoning)")

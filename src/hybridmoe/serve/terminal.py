@@ -190,3 +190,36 @@ def chat_loop(
         if message.reasoning_content:
             reply["reasoning_content"] = message.reasoning_content
         history = messages + [reply]
+
+
+def generate_speculative(
+    engine: Engine, tokenizer, prompt: str, params: SamplingParams, num_draft_tokens: int, chat: bool = False,
+    out: TextIO | None = None,
+) -> str:  # fmt: skip
+    """`generate` with MTP speculative decoding (`serve.speculative`, one request, not streamed): drafts
+    `num_draft_tokens` tokens per verification forward; reports the acceptance rate. The reply of a chat prompt is
+    printed as generated, reasoning included."""
+    from .speculative import speculative_generate
+
+    out = out or sys.stdout
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)  # fmt: skip
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    t0 = time.perf_counter()
+    result = speculative_generate(
+        engine.model, ids, params, num_draft_tokens=num_draft_tokens, eos_token_id=sorted(engine.eos_token_ids)
+    )
+    dt = time.perf_counter() - t0
+    shown = result.token_ids[:-1] if result.finish_reason == "stop" else result.token_ids  # not the stop token
+    text = tokenizer.decode(shown)
+    out.write(text + "\n")
+    out.flush()
+    s = result.stats
+    print(f"[{len(result.token_ids)} tokens in {dt:.2f} s, {len(result.token_ids) / dt:.1f} tokens/s; "
+          f"{num_draft_tokens} drafts per step, acceptance {s.acceptance_rate:.1%}, "
+          f"{s.mean_accepted_length:.2f} tokens per verification; finish: {result.finish_reason}]",
+          file=sys.stderr, flush=True)  # fmt: skip
+    return text
