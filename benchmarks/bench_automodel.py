@@ -1,16 +1,19 @@
 """Fine-tuning Hugging Face MoE models: plain transformers (each `experts_implementation`) vs `hybridmoe.automodel`,
 side by side in one run, on the same random weights and the same batches (issue 6).
 
-Two shapes, random init, bf16 weights and compute, AdamW (lr 1e-4), batch 2 x 512:
+Two shapes, random init, bf16 weights and compute (--dtype fp32 for fp32), AdamW (lr 1e-4), batch 2 x 512:
   - qwen3_moe: 4 layers, hidden 512, 8 heads of 64 (4 KV), 128 experts of width 128, top-8, vocab 8192;
   - nemotron_h: the same width and experts as a hybrid, Mamba-2 / MoE / attention / MoE / Mamba-2 / MoE (6 layers),
     no latent projection.
 Each (shape, implementation) runs in a fresh subprocess so its peak resident memory (ru_maxrss) is its own; "added"
 is the peak minus the resident size just before the model is built. Tokens/s is the median over the timed steps
 (after `--warmup` untimed ones); the losses of every step are recorded so the curves can be compared.
+`--tensor-peak` also profiles one more step's peak of live tensor bytes; `--lora` trains rank-8 adapters instead
+(hybridmoe's `apply_lora` against PEFT on the transformers model, the same targets).
 
-    python benchmarks/bench_automodel.py                 # about 15 minutes on 2 cores
-    python benchmarks/bench_automodel.py --shapes qwen3_moe --steps 4
+    python benchmarks/bench_automodel.py                 # hybridmoe, eager, grouped_mm: about 20 minutes on 2 cores
+    python benchmarks/bench_automodel.py --impls hybridmoe,grouped_mm --lora --tensor-peak
+    python benchmarks/bench_automodel.py --impls batched_mm --shapes qwen3_moe   # many GB and a long time here
 Results: benchmarks/results/automodel.json (--out), benchmarks/automodel-loss.png (named after --out) and a
 markdown table on stdout.
 """
@@ -71,6 +74,9 @@ LINEAR_TARGETS = {
 }
 
 
+DTYPES = {"bf16": "bfloat16", "fp32": "float32"}  # torch dtype names (torch is imported in the workers only)
+
+
 def add_lora(model, shape: str, impl: str):
     """Rank-8 LoRA (alpha 16) on the linear layers (all but the LM head; nemotron_h: but the Mamba out_proj) and on
     both expert weights: hybridmoe's grouped expert LoRA, or PEFT's (target_parameters) on the transformers model;
@@ -98,7 +104,9 @@ def tensor_peak_mb(step) -> float:
     return max(sum(row) for row in sizes) / 2**20
 
 
-def worker(shape: str, impl: str, steps: int, warmup: int, batch: int, seq: int, lora: bool, tensor_peak: bool) -> dict:
+def worker(
+    shape: str, impl: str, steps: int, warmup: int, batch: int, seq: int, lora: bool, tensor_peak: bool, dtype: str
+) -> dict:
     import torch
     import transformers
 
@@ -109,9 +117,11 @@ def worker(shape: str, impl: str, steps: int, warmup: int, batch: int, seq: int,
     if impl == "hybridmoe":
         from hybridmoe.automodel import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, DTYPES[dtype]))
     else:
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, experts_implementation=impl)
+        model = transformers.AutoModelForCausalLM.from_config(
+            config, dtype=getattr(torch, DTYPES[dtype]), experts_implementation=impl
+        )
     if lora:
         model = add_lora(model, shape, impl)
     model.train()
@@ -150,11 +160,12 @@ def worker(shape: str, impl: str, steps: int, warmup: int, batch: int, seq: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="qwen3_moe,nemotron_h")
-    parser.add_argument("--impls", default=",".join(IMPLS))
+    parser.add_argument("--impls", default="hybridmoe,eager,grouped_mm", help=f"some of {','.join(IMPLS)}")
     parser.add_argument("--steps", type=int, default=6, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="weights and compute")
     parser.add_argument("--lora", action="store_true", help="train rank-8 LoRA adapters (linears and experts) only")
     parser.add_argument("--tensor-peak", action="store_true", help="also profile one more step's live tensor peak")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per subprocess")
@@ -163,7 +174,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         shape, impl = args.worker.split(":")
-        row = worker(shape, impl, args.steps, args.warmup, args.batch, args.seq, args.lora, args.tensor_peak)
+        row = worker(
+            shape, impl, args.steps, args.warmup, args.batch, args.seq, args.lora, args.tensor_peak, args.dtype
+        )
         print(json.dumps(row))
         return
     import torch
@@ -172,13 +185,15 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "command": " ".join(["python", "benchmarks/bench_automodel.py", *sys.argv[1:]]),
         "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup, "lora": args.lora,
+        "dtype": args.dtype,
         "rows": [],
     }  # fmt: skip
     for shape in args.shapes.split(","):
         for impl in args.impls.split(","):
             cmd = [sys.executable, __file__, "--worker", f"{shape}:{impl}", "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq),
-                   *(["--lora"] if args.lora else []), *(["--tensor-peak"] if args.tensor_peak else [])]  # fmt: skip
+                   "--dtype", args.dtype, *(["--lora"] if args.lora else []),
+                   *(["--tensor-peak"] if args.tensor_peak else [])]  # fmt: skip
             row = {"shape": shape, "impl": impl}
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -246,7 +261,7 @@ def plot(results: dict, path: str) -> None:
                 label = "hybridmoe.automodel" if r["impl"] == "hybridmoe" else r["impl"]
                 ax.plot(range(1, len(r["losses"]) + 1), r["losses"], marker="o", label=label, alpha=0.8)
         mode = ", LoRA r=8" if results.get("lora") else ""
-        ax.set_title(f"{shape}, bf16, batch {results['batch']} x {results['seq']}{mode}")
+        ax.set_title(f"{shape}, {results.get('dtype', 'bf16')}, batch {results['batch']} x {results['seq']}{mode}")
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
         ax.legend()
