@@ -33,9 +33,11 @@ def _add_lora(model, family):
 
 def _worker(rank, world, store, out_dir, family, ep, lora=False):
     import transformers
+    from torch.distributed.fsdp import FSDPModule
 
     from hybridmoe.automodel import AutoModelForCausalLM
     from hybridmoe.automodel.parallel import parallelize
+    from hybridmoe.automodel.patch import find_moe_experts
     from hybridmoe.distributed import setup
 
     torch.set_num_threads(1)
@@ -92,6 +94,7 @@ def _worker(rank, world, store, out_dir, family, ep, lora=False):
             for name, p in model.named_parameters()
             if ".experts.lora_" in name
         )
+        result["experts_in_fsdp"] = sum(isinstance(m, FSDPModule) for _, m in find_moe_experts(model))
         with open(os.path.join(out_dir, f"{family}-{ep}-{rank}.json"), "w") as fh:
             json.dump(result, fh)
     finally:
@@ -114,6 +117,8 @@ def test_parallel_equals_single_process(tmp_path, family, ep):
         worst = max(r["grads"].items(), key=lambda kv: kv[1])
         assert worst[1] <= 1e-4, worst
         assert r["sharded"] > 0  # FSDP (and EP) really split the parameters
+        if ep == WORLD:  # each expert on one rank: FSDP leaves the experts alone
+            assert r["experts_in_fsdp"] == 0, r["experts_in_fsdp"]
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])

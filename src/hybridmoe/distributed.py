@@ -9,7 +9,8 @@ job form a 2-D mesh ("dp_shard", "ep") with dp_shard * ep = W:
     embeddings, final norm and LM head (the root);
   - expert parallelism: each MoE layer's routed experts are split in contiguous blocks over "ep" (a DTensor
     sharded on dim 0), tokens travel to their experts and back with all-to-alls (`kernels.moe`), and the
-    experts are then `fully_shard`-ed over "dp_shard" (the ranks that hold the same experts);
+    experts are then `fully_shard`-ed over "dp_shard" (the ranks that hold the same experts), or, when ep is
+    the whole world (dp_shard of size 1), left out of FSDP: nothing to shard or reduce, and no copies;
   - gradients: every rank's loss is the mean over its own tokens, so a parameter's gradient is averaged over all
     W ranks. FSDP divides by the size of its mesh; the experts' mesh is dp_shard, but their gradients already sum
     the contributions of all ep peers' tokens, so the experts divide them by ep first (`modeling.Experts`; a
@@ -119,6 +120,10 @@ def parallelize(model, par: Parallel, reshard_after_forward: bool = True):
     dp_mesh, ep_mesh = par.dp_mesh, par.mesh["ep"]
     # fp32 gradient reduction whatever the parameter dtype (the Nemotron 3 recipe reduces in fp32)
     mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    # With ep = world size ("dp_shard" of size 1) each expert lives on one rank: FSDP would only copy it and its
+    # gradient needs no reduction, so FSDP leaves the experts alone.
+    experts_alone = par.ep > 1 and par.mesh["dp_shard"].size() == 1
+    ignored: set[torch.nn.Parameter] = set()
     for module in model.modules():
         if not isinstance(module, LatentMoE):
             continue
@@ -131,12 +136,17 @@ def parallelize(model, par: Parallel, reshard_after_forward: bool = True):
                 sharded = distribute_tensor(full.data, ep_mesh, [Shard(0)], src_data_rank=None)
                 setattr(experts, name, torch.nn.Parameter(sharded, requires_grad=full.requires_grad))
             experts.ep_group = par.ep_group
-            fully_shard(experts, mesh=par.mesh["dp_shard"], reshard_after_forward=reshard_after_forward, mp_policy=mp)
+            if experts_alone:
+                ignored.update(experts.parameters())
+            else:
+                fully_shard(experts, mesh=par.mesh["dp_shard"], reshard_after_forward=reshard_after_forward,
+                            mp_policy=mp)  # fmt: skip
     # The MTP blocks stay in the root unit: forward_mtp uses their enorm/hnorm/eh_proj/final_layernorm outside
     # the blocks' own forward, where a per-block unit would not have gathered them.
     for block in model.backbone.layers:
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, mp_policy=mp)
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp,
+                    ignored_params=ignored)  # fmt: skip
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, mp_policy=mp, ignored_params=ignored)
     return model
 
 

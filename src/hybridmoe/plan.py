@@ -9,7 +9,8 @@ The model is this repository's own trainer, written out as formulas in the confi
     split by tensor parallelism and sharded over dp x cp, expert weights split by expert over ep and sharded over the
     rest (dp x cp x tp / ep);
   - the FSDP working set: the gathered bf16 weights of the running block and the prefetched next one, and one
-    block's unsharded gradients (bf16, plus the fp32 copy reduce-scattered);
+    block's unsharded gradients (bf16, plus the fp32 copy reduce-scattered); experts count only when FSDP holds
+    them (not when ep spans all the ranks of a stage);
   - activations: what autograd keeps for backward, per layer kind, read off `modeling.py` (each term names the
     tensor it is; tests/test_plan.py checks the sums against `saved_tensors_hooks` on real forwards). With
     activation checkpointing each block keeps only its input, and one block's activations are rebuilt in backward;
@@ -302,7 +303,9 @@ def plan(
         shard = n_params / stage_ranks
         p.params, p.grads, p.optimizer = shard * FP32, shard * FP32, shard * 2 * FP32
         if distributed:  # gathered (compute-dtype) weights of the running and the next unit, one unit's gradients
-            unit = max(ne / L.tp + ex / L.ep for ne, ex in units)
+            # experts split over all the stage's ranks (ep = dp) stay out of FSDP: nothing of theirs is gathered
+            gathered_experts = 0.0 if 1 < L.ep == stage_ranks else 1.0
+            unit = max(ne / L.tp + gathered_experts * ex / L.ep for ne, ex in units)
             p.fsdp_buffers = unit * (2 * a + a + FP32)
         # activations
         if L.checkpointing:

@@ -8,9 +8,10 @@ The same layout as `hybridmoe.distributed` (torchtitan's, `../shared/reference/a
     token copies to the ranks that own their experts and back with all-to-alls
     (`kernels.moe.expert_parallel_segments`), and divides the experts' gradients by ep (they sum the tokens of all
     ep peers, while FSDP averages over "dp_shard" only);
-  - the experts modules are `fully_shard`-ed over "dp_shard", every decoder layer over all ranks ("dp"), and the
-    root last; a module whose own parameters have another dtype than its layer's (an fp32 router in a bf16 model)
-    becomes its own FSDP unit, since one unit holds one dtype;
+  - the experts modules are `fully_shard`-ed over "dp_shard" (or left out of FSDP when ep is the whole world:
+    each expert then lives on one rank, so there is nothing to gather or reduce), every decoder layer over all
+    ranks ("dp"), and the root last; a module whose own parameters have another dtype than its layer's (an fp32
+    router in a bf16 model) becomes its own FSDP unit, since one unit holds one dtype;
   - every rank feeds its own rows of the batch; a parameter's gradient is the average over all ranks.
 
 NeMo AutoModel gives HF-native MoE models (Mixtral, OLMoE, ...) no expert parallelism; this does, for every family
@@ -49,6 +50,10 @@ def parallelize(model: nn.Module, par, reshard_after_forward: bool = True) -> nn
     mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)  # fp32 gradient reduction whatever the parameter dtype
     dp_mesh = par.dp_mesh
     found = find_moe_experts(model)
+    # With every rank its own experts (ep = world size, "dp_shard" of size 1) FSDP would only copy them: each expert
+    # lives on one rank, so its gradient needs no reduction. FSDP then leaves them alone.
+    experts_alone = par.ep > 1 and par.mesh["dp_shard"].size() == 1
+    ignored: set[nn.Parameter] = set()
     if par.ep > 1:
         if not found:
             raise ValueError(f"ep={par.ep}: {type(model).__name__} has no MoE experts to split")
@@ -71,16 +76,23 @@ def parallelize(model: nn.Module, par, reshard_after_forward: bool = True) -> nn
                     for pname, p in list(adapters.items()):
                         sharded = distribute_tensor(p.data, par.mesh["ep"], [Shard(0)], src_data_rank=None)
                         adapters[pname] = nn.Parameter(sharded, requires_grad=p.requires_grad)
-                    if any(p.dtype != weight_dtype for p in adapters.parameters()):  # fp32 adapters, bf16 experts
+                    if experts_alone:
+                        ignored.update(adapters.parameters())
+                    elif any(p.dtype != weight_dtype for p in adapters.parameters()):  # fp32 adapters, bf16 experts
                         fully_shard(adapters, mesh=par.mesh["dp_shard"], reshard_after_forward=reshard_after_forward,
                                     mp_policy=mp)  # fmt: skip
             setattr(experts, EP_GROUP_ATTR, par.ep_group)
-            fully_shard(experts, mesh=par.mesh["dp_shard"], reshard_after_forward=reshard_after_forward, mp_policy=mp)
+            if experts_alone:
+                ignored.update(experts.parameters(recurse=False))
+            else:
+                fully_shard(experts, mesh=par.mesh["dp_shard"], reshard_after_forward=reshard_after_forward,
+                            mp_policy=mp)  # fmt: skip
     for layer in decoder_layers(model):
         _shard_other_dtypes(layer, dp_mesh, reshard_after_forward, mp)
-        fully_shard(layer, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+        fully_shard(layer, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp,
+                    ignored_params=ignored)  # fmt: skip
     _shard_other_dtypes(model, dp_mesh, False, mp)
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, mp_policy=mp)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, mp_policy=mp, ignored_params=ignored)
     return model
 
 
