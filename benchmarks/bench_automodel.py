@@ -8,11 +8,17 @@ Two shapes, random init, bf16 weights and compute (--dtype fp32 for fp32), AdamW
 Each (shape, implementation) runs in a fresh subprocess so its peak resident memory (ru_maxrss) is its own; "added"
 is the peak minus the resident size just before the model is built. Tokens/s is the median over the timed steps
 (after `--warmup` untimed ones); the losses of every step are recorded so the curves can be compared.
-`--tensor-peak` also profiles one more step's peak of live tensor bytes; `--lora` trains rank-8 adapters instead
-(hybridmoe's `apply_lora` against PEFT on the transformers model, the same targets).
+`--tensor-peak` also measures one more step's peak of live tensor bytes. `--lora` trains rank-8 adapters instead:
+hybridmoe's `load_lora` against PEFT's `PeftModel.from_pretrained` on the transformers model, both from one adapter
+file written first (the same layers, A random, B zero), so the losses compare as in full fine-tuning.
+`--nproc N` runs each implementation as N torchrun processes (gloo) that load one checkpoint of the same random
+weights, with FSDP2 and expert parallelism over all N: hybridmoe's `parallelize`, and for transformers its own
+`DistributedConfig(fsdp_size=N, ep_size=N, ep_implementation="all_to_all")`; each process trains on its rows of
+the `--batch`, and the memory figures are the largest process's.
 
     python benchmarks/bench_automodel.py                 # hybridmoe, eager, grouped_mm: about 20 minutes on 2 cores
     python benchmarks/bench_automodel.py --impls hybridmoe,grouped_mm --lora --tensor-peak
+    python benchmarks/bench_automodel.py --impls hybridmoe,grouped_mm --nproc 2 --batch 4 --tensor-peak
     python benchmarks/bench_automodel.py --impls batched_mm --shapes qwen3_moe   # many GB and a long time here
 Results: benchmarks/results/automodel.json (--out), benchmarks/automodel-loss.png (named after --out) and a
 markdown table on stdout.
@@ -67,9 +73,10 @@ EXPERT_WEIGHTS = {"qwen3_moe": ["experts.gate_up_proj", "experts.down_proj"],
                   "nemotron_h": ["experts.up_proj", "experts.down_proj"]}  # fmt: skip
 
 
-# PEFT refuses LoRA on a Mamba mixer's out_proj, so nemotron_h adapts every other linear layer, on both sides.
+# The same layers on both sides, named: PEFT's "all-linear" would also adapt the routers (hybridmoe's does not), and
+# PEFT refuses LoRA on a Mamba mixer's out_proj, so nemotron_h adapts every other linear layer.
 LINEAR_TARGETS = {
-    "qwen3_moe": "all-linear",
+    "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "nemotron_h": ["in_proj", "q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
 }
 
@@ -77,84 +84,155 @@ LINEAR_TARGETS = {
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}  # torch dtype names (torch is imported in the workers only)
 
 
-def add_lora(model, shape: str, impl: str):
-    """Rank-8 LoRA (alpha 16) on the linear layers (all but the LM head; nemotron_h: but the Mamba out_proj) and on
-    both expert weights: hybridmoe's grouped expert LoRA, or PEFT's (target_parameters) on the transformers model;
-    the base weights frozen."""
-    if impl == "hybridmoe":
-        from hybridmoe.automodel import apply_lora
+def make_lora_init(shape: str, directory: str) -> None:
+    """Write the starting adapters of a LoRA run once, in PEFT's format: rank 8, alpha 16, on LINEAR_TARGETS and both
+    expert weights, A random (seed 2), B zero. Both sides load the same file, so their losses can be compared."""
+    import torch
 
-        return apply_lora(model, r=8, alpha=16, target_modules=LINEAR_TARGETS[shape], experts=True)
+    from hybridmoe.automodel import AutoModelForCausalLM, apply_lora, save_lora
+
+    torch.manual_seed(2)
+    model = AutoModelForCausalLM.from_config(make_config(shape), dtype=torch.bfloat16)
+    save_lora(apply_lora(model, r=8, alpha=16, target_modules=LINEAR_TARGETS[shape], experts=True), directory)
+
+
+def add_lora(model, impl: str, directory: str):
+    """The adapters of `directory` (make_lora_init), trainable, the base weights frozen: hybridmoe's LoRA (grouped
+    over the experts), or PEFT's (target_parameters for the expert weights) on the transformers model."""
+    if impl == "hybridmoe":
+        from hybridmoe.automodel import load_lora
+
+        return load_lora(model, directory)
     import peft
 
-    config = peft.LoraConfig(
-        r=8, lora_alpha=16, target_modules=LINEAR_TARGETS[shape], target_parameters=EXPERT_WEIGHTS[shape]
-    )
-    return peft.get_peft_model(model, config)
+    return peft.PeftModel.from_pretrained(model, directory, is_trainable=True)
 
 
-def tensor_peak_mb(step) -> float:
-    """The peak of live tensor bytes over one call of `step`, from torch.profiler's memory timeline."""
+def tensor_peak_mb(step, model, opt) -> float:
+    """The peak of live tensor bytes over one call of `step`, which must start and end with no gradients: the bytes
+    alive before it (this rank's parameters, buffers and optimizer state) plus the highest running sum of the
+    allocations and frees torch.profiler records during it. (torch.profiler's memory timeline gives the same peak
+    within 0.1 MB in one process, but its data-flow checks reject the all-to-all of expert parallelism.)"""
+    import torch
+    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import MemoryProfileTimeline
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
+    storages = {}
+    state = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    for t in [*model.parameters(), *model.buffers(), *state]:
+        t = getattr(t, "_local_tensor", t)  # a DTensor's shard on this rank
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as p:
         step()
-    _, sizes = MemoryProfileTimeline(p._memory_profile())._coalesce_timeline("cpu")
-    return max(sum(row) for row in sizes) / 2**20
+
+    def walk(nodes):
+        for node in nodes:
+            yield node
+            yield from walk(node.children)
+
+    events = sorted(
+        (e.start_time_ns, e.extra_fields.alloc_size)
+        for e in walk(p.profiler.kineto_results.experimental_event_tree())
+        if e.tag == _EventType.Allocation
+    )
+    live = peak = 0
+    for _, size in events:
+        live += size
+        peak = max(peak, live)
+    return (sum(storages.values()) + peak) / 2**20
 
 
-def worker(
-    shape: str, impl: str, steps: int, warmup: int, batch: int, seq: int, lora: bool, tensor_peak: bool, dtype: str
-) -> dict:
+def worker(shape: str, impl: str, args: argparse.Namespace) -> dict | None:
+    """One (shape, implementation) run. Under torchrun (--nproc) the model loads from `--checkpoint`, spread over all
+    ranks with FSDP2 and expert parallelism: hybridmoe's `parallelize`, or transformers' own DistributedConfig; each
+    rank trains on its rows of the global batch; the peaks are the largest rank's, the loss the ranks' average.
+    Returns the row on rank 0, None on the others."""
     import torch
     import transformers
 
+    batch, checkpoint = args.batch, args.checkpoint
     transformers.logging.set_verbosity_error()
+    torch_dtype = getattr(torch, DTYPES[args.dtype])
+    par = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from hybridmoe import distributed
+
+        world = int(os.environ["WORLD_SIZE"])
+        if batch % world:
+            raise ValueError(f"--batch {batch} must split evenly over the {world} processes of --nproc")
+        par = distributed.setup(ep=world if impl == "hybridmoe" else 1, backend="gloo")
     torch.manual_seed(0)
     config = make_config(shape)
     base = rss_mb()
     if impl == "hybridmoe":
         from hybridmoe.automodel import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, DTYPES[dtype]))
-    else:
-        model = transformers.AutoModelForCausalLM.from_config(
-            config, dtype=getattr(torch, DTYPES[dtype]), experts_implementation=impl
+        if par is None:
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch_dtype)
+    elif par is None:
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype, experts_implementation=impl)
+    else:  # transformers' FSDP2 + expert parallelism (all-to-all token exchange), the same layout as hybridmoe's
+        from transformers.distributed import DistributedConfig
+
+        layout = DistributedConfig(fsdp_size=par.world_size, ep_size=par.world_size, ep_implementation="all_to_all")
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            checkpoint, dtype=torch_dtype, experts_implementation=impl, distributed_config=layout
         )
-    if lora:
-        model = add_lora(model, shape, impl)
-    model.train()
+    if args.lora_init:
+        model = add_lora(model, impl, args.lora_init)
     params = sum(p.numel() for p in model.parameters())
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if par is not None and impl == "hybridmoe":
+        from hybridmoe.automodel.parallel import parallelize
+
+        parallelize(model, par)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=par is None)
     g = torch.Generator().manual_seed(1)
     losses, times = [], []
 
     def step(ids):
+        if par is not None:
+            rows = batch // par.world_size
+            ids = ids[par.rank * rows : (par.rank + 1) * rows]
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        value = float(loss.detach())
+        losses.append(par.sum([value])[0] / par.world_size if par is not None else value)
 
-    for i in range(warmup + steps):
-        ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g)
+    for i in range(args.warmup + args.steps):
+        ids = torch.randint(0, config.vocab_size, (batch, args.seq), generator=g)
         t0 = time.perf_counter()
         step(ids)
-        if i >= warmup:
+        if i >= args.warmup:
             times.append(time.perf_counter() - t0)
-    out = {
-        "params": params,
-        "trainable": sum(p.numel() for p in trainable),
-        "tokens_per_s": batch * seq / statistics.median(times),
-        "peak_mb": peak_rss_mb(),
-        "added_mb": peak_rss_mb() - base,
-    }
-    if tensor_peak:  # one more step, after the timed ones and the resident-size reading
-        ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g)
-        out["tensor_peak_mb"] = tensor_peak_mb(lambda: step(ids))
+    mine = {"peak_mb": peak_rss_mb(), "added_mb": peak_rss_mb() - base}
+    if args.tensor_peak:  # one more step, after the timed ones and the resident-size reading
+        ids = torch.randint(0, config.vocab_size, (batch, args.seq), generator=g)
+        mine["tensor_peak_mb"] = tensor_peak_mb(lambda: step(ids), model, opt)
+    ranks = [mine]
+    if par is not None:
+        ranks = par_gather(mine, par)
+        times = [max(ts) for ts in zip(*par_gather(times, par))]  # a step ends when its slowest rank does
+        if par.rank != 0:
+            return None
+    out = {"params": params, "trainable": trainable, "tokens_per_s": batch * args.seq / statistics.median(times)}
+    out |= {key: max(r[key] for r in ranks) for key in mine}  # the largest rank's peaks
+    if par is not None:
+        out |= {"nproc": par.world_size, "ep": par.world_size, "ranks": ranks}  # both sides: EP over all ranks
     return out | {"losses": losses}
+
+
+def par_gather(values: list, par) -> list[list]:
+    import torch.distributed as dist
+
+    out = [None] * par.world_size
+    dist.all_gather_object(out, values)
+    return out
 
 
 def main() -> None:
@@ -167,32 +245,53 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="weights and compute")
     parser.add_argument("--lora", action="store_true", help="train rank-8 LoRA adapters (linears and experts) only")
+    parser.add_argument("--nproc", type=int, default=1, help="processes (torchrun, gloo): FSDP2, and EP for hybridmoe")
     parser.add_argument("--tensor-peak", action="store_true", help="also profile one more step's live tensor peak")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per subprocess")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "automodel.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--lora-init", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         shape, impl = args.worker.split(":")
-        row = worker(
-            shape, impl, args.steps, args.warmup, args.batch, args.seq, args.lora, args.tensor_peak, args.dtype
-        )
-        print(json.dumps(row))
+        row = worker(shape, impl, args)
+        if row is not None:
+            print(json.dumps(row))
         return
+    if args.nproc < 1 or args.batch % args.nproc:
+        parser.error(f"--batch {args.batch} must be a positive multiple of --nproc {args.nproc}")
+    import tempfile
+
     import torch
+    import transformers
 
     results = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "command": " ".join(["python", "benchmarks/bench_automodel.py", *sys.argv[1:]]),
         "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup, "lora": args.lora,
-        "dtype": args.dtype,
+        "dtype": args.dtype, "nproc": args.nproc,
         "rows": [],
     }  # fmt: skip
+    launch = [sys.executable]
+    if args.nproc > 1:
+        launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}"]
+    tmp = tempfile.TemporaryDirectory(prefix="bench_automodel_")
     for shape in args.shapes.split(","):
+        lora_init = os.path.join(tmp.name, f"lora-{shape}")
+        if args.lora:
+            make_lora_init(shape, lora_init)
+        checkpoint = os.path.join(tmp.name, f"model-{shape}")
+        if args.nproc > 1:  # the processes load one checkpoint: the random weights the single-process runs build
+            torch.manual_seed(0)
+            transformers.AutoModelForCausalLM.from_config(
+                make_config(shape), dtype=getattr(torch, DTYPES[args.dtype])
+            ).save_pretrained(checkpoint)
         for impl in args.impls.split(","):
-            cmd = [sys.executable, __file__, "--worker", f"{shape}:{impl}", "--steps", str(args.steps),
+            cmd = [*launch, __file__, "--worker", f"{shape}:{impl}", "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq),
-                   "--dtype", args.dtype, *(["--lora"] if args.lora else []),
+                   "--dtype", args.dtype, *(["--lora-init", lora_init] if args.lora else []),
+                   *(["--checkpoint", checkpoint] if args.nproc > 1 else []),
                    *(["--tensor-peak"] if args.tensor_peak else [])]  # fmt: skip
             row = {"shape": shape, "impl": impl}
             try:
@@ -261,6 +360,7 @@ def plot(results: dict, path: str) -> None:
                 label = "hybridmoe.automodel" if r["impl"] == "hybridmoe" else r["impl"]
                 ax.plot(range(1, len(r["losses"]) + 1), r["losses"], marker="o", label=label, alpha=0.8)
         mode = ", LoRA r=8" if results.get("lora") else ""
+        mode += f", {results['nproc']} processes" if results.get("nproc", 1) > 1 else ""
         ax.set_title(f"{shape}, {results.get('dtype', 'bf16')}, batch {results['batch']} x {results['seq']}{mode}")
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
