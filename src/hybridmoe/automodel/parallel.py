@@ -45,7 +45,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def parallelize(model: nn.Module, par, reshard_after_forward: bool = True) -> nn.Module:
     """Expert parallelism over par.ep ranks, then FSDP2, in place. par: `hybridmoe.distributed.Parallel`."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
     mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)  # fp32 gradient reduction whatever the parameter dtype
     dp_mesh = par.dp_mesh
@@ -82,8 +82,8 @@ def parallelize(model: nn.Module, par, reshard_after_forward: bool = True) -> nn
                         fully_shard(adapters, mesh=par.mesh["dp_shard"], reshard_after_forward=reshard_after_forward,
                                     mp_policy=mp)  # fmt: skip
             setattr(experts, EP_GROUP_ATTR, par.ep_group)
-            if experts_alone:
-                ignored.update(experts.parameters(recurse=False))
+            if experts_alone:  # only the parameters split over ep; any other stays with its layer's FSDP unit
+                ignored.update(p for p in experts.parameters(recurse=False) if isinstance(p, DTensor))
             else:
                 fully_shard(experts, mesh=par.mesh["dp_shard"], reshard_after_forward=reshard_after_forward,
                             mp_policy=mp)  # fmt: skip
