@@ -470,6 +470,28 @@ def test_experts_grouped_matches_reference_fp32(t, e, k, d, i, empty):
     check_moe(x, w_up, w_down, topk_idx, topk_w, (x, w_up, w_down, topk_w), 1e-5, 1e-5, empty, gen)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_combine_backward_in_row_blocks_is_exact(monkeypatch, dtype):
+    """The combine's backward makes its fp32 temporaries a block of token copies at a time: any block size gives
+    the same gradients, bit for bit."""
+    from hybridmoe.kernels import moe
+
+    gen = make_gen(7)
+    x, w_up, w_down, topk_idx, topk_w = make_moe_inputs(gen, 24, 8, 4, 8, 16, ())
+    leaves = [x.to(dtype), w_up.to(dtype), w_down.to(dtype), topk_w]
+    cot = [torch.randn(24, 8, generator=gen)]
+
+    def grads():
+        inputs = [t.detach().requires_grad_() for t in leaves]
+        out = experts_grouped(inputs[0], inputs[1], inputs[2], topk_idx, inputs[3])
+        return grads_of([out.float()], cot, inputs)
+
+    whole = grads()  # 96 copies: one block
+    monkeypatch.setattr(moe, "COMBINE_BLOCK_ROWS", 5)
+    for name, a, b in zip(("x", "w_up", "w_down", "topk_w"), whole, grads()):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("widen", [True, False])
 @pytest.mark.parametrize(("t", "e", "k", "d", "i", "empty"), MOE_CASES[1:4])
 def test_experts_grouped_bf16_against_fp32_reference(monkeypatch, widen, t, e, k, d, i, empty):

@@ -238,6 +238,9 @@ def experts_grouped(
     return _WeightedCombine.apply(y_MD, w_M, token_M, t).to(x_TD.dtype)
 
 
+COMBINE_BLOCK_ROWS = 4096  # token copies per block in the combine's backward
+
+
 class _WeightedCombine(torch.autograd.Function):
     """out[t] = sum of w_M[m] * y_MD[m] over the copies m of token t, in fp32 (token_M[m] = t). The same arithmetic as
     `zeros(t).index_add_(0, token_M, y.float() * w.float()[:, None])` under autograd, but it saves y in its own dtype
@@ -253,9 +256,18 @@ class _WeightedCombine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_TD):
         y_MD, w_M, token_M = ctx.saved_tensors
-        g_MD = g_TD.float().index_select(0, token_M)
-        gy = (g_MD * w_M.float()[:, None]).to(y_MD.dtype) if ctx.needs_input_grad[0] else None
-        gw = (g_MD * y_MD.float()).sum(1).to(w_M.dtype) if ctx.needs_input_grad[1] else None
+        g_TD = g_TD.float()
+        gy = torch.empty_like(y_MD) if ctx.needs_input_grad[0] else None
+        gw = torch.empty_like(w_M) if ctx.needs_input_grad[1] else None
+        # Every row's gradients are its own, so the fp32 temporaries are made for a block of rows at a time (the
+        # whole [copies x hidden] at once was the largest transient of a training step); the results are the same.
+        for start in range(0, y_MD.shape[0], COMBINE_BLOCK_ROWS):
+            rows = slice(start, start + COMBINE_BLOCK_ROWS)
+            g_MD = g_TD.index_select(0, token_M[rows])
+            if gy is not None:
+                gy[rows] = g_MD * w_M[rows].float()[:, None]  # rounded to y's dtype on assignment
+            if gw is not None:
+                gw[rows] = (g_MD * y_MD[rows].float()).sum(1)
         return gy, gw, None, None
 
 
