@@ -69,10 +69,6 @@ def rss_mb() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-EXPERT_WEIGHTS = {"qwen3_moe": ["experts.gate_up_proj", "experts.down_proj"],
-                  "nemotron_h": ["experts.up_proj", "experts.down_proj"]}  # fmt: skip
-
-
 # The same layers on both sides, named: PEFT's "all-linear" would also adapt the routers (hybridmoe's does not), and
 # PEFT refuses LoRA on a Mamba mixer's out_proj, so nemotron_h adapts every other linear layer.
 LINEAR_TARGETS = {
@@ -245,7 +241,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="weights and compute")
     parser.add_argument("--lora", action="store_true", help="train rank-8 LoRA adapters (linears and experts) only")
-    parser.add_argument("--nproc", type=int, default=1, help="processes (torchrun, gloo): FSDP2, and EP for hybridmoe")
+    parser.add_argument("--nproc", type=int, default=1, help="processes (torchrun, gloo): FSDP2 + EP on both sides")
     parser.add_argument("--tensor-peak", action="store_true", help="also profile one more step's live tensor peak")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per subprocess")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "automodel.json"))

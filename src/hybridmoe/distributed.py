@@ -49,6 +49,12 @@ class Parallel:
         return self.mesh["ep"].get_group() if self.ep > 1 else None
 
     @property
+    def experts_unreplicated(self) -> bool:
+        """ep spans the whole world ("dp_shard" of size 1): each expert lives on one rank, so FSDP has nothing of
+        theirs to gather or reduce and leaves them alone."""
+        return self.ep > 1 and self.ep == self.world_size
+
+    @property
     def is_main(self) -> bool:
         return self.rank == 0
 
@@ -120,9 +126,6 @@ def parallelize(model, par: Parallel, reshard_after_forward: bool = True):
     dp_mesh, ep_mesh = par.dp_mesh, par.mesh["ep"]
     # fp32 gradient reduction whatever the parameter dtype (the Nemotron 3 recipe reduces in fp32)
     mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
-    # With ep = world size ("dp_shard" of size 1) each expert lives on one rank: FSDP would only copy it and its
-    # gradient needs no reduction, so FSDP leaves the experts alone.
-    experts_alone = par.ep > 1 and par.mesh["dp_shard"].size() == 1
     ignored: set[torch.nn.Parameter] = set()
     for module in model.modules():
         if not isinstance(module, LatentMoE):
@@ -136,7 +139,7 @@ def parallelize(model, par: Parallel, reshard_after_forward: bool = True):
                 sharded = distribute_tensor(full.data, ep_mesh, [Shard(0)], src_data_rank=None)
                 setattr(experts, name, torch.nn.Parameter(sharded, requires_grad=full.requires_grad))
             experts.ep_group = par.ep_group
-            if experts_alone:
+            if par.experts_unreplicated:
                 ignored.update(experts.parameters())
             else:
                 fully_shard(experts, mesh=par.mesh["dp_shard"], reshard_after_forward=reshard_after_forward,

@@ -50,9 +50,6 @@ def parallelize(model: nn.Module, par, reshard_after_forward: bool = True) -> nn
     mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)  # fp32 gradient reduction whatever the parameter dtype
     dp_mesh = par.dp_mesh
     found = find_moe_experts(model)
-    # With every rank its own experts (ep = world size, "dp_shard" of size 1) FSDP would only copy them: each expert
-    # lives on one rank, so its gradient needs no reduction. FSDP then leaves them alone.
-    experts_alone = par.ep > 1 and par.mesh["dp_shard"].size() == 1
     ignored: set[nn.Parameter] = set()
     if par.ep > 1:
         if not found:
@@ -76,13 +73,13 @@ def parallelize(model: nn.Module, par, reshard_after_forward: bool = True) -> nn
                     for pname, p in list(adapters.items()):
                         sharded = distribute_tensor(p.data, par.mesh["ep"], [Shard(0)], src_data_rank=None)
                         adapters[pname] = nn.Parameter(sharded, requires_grad=p.requires_grad)
-                    if experts_alone:
+                    if par.experts_unreplicated:
                         ignored.update(adapters.parameters())
                     elif any(p.dtype != weight_dtype for p in adapters.parameters()):  # fp32 adapters, bf16 experts
                         fully_shard(adapters, mesh=par.mesh["dp_shard"], reshard_after_forward=reshard_after_forward,
                                     mp_policy=mp)  # fmt: skip
             setattr(experts, EP_GROUP_ATTR, par.ep_group)
-            if experts_alone:  # only the parameters split over ep; any other stays with its layer's FSDP unit
+            if par.experts_unreplicated:  # the parameters split over ep; any other stays in its layer's FSDP unit
                 ignored.update(p for p in experts.parameters(recurse=False) if isinstance(p, DTensor))
             else:
                 fully_shard(experts, mesh=par.mesh["dp_shard"], reshard_after_forward=reshard_after_forward,
