@@ -23,11 +23,17 @@ Greedy outputs therefore equal decoding each prompt alone (tested against `model
 
 Thread-safety: `add_request` and `cancel` may be called from another thread (an asyncio loop) while `step` runs in
 a worker thread: they only append to inboxes that `step` drains at its start.
+
+Failures stay with one request. A request whose sampling raises (NaN logits, a logits processor that fails) or whose
+prefill chunk raises ends with finish_reason "error" and its `error` message; if a batched decode forward raises,
+each of its requests is decoded alone so that only those whose own forward fails end that way. The engine goes on
+with the others. `reset()` drops every request (a server's last resort after a failure outside any request).
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -38,6 +44,8 @@ import torch
 from ..cache import KVState, MambaState
 from ..modeling import HybridMoEForCausalLM
 from .sampling import SamplingParams, TokenLogprob, sample, token_logprob
+
+logger = logging.getLogger("hybridmoe.serve")
 
 
 class AdmissionError(ValueError):
@@ -56,8 +64,9 @@ class Request:
     slot: int | None = None
     num_prefilled: int = 0  # prompt tokens already in the slot's cache
     generator: torch.Generator | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended the request
+    error: str | None = None  # what failed, when finish_reason is "error"
 
     @property
     def prefilling(self) -> bool:
@@ -76,6 +85,7 @@ class RequestOutput:
     stop_reason: int | str | None
     num_prompt_tokens: int
     num_generated_tokens: int
+    error: str | None = None  # what failed, when finish_reason is "error"
 
 
 @dataclass
@@ -88,6 +98,7 @@ class CompletionOutput:
     logprobs: list[TokenLogprob] | None
     finish_reason: str
     stop_reason: int | str | None
+    error: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------- slots
@@ -114,6 +125,11 @@ class SlotPool:
                 state.conv[slot].zero_()
                 state.ssm[slot].zero_()
         return slot
+
+    def clear(self) -> None:
+        """Every slot free."""
+        self.lengths = [0] * len(self.lengths)
+        self._free = list(range(len(self.lengths) - 1, -1, -1))
 
     def release(self, slot: int) -> None:
         self.lengths[slot] = 0
@@ -328,14 +344,39 @@ class Engine:
 
         decoding = [r for r in self._running if not r.prefilling]
         if decoding:
-            logits = self._decode(decoding)
-            for req, row in zip(decoding, logits):
+            try:
+                rows = list(zip(decoding, self._decode(decoding)))
+            except Exception:  # find the request(s) at fault: each alone (the pool is written only on success)
+                rows = []
+                for req in decoding:
+                    try:
+                        rows.append((req, self._decode([req])[0]))
+                    except Exception as e:
+                        outputs.append(self._fail(req, e))
+            for req, row in rows:
                 outputs.append(self._append_token(req, row))
         prefilling = next((r for r in self._running if r.prefilling), None)
         if prefilling is not None:
-            logits = self._prefill_chunk(prefilling)
-            if not prefilling.prefilling:  # the prompt is in: its last logits give the first token
-                outputs.append(self._append_token(prefilling, logits))
+            try:
+                logits = self._prefill_chunk(prefilling)
+            except Exception as e:
+                outputs.append(self._fail(prefilling, e))
+            else:
+                if not prefilling.prefilling:  # the prompt is in: its last logits give the first token
+                    outputs.append(self._append_token(prefilling, logits))
+        return outputs
+
+    def reset(self) -> list[RequestOutput]:
+        """Drop every request (each reported finished with reason "cancelled") and free every slot."""
+        outputs = []
+        for req in list(self._requests.values()):
+            req.finish_reason = "cancelled"
+            outputs.append(self._finish(req, []))
+        self._inbox.clear()
+        self._cancel_inbox.clear()
+        self._waiting.clear()
+        self._running.clear()
+        self.pool.clear()
         return outputs
 
     def generate(
@@ -353,9 +394,8 @@ class Engine:
         results = []
         for i, r in zip(ids, requests):
             logprobs = r.logprobs if r.params.logprobs is not None else None
-            results.append(
-                CompletionOutput(i, r.prompt_token_ids, r.output_token_ids, logprobs, r.finish_reason, r.stop_reason)
-            )
+            results.append(CompletionOutput(i, r.prompt_token_ids, r.output_token_ids, logprobs, r.finish_reason,
+                                            r.stop_reason, r.error))  # fmt: skip
         return results
 
     # ------------------------------------------------------------------ model calls
@@ -381,10 +421,13 @@ class Engine:
     # ------------------------------------------------------------------ bookkeeping
     def _append_token(self, req: Request, logits_v: torch.Tensor) -> RequestOutput:
         p = req.params
-        sample_logits = logits_v
-        for process in p.logits_processors:
-            sample_logits = process(req.output_token_ids, sample_logits)
-        token = sample(sample_logits, p, req.generator or self.generator)
+        try:
+            sample_logits = logits_v
+            for process in p.logits_processors:
+                sample_logits = process(req.output_token_ids, sample_logits)
+            token = sample(sample_logits, p, req.generator or self.generator)
+        except Exception as e:
+            return self._fail(req, e)
         req.output_token_ids.append(token)
         new_logprobs = None
         if p.logprobs is not None:
@@ -400,6 +443,11 @@ class Engine:
             return self._finish(req, [token], new_logprobs)
         return self._output(req, [token], new_logprobs)
 
+    def _fail(self, req: Request, e: Exception) -> RequestOutput:
+        logger.warning("request %s failed: %s: %s", req.request_id, type(e).__name__, e)
+        req.finish_reason, req.error = "error", f"{type(e).__name__}: {e}"
+        return self._finish(req, [])
+
     def _finish(self, req: Request, new_tokens: list[int], new_logprobs=None) -> RequestOutput:
         if req.slot is not None:
             self.pool.release(req.slot)
@@ -414,7 +462,7 @@ class Engine:
     def _output(self, req: Request, new_tokens: list[int], new_logprobs) -> RequestOutput:
         return RequestOutput(
             req.request_id, new_tokens, new_logprobs, req.finish_reason is not None, req.finish_reason,
-            req.stop_reason, len(req.prompt_token_ids), len(req.output_token_ids),
+            req.stop_reason, len(req.prompt_token_ids), len(req.output_token_ids), req.error,
         )  # fmt: skip
 
 

@@ -1,6 +1,7 @@
 """Per-request sampling parameters and the sampling step of the engine.
 
-Names and meanings follow vLLM's `SamplingParams` where users meet them: `temperature` (0 = greedy), `top_p`,
+Names and meanings follow vLLM's `SamplingParams` where users meet them: `temperature` (below 1e-5 = greedy, as in
+vLLM: dividing logits by a smaller number overflows fp32), `top_p`,
 `top_k` (0 or None = off), `max_tokens`, `stop_token_ids`, `stop` (strings), `ignore_eos`, `seed`, `logprobs`
 (how many top alternatives to report besides the chosen token), and `logits_processors` (vLLM's hook: callables
 `(output_token_ids, logits_v) -> logits_v` that the engine applies before sampling; the chat layer's reasoning
@@ -20,10 +21,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (vLLM's _SAMPLING_EPS)
+
 
 @dataclass
 class SamplingParams:
-    temperature: float = 1.0  # 0: greedy
+    temperature: float = 1.0  # below GREEDY_BELOW: greedy
     top_p: float = 1.0  # 1: off
     top_k: int | None = None  # None or 0: off
     max_tokens: int = 16
@@ -55,7 +58,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass
@@ -87,11 +90,21 @@ def sampling_probs(logits_v: torch.Tensor, params: SamplingParams) -> torch.Tens
     return logits_v.softmax(-1)
 
 
+class SamplingError(ValueError):
+    """Logits that cannot be sampled from (NaN, or every token at -inf): the request fails, not the engine."""
+
+
 def sample(logits_v: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from one row of logits (v,)."""
+    """One token id from one row of logits (v,). Raises SamplingError when the logits hold NaN or allow no token."""
+    if bool(torch.isnan(logits_v).any()):
+        raise SamplingError("the model produced NaN logits")
     if params.greedy:
+        if not bool((logits_v > -torch.inf).any()):
+            raise SamplingError("every token has probability 0 (all logits are -inf)")
         return int(logits_v.argmax())
     probs = sampling_probs(logits_v, params)
+    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
+        raise SamplingError("the sampling distribution is not finite (non-finite logits after the temperature)")
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

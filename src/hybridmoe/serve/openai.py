@@ -1,0 +1,463 @@
+"""OpenAI's routes over the engine: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
+
+`OpenAIServing` (vLLM's serving class at a small size) turns requests into engine requests and engine outputs into
+OpenAI responses; `router` gives the routes. No process, limit or lifecycle concerns live here (`server.py`).
+
+- Prompts are rendered and tokenized in a small thread pool, never on the event loop, after their characters were
+  counted against `Limits.max_prompt_chars` (a 20 MB prompt is refused before any tokenizer sees it).
+- Streaming. Each output's tokens go through `IncrementalDetokenizer` (stop strings cut) and, for chat,
+  `ChatOutputParser`; every non-empty delta is one SSE `data:` chunk, then a chunk with finish_reason, an optional
+  usage chunk (`stream_options.include_usage`) and `data: [DONE]`. An error after the stream began is sent as
+  `data: {"error": {...}}`, which the openai client raises as APIError.
+- Cancellation. A client that disconnects cancels its engine request: for streams, Starlette cancels the response
+  generator (its `finally` cancels); for plain responses a watcher polls `request.is_disconnected()`. A request
+  that runs past `Limits.request_timeout_s` is cancelled and answered 504.
+- Errors are OpenAI's body `{"error": {"message", "type", "param", "code"}}`: invalid bodies and parameters and
+  context overflow (the engine's AdmissionError, code "context_length_exceeded") are 400, an unknown model 404
+  ("model_not_found"), a full queue 503 with Retry-After, a request the engine failed on (non-finite logits, say)
+  500 for that request alone.
+
+Reasoning is on unless the request says `reasoning_effort: "none"` or `chat_template_kwargs: {"enable_thinking":
+false}` (vLLM's switch); `reasoning_budget: N` (or `chat_template_kwargs.reasoning_budget`) forces `</think>` after N
+thinking tokens; the server's default budget applies otherwise. Requests accept only `n = 1`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+from jinja2 import TemplateError
+
+from .chat import THINK_END, ChatDelta, ChatOutputParser, IncrementalDetokenizer, ReasoningBudget, render_chat
+from .engine import Engine, RequestOutput
+from .protocol import (
+    SSE_DONE,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Disconnected,
+    Limits,
+    _SamplingFields,
+    parse_body,
+    shutting_down,
+    sse,
+)
+from .sampling import SamplingParams, TokenLogprob
+from .worker import EngineWorker, Metrics, admission_error
+
+logger = logging.getLogger("hybridmoe.serve")
+
+
+class OpenAIServing:
+    """What the routes call: turns OpenAI requests into engine requests and engine outputs into OpenAI responses.
+
+    reasoning_budget: the default thinking-token budget of chat requests (None: unlimited). limits: what a request
+    may hold (`protocol.Limits`)."""
+
+    def __init__(self, engine: Engine, tokenizer, model_name: str, reasoning_budget: int | None = None,
+                 limits: Limits | None = None):  # fmt: skip
+        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        self.reasoning_budget = reasoning_budget
+        self.limits = limits or Limits()
+        self.worker = EngineWorker(engine, max_queue=self.limits.max_queue)
+        self.metrics = Metrics()
+        self.created = int(time.time())
+        self.draining = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.think_end_id = tokenizer.get_vocab().get(THINK_END)
+        # Tokenizing a prompt that fills max_model_len takes milliseconds; two threads keep the loop free without
+        # letting a burst of large prompts tokenize all at once.
+        self._tokenize_pool = ThreadPoolExecutor(2, thread_name_prefix="hybridmoe-tokenize")
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.worker.start()
+
+    def stop(self) -> None:
+        self.worker.abort_all(shutting_down())
+        self.worker.stop()
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def drain(self, grace_s: float) -> None:
+        """Refuse new requests, give the open ones `grace_s` seconds, then end the rest with a clean error."""
+        self.draining = True
+        deadline = time.monotonic() + grace_s
+        while self.worker.num_open and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.worker.num_open:
+            logger.warning("shutdown: ending %d unfinished requests", self.worker.num_open)
+            self.worker.abort_all(shutting_down())
+
+    # ------------------------------------------------------------------ checks
+    def check(self, model: str) -> None:
+        if self.draining:
+            raise shutting_down()
+        if model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`",
+                           param="model", code="model_not_found")  # fmt: skip
+
+    def check_prompt_chars(self, n: int, param: str) -> None:
+        if n > self.limits.max_prompt_chars:
+            raise APIError(400, f"the prompt has {n:,} characters, more than this server's limit of "
+                                f"{self.limits.max_prompt_chars:,}; shorten it", param=param,
+                           code="context_length_exceeded")  # fmt: skip
+
+    def sampling_params(self, body: _SamplingFields, prompt_len: int, max_tokens: int | None, **kw) -> SamplingParams:
+        if body.n != 1:
+            raise APIError(400, f"n={body.n} is not supported; only n=1", param="n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(body, name):
+                raise APIError(400, f"{name} is not supported; leave it at 0", param=name)
+        if max_tokens is None:  # as much as the context allows (at least 1, so an overflowing prompt is reported)
+            max_tokens = max(1, self.engine.max_model_len - prompt_len)
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > self.limits.max_stop:
+            raise APIError(400, f"stop has {len(stop)} strings; at most {self.limits.max_stop} are allowed",
+                           param="stop")  # fmt: skip
+        try:
+            return SamplingParams(
+                temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p,
+                top_k=body.top_k, max_tokens=max_tokens, stop=stop, seed=body.seed, **kw,
+            )  # fmt: skip
+        except ValueError as e:
+            raise APIError(400, str(e)) from e
+
+    async def off_loop(self, fn, *args):
+        """fn(*args) in the tokenizer pool, awaited."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
+
+    # ------------------------------------------------------------------ engine requests
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, queue, param: str) -> None:
+        try:
+            self.worker.add(request_id, prompt_ids, params, queue)
+        except ValueError as e:  # the engine's AdmissionError and invalid requests
+            raise admission_error(e, param) from e
+
+    async def outputs(self, queue: asyncio.Queue, request_ids: list[str], request: Request | None = None):
+        """The outputs of `request_ids` (sharing `queue`) until all finish. With `request`, a watcher cancels them
+        when the client goes away; leaving early (an error, the stream cancelled, the time limit) cancels what is
+        unfinished. A request the engine ended with an error raises APIError(500)."""
+        open_ids = set(request_ids)
+        watcher = asyncio.ensure_future(self._watch(request, queue)) if request is not None else None
+        timeout = self.limits.request_timeout_s
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while open_ids:
+                try:
+                    wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    item = await asyncio.wait_for(queue.get(), wait)
+                except asyncio.TimeoutError:
+                    raise APIError(504, f"the request ran past this server's limit of {timeout:g} s and was stopped; "
+                                        "ask for fewer tokens", "server_error", code="timeout") from None  # fmt: skip
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    open_ids.discard(item.request_id)
+                if item.finish_reason == "error":
+                    raise APIError(500, f"generation failed for this request: {item.error}", "server_error",
+                                   code="generation_failed")  # fmt: skip
+                yield item
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            for request_id in open_ids:
+                self.worker.cancel(request_id)
+
+    @staticmethod
+    async def _watch(request: Request, queue: asyncio.Queue) -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
+        queue.put_nowait(Disconnected())
+
+    def _finish_metrics(self, out: RequestOutput, t0: float) -> None:
+        self.metrics.prompt_tokens += out.num_prompt_tokens
+        self.metrics.latency.observe(time.monotonic() - t0)
+
+    def _visible_ids(self, out: RequestOutput) -> list[int]:
+        """The new tokens without the stop token that ended the request (OpenAI leaves it out of the text)."""
+        if out.finished and out.finish_reason == "stop" and isinstance(out.stop_reason, int) and out.new_token_ids:
+            return out.new_token_ids[:-1]
+        return out.new_token_ids
+
+    def _token_logprobs(self, out: RequestOutput) -> list[TokenLogprob]:
+        lps = out.new_logprobs or []
+        return lps[: len(self._visible_ids(out))]
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _chat_logprob(self, lp: TokenLogprob) -> dict:
+        def entry(token_id, logprob):
+            text = self._token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(t, v) for t, v in lp.top]}
+
+    # ------------------------------------------------------------------ chat
+    async def chat(self, body: ChatCompletionRequest, request: Request):
+        t0 = time.monotonic()
+        self.check(body.model)
+        kwargs = body.chat_template_kwargs
+        reasoning = (kwargs is None or kwargs.enable_thinking) and body.reasoning_effort != "none"
+        budget = body.reasoning_budget if body.reasoning_budget is not None else kwargs and kwargs.reasoning_budget
+        budget = self.reasoning_budget if budget is None else budget
+        self.check_prompt_chars(_message_chars(body.messages), "messages")
+        try:
+            prompt = await self.off_loop(render_chat, self.tokenizer, body.messages, body.tools, reasoning)
+        except (ValueError, TemplateError) as e:
+            raise APIError(400, str(e), param="messages") from e
+        processors = []
+        if prompt.reasoning and budget is not None and self.think_end_id is not None:
+            processors.append(ReasoningBudget(budget, self.think_end_id))
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = self.sampling_params(body, len(prompt.token_ids), max_tokens, logprobs=logprobs,
+                                      logits_processors=processors)  # fmt: skip
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        queue: asyncio.Queue = asyncio.Queue()
+        self.submit(request_id, prompt.token_ids, params, queue, param="messages")
+        parse_tools = bool(body.tools) and body.tool_choice != "none"
+        state = _ChatState(self, request_id, body.model, prompt.reasoning, parse_tools, params.stop)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            stream = self._chat_stream(state, queue, include_usage, t0)
+            return StreamingResponse(stream, media_type="text/event-stream")
+        message, lps, last = ChatDelta(), [], None
+        async with aclosing(self.outputs(queue, [request_id], request)) as outputs:
+            async for out in outputs:
+                if last is None:
+                    self.metrics.ttft.observe(time.monotonic() - t0)
+                message += state.update(out)
+                lps += [self._chat_logprob(lp) for lp in self._token_logprobs(out)]
+                last = out
+        self._finish_metrics(last, t0)
+        msg = {"role": "assistant", "content": message.content or (None if message.tool_calls else ""),
+               "reasoning_content": message.reasoning_content or None}  # fmt: skip
+        if message.tool_calls:
+            msg["tool_calls"] = [c.to_openai() for c in message.tool_calls]
+        choice = {"index": 0, "message": msg, "logprobs": {"content": lps} if body.logprobs else None,
+                  "finish_reason": state.finish_reason(last)}  # fmt: skip
+        return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": body.model,
+                "choices": [choice], "usage": _usage(last)}  # fmt: skip
+
+    async def _chat_stream(self, state: _ChatState, queue: asyncio.Queue, include_usage: bool, t0: float):
+        def chunk(delta: dict, finish_reason=None, logprobs=None) -> str:
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+            return sse(state.header("chat.completion.chunk") | {"choices": [choice]})
+
+        yield chunk({"role": "assistant", "content": ""})
+        last = None
+        try:
+            async with aclosing(self.outputs(queue, [state.request_id])) as outputs:
+                async for out in outputs:
+                    if last is None:
+                        self.metrics.ttft.observe(time.monotonic() - t0)
+                    delta = state.update(out)
+                    lps = [self._chat_logprob(lp) for lp in self._token_logprobs(out)] if out.new_logprobs else None
+                    if delta or lps:
+                        yield chunk(_delta_json(delta), logprobs={"content": lps} if lps else None)
+                    last = out
+            yield chunk({}, finish_reason=state.finish_reason(last))
+            if include_usage:
+                yield sse(state.header("chat.completion.chunk") | {"choices": [], "usage": _usage(last)})
+            self._finish_metrics(last, t0)
+        except APIError as e:
+            yield sse(e.body())
+        yield SSE_DONE
+
+    # ------------------------------------------------------------------ completions
+    async def completions(self, body: CompletionRequest, request: Request):
+        t0 = time.monotonic()
+        self.check(body.model)
+        prompts = await self._prompt_ids(body.prompt)
+        cid = f"cmpl-{uuid.uuid4().hex}"
+        queue: asyncio.Queue = asyncio.Queue()
+        ids = [f"{cid}-{i}" for i in range(len(prompts))]
+        states = {}
+        try:
+            for i, (request_id, ids_) in enumerate(zip(ids, prompts)):
+                params = self.sampling_params(body, len(ids_), body.max_tokens, logprobs=body.logprobs)
+                self.submit(request_id, ids_, params, queue, param="prompt")
+                states[request_id] = _CompletionState(self, i, ids_, params.stop, body.echo)
+        except APIError:
+            for request_id in states:
+                self.worker.cancel(request_id)
+            raise
+        header = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": body.model}
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(self._completion_stream(header, states, queue, include_usage, t0),
+                                     media_type="text/event-stream")  # fmt: skip
+        async with aclosing(self.outputs(queue, ids, request)) as outputs:
+            async for out in outputs:
+                states[out.request_id].update(out)
+        for s in states.values():
+            self._finish_metrics(s.last, t0)
+        choices = [s.choice(s.text, body.logprobs is not None) for s in states.values()]
+        return header | {"choices": choices, "usage": _usage(*(s.last for s in states.values()))}
+
+    async def _completion_stream(self, header, states, queue, include_usage, t0):
+        try:
+            async with aclosing(self.outputs(queue, list(states))) as outputs:
+                async for out in outputs:
+                    s = states[out.request_id]
+                    text = s.update(out)
+                    if text or out.finished or out.new_logprobs:
+                        yield sse(header | {"choices": [s.choice(text, out.new_logprobs is not None, delta=True)]})
+            if include_usage:
+                yield sse(header | {"choices": [], "usage": _usage(*(s.last for s in states.values()))})
+            for s in states.values():
+                self._finish_metrics(s.last, t0)
+        except APIError as e:
+            yield sse(e.body())
+        yield SSE_DONE
+
+    async def _prompt_ids(self, prompt) -> list[list[int]]:
+        """The prompt(s) of a completions request as token ids: strings are tokenized off the loop."""
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "prompt is empty", param="prompt")
+        if len(prompt) > self.limits.max_prompts:
+            raise APIError(400, f"prompt holds {len(prompt)} prompts; this server takes at most "
+                                f"{self.limits.max_prompts} per request", param="prompt")  # fmt: skip
+        self.check_prompt_chars(sum(len(p) for p in prompt if isinstance(p, str)), "prompt")
+        texts = [p for p in prompt if isinstance(p, str)]
+        encoded = iter(await self.off_loop(self._encode, texts) if texts else [])
+        return [next(encoded) if isinstance(p, str) else list(p) for p in prompt]
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+class _ChatState:
+    """One chat request's detokenizer and parser."""
+
+    def __init__(self, serving: OpenAIServing, request_id, model, reasoning, parse_tools, stop):
+        self.serving, self.request_id, self.model = serving, request_id, model
+        self.detok = IncrementalDetokenizer(serving.tokenizer, stop=stop)
+        self.parser = ChatOutputParser(reasoning, parse_tools)
+        self.num_calls = 0
+        self.created = int(time.time())
+
+    def header(self, obj: str) -> dict:
+        return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model}
+
+    def update(self, out: RequestOutput) -> ChatDelta:
+        self.serving.metrics.generation_tokens += len(out.new_token_ids)
+        text = self.detok.add(self.serving._visible_ids(out))
+        if out.finished:
+            text += self.detok.finish()
+        delta = self.parser.feed(text)
+        if out.finished:
+            delta += self.parser.finish()
+        self.num_calls += len(delta.tool_calls)
+        return delta
+
+    def finish_reason(self, out: RequestOutput) -> str:
+        if out.finish_reason == "length":
+            return "length"
+        return "tool_calls" if self.num_calls else "stop"
+
+
+class _CompletionState:
+    def __init__(self, serving: OpenAIServing, index: int, prompt_ids: list[int], stop, echo: bool):
+        self.serving, self.index = serving, index
+        self.detok = IncrementalDetokenizer(serving.tokenizer, stop=stop)
+        self.text = ""  # all of the choice's text so far
+        self._echo = serving.tokenizer.decode(prompt_ids) if echo else ""  # sent before the first new text
+        self.logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        self.last: RequestOutput | None = None
+
+    def update(self, out: RequestOutput) -> str:
+        self.serving.metrics.generation_tokens += len(out.new_token_ids)
+        self.last = out
+        offset = len(self.text) + len(self._echo)
+        text = self._echo + self.detok.add(self.serving._visible_ids(out))
+        self._echo = ""
+        if out.finished:
+            text += self.detok.finish()
+        self._new_lps = self.serving._token_logprobs(out)
+        for lp in self._new_lps:
+            token = self.serving._token_text(lp.token_id)
+            self.logprobs["tokens"].append(token)
+            self.logprobs["token_logprobs"].append(lp.logprob)
+            self.logprobs["top_logprobs"].append({self.serving._token_text(t): v for t, v in lp.top})
+            self.logprobs["text_offset"].append(offset)
+            offset += len(token)
+        self.text += text
+        return text
+
+    def choice(self, text: str, with_logprobs: bool, delta: bool = False) -> dict:
+        logprobs = None
+        if with_logprobs:
+            n = len(self._new_lps) if delta else len(self.logprobs["tokens"])
+            logprobs = {k: v[len(v) - n :] for k, v in self.logprobs.items()}
+        finish = None
+        if self.last is not None and self.last.finished:
+            finish = "length" if self.last.finish_reason == "length" else "stop"
+        return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+def _delta_json(delta: ChatDelta) -> dict:
+    out = {}
+    if delta.reasoning_content:
+        out["reasoning_content"] = delta.reasoning_content
+    if delta.content:
+        out["content"] = delta.content
+    if delta.tool_calls:
+        out["tool_calls"] = [c.to_openai() | {"index": c.index} for c in delta.tool_calls]
+    return out
+
+
+def _usage(*outs: RequestOutput) -> dict:
+    prompt = sum(o.num_prompt_tokens for o in outs)
+    completion = sum(o.num_generated_tokens for o in outs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _message_chars(messages: list[dict]) -> int:
+    """Characters of the text in chat messages (string contents and text parts), counted before rendering."""
+    n = 0
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            n += len(content)
+        elif isinstance(content, list):
+            n += sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return n
+
+
+# ---------------------------------------------------------------------------------------------- routes
+
+
+def add_routes(app: FastAPI, serving: OpenAIServing) -> None:
+    """Add the OpenAI routes to `app`. Bodies are read by `protocol.parse_body`; their schemas are still published
+    in the OpenAPI document."""
+
+    def schema(model) -> dict:
+        content = {"application/json": {"schema": model.model_json_schema()}}
+        return {"requestBody": {"required": True, "content": content}}
+
+    @app.post("/v1/chat/completions", openapi_extra=schema(ChatCompletionRequest))
+    async def chat_completions(request: Request):
+        return await serving.chat(parse_body(await request.body(), ChatCompletionRequest), request)
+
+    @app.post("/v1/completions", openapi_extra=schema(CompletionRequest))
+    async def completions(request: Request):
+        return await serving.completions(parse_body(await request.body(), CompletionRequest), request)
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": serving.model_name, "object": "model", "created": serving.created, "owned_by": "hybridmoe",
+                "max_model_len": serving.engine.max_model_len}  # fmt: skip
+        return {"object": "list", "data": [card]}

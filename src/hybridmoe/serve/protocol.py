@@ -1,0 +1,192 @@
+"""The OpenAI wire format: request models, the error body, server-sent events, and what a request may hold.
+
+Request fields and their meanings follow OpenAI's API reference (https://platform.openai.com/docs/api-reference/chat
+and /completions) with vLLM's extensions where users expect them (`top_k`, `chat_template_kwargs`,
+`reasoning_budget`). Fields we do not use (`user`, `metadata`, ...) are accepted and ignored.
+
+Bodies are read by `parse_body`, never by a framework's implicit parser, so that every malformed body is a 400 with
+OpenAI's error JSON: invalid UTF-8 or JSON, `NaN`/`Infinity` literals (not JSON), numbers with thousands of digits,
+nesting deeper than `MAX_JSON_DEPTH`, lone UTF-16 surrogates (`"\\ud800"`: a string no tokenizer can encode), and
+schema errors, each naming the field. `Limits` holds the sizes a server accepts (the flags of `hybridmoe serve`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MAX_JSON_DEPTH = 64  # OpenAI request bodies nest at most ~8 deep (a tool's JSON schema goes deeper, rarely past 20)
+MAX_INT = 2**31 - 1  # the largest count (max_tokens, reasoning_budget, seed, ...) a request may give
+
+
+@dataclass
+class Limits:
+    """What one request may hold; the server answers anything beyond with a 400/413/503 that names the limit.
+
+    max_body_bytes: HTTP body size (413). max_prompt_chars: characters of a prompt (or of all chat messages) before
+    tokenizing. max_prompts: prompts of one /v1/completions batch. max_stop: stop strings (OpenAI: 4). max_queue:
+    requests waiting for an engine slot (503 with Retry-After beyond). request_timeout_s: the longest a request may
+    run before it ends with a 504 (None: no limit). header_timeout_s / body_timeout_s: the longest a client may take
+    to send the request head / body before the connection is closed (408 for the body). max_connections: open HTTP
+    connections (uvicorn answers 503 beyond)."""
+
+    max_body_bytes: int = 8 * 2**20
+    max_prompt_chars: int = 1_000_000
+    max_prompts: int = 64
+    max_stop: int = 4
+    max_queue: int = 256
+    request_timeout_s: float | None = 600.0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 512
+
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            if value is not None and not value > 0:
+                raise ValueError(f"server limit {name} must be > 0, got {value}")
+
+
+# ---------------------------------------------------------------------------------------------- requests
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Body):
+    model: str
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, le=MAX_INT)  # not in OpenAI's API; vLLM's extension
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # torch.Generator.manual_seed's range
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+class ChatTemplateKwargs(_Body):
+    """vLLM's `chat_template_kwargs`: the reasoning switch and budget (other keys are ignored)."""
+
+    enable_thinking: bool = True
+    reasoning_budget: int | None = Field(None, ge=0, le=MAX_INT)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    # Messages and tools are checked by the chat layer (`chat.render_chat`), whose errors name the bad field.
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto"] | None = None
+    reasoning_effort: str | None = None  # "none" turns reasoning off; other levels leave it on
+    chat_template_kwargs: ChatTemplateKwargs | None = None
+    reasoning_budget: int | None = Field(None, ge=0, le=MAX_INT)
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1, le=MAX_INT)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+class APIError(Exception):
+    """An error the client gets as OpenAI's error body with HTTP `status` (and `headers`, e.g. Retry-After)."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param=None, code=None,
+                 headers: dict[str, str] | None = None):  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down; retry on another server", "server_error", code="shutting_down")
+
+
+class Disconnected(APIError):
+    def __init__(self):
+        super().__init__(499, "the client closed the connection", code="client_disconnected")  # nginx's 499
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not valid JSON; send numbers as finite decimals")
+
+
+def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
+    """The request body `raw` as `model`, or an APIError(400) saying what is wrong and where (module docstring)."""
+    try:
+        obj = json.loads(raw, parse_constant=_not_json)
+    except RecursionError:
+        raise APIError(400, f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as e:  # JSONDecodeError, invalid UTF-8, integers past Python's digit limit, NaN
+        raise APIError(400, f"We could not parse the JSON body of your request ({e})") from None
+    check_json(obj)
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        where = ".".join(str(x) for x in first["loc"])
+        message = f"{where}: {first['msg']}" if where else first["msg"]
+        raise APIError(400, message, param=where or None) from None
+
+
+def check_json(obj) -> None:
+    """Raise APIError(400) if `obj` (parsed JSON) nests deeper than MAX_JSON_DEPTH or holds a lone surrogate in a
+    string or key. Iterative, so any depth is safe to check."""
+    stack = [(obj, 1, "")]
+    while stack:
+        value, depth, path = stack.pop()
+        if isinstance(value, str):
+            _check_text(value, path)
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(400, f"{path or 'the body'} nests deeper than {MAX_JSON_DEPTH} levels", param=path or None)
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            child = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str):
+                _check_text(key, child)
+            stack.append((item, depth + 1, child))
+
+
+def _check_text(text: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{path}: a lone UTF-16 surrogate ({text[e.start]!r} at character {e.start}) is not "
+                            "text; send valid Unicode", param=path or None) from None  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- responses
+
+
+def sse(obj) -> str:
+    """One server-sent event carrying `obj` as JSON."""
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"

@@ -1,0 +1,172 @@
+"""The engine worker (one thread stepping the engine, outputs routed to each request's asyncio queue), admission,
+and the server's metrics in Prometheus's text format.
+
+- `EngineWorker` owns the engine: one thread runs `engine.step()` while any request is unfinished and sleeps on an
+  event otherwise. Handlers (on the asyncio loop) add requests, which the engine allows from another thread (its
+  inboxes), and receive each `RequestOutput` through their own asyncio.Queue (`loop.call_soon_threadsafe`).
+- Failures stay with the request that caused them: the engine ends such a request with finish_reason "error" and
+  goes on (see `Engine.step`). Should a step still raise (a bug), the worker fails the requests that were open,
+  resets the engine (every slot freed) and keeps serving; `/health` reports the failures counted.
+- Admission: at most `max_queue` requests wait for a slot; beyond that `add` raises a 503 with Retry-After.
+- `Metrics` counts requests by route template (`/v1/completions`, never the raw path, so unknown paths cannot grow
+  the series) and status, tokens, and latency histograms (https://prometheus.io/docs/instrumenting/exposition_formats/).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections import Counter
+
+from .engine import AdmissionError, Engine
+from .protocol import APIError
+from .sampling import SamplingParams
+
+logger = logging.getLogger("hybridmoe.serve")
+
+
+class EngineWorker:
+    """Runs the engine's step loop in one background thread and routes each request's outputs to its queue."""
+
+    def __init__(self, engine: Engine, max_queue: int = 256):
+        self.engine, self.max_queue = engine, max_queue
+        self.num_failures = 0  # steps that raised (each reset the engine)
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="hybridmoe-engine", daemon=True)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def num_open(self) -> int:
+        return len(self._queues)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, queue: asyncio.Queue) -> None:
+        """Called on the event loop. Raises APIError(503) when the queue is full or the worker stopped, and the
+        engine's AdmissionError / ValueError for a request it cannot take."""
+        if not self.alive:
+            raise APIError(503, "the engine is not running; retry later", "server_error", code="engine_stopped")
+        if self.engine.num_waiting >= self.max_queue:
+            raise APIError(503, f"the server is busy ({self.engine.num_waiting} requests are waiting, the most it "
+                                "queues); retry shortly", "server_error", code="queue_full",
+                           headers={"Retry-After": "1"})  # fmt: skip
+        self._queues[request_id] = (asyncio.get_running_loop(), queue)  # before the engine can produce outputs
+        try:
+            self.engine.add_request(prompt_token_ids, params, request_id)
+        except BaseException:
+            self._queues.pop(request_id, None)
+            raise
+        self._wake.set()
+
+    def cancel(self, request_id: str) -> None:
+        if self._queues.pop(request_id, None) is not None:
+            self.engine.cancel(request_id)
+
+    def abort_all(self, error: BaseException) -> None:
+        """End every open request: cancel it in the engine and hand `error` to its consumer."""
+        for request_id, (loop, queue) in list(self._queues.items()):
+            self.cancel(request_id)
+            _put(loop, queue, error)
+
+    def _run(self) -> None:
+        while not self._stop:
+            if not self.engine.has_unfinished():
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # not one request's fault (the engine contains those): start over clean
+                logger.exception("engine step failed; failing the open requests and resetting the engine")
+                self.num_failures += 1
+                error = APIError(500, f"the engine failed: {e!r}", "server_error")
+                for request_id, (loop, queue) in list(self._queues.items()):
+                    self._queues.pop(request_id, None)
+                    _put(loop, queue, error)
+                self.engine.reset()
+                continue
+            for out in outputs:
+                entry = self._queues.pop(out.request_id, None) if out.finished else self._queues.get(out.request_id)
+                if entry is not None:
+                    _put(*entry, out)
+
+
+def _put(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+
+
+def admission_error(e: ValueError, param: str) -> APIError:
+    """The 400 for a request the engine refused (AdmissionError: it can never fit)."""
+    code = "context_length_exceeded" if isinstance(e, AdmissionError) else None
+    return APIError(400, str(e), param=param, code=code)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class _Histogram:
+    def __init__(self, buckets=_LATENCY_BUCKETS):
+        self.buckets, self.counts, self.sum, self.count = buckets, [0] * len(buckets), 0.0, 0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        self.count += 1
+        for i, b in enumerate(self.buckets):
+            if value <= b:
+                self.counts[i] += 1
+
+    def lines(self, name: str) -> list[str]:
+        out = [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
+        out.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
+        return out + [f"{name}_sum {self.sum:.6f}", f"{name}_count {self.count}"]
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value, escaped (backslash, double quote, newline)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Metrics:
+    """Counters and histograms in Prometheus's text format (updated on the event loop only)."""
+
+    def __init__(self):
+        self.requests: Counter[tuple[str, int]] = Counter()  # (route template, HTTP status)
+        self.prompt_tokens = self.generation_tokens = 0
+        self.latency, self.ttft = _Histogram(), _Histogram()
+
+    def render(self, worker: EngineWorker) -> str:
+        lines = ["# HELP hybridmoe_requests_total Requests by route and HTTP status.",
+                 "# TYPE hybridmoe_requests_total counter"]  # fmt: skip
+        for (route, status), n in sorted(self.requests.items()):
+            lines.append(f'hybridmoe_requests_total{{endpoint="{_label(route)}",status="{status}"}} {n}')
+        for name, value, kind, doc in (
+            ("hybridmoe_prompt_tokens_total", self.prompt_tokens, "counter", "Prompt tokens of finished requests."),
+            ("hybridmoe_generation_tokens_total", self.generation_tokens, "counter", "Tokens generated."),
+            ("hybridmoe_num_requests_running", worker.engine.num_running, "gauge", "Requests holding a slot."),
+            ("hybridmoe_num_requests_waiting", worker.engine.num_waiting, "gauge", "Requests waiting for a slot."),
+            ("hybridmoe_engine_failures_total", worker.num_failures, "counter", "Engine steps that raised."),
+        ):
+            lines += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        for name, hist, doc in (
+            ("hybridmoe_request_latency_seconds", self.latency, "Time from arrival to the last token."),
+            ("hybridmoe_time_to_first_token_seconds", self.ttft, "Time from arrival to the first token."),
+        ):
+            lines += [f"# HELP {name} {doc}", f"# TYPE {name} histogram", *hist.lines(name)]
+        return "\n".join(lines) + "\n"
