@@ -4,6 +4,8 @@ interruption, the schedule, balancing, the recipe."""
 import math
 import os
 import signal
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -14,8 +16,9 @@ from hybridmoe import HybridMoEConfig, HybridMoEForCausalLM
 from hybridmoe.train import loop as loop_mod
 from hybridmoe.train.balance import balance_experts, moe_layers
 from hybridmoe.train.config import OptimSection, Recipe
-from hybridmoe.train.metrics import read_log
+from hybridmoe.train.metrics import MetricsLog, read_log
 from hybridmoe.train.optim import build_optimizer, lr_at
+from hybridmoe.train.state import load_distributed_checkpoint, save_checkpoint
 
 VOCAB = 512
 
@@ -117,9 +120,165 @@ def test_sigterm_finishes_the_step_and_writes_a_checkpoint(tmp_path, data_dir, m
 
     monkeypatch.setattr(loop_mod, "balance_experts", balance_then_signal)
     summary = loop_mod.train(recipe(tmp_path / "run", data_dir, 10), peak_gflops=100.0)
-    assert summary["interrupted"] and summary["steps"] == 3
+    assert summary["interrupted"] and summary["stopped"] == "signal" and summary["steps"] == 3
     assert os.path.basename(summary["checkpoint"]) == "step-0000003"
     assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is restored
+
+
+class SlowClock:
+    """The `time` module as the training loop sees it on a slow machine: every training step takes `step_s`
+    seconds more than it really does."""
+
+    def __init__(self, step_s):
+        self.step_s, self.offset = step_s, 0.0
+
+    def monotonic(self):
+        return time.monotonic() + self.offset
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    def slow_down(self, monkeypatch, module):
+        real = module.train_step
+
+        def slow_step(*args, **kwargs):
+            self.offset += self.step_s
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "time", self)
+        monkeypatch.setattr(module, "train_step", slow_step)
+
+
+def test_time_limit_stops_before_the_step_that_would_end_past_it(tmp_path, data_dir, monkeypatch):
+    SlowClock(100.0).slow_down(monkeypatch, loop_mod)
+    summary = loop_mod.train(recipe(tmp_path / "run", data_dir, 20, time_limit_s=450), peak_gflops=100.0)
+    # 100 s steps (plus the real few seconds of the whole run): step 4 ends at ~400 s, a 5th would end past 450 s
+    assert summary["interrupted"] and summary["stopped"] == "deadline" and summary["steps"] == 4
+    assert os.path.basename(summary["checkpoint"]) == "step-0000004"
+    assert [r["step"] for r in step_records(tmp_path / "run")] == [1, 2, 3, 4]
+    resumed = loop_mod.train(recipe(tmp_path / "run", data_dir, 5, time_limit_s=450), resume=True, peak_gflops=100.0)
+    assert resumed["steps"] == 5 and "interrupted" not in resumed  # the limit counts from each start
+    with pytest.raises(ValueError, match="time_limit_s"):
+        recipe(tmp_path / "x", data_dir, 2, time_limit_s=0).validate()
+
+
+def test_ranks_agree_on_when_and_why_to_stop():
+    class OtherRanks:  # par.sum as seen by this rank when the other ranks' votes are `others`
+        def __init__(self, others):
+            self.others = others
+
+        def sum(self, values):
+            return [v + o for v, o in zip(values, self.others)]
+
+    flag = loop_mod._StopFlag()
+    flag.agree(OtherRanks([0, 0, 0]))
+    assert not flag.requested and flag.reason is None
+    flag.agree(OtherRanks([0, 1, 0]))  # another rank reached its deadline: this one stops at the same step
+    assert flag.requested and flag.reason == "deadline"
+    flag = loop_mod._StopFlag()
+    flag.request("stop_after")
+    flag.agree(OtherRanks([1, 1, 0]))
+    assert flag.reason == "signal"
+
+
+def test_resume_refuses_a_pickled_trainer_state_without_running_it(tmp_path, data_dir):
+    first = loop_mod.train(recipe(tmp_path / "run", data_dir, 2), stop_after=1, peak_gflops=100.0)
+    marker = tmp_path / "code-ran"
+
+    class Payload:  # unpickling it calls open(marker, "w")
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = os.path.join(first["checkpoint"], "trainer_state", "optimizer.pt")
+    torch.save({"optimizer": Payload(), "torch_rng": torch.get_rng_state()}, path)
+    with pytest.raises(ValueError, match="optimizer.pt holds more than tensors and plain data"):
+        loop_mod.train(recipe(tmp_path / "run", data_dir, 2), resume=True, peak_gflops=100.0)
+    assert not marker.exists()
+    with open(path, "wb") as fh:
+        fh.write(b"PK\x03\x04 torn")
+    with pytest.raises(ValueError, match="optimizer.pt cannot be read"):
+        loop_mod.train(recipe(tmp_path / "run", data_dir, 2), resume=True, peak_gflops=100.0)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP in one process, as intended here
+def test_distributed_resume_refuses_a_pickled_rng_state(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = HybridMoEForCausalLM(HybridMoEConfig.from_preset("debug"))
+    optimizer = build_optimizer(model, OptimSection())
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    ckpt = tmp_path / "step-0000001"
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(ckpt / "dcp"), no_dist=True)
+    (ckpt / "trainer_state").mkdir()
+    (ckpt / "trainer_state" / "state.json").write_text('{"step": 1}')
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"torch_rng": Payload()}, ckpt / "trainer_state" / "rng-0.pt")
+    with pytest.raises(ValueError, match="rng-0.pt holds more than tensors"):
+        load_distributed_checkpoint(str(ckpt), model, optimizer, None)
+    assert not marker.exists()
+
+
+def test_resume_after_a_kill_during_a_save_and_a_log_write(tmp_path, data_dir, caplog):
+    run = tmp_path / "run"
+    loop_mod.train(recipe(run, data_dir, 4), stop_after=2, peak_gflops=100.0)
+    # What a kill leaves: the next checkpoint and `latest` under their temporary names, half a log record.
+    ckpts = run / "checkpoints"
+    (ckpts / ".step-0000003.k2x_9qab" / "trainer_state").mkdir(parents=True)
+    (ckpts / ".latest.a1b2c3d4.tmp").write_text("step-0000003")
+    (ckpts / ".step-0000003.mine").mkdir()  # not a name a save uses: left alone
+    with open(run / "log.jsonl", "a") as fh:
+        fh.write('{"step": 3, "loss": 4.1')
+    second = loop_mod.train(recipe(run, data_dir, 4), resume=True, peak_gflops=100.0)
+    assert second["start_step"] == 2 and second["steps"] == 4
+    assert [r["step"] for r in step_records(run)] == [1, 2, 3, 4]
+    assert sorted(os.listdir(ckpts)) == [".step-0000003.mine", "latest", "step-0000002", "step-0000004"]
+    assert "line 4: incomplete record" in caplog.text
+    assert "removed .latest.a1b2c3d4.tmp" in caplog.text and "removed .step-0000003.k2x_9qab" in caplog.text
+
+
+def test_a_damaged_log_line_is_an_error_unless_it_is_the_torn_last_one(tmp_path, caplog):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    assert read_log(str(path)) == [{"step": 1}, {"step": 2}]
+    assert "log.jsonl, line 3: incomplete record" in caplog.text
+    MetricsLog(str(tmp_path), tensorboard=False, resume_step=1).close()  # truncated to the checkpoint's step
+    assert path.read_text() == '{"step": 1}\n'
+    path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"log.jsonl, line 2: not a JSON record"):
+        read_log(str(path))
+    with pytest.raises(ValueError, match=r"log.jsonl, line 2: not a JSON record"):
+        MetricsLog(str(tmp_path), tensorboard=False, resume_step=3)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
+def test_checkpoint_files_are_fsynced_and_stale_temporaries_removed(tmp_path, monkeypatch):
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tok / name).write_text("{}")
+    stale = tmp_path / "run" / "checkpoints" / ".step-0000001.abcd1234"
+    stale.mkdir(parents=True)
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    model = HybridMoEForCausalLM(HybridMoEConfig.from_preset("debug"))
+    optimizer = build_optimizer(model, OptimSection())
+    save_checkpoint(str(tmp_path / "run"), 1, model, optimizer, {}, "train: {}\n", str(tok))
+    assert (tmp_path / "run" / "checkpoints" / "step-0000001" / "tokenizer.json").read_text() == "{}"
+    for name in ("tokenizer.json", "tokenizer_config.json", "model.safetensors", "recipe.yaml", "optimizer.pt"):
+        assert any(s == name or s.startswith(f".{name}.") for s in synced), (name, synced)
+    assert not stale.exists()
 
 
 def test_keep_last_prunes_old_checkpoints(tmp_path, data_dir):

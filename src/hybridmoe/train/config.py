@@ -4,7 +4,7 @@
     data:     tokenizer, curriculum phases (a blend of prepared datasets each), sequence length(s), batch size
     optim:    AdamW and the learning-rate schedule (warmup-stable-decay with minus-sqrt decay by default)
     balance:  MoE load balancing (aux-loss-free bias update rate, sequence-level aux loss coefficient)
-    train:    steps, precision, checkpointing, logging, validation, where to write
+    train:    steps, a time limit, precision, checkpointing, logging, validation, where to write
     parallel: under torchrun: expert-parallel degree, FSDP2 resharding, consolidated checkpoints
 
 Defaults follow the Nemotron 3 recipe (`../shared/reference/training.md`): AdamW (0.9, 0.95), eps 1e-8, weight
@@ -91,6 +91,9 @@ class TrainSection:
     tensorboard: bool = True  # when the tensorboard package is installed
     progress: bool = True
     peak_gflops: float | None = None  # matmul peak per process for MFU; None: measured at the start
+    # Stop (with a checkpoint, like Ctrl-C) before a step would end more than this many seconds after the start of
+    # this run or resume; None: no limit. At least one step runs.
+    time_limit_s: float | None = None
 
 
 @dataclass
@@ -145,6 +148,8 @@ class Recipe:
             raise ValueError("train.steps, data.batch_size, data.grad_accum must be >= 1 and data.seq_len >= 2")
         if not 0 <= o.decay_fraction <= 1 or o.warmup_steps < 0:
             raise ValueError("optim.decay_fraction must be in [0, 1] and optim.warmup_steps >= 0")
+        if t.time_limit_s is not None and not t.time_limit_s > 0:
+            raise ValueError(f"train.time_limit_s={t.time_limit_s}: give a positive number of seconds, or null")
         if o.min_lr > o.lr:
             raise ValueError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}")
         if not d.phases and not any(m.phases for m in d.seq_mix):

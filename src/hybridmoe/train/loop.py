@@ -4,7 +4,8 @@ Read `train` top to bottom: build (or resume) the model, optimizer and data stre
 learning rate, accumulate gradients over micro-batches, clip, step AdamW, update the MoE expert biases, log; now
 and then validate and checkpoint. Everything a resumed run needs (weights, optimizer, data position, RNG) is in
 the checkpoint, so a run stopped at step N and resumed logs the same losses as one that never stopped. SIGINT or
-SIGTERM finishes the current step, writes a checkpoint and returns.
+SIGTERM finishes the current step, writes a checkpoint and returns; so does `train.time_limit_s` when the next step
+would end past it (the summary's `stopped` says which).
 
 Under torchrun the same loop runs on every rank (`hybridmoe.distributed`): the model is sharded with FSDP2 and
 expert parallelism after it is built, every rank trains on its rows of the same global batch, losses and the
@@ -35,6 +36,7 @@ from .state import (
     latest_checkpoint,
     load_distributed_checkpoint,
     load_trainer_state,
+    remove_unfinished_saves,
     save_checkpoint,
     save_distributed_checkpoint,
 )
@@ -44,7 +46,8 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "autocast-bf16": torch
 
 def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, peak_gflops: float | None = None):
     """Run (or resume, from the newest checkpoint in train.out_dir) the recipe. `stop_after`: return after this
-    many steps of this call, with a checkpoint (a time-boxed job). Returns a summary dict."""
+    many steps of this call, with a checkpoint. Returns a summary dict; when the run stopped before its last step
+    it holds `interrupted` and `stopped`: "signal", "deadline" (train.time_limit_s) or "stop_after"."""
     recipe.validate()
     owns_group = not torch.distributed.is_initialized()
     par = distributed.setup(recipe.parallel.ep)
@@ -58,7 +61,11 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, p
 def _train(recipe: Recipe, par, resume: bool, stop_after: int | None, peak_gflops: float | None):
     t = recipe.train
     main = par is None or par.is_main
+    # The time limit counts from here on every rank (under torchrun the ranks agree on the step to stop at).
+    deadline = time.monotonic() + t.time_limit_s if t.time_limit_s is not None else None
     torch.manual_seed(t.seed)
+    if resume and main:
+        remove_unfinished_saves(t.out_dir)
     ckpt = latest_checkpoint(t.out_dir) if resume else None
     model = build_model(recipe, ckpt)
     if par is not None:
@@ -90,15 +97,17 @@ def _train(recipe: Recipe, par, resume: bool, stop_after: int | None, peak_gflop
     if step == 0:
         summary["initial_val_loss"] = _validate(model, streams, recipe, log, step, par)
 
+    slowest = 0.0  # seconds of the slowest step of this call: what the next one may take
     with stop_on_signals() as stop:
         while step < t.steps:
             stream = streams.for_step(step)
             lr = lr_at(step, t.steps, recipe.optim)
             set_lr(optimizer, lr)
-            t0 = time.perf_counter()
+            t0 = time.monotonic()
             losses = train_step(model, optimizer, stream, recipe, par)
             imbalance = balance_experts(model, recipe.balance.bias_update_rate)
-            seconds = time.perf_counter() - t0
+            seconds = time.monotonic() - t0
+            slowest = max(slowest, seconds)
             step += 1
             tokens_per_s = stream.tokens_per_step / seconds
             record = {
@@ -121,16 +130,19 @@ def _train(recipe: Recipe, par, resume: bool, stop_after: int | None, peak_gflop
             if t.val_every and step % t.val_every == 0 and step < t.steps:
                 _validate(model, streams, recipe, log, step, par)
             if stop_after is not None and step - summary["start_step"] >= stop_after:
-                stop.requested = True
+                stop.request("stop_after")
+            if deadline is not None and time.monotonic() + slowest > deadline:
+                stop.request("deadline")
             if par is not None:  # every rank stops at the same step
-                stop.requested = par.sum([float(stop.requested)])[0] > 0
+                stop.agree(par)
             if (t.save_every and step % t.save_every == 0) or stop.requested or step == t.steps:
                 summary["checkpoint"] = _save(t, step, model, optimizer, streams, recipe, par)
             if stop.requested and step < t.steps:
-                summary["interrupted"] = True
+                summary.update(interrupted=True, stopped=stop.reason)
                 break
-    if not summary.get("interrupted"):
-        summary["final_val_loss"] = _validate(model, streams, recipe, log, step, par)
+    if not summary.get("interrupted"):  # when the last step ended at the deadline, no time is left to validate
+        late = stop.reason == "deadline"
+        summary["final_val_loss"] = None if late else _validate(model, streams, recipe, log, step, par)
     if bar is not None:
         bar.close()
     log.close()
@@ -291,7 +303,23 @@ class _NoLog:
 
 
 class _StopFlag:
-    requested = False
+    """Whether the loop stops after the current step, and why: the first of REASONS that was requested."""
+
+    REASONS = ("signal", "deadline", "stop_after")
+
+    def __init__(self):
+        self.requested, self.reason = False, None
+
+    def request(self, reason: str) -> None:
+        self.requested = True
+        if self.reason is None or self.REASONS.index(reason) < self.REASONS.index(self.reason):
+            self.reason = reason
+
+    def agree(self, par) -> None:
+        """Collective: every rank stops if any rank would, for the most urgent reason any rank has."""
+        votes = par.sum([float(self.reason == r) for r in self.REASONS])
+        agreed = [r for r, v in zip(self.REASONS, votes) if v > 0]
+        self.requested, self.reason = bool(agreed), (agreed[0] if agreed else None)
 
 
 @contextlib.contextmanager
@@ -301,9 +329,9 @@ def stop_on_signals():
     previous = {}
 
     def handler(signum, frame):
-        if flag.requested and signum == signal.SIGINT:
+        if flag.reason == "signal" and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        flag.requested = True
+        flag.request("signal")
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are

@@ -8,8 +8,14 @@
         trainer_state/optimizer.pt           optimizer state and RNG state
     out_dir/checkpoints/latest               the name of the newest complete checkpoint
 
-A checkpoint is written under a temporary name and renamed when complete, so a crash never leaves a partial
-directory under a final name; the oldest checkpoints beyond `keep_last` are then removed.
+A checkpoint is written under a temporary name (`.step-0000100.<random>`, `.step-0000100.partial` under torchrun)
+and renamed when complete, so a crash never leaves a partial directory under a final name; the oldest checkpoints
+beyond `keep_last` are then removed, and so are temporary names a killed save left behind (at the next save or
+resume). Every file is fsynced before the rename that publishes the directory.
+
+The `.pt` files hold only tensors, numbers, strings, lists and dicts, and are read with `torch.load(...,
+weights_only=True)`: a checkpoint may come from someone else, and unpickling arbitrary objects runs their code
+(https://pytorch.org/docs/stable/notes/serialization.html#weights-only).
 
 Runs under torchrun write distributed checkpoints instead: every rank saves its own shards of the model and
 optimizer with torch.distributed.checkpoint (DCP), which can be loaded back on any number of ranks:
@@ -24,8 +30,12 @@ optimizer with torch.distributed.checkpoint (DCP), which can be loaded back on a
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
+import pickle
+import re
 import shutil
 import tempfile
 
@@ -43,6 +53,12 @@ TOKENIZER_FILES = (
     "merges.txt",
 )
 
+# What a save writes under a temporary name in checkpoints/: the directory (tempfile.mkdtemp's 8 random characters,
+# or the fixed `.partial` of distributed saves) and `latest` (utils.atomic_write). Nothing else there is touched.
+_UNFINISHED = re.compile(r"\.step-\d{7,}\.(partial|[a-z0-9_]{8})|\.latest\.[a-z0-9_]{8}\.tmp")
+
+log = logging.getLogger(__name__)
+
 
 def save_checkpoint(
     out_dir, step, model, optimizer, state: dict, recipe_yaml: str, tokenizer_dir, keep_last=2, save_model=None
@@ -51,6 +67,7 @@ def save_checkpoint(
     save_pretrained; a LoRA run saves its adapters instead)."""
     root = os.path.join(out_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
+    remove_unfinished_saves(out_dir)
     name = f"step-{step:07d}"
     tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=root)
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is a normal directory
@@ -70,11 +87,26 @@ def save_checkpoint(
 
 
 def _copy_present(src_dir, dst_dir, names) -> None:
-    """Copy those of `names` that exist in src_dir."""
+    """Copy those of `names` that exist in src_dir (each fsynced, as every file of a checkpoint is)."""
     for f in names:
         src = os.path.join(src_dir, f)
         if os.path.exists(src):
-            shutil.copyfile(src, os.path.join(dst_dir, f))
+            atomic_write(os.path.join(dst_dir, f), functools.partial(shutil.copyfile, src))
+
+
+def remove_unfinished_saves(out_dir) -> list[str]:
+    """Remove what a save killed before it finished left in out_dir/checkpoints (the temporary names above, and
+    only those); returns the names removed."""
+    root = os.path.join(out_dir, "checkpoints")
+    names = sorted(n for n in os.listdir(root) if _UNFINISHED.fullmatch(n)) if os.path.isdir(root) else []
+    for name in names:
+        path = os.path.join(root, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+        log.warning("%s: removed %s, left by a checkpoint save that did not finish", root, name)
+    return names
 
 
 def _publish(out_dir, tmp, name, keep_last) -> str:
@@ -110,8 +142,33 @@ def load_trainer_state(ckpt_dir) -> tuple[dict, dict]:
         raise ValueError(f"{ckpt_dir} has no trainer_state/: it is a model directory, not a resumable checkpoint")
     with open(os.path.join(d, "state.json")) as fh:
         state = json.load(fh)
-    payload = torch.load(os.path.join(d, "optimizer.pt"), weights_only=False)
+    payload = load_plain(os.path.join(d, "optimizer.pt"), {"optimizer": dict, "torch_rng": torch.Tensor})
     return state, payload
+
+
+def load_plain(path, expected: dict[str, type]) -> dict:
+    """torch.load a file that must hold plain data only (tensors, numbers, strings, lists, dicts: what the savers
+    here write) and a dict with at least the `expected` keys and types. Anything else, including a pickled object
+    that would run code when loaded, is a ValueError naming the file and never unpickled."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler error" in line), str(e))
+        raise ValueError(
+            f"{path} holds more than tensors and plain data ({detail}). hybridmoe never writes such a file and does "
+            f"not unpickle one (that could run code from it): resume from a checkpoint you wrote, or start afresh "
+            f"without --resume"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(
+            f"{path} cannot be read ({first}): the checkpoint is damaged; resume from an earlier one (remove this "
+            f"checkpoint directory) or start afresh without --resume"
+        ) from None
+    wrong = [k for k, kind in expected.items() if not isinstance(payload, dict) or not isinstance(payload.get(k), kind)]
+    if wrong:
+        raise ValueError(f"{path} is not a trainer state file: {', '.join(wrong)} missing or of the wrong type")
+    return payload
 
 
 # ---------------------------------------------------------------------------------------------- distributed
@@ -132,7 +189,7 @@ def save_distributed_checkpoint(
     name = f"step-{step:07d}"
     tmp = os.path.join(root, f".{name}.partial")  # the same name on every rank
     if par.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_unfinished_saves(out_dir)  # before the barrier: no rank writes into checkpoints/ yet
         os.makedirs(os.path.join(tmp, "trainer_state"))
     par.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -171,7 +228,7 @@ def load_distributed_checkpoint(ckpt_dir, model, optimizer, par) -> dict:
     rng = os.path.join(ckpt_dir, "trainer_state", f"rng-{rank}.pt")
     if not os.path.exists(rng):  # resumed on more ranks than saved: the new ranks take rank 0's state
         rng = os.path.join(ckpt_dir, "trainer_state", "rng-0.pt")
-    torch.set_rng_state(torch.load(rng, weights_only=False)["torch_rng"])
+    torch.set_rng_state(load_plain(rng, {"torch_rng": torch.Tensor})["torch_rng"])
     with open(os.path.join(ckpt_dir, "trainer_state", "state.json")) as fh:
         return json.load(fh)
 
