@@ -2,8 +2,8 @@
 
 The reference is `model.generate` on each prompt alone: with many concurrent requests of different lengths,
 requests joining mid-flight, prompts prefilled in chunks and slots reused, greedy tokens must be the same. Also:
-sampling params (stop ids and strings, max_tokens, seeds), logprobs against log_softmax of a full forward,
-cancellation and admission errors. Models: the `debug` preset without MTP, random weights.
+sampling params (stop ids and strings, max_tokens, seeds), logprobs and prompt logprobs against log_softmax of a full
+forward, cancellation and admission errors. Models: the `debug` preset without MTP, random weights.
 """
 
 from __future__ import annotations
@@ -102,6 +102,52 @@ def test_logprobs_equal_log_softmax_of_the_model_logits():
         assert max(abs(v - w) for (_, v), w in zip(lp.top, values.tolist())) <= 1e-4
 
 
+@torch.no_grad()
+def test_prompt_logprobs_equal_a_full_forward():
+    # Prompts over several prefill chunks of 8 (and a 1-token one), next to a request without prompt logprobs;
+    # max_tokens=0 scores the prompt and generates nothing.
+    prompts = prompts_for([29, 40, 1, 17], seed=10)
+    prompt_only = SamplingParams(max_tokens=0, prompt_logprobs=0)
+    params = [greedy(3, prompt_logprobs=2), prompt_only, greedy(2, prompt_logprobs=1), greedy(4)]
+    engine = Engine(model(), max_num_seqs=2, max_model_len=64, prefill_chunk=8)
+    results = engine.generate(prompts, params)
+    for p, sp, r in zip(prompts, params, results):
+        if sp.prompt_logprobs is None:
+            assert r.prompt_logprobs is None
+            continue
+        logp = torch.log_softmax(model()(torch.tensor([p])).logits[0].float(), -1)  # (t, v): row i scores token i+1
+        assert len(r.prompt_logprobs) == len(p) and r.prompt_logprobs[0] is None
+        lps = r.prompt_logprobs[1:]
+        assert [lp.token_id for lp in lps] == p[1:]
+        expected = logp[torch.arange(len(p) - 1), p[1:]]
+        assert torch.allclose(torch.tensor([lp.logprob for lp in lps]), expected, atol=1e-5, rtol=0)
+        values, top_ids = logp[:-1].topk(max(sp.prompt_logprobs, 1), dim=-1)
+        for lp, v, i in zip(lps, values[:, : sp.prompt_logprobs], top_ids[:, : sp.prompt_logprobs]):
+            assert [t for t, _ in lp.top] == i.tolist()
+            assert torch.allclose(torch.tensor([w for _, w in lp.top]), v, atol=1e-5, rtol=0)
+    assert results[1].token_ids == [] and results[1].finish_reason == "length"
+    for p, sp, r in zip(prompts, params, results):  # scoring the prompt leaves generation as it was
+        assert r.token_ids == reference(tuple(p), sp.max_tokens)
+
+
+def test_prompt_logprobs_arrive_on_the_first_output():
+    prompt = prompts_for([20], seed=11)[0]
+    engine = Engine(model(), max_num_seqs=1, max_model_len=64, prefill_chunk=8)
+    engine.add_request(prompt, greedy(3, prompt_logprobs=0))
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert [o.prompt_logprobs is not None for o in outs] == [True, False, False]
+    assert len(outs[0].prompt_logprobs) == 20 and outs[0].new_token_ids
+    # A prompt-only request: one output, finished, nothing generated.
+    engine.add_request(prompt, SamplingParams(max_tokens=0, prompt_logprobs=0))
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert len(outs) == 1 and outs[0].finished and outs[0].finish_reason == "length"
+    assert outs[0].new_token_ids == [] and outs[0].num_generated_tokens == 0 and len(outs[0].prompt_logprobs) == 20
+
+
 def test_stop_token_ids_and_eos():
     prompt = prompts_for([9], seed=5)[0]
     ref = reference(tuple(prompt), 12)
@@ -192,7 +238,9 @@ def test_admission_errors_name_the_numbers_and_the_fix():
 
 
 def test_sampling_params_are_validated():
-    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(max_tokens=0), dict(logprobs=-1)):
+    bad_params = (dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(max_tokens=0), dict(logprobs=-1),
+                  dict(prompt_logprobs=-1), dict(max_tokens=-1, prompt_logprobs=0))  # fmt: skip
+    for bad in bad_params:
         with pytest.raises(ValueError):
             SamplingParams(**bad)
     assert SamplingParams(stop="x").stop == ["x"]

@@ -21,6 +21,12 @@ padding machinery the model already has (left-padded batches):
   - the Mamba layers see gathered copies of the rows' states (one recurrent step each), written back afterwards.
 Greedy outputs therefore equal decoding each prompt alone (tested against `model.generate`).
 
+Prompt logprobs (`SamplingParams.prompt_logprobs`, vLLM's): the prefill chunks of such a request keep the logits of
+every position, not only the last; position i scores prompt token i + 1 (log_softmax of the raw logits, as for
+generated tokens; the first token has none). One chunk's (chunk, v) fp32 logits exist at a time, turned into
+log-probabilities in place. They arrive on the request's first RequestOutput; with `max_tokens=0` that output also
+finishes the request (finish_reason "length", nothing sampled).
+
 Thread-safety: `add_request` and `cancel` may be called from another thread (an asyncio loop) while `step` runs in
 a worker thread: they only append to inboxes that `step` drains at its start.
 
@@ -43,7 +49,7 @@ import torch
 
 from ..cache import KVState, MambaState
 from ..modeling import HybridMoEForCausalLM
-from .sampling import SamplingParams, TokenLogprob, sample, token_logprob
+from .sampling import SamplingParams, TokenLogprob, prompt_token_logprobs, sample, token_logprob
 
 logger = logging.getLogger("hybridmoe.serve")
 
@@ -67,6 +73,8 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended the request
     error: str | None = None  # what failed, when finish_reason is "error"
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with params.prompt_logprobs: filled during prefill
+    prompt_logprobs_sent: bool = False
 
     @property
     def prefilling(self) -> bool:
@@ -75,7 +83,8 @@ class Request:
 
 @dataclass
 class RequestOutput:
-    """What one `step` produced for one request: the new tokens since the last output (0 or 1 per step)."""
+    """What one `step` produced for one request: the new tokens since the last output (0 or 1 per step), and on the
+    first output of a request with prompt_logprobs, those (None for the first prompt token)."""
 
     request_id: str
     new_token_ids: list[int]
@@ -86,6 +95,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_generated_tokens: int
     error: str | None = None  # what failed, when finish_reason is "error"
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -99,6 +109,7 @@ class CompletionOutput:
     finish_reason: str
     stop_reason: int | str | None
     error: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 # ---------------------------------------------------------------------------------------------- slots
@@ -362,7 +373,10 @@ class Engine:
             except Exception as e:
                 outputs.append(self._fail(prefilling, e))
             else:
-                if not prefilling.prefilling:  # the prompt is in: its last logits give the first token
+                if not prefilling.prefilling and prefilling.params.max_tokens == 0:  # scored the prompt: done
+                    prefilling.finish_reason = "length"
+                    outputs.append(self._finish(prefilling, []))
+                elif not prefilling.prefilling:  # the prompt is in: its last logits give the first token
                     outputs.append(self._append_token(prefilling, logits))
         return outputs
 
@@ -395,18 +409,27 @@ class Engine:
         for i, r in zip(ids, requests):
             logprobs = r.logprobs if r.params.logprobs is not None else None
             results.append(CompletionOutput(i, r.prompt_token_ids, r.output_token_ids, logprobs, r.finish_reason,
-                                            r.stop_reason, r.error))  # fmt: skip
+                                            r.stop_reason, r.error, r.prompt_logprobs))  # fmt: skip
         return results
 
     # ------------------------------------------------------------------ model calls
     def _prefill_chunk(self, req: Request) -> torch.Tensor:
-        """Feed the next <= prefill_chunk prompt tokens into the request's slot; returns the last logits (v,)."""
-        chunk = req.prompt_token_ids[req.num_prefilled : req.num_prefilled + self.prefill_chunk]
+        """Feed the next <= prefill_chunk prompt tokens into the request's slot (with prompt_logprobs, score the
+        prompt tokens they predict); returns the last logits (v,)."""
+        start = req.num_prefilled
+        chunk = req.prompt_token_ids[start : start + self.prefill_chunk]
         cache = self.pool.row(req.slot)
         ids = torch.tensor([chunk], device=self.device)
-        out = self.model(ids, cache=cache, logits_to_keep=1)
+        top_n = req.params.prompt_logprobs
+        out = self.model(ids, cache=cache, logits_to_keep=1 if top_n is None else 0)
         req.num_prefilled += len(chunk)
         self.pool.lengths[req.slot] = cache.seq_len
+        if top_n is not None:
+            if start == 0:
+                req.prompt_logprobs = [None]  # the first token has no context to be scored in
+            targets = req.prompt_token_ids[start + 1 : start + 1 + len(chunk)]  # position i predicts token i + 1
+            # The last chunk's last row (the first generated token's logits) is not a target and stays raw.
+            req.prompt_logprobs += prompt_token_logprobs(out.logits[0, : len(targets)], targets, top_n)
         return out.logits[0, -1]
 
     def _decode(self, reqs: list[Request]) -> torch.Tensor:
@@ -460,9 +483,12 @@ class Engine:
         return self._output(req, new_tokens, new_logprobs)
 
     def _output(self, req: Request, new_tokens: list[int], new_logprobs) -> RequestOutput:
+        prompt_logprobs = None
+        if req.prompt_logprobs is not None and not req.prefilling and not req.prompt_logprobs_sent:
+            prompt_logprobs, req.prompt_logprobs_sent = req.prompt_logprobs, True
         return RequestOutput(
             req.request_id, new_tokens, new_logprobs, req.finish_reason is not None, req.finish_reason,
-            req.stop_reason, len(req.prompt_token_ids), len(req.output_token_ids), req.error,
+            req.stop_reason, len(req.prompt_token_ids), len(req.output_token_ids), req.error, prompt_logprobs,
         )  # fmt: skip
 
 

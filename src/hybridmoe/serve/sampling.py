@@ -1,17 +1,17 @@
 """Per-request sampling parameters and the sampling step of the engine.
 
 Names and meanings follow vLLM's `SamplingParams` where users meet them: `temperature` (below 1e-5 = greedy, as in
-vLLM: dividing logits by a smaller number overflows fp32), `top_p`,
-`top_k` (0 or None = off), `max_tokens`, `stop_token_ids`, `stop` (strings), `ignore_eos`, `seed`, `logprobs`
-(how many top alternatives to report besides the chosen token), and `logits_processors` (vLLM's hook: callables
-`(output_token_ids, logits_v) -> logits_v` that the engine applies before sampling; the chat layer's reasoning
-budget is one). The filters are applied in the order of transformers and of
-`hybridmoe.generation.sample_next_token`: temperature, then top-k, then top-p.
+vLLM: dividing logits by a smaller number overflows fp32), `top_p`, `top_k` (0 or None = off), `max_tokens`,
+`stop_token_ids`, `stop` (strings), `ignore_eos`, `seed`, `logprobs` (how many top alternatives to report besides
+the chosen token), `prompt_logprobs` (the same for the prompt's tokens; with it `max_tokens` may be 0: score the
+prompt, generate nothing), and `logits_processors` (vLLM's hook: callables `(output_token_ids, logits_v) -> logits_v`
+that the engine applies before sampling; the chat layer's reasoning budget is one). The filters are applied in the
+order of transformers and of `hybridmoe.generation.sample_next_token`: temperature, then top-k, then top-p.
 
 Reported logprobs are those of the model's own distribution, `log_softmax(logits)`, before temperature and the
 filters (vLLM's default), so they mean the same thing whatever the request's sampling settings.
 
-Legend: v vocab.
+Legend: t tokens, v vocab.
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ class SamplingParams:
     ignore_eos: bool = False  # True: the model's eos does not end the request (stop_token_ids still do)
     seed: int | None = None  # a private generator per request: the same seed gives the same tokens in any batch
     logprobs: int | None = None  # None: no logprobs; 0: the chosen token's; n: also the n most likely tokens
+    # The same for every prompt token after the first (its logprob given the tokens before it): vLLM's
+    # prompt_logprobs, what scoring a text needs (OpenAI's legacy `echo` with `logprobs`).
+    prompt_logprobs: int | None = None
     # Applied in order to each step's logits before sampling (reported logprobs stay the model's own); the engine
     # calls them from its worker thread. Not used by speculative decoding.
     logits_processors: list[Callable[[list[int], torch.Tensor], torch.Tensor]] = field(default_factory=list)
@@ -49,10 +52,13 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus filtering), got {self.top_p}")
         if self.top_k is not None and self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 or None = no top-k filtering), got {self.top_k}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"logprobs must be None or >= 0 (the number of top alternatives), got {self.logprobs}")
+        if self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
+            raise ValueError(f"max_tokens must be >= 1 (0 only with prompt_logprobs: a request that scores its prompt "
+                             f"and generates nothing), got {self.max_tokens}")  # fmt: skip
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be None or >= 0 (the number of top alternatives), got "
+                                 f"{getattr(self, name)}")  # fmt: skip
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
 
@@ -106,6 +112,18 @@ def sample(logits_v: torch.Tensor, params: SamplingParams, generator: torch.Gene
     if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
         raise SamplingError("the sampling distribution is not finite (non-finite logits after the temperature)")
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def prompt_token_logprobs(logits_tv: torch.Tensor, targets: list[int], top_n: int) -> list[TokenLogprob]:
+    """The logprob of `targets[i]` under row i of `logits_tv` (t, v) fp32, with the `top_n` most likely tokens of
+    each row. In place: the rows become their log_softmax (so a chunk of prompt logits costs no second copy)."""
+    logp_tv = logits_tv.sub_(torch.logsumexp(logits_tv, dim=-1, keepdim=True))
+    index = torch.tensor(targets, dtype=torch.long, device=logp_tv.device)[:, None]
+    chosen = logp_tv.gather(-1, index)[:, 0].tolist()
+    if not top_n:
+        return [TokenLogprob(t, v) for t, v in zip(targets, chosen)]
+    values, ids = logp_tv.topk(min(top_n, logp_tv.shape[-1]), dim=-1)
+    return [TokenLogprob(t, v, list(zip(i, w))) for t, v, i, w in zip(targets, chosen, ids.tolist(), values.tolist())]
 
 
 def token_logprob(logits_v: torch.Tensor, token_id: int, top_n: int) -> TokenLogprob:
