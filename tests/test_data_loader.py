@@ -331,8 +331,10 @@ def test_errors(tmp_path):
 
     no_eod = write_prepared(tmp_path / "noeod", [[5, 6, 7]])
     (no_eod / "shard-00000.bin").write_bytes(np.array([5, 6, 7, 8], "<u4").tobytes())  # last token is not eod
-    with pytest.raises(ValueError, match="not eod"):
-        next(PretrainLoader(no_eod, **kw))
+    with pytest.raises(ValueError, match="corrupt or changed"):
+        PretrainLoader(no_eod, **kw)
+    with pytest.raises(ValueError, match="not eod"):  # unverified, the damage is still caught as it is read
+        next(PretrainLoader(no_eod, **kw, verify=False))
 
     state = PretrainLoader(good, seed=1, **kw).state_dict()
     with pytest.raises(ValueError, match="seed"):
@@ -352,3 +354,83 @@ def test_batches_feed_the_model(tmp_path):
     with torch.no_grad():
         for batch in (next(loader), next(loader.val_batches())):
             assert torch.isfinite(model(**batch, return_logits=False).loss)
+
+
+# ------------------------------------------------------------------------------------------ shard checksums
+def _flip_a_byte(path: Path) -> None:
+    """Change one byte in place: the size stays, so only the checksum can tell."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_shards_are_verified_against_the_manifest_sha256(tmp_path):
+    path = write_prepared(tmp_path / "d", random_docs(10, 0), [4, 6])
+    TokenDataset(path)
+    _flip_a_byte(path / "shard-00001.bin")
+    with pytest.raises(ValueError, match=r"corrupt or changed.*shard-00001\.bin: sha256 .*--no-verify"):
+        TokenDataset(path)
+    with pytest.raises(ValueError, match=r"shard-00001\.bin: sha256"):
+        PretrainLoader(path, seq_len=8, batch_size=2, val_fraction=0.0)
+    assert TokenDataset(path, verify=False).num_documents == 10
+    next(PretrainLoader(path, seq_len=8, batch_size=2, val_fraction=0.0, verify=False))
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["shards"][0]["sha256"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"shard-00000 has no sha256"):
+        TokenDataset(path)
+
+
+def test_a_directory_is_verified_once_per_process(tmp_path, monkeypatch):
+    import hybridmoe.data.loader as loader_module
+
+    hashed = []
+    sha256_file = loader_module.sha256_file
+    monkeypatch.setattr(loader_module, "sha256_file", lambda p, *a: hashed.append(Path(p).name) or sha256_file(p, *a))
+    path = write_prepared(tmp_path / "d", random_docs(10, 0), [4, 6])
+    TokenDataset(path)
+    PretrainLoader({path: 1.0}, seq_len=8, batch_size=2, val_fraction=0.0)
+    assert sorted(hashed) == ["shard-00000.bin", "shard-00000.idx", "shard-00001.bin", "shard-00001.idx"]
+    _flip_a_byte(path / "shard-00000.bin")  # a file that changed since is hashed again
+    with pytest.raises(ValueError, match=r"shard-00000\.bin: sha256"):
+        TokenDataset(path)
+    assert len(hashed) == 5
+
+
+def test_recipe_data_verify_reaches_the_loader(tmp_path):
+    from types import SimpleNamespace
+
+    from helpers import VOCAB
+
+    from hybridmoe.train.config import Recipe
+    from hybridmoe.train.data import Streams
+
+    path = write_prepared(tmp_path / "d", random_docs(10, 0))
+    _flip_a_byte(path / "shard-00000.bin")
+
+    def recipe(**data):
+        data = {"phases": [{"datasets": {str(path): 1.0}}], "seq_len": 8, "batch_size": 2, "val_fraction": 0, **data}
+        return Recipe.from_dict({"data": data, "train": {"steps": 2}})
+
+    assert recipe().data.verify is True
+    with pytest.raises(ValueError, match="sha256"):
+        Streams(recipe(), SimpleNamespace(vocab_size=VOCAB))
+    Streams(recipe(verify=False), SimpleNamespace(vocab_size=VOCAB))
+
+
+def test_eval_ppl_no_verify_flag(monkeypatch, tmp_path):
+    import hybridmoe.eval.perplexity as perplexity
+    from hybridmoe.cli import main
+
+    calls = []
+
+    def fake(*args, **kwargs):
+        calls.append(kwargs["verify"])
+        return {"perplexity": 1.0, "loss": 0.0, "bits_per_byte": None, "target_tokens": 1, "windows": 1,
+                "seq_len": 8, "out": "x"}  # fmt: skip
+
+    monkeypatch.setattr(perplexity, "evaluate_perplexity", fake)
+    assert main(["eval", "ppl", str(tmp_path), str(tmp_path)]) == 0
+    assert main(["eval", "ppl", str(tmp_path), str(tmp_path), "--no-verify"]) == 0
+    assert calls == [True, False]

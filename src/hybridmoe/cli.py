@@ -210,7 +210,7 @@ def cmd_eval_ppl(args) -> int:
     r = evaluate_perplexity(
         _model_dir(args.checkpoint), args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
         batch_size=args.batch_size, field=args.field, split=args.split, out=args.out, device=args.device,
-        dtype=args.dtype,
+        dtype=args.dtype, verify=args.verify,
     )  # fmt: skip
     bpb = f", {r['bits_per_byte']:.4f} bits per byte" if r["bits_per_byte"] is not None else ""
     print(f"perplexity {r['perplexity']:.4f} (loss {r['loss']:.4f} nats/token{bpb}) over {r['target_tokens']:,} "
@@ -385,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     e.add_argument("--field", default="text", help="the text field of .jsonl records / column of .parquet files")
     e.add_argument("--split", default="all", choices=("all", "train", "val"), help="documents of a prepared folder")
+    e.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="open a prepared folder without checking its shards' sha256 against the manifest")  # fmt: skip
     e.add_argument("--out", help="JSON result file (default: eval/ppl-<checkpoint>-<data>-<seq-len>.json)")
     e.add_argument("--device", help="default: cuda if available, else cpu")
     e.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: bfloat16 on GPU, else fp32")

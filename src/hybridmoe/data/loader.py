@@ -1,8 +1,9 @@
 """The pretraining data loader: packed, blended, two-phase token streams over `hybridmoe prepare` output.
 
 Bottom up:
-- `TokenDataset`: one prepared directory, opened with numpy.memmap (nothing is read whole), its documents split
-  into train and validation by a hash of (split seed, global document index).
+- `TokenDataset`: one prepared directory, opened with numpy.memmap, its documents split into train and validation
+  by a hash of (split seed, global document index). Opening checks each shard's sha256 against the manifest (once
+  per process and file: `verify_shards`), so a corrupt or changed shard is an error instead of silently wrong data.
 - `_Stream`: one dataset's train documents as an endless token stream in a seeded order reshuffled every epoch,
   cut into consecutive windows of `seq_len` tokens. This is Megatron-LM's GPTDataset (document index -> shuffled
   document order -> sample windows), computed on the fly from three counters instead of saved index arrays.
@@ -29,17 +30,22 @@ that wants that behaviour simply does not pass `document_ids` to the model.
 Limits: labels are the unshifted input_ids (the model shifts internally), so the first token of each window is
 never a target; Megatron avoids this by overlapping windows by one token, at the cost of samples of T + 1 tokens.
 Per-dataset document arrays (the split, the epoch's order) hold 8 bytes per document in memory, as Megatron's
-index arrays do. Shard checksums are not verified on open (that reads every byte).
+index arrays do. Checksum verification reads every byte once per process (in parallel threads; a progress bar when
+it takes a while); under torchrun every process reads them. `verify=False` (`--no-verify`, `data.verify: false`)
+skips it.
 
 Shapes: B = batch size, T = seq_len.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import threading
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -56,6 +62,12 @@ SPLITS = ("train", "val")
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 _IDX_DTYPE = np.dtype("<u8")
 _REPREPARE = "re-run `hybridmoe prepare` to rebuild the directory"
+_NO_VERIFY = "--no-verify, data.verify: false in a recipe, verify=False in Python"
+_HASH_CHUNK = 8 * 2**20
+_HASH_THREADS = 8
+# (real path, size, mtime, inode, sha256) of every shard file verified in this process: opened again, it is not reread.
+_VERIFIED: set[tuple] = set()
+_VERIFIED_LOCK = threading.Lock()
 
 
 # ----------------------------------------------------------------------------------------------- one dataset
@@ -132,16 +144,70 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
+def sha256_file(path: str | os.PathLike, progress=None) -> str:
+    """Hex sha256 of a file, read in chunks; `progress` (a tqdm bar) is advanced by the bytes read."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)  # releases the GIL: threads hash files in parallel
+            if progress is not None:
+                progress.update(len(chunk))
+    return digest.hexdigest()
+
+
+def verify_shards(path: str | os.PathLike, manifest: dict) -> None:
+    """Check every shard's .bin and .idx against the sha256 in the manifest; raise ValueError naming the first that
+    differs. A file already verified in this process (same size, mtime and inode) is not read again."""
+    from tqdm.auto import tqdm
+
+    path = Path(path)
+    todo = []  # (file, expected sha256, cache key)
+    for shard in manifest["shards"]:
+        name, sha = shard["name"], shard.get("sha256")
+        if not (isinstance(sha, dict) and all(isinstance(sha.get(ext), str) for ext in ("bin", "idx"))):
+            raise ValueError(
+                f"{path / MANIFEST_NAME}: shard {name} has no sha256 of its .bin and .idx to verify it against; "
+                f"{_REPREPARE}, or skip the check ({_NO_VERIFY})"
+            )
+        for ext in ("bin", "idx"):
+            file = path / f"{name}.{ext}"
+            st = file.stat()
+            key = (os.path.realpath(file), st.st_size, st.st_mtime_ns, st.st_ino, sha[ext])
+            if key not in _VERIFIED:
+                todo.append((file, sha[ext], key))
+    if not todo:
+        return
+    total = sum(key[1] for _, _, key in todo)
+    bad = []
+    # delay: no bar unless it takes a while.
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"verify {path}", delay=2.0)
+    with bar, ThreadPoolExecutor(min(_HASH_THREADS, len(todo))) as pool:
+        for (file, expected, key), digest in zip(todo, pool.map(lambda item: sha256_file(item[0], bar), todo)):
+            if digest != expected:
+                bad.append(f"{file}: sha256 {digest} is not the manifest's {expected}")
+            else:
+                with _VERIFIED_LOCK:
+                    _VERIFIED.add(key)
+    if bad:
+        raise ValueError(
+            f"{len(bad)} shard file(s) of {path} are corrupt or changed since `hybridmoe prepare` wrote them: "
+            + "; ".join(bad[:5])
+            + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+            + ". Delete them and re-run `hybridmoe prepare` with the same inputs (it rebuilds only the missing "
+            f"shards), or skip the check ({_NO_VERIFY})"
+        )
+
+
 class TokenDataset:
     """The documents of one prepared directory, split into "train" and "val".
 
     Documents are numbered globally in shard order (0 .. num_documents - 1). Document i is in "val" when
     is_validation(i, val_fraction, seed); the split is a pure function of (seed, i), stable across runs and when
     shards are appended. The split seed is deliberately separate from the training seed, so runs with different
-    training seeds are validated on the same documents.
+    training seeds are validated on the same documents. verify: check the shards' sha256 (see verify_shards).
     """
 
-    def __init__(self, path: str | os.PathLike, val_fraction: float = 0.01, seed: int = 0):
+    def __init__(self, path: str | os.PathLike, val_fraction: float = 0.01, seed: int = 0, verify: bool = True):
         if not 0.0 <= val_fraction <= 1.0:
             raise ValueError(f"val_fraction must be in [0, 1], got {val_fraction}")
         if not isinstance(seed, int) or seed < 0:
@@ -156,6 +222,14 @@ class TokenDataset:
         self.num_documents: int = self.manifest["documents"]
         self.num_tokens_total: int = self.manifest["tokens"]
 
+        for shard in self.manifest["shards"]:
+            name, n_docs, n_tokens = shard["name"], shard["documents"], shard["tokens"]
+            dtype_name = self.manifest["dtype"]
+            _check_size(self.path / f"{name}.bin", n_tokens * self.dtype.itemsize, f"{n_tokens} tokens of {dtype_name}")
+            _check_size(self.path / f"{name}.idx", (n_docs + 1) * 8, f"{n_docs} documents + 1 uint64 offsets")
+        if verify:
+            verify_shards(self.path, self.manifest)
+
         self._bins: list[np.ndarray] = []
         self._idxs: list[np.ndarray] = []
         split_docs = {s: [] for s in SPLITS}
@@ -164,8 +238,6 @@ class TokenDataset:
         for shard in self.manifest["shards"]:
             name, n_docs, n_tokens = shard["name"], shard["documents"], shard["tokens"]
             bin_path, idx_path = self.path / f"{name}.bin", self.path / f"{name}.idx"
-            _check_size(bin_path, n_tokens * self.dtype.itemsize, f"{n_tokens} tokens of {self.manifest['dtype']}")
-            _check_size(idx_path, (n_docs + 1) * 8, f"{n_docs} documents + 1 uint64 offsets")
             # np.memmap cannot map an empty file; an empty shard needs no mapping.
             tokens = np.memmap(bin_path, self.dtype, mode="r") if n_tokens else np.empty(0, self.dtype)
             idx = np.memmap(idx_path, _IDX_DTYPE, mode="r")
@@ -362,6 +434,7 @@ class PretrainLoader:
     the phase boundary (exactly at it when it is a multiple of B * T). Iteration never ends; the training loop owns
     the step count. `state_dict()` is plain JSON data; a loader restored from it serves exactly the batches the
     original would have served next (batch_size may change on resume; the streams continue where they were).
+    verify: check every dataset's shards against their sha256 on open (see verify_shards).
     """
 
     def __init__(
@@ -374,6 +447,7 @@ class PretrainLoader:
         total_tokens: int | None = None,
         val_fraction: float = 0.01,
         split_seed: int = 0,
+        verify: bool = True,
     ):
         if not isinstance(seq_len, int) or seq_len < 2:
             raise ValueError(f"seq_len must be an int >= 2 (a sample needs an input and a target), got {seq_len!r}")
@@ -392,7 +466,7 @@ class PretrainLoader:
                 key = os.path.realpath(path)
                 if key not in where:
                     where[key] = len(self.datasets)
-                    self.datasets.append(TokenDataset(path, val_fraction=val_fraction, seed=split_seed))
+                    self.datasets.append(TokenDataset(path, val_fraction=val_fraction, seed=split_seed, verify=verify))
         first = self.datasets[0]
         for ds in self.datasets[1:]:
             if (ds.vocab_size, ds.eod_token_id) != (first.vocab_size, first.eod_token_id) or (

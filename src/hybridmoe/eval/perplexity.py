@@ -48,13 +48,15 @@ def token_bytes(tokenizer) -> np.ndarray:
     return out
 
 
-def _document_tokens(data: list[str], tokenizer, field: str, split: str, bad: dict) -> Iterator[np.ndarray]:
+def _document_tokens(
+    data: list[str], tokenizer, field: str, split: str, bad: dict, verify: bool = True
+) -> Iterator[np.ndarray]:
     """Each document's token ids, its final eos included."""
     prepared = [d for d in data if os.path.isfile(os.path.join(d, MANIFEST_NAME))]
     if prepared and len(data) > 1:
         raise ValueError(f"{prepared[0]} is a prepared token directory: pass it alone, not with other data")
     if prepared:
-        ds = TokenDataset(data[0], val_fraction=0.01 if split != "all" else 0.0)
+        ds = TokenDataset(data[0], val_fraction=0.01 if split != "all" else 0.0, verify=verify)
         _check_prepared_tokenizer(ds, tokenizer)
         indices = range(ds.num_documents) if split == "all" else ds.documents(split)
         for i in indices:
@@ -126,10 +128,12 @@ def evaluate_perplexity(
     dtype: str | None = None,
     model=None,
     progress: bool = True,
+    verify: bool = True,
 ) -> dict:
     """Perplexity (and bits per byte) of `checkpoint` on `data`; the result is also written to `out` as JSON.
 
     model: an already loaded model to use instead of loading the checkpoint's (its tokenizer is still read there).
+    verify: check a prepared directory's shards against their sha256 (data.loader.verify_shards).
     """
     from tqdm import tqdm
 
@@ -163,7 +167,7 @@ def evaluate_perplexity(
     nll = 0.0
     targets = target_bytes = windows = 0
     t0 = time.perf_counter()
-    stream = _windows(_document_tokens(data, tokenizer, field, split, bad), seq_len, max_tokens)
+    stream = _windows(_document_tokens(data, tokenizer, field, split, bad, verify), seq_len, max_tokens)
     bar = tqdm(desc="ppl", unit="tok", unit_scale=True, total=max_tokens, disable=not progress or None)
     try:
         batch: list[np.ndarray] = []

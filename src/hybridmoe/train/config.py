@@ -55,6 +55,7 @@ class DataSection:
     val_fraction: float = 0.01
     document_masking: bool = False  # pass document ids: no Mamba state or attention across documents
     seq_mix: list[SeqMixSection] = field(default_factory=list)  # long context: several lengths, by fraction of steps
+    verify: bool = True  # check each shard's sha256 against its manifest when a dataset is opened (reads every byte)
 
 
 @dataclass

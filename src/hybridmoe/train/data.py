@@ -44,6 +44,7 @@ class Streams:
                 seed=t.seed,
                 total_tokens=max(1, steps) * d.grad_accum * batch * seq_len,
                 val_fraction=d.val_fraction,
+                verify=d.verify,
             )
             if loader.datasets[0].vocab_size > model_config.vocab_size:
                 raise ValueError(
