@@ -78,13 +78,14 @@ class ScriptedEngine(Engine):
         return super().add_request(prompt_token_ids, params, request_id)
 
 
-def make_serving(checkpoint: str, max_num_seqs: int = 4, max_model_len: int = 512) -> OpenAIServing:
+def make_serving(checkpoint: str, max_num_seqs: int = 4, max_model_len: int = 512, **kw) -> OpenAIServing:
+    """An OpenAIServing over a ScriptedEngine; `kw` go to OpenAIServing (limits, reasoning_budget)."""
     tok = load_tokenizer(checkpoint)
     model = HybridMoEForCausalLM.from_pretrained(checkpoint)
     eos = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
     engine = ScriptedEngine(model, max_num_seqs=max_num_seqs, max_model_len=max_model_len, prefill_chunk=64,
                             eos_token_id=eos, detokenize=tok)  # fmt: skip
-    return OpenAIServing(engine, tok, MODEL)
+    return OpenAIServing(engine, tok, MODEL, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -95,10 +95,23 @@ def _template_source(tokenizer) -> str:
 
 
 def _checked_message(message, i: int) -> dict:
+    """A copy of `message` with its content as text, or ValueError naming the field whose type is wrong."""
     if not isinstance(message, dict) or message.get("role") not in ROLES:
         raise ValueError(f"messages[{i}] must be an object with a role among {', '.join(ROLES)}")
     out = dict(message)
     out["content"] = message_text(message.get("content"), f"messages[{i}].content")
+    for key in ("reasoning_content", "reasoning", "name", "tool_call_id"):
+        if not isinstance(message.get(key), (str, type(None))):
+            raise ValueError(f"messages[{i}].{key} must be a string")
+    calls = message.get("tool_calls")
+    if calls is not None and not isinstance(calls, list):
+        raise ValueError(f"messages[{i}].tool_calls must be a list of tool calls")
+    for j, call in enumerate(calls or []):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ValueError(f'messages[{i}].tool_calls[{j}] must be {{"function": {{"name": ..., "arguments": ...}}}}')
+        if not isinstance(fn.get("arguments"), (str, dict, type(None))):
+            raise ValueError(f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON string or an object")
     return out
 
 
@@ -163,10 +176,8 @@ def _assistant_text(message: dict, keep_reasoning: bool, has_think: bool) -> str
     if has_think:
         head = f"{THINK_START}\n{reasoning}\n{THINK_END}\n" if reasoning and keep_reasoning else THINK_START + THINK_END
     calls = []
-    for j, call in enumerate(message.get("tool_calls") or []):
-        fn = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise ValueError(f"tool_calls[{j}] of an assistant message needs function.name and function.arguments")
+    for call in message.get("tool_calls") or []:  # checked by _checked_message
+        fn = call["function"]
         arguments = fn.get("arguments") or "{}"
         if isinstance(arguments, str):
             with contextlib.suppress(json.JSONDecodeError):  # if not JSON, rendered as the string it is
