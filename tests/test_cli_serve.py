@@ -82,8 +82,8 @@ def test_serve_defaults_to_loopback():
 
 def test_serve_subprocess_answers_and_stops_on_sigterm(checkpoint):
     cmd = [sys.executable, "-m", "hybridmoe.cli", "serve", checkpoint, "--port", "0", "--max-model-len", "512",
-           "--served-model-name", "tiny", "--grace", "5"]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+           "--served-model-name", "tiny", "--grace", "5", "--max-stop", "1"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HYBRIDMOE_API_KEY="k3y")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         url, seen = None, []
@@ -102,10 +102,14 @@ def test_serve_subprocess_answers_and_stops_on_sigterm(checkpoint):
                     break
             except httpx.ConnectError:
                 time.sleep(0.05)
-        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):  # the key comes from HYBRIDMOE_API_KEY
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k3y", max_retries=0)
         assert client.models.list().data[0].id == "tiny"
         r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
         assert r.choices[0].finish_reason in ("stop", "length")
+        with pytest.raises(openai.BadRequestError, match="at most 1"):  # --max-stop 1
+            client.completions.create(model="tiny", prompt="Hi", stop=["a", "b"])
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:

@@ -59,26 +59,33 @@ def cmd_params(args) -> int:
 
 
 def cmd_tokenizer_train(args) -> int:
+    from .data.sources import TooManyBadRecords
     from .data.tokenizer import train_tokenizer
 
-    report = train_tokenizer(
-        args.inputs, args.output, vocab_size=args.vocab_size, field=args.field, min_frequency=args.min_frequency
-    )
+    try:
+        report = train_tokenizer(
+            args.inputs, args.output, vocab_size=args.vocab_size, field=args.field, min_frequency=args.min_frequency,
+            max_bad_fraction=args.max_bad_fraction,
+        )  # fmt: skip
+    except TooManyBadRecords as e:  # the tokenizer was saved: say what it holds before the error
+        print(f"tokenizer {e.report.summary()}")
+        raise
     print(f"tokenizer {report.summary()}")
     return 0
 
 
 def cmd_prepare(args) -> int:
     from .data.prepare import prepare
+    from .data.sources import TooManyBadRecords
 
-    report = prepare(
-        args.inputs,
-        args.tokenizer,
-        args.output,
-        field=args.field,
-        workers=args.workers,
-        shard_size_bytes=max(1, int(args.shard_size_mb * 2**20)),
-    )
+    try:
+        report = prepare(
+            args.inputs, args.tokenizer, args.output, field=args.field, workers=args.workers,
+            shard_size_bytes=max(1, int(args.shard_size_mb * 2**20)), max_bad_fraction=args.max_bad_fraction,
+        )  # fmt: skip
+    except TooManyBadRecords as e:  # the shards and manifest were written: say what they hold before the error
+        print(e.report.summary())
+        raise
     print(report.summary())
     return 0
 
@@ -229,12 +236,19 @@ def _sampling_from_args(args):
 
 
 def cmd_serve(args) -> int:
+    from .serve.protocol import Limits
     from .serve.server import serve
 
+    limits = Limits(
+        max_body_bytes=int(args.max_body_mb * 2**20), max_prompt_chars=args.max_prompt_chars,
+        max_prompts=args.max_prompts, max_stop=args.max_stop, max_queue=args.max_queue,
+        request_timeout_s=args.request_timeout or None, header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout, max_connections=args.max_connections,
+    )  # fmt: skip
     serve(
         _model_dir(args.checkpoint), host=args.host, port=args.port, model_name=args.served_model_name,
-        grace_s=args.grace, reasoning_budget=args.reasoning_budget, max_num_seqs=args.max_num_seqs,
-        **_engine_kwargs(args),
+        grace_s=args.grace, reasoning_budget=args.reasoning_budget, max_num_seqs=args.max_num_seqs, limits=limits,
+        api_key=args.api_key, allowed_hosts=args.allowed_host, **_engine_kwargs(args),
     )  # fmt: skip
     return 0
 
@@ -268,6 +282,12 @@ def cmd_chat(args) -> int:
     return 0
 
 
+BAD_FRACTION_HELP = (
+    "exit non-zero (after writing everything) when more than this fraction of the records are bad; every bad record "
+    "is listed in bad_records.jsonl in the output directory"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .presets import PRESETS
 
@@ -289,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab-size", type=int, default=8192)
     t.add_argument("--field", default="text", help="the text field of .jsonl records / column of .parquet files")
     t.add_argument("--min-frequency", type=int, default=2, help="least count of a pair for it to be merged")
+    t.add_argument("--max-bad-fraction", type=float, default=0.01, help=BAD_FRACTION_HELP)
     t.set_defaults(func=cmd_tokenizer_train)
 
     p = sub.add_parser("prepare", help="tokenize documents into token shards with a manifest")
@@ -298,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--field", default="text", help="the text field of .jsonl records / column of .parquet files")
     p.add_argument("--workers", type=int, default=2, help="worker processes")
     p.add_argument("--shard-size-mb", type=float, default=64, help="input MiB per shard")
+    p.add_argument("--max-bad-fraction", type=float, default=0.01, help=BAD_FRACTION_HELP)
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("pretrain", help="train from a YAML recipe (pretraining, long-context extension)")
@@ -415,6 +437,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", help="the model id clients send (default: the checkpoint folder name)")
     p.add_argument("--max-num-seqs", type=int, default=8, help="requests decoded together (engine slots)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get on shutdown")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $HYBRIDMOE_API_KEY, else none)")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host name the server answers to besides the bound address (repeatable; * for any)",
+    )
+    limits = p.add_argument_group("limits (each refused with a clear error)")
+    limits.add_argument("--max-body-mb", type=float, default=8.0, help="request body size (413 beyond)")
+    limits.add_argument("--max-prompt-chars", type=int, default=1_000_000, help="prompt characters before tokenizing")
+    limits.add_argument("--max-prompts", type=int, default=64, help="prompts per /v1/completions request")
+    limits.add_argument("--max-stop", type=int, default=4, help="stop strings per request (OpenAI's limit: 4)")
+    limits.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot (503 beyond)")
+    limits.add_argument(
+        "--request-timeout", type=float, default=600.0, help="seconds a request may run (504 beyond; 0: no limit)"
+    )
+    limits.add_argument("--header-timeout", type=float, default=10.0, help="seconds to send the request head")
+    limits.add_argument("--body-timeout", type=float, default=30.0, help="seconds to send the request body (408)")
+    limits.add_argument("--max-connections", type=int, default=512, help="open connections (503 beyond)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="stream the continuation of one prompt (or a chat reply with --chat)")
