@@ -7,13 +7,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from hybridmoe.cli import main
+from hybridmoe.data.loader import TokenDataset
 from hybridmoe.data.prepare import FORMAT, plan_units, prepare, token_dtype
-from hybridmoe.data.sources import BadRecord, expand_inputs, iter_documents, split_file
+from hybridmoe.data.sources import (
+    BadRecord,
+    TooManyBadRecords,
+    empty_counts,
+    expand_inputs,
+    iter_documents,
+    split_file,
+)
 from hybridmoe.data.tokenizer import CHAT_TOKENS, SPECIAL_TOKENS, load_tokenizer, train_tokenizer
 
 ROUND_TRIP_TEXTS = [
@@ -87,6 +97,12 @@ def _read_shards(out_dir) -> tuple[dict, list[np.ndarray]]:
     return manifest, docs
 
 
+def _listed_bad_records(directory) -> list[dict]:
+    """The entries of bad_records.jsonl in a prepare or tokenizer output directory."""
+    with open(os.path.join(directory, "bad_records.jsonl"), encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
 # --- sources ---
 
 
@@ -121,18 +137,17 @@ def test_bad_records_are_reported_by_reason(tmp_path):
     (tmp_path / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     records = list(iter_documents(tmp_path / "a.jsonl"))
     assert [r for r in records if isinstance(r, str)] == ["good one", "good two"]
-    reasons = [r.reason for r in records if isinstance(r, BadRecord)]
-    assert reasons == ["invalid_utf8", "invalid_json", "missing_field", "missing_field"] + [
-        "not_a_string",
-        "not_a_string",
-        "empty",
-        "invalid_utf8",
-        "empty",
-    ]
-    (tmp_path / "b.txt").write_bytes(b"caf\xe9 in latin-1")
+    bad = [(r.line, r.reason) for r in records if isinstance(r, BadRecord)]
+    reasons = ["invalid_utf8", "invalid_json", "missing_field", "missing_field", "not_a_string", "not_a_string"]
+    assert bad == list(zip(range(2, 11), reasons + ["empty", "invalid_utf8", "empty"]))
+    first = records[1]
+    assert first.file == str(tmp_path / "a.jsonl") and first.where == f"{first.file}:2"
+    assert first.excerpt == '{"text": "bad \\xff\\xfe bytes"}' and "byte 14" in first.detail
+    (tmp_path / "b.txt").write_bytes(b"fine\ncaf\xe9 in latin-1\n")
     (tmp_path / "c.txt").write_text(" \n ")
-    assert list(iter_documents(tmp_path / "b.txt")) == [BadRecord("invalid_utf8", str(tmp_path / "b.txt"))]
-    assert [r.reason for r in iter_documents(tmp_path / "c.txt")] == ["empty"]
+    [b] = iter_documents(tmp_path / "b.txt")
+    assert (b.reason, b.file, b.line, b.excerpt) == ("invalid_utf8", str(tmp_path / "b.txt"), 2, "caf\\xe9 in latin-1")
+    assert [(r.reason, r.line) for r in iter_documents(tmp_path / "c.txt")] == [("empty", 1)]
 
 
 def test_jsonl_parts_cover_the_file_exactly(tmp_path):
@@ -183,14 +198,21 @@ def test_load_tokenizer_requires_eos(tmp_path, tokenizer_dir):
 # --- prepare ---
 
 
-def _mixed_inputs(root) -> list[str]:
-    """Documents in the order prepare reads them: files sorted, lines/rows in order."""
+def _mixed_inputs(root, bad: bool = False) -> list[str]:
+    """Documents in the order prepare reads them: files sorted, lines/rows in order. bad: a bad record in a.jsonl
+    (line 3), an empty d.jsonl line (line 6) and an empty e.md."""
     docs = _corpus_docs(30)
     root.mkdir(exist_ok=True)
     _write_jsonl(root / "a.jsonl", [{"text": t} for t in docs[:20]])
     (root / "b.txt").write_text(ROUND_TRIP_TEXTS[2])
     (root / "c.py").write_text(ROUND_TRIP_TEXTS[3])
     _write_jsonl(root / "d.jsonl", [{"text": t} for t in docs[20:]])
+    if bad:
+        lines = (root / "a.jsonl").read_text().splitlines(keepends=True)
+        (root / "a.jsonl").write_text("".join(lines[:2] + ['{"text": [1, 2]}\n'] + lines[2:]))
+        lines = (root / "d.jsonl").read_text().splitlines(keepends=True)
+        (root / "d.jsonl").write_text("".join(lines[:5] + ["\n"] + lines[5:]))
+        (root / "e.md").write_text("")
     return docs[:20] + ROUND_TRIP_TEXTS[2:4] + docs[20:]
 
 
@@ -235,13 +257,30 @@ def test_prepare_counts_bad_records_and_keeps_the_good(tmp_path, tokenizer_dir):
     (tmp_path / "in" / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     (tmp_path / "in" / "b.txt").write_bytes(b"\xc3\x28")
     (tmp_path / "in" / "c.md").write_text("keep me too")
-    report = prepare([tmp_path / "in"], tokenizer_dir, tmp_path / "out", workers=1, progress=False)
-    manifest, docs = _read_shards(tmp_path / "out")
+    out = tmp_path / "out"
+    # 6 bad records of 8: above the default max_bad_fraction (1%), so it fails, but only after writing everything.
+    with pytest.raises(TooManyBadRecords, match=r"6 of 8 records are bad \(75\.00%\), above --max-bad-fraction 0\.01"):
+        prepare([tmp_path / "in"], tokenizer_dir, out, workers=1, progress=False)
+    manifest, docs = _read_shards(out)
     expect = {"invalid_utf8": 2, "invalid_json": 1, "missing_field": 1, "not_a_string": 1, "empty": 1}
-    assert manifest["bad_records"] == expect
+    assert manifest["bad_records"] == {**empty_counts(), **expect}
     tok = load_tokenizer(tokenizer_dir)
     assert [tok.decode(d[:-1].tolist()) for d in docs] == ["keep me", "keep me too"]
-    assert "invalid_utf8 2" in report.summary()
+    bad = _listed_bad_records(out)
+    a, b = str(tmp_path / "in" / "a.jsonl"), str(tmp_path / "in" / "b.txt")
+    assert [(e["file"], e["line"], e["reason"]) for e in bad] == [
+        (a, 2, "invalid_utf8"), (a, 3, "invalid_json"), (a, 4, "missing_field"), (a, 5, "not_a_string"),
+        (a, 6, "empty"), (b, 1, "invalid_utf8"),
+    ]  # fmt: skip
+    assert all(e["detail"] and e["excerpt"] for e in bad)
+
+    report = prepare([tmp_path / "in"], tokenizer_dir, out, workers=1, progress=False, max_bad_fraction=0.75)
+    assert report.manifest == manifest and report.shards_reused == len(manifest["shards"])
+    summary = report.summary()
+    assert "6 of 8 (75.00%, limit 75.00%)" in summary and str(out / "bad_records.jsonl") in summary
+    assert f"{a}:3: Expecting property name" in summary and f"{b}:1: invalid" in summary
+    with pytest.raises(ValueError, match=r"max_bad_fraction \(--max-bad-fraction\) must be in \[0, 1\]"):
+        prepare([tmp_path / "in"], tokenizer_dir, out, workers=1, progress=False, max_bad_fraction=1.5)
 
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "a.jsonl").write_bytes(b"\n".join(lines[1:]) + b"\n")
@@ -255,18 +294,24 @@ def test_parquet_input_split_by_row_groups(tmp_path, tokenizer_dir):
     import pyarrow.parquet as pq
 
     docs = _corpus_docs(40)
-    table = pa.table({"id": list(range(42)), "body": docs + [None, "  "]})
-    pq.write_table(table, tmp_path / "a.parquet", row_group_size=8)
+    # Row 20 holds bytes that are not UTF-8 in a string column (pyarrow writes them unchecked; reading them raises).
+    raw = pa.array([t.encode() for t in docs[:20]] + [b"\xff\xfe"] + [t.encode() for t in docs[20:]] + [None, b"  "])
+    body = pa.Array.from_buffers(pa.string(), len(raw), raw.buffers())
+    pq.write_table(pa.table({"id": list(range(43)), "body": body}), tmp_path / "a.parquet", row_group_size=8)
     size = os.path.getsize(tmp_path / "a.parquet")
     assert len(split_file(tmp_path / "a.parquet", size // 3)) > 1
-    prepare(
-        [tmp_path], tokenizer_dir, tmp_path / "out", field="body", workers=1, shard_size_bytes=size // 3, progress=False
-    )
+    report = prepare(
+        [tmp_path], tokenizer_dir, tmp_path / "out", field="body", workers=1, shard_size_bytes=size // 3,
+        progress=False, max_bad_fraction=0.1,
+    )  # fmt: skip
     manifest, shard_docs = _read_shards(tmp_path / "out")
     assert len(manifest["shards"]) > 1 and manifest["field"] == "body"
-    assert manifest["bad_records"]["missing_field"] == 1 and manifest["bad_records"]["empty"] == 1
     tok = load_tokenizer(tokenizer_dir)
     assert [tok.decode(d[:-1].tolist()) for d in shard_docs] == docs
+    bad = _listed_bad_records(tmp_path / "out")
+    assert [(e["row"], e["reason"]) for e in bad] == [(20, "invalid_utf8"), (41, "missing_field"), (42, "empty")]
+    assert bad[0]["excerpt"] == "\\xff\\xfe" and "line" not in bad[0]
+    assert f"{tmp_path / 'a.parquet'} row 20: invalid start byte" in report.summary()
     with pytest.raises(ValueError, match="no column 'text'.*--field"):
         prepare([tmp_path / "a.parquet"], tokenizer_dir, tmp_path / "out3", workers=1, progress=False)
 
@@ -307,17 +352,31 @@ def test_rerun_reuses_finished_shards_and_redoes_damaged_ones(tmp_path, tokenize
     changed = run()
     assert 0 < changed.shards_written < n and changed.manifest["documents"] == first.manifest["documents"] + 1
 
+    # A shard damaged after the fact fails the loader's checksum; deleting it and re-running rebuilds it.
+    damaged = bytearray((out / "shard-00000.bin").read_bytes())
+    damaged[0] ^= 1
+    (out / "shard-00000.bin").write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match=r"corrupt or changed.*shard-00000\.bin"):
+        TokenDataset(out)
+    os.unlink(out / "shard-00000.bin")
+    assert run().shards_written == 1
+    assert TokenDataset(out).num_documents == changed.manifest["documents"]
+
 
 def test_worker_count_does_not_change_the_shards(tmp_path, tokenizer_dir):
-    _mixed_inputs(tmp_path / "in")
+    _mixed_inputs(tmp_path / "in", bad=True)
     units = plan_units(expand_inputs([tmp_path / "in"]), 600)
     assert len(units) >= 3
     outputs = {}
     for workers in (1, 2):
         out = tmp_path / f"out{workers}"
-        prepare([tmp_path / "in"], tokenizer_dir, out, workers=workers, shard_size_bytes=600, progress=False)
+        prepare([tmp_path / "in"], tokenizer_dir, out, workers=workers, shard_size_bytes=600, progress=False,
+                max_bad_fraction=0.1)  # fmt: skip
         outputs[workers] = {n: (out / n).read_bytes() for n in sorted(os.listdir(out)) if n != "manifest.json"}
     assert outputs[1] == outputs[2]
+    # The bad records came back from the worker processes with their place in each file.
+    bad = [(os.path.basename(e["file"]), e["line"], e["reason"]) for e in _listed_bad_records(tmp_path / "out2")]
+    assert bad == [("a.jsonl", 3, "not_a_string"), ("d.jsonl", 6, "empty"), ("e.md", 1, "empty")]
 
 
 def test_cli_trains_a_tokenizer_and_prepares_shards(tmp_path, capsys):
@@ -344,3 +403,110 @@ def test_cli_trains_a_tokenizer_and_prepares_shards(tmp_path, capsys):
     assert len(manifest["shards"]) > 1 and manifest["vocab_size"] == 300
     assert main(["prepare", str(tmp_path / "in"), "--tokenizer", tok_dir, "--output", out]) == 2  # field "text"
     assert "no documents" in capsys.readouterr().err
+
+
+def test_cli_max_bad_fraction_fails_the_run_after_writing_everything(tmp_path, capsys):
+    lines = [json.dumps({"text": t}) for t in _corpus_docs(30)]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text("\n".join(lines[:10] + ["{x", '{"text": 1}'] + lines[10:]) + "\n")
+    a, tok_dir, out = str(tmp_path / "in" / "a.jsonl"), str(tmp_path / "tok"), str(tmp_path / "out")
+    message = "2 of 32 records are bad (6.25%), above --max-bad-fraction 0.01 (1.00%)"
+    train = ["tokenizer", "train", str(tmp_path / "in"), "--output", tok_dir, "--vocab-size", "300"]
+    assert main(train) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and os.path.join(tok_dir, "bad_records.jsonl") in captured.err
+    assert f"{a}:11: Expecting property name" in captured.out and f"{a}:12: 'text' is a int" in captured.out
+    assert load_tokenizer(tok_dir).eos_token == "</s>"  # saved all the same
+    assert main(train + ["--max-bad-fraction", "0.0625"]) == 0  # at the limit is within it
+
+    prepare_args = ["prepare", str(tmp_path / "in"), "--tokenizer", tok_dir, "--output", out, "--workers", "1"]
+    assert main(prepare_args) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and os.path.join(out, "bad_records.jsonl") in captured.err
+    assert f"{a}:11: Expecting property name" in captured.out
+    manifest, _ = _read_shards(out)
+    assert manifest["documents"] == 30
+    assert [(e["line"], e["reason"]) for e in _listed_bad_records(out)] == [(11, "invalid_json"), (12, "not_a_string")]
+    assert main(prepare_args + ["--max-bad-fraction", "0.1"]) == 0
+
+
+# --- one record never stops a run ---
+
+_HUGE_INT = "1" * 5000  # Python's int() refuses more than 4300 digits (sys.get_int_max_str_digits)
+
+
+def _deep(depth: int) -> str:
+    return '{"text": ' + "[" * depth + "]" * depth + "}"
+
+
+# (bad line, whether its text survives as a document, reason when it does not)
+ONE_BAD_LINE = {
+    "huge_int_elsewhere": ('{"id": ' + _HUGE_INT + ', "text": "big id, good text"}', True, None),
+    "huge_int_as_text": ('{"text": ' + _HUGE_INT + "}", False, "not_a_string"),
+    "deep_200k": (_deep(200_000), False, "too_deep"),
+    "deep_1m": (_deep(1_000_000), False, "too_deep"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ONE_BAD_LINE))
+def test_one_bad_record_never_stops_tokenizer_train_or_prepare(tmp_path, capsys, case):
+    line, kept, reason = ONE_BAD_LINE[case]
+    good = [json.dumps({"text": t}) for t in _corpus_docs(150)]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text("\n".join(good[:100] + [line] + good[100:]) + "\n")
+    tok_dir, out = str(tmp_path / "tok"), str(tmp_path / "out")
+    assert main(["tokenizer", "train", str(tmp_path / "in"), "--output", tok_dir, "--vocab-size", "300"]) == 0
+    assert main(["prepare", str(tmp_path / "in"), "--tokenizer", tok_dir, "--output", out, "--workers", "1"]) == 0
+    manifest, docs = _read_shards(out)
+    assert manifest["documents"] == 150 + kept
+    if kept:
+        assert load_tokenizer(tok_dir).decode(docs[100][:-1].tolist()) == "big id, good text"
+    a = str(tmp_path / "in" / "a.jsonl")
+    for where in (tok_dir, out):
+        bad = _listed_bad_records(where)
+        assert [(b["file"], b["line"], b["reason"]) for b in bad] == ([] if kept else [(a, 101, reason)])
+    if not kept:
+        assert f"{reason} 1" in capsys.readouterr().out
+
+
+def test_deep_nesting_cannot_crash_the_process_even_with_a_raised_recursion_limit(tmp_path):
+    # Python's JSON parser recurses per level: with the recursion limit raised, 1M levels overflow the C stack.
+    (tmp_path / "deep.jsonl").write_text(_deep(1_000_000) + "\n" + '{"text": "after"}\n')
+    code = (
+        "import sys; sys.setrecursionlimit(10**8); from hybridmoe.data.sources import iter_documents; "
+        "print([getattr(r, 'reason', r) for r in iter_documents(sys.argv[1])])"
+    )
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "deep.jsonl")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "['too_deep', 'after']"
+
+
+def test_bad_records_keep_their_line_across_parts_and_reruns(tmp_path, tokenizer_dir):
+    lines = [json.dumps({"text": t}) for t in _corpus_docs(60)]
+    bad_at = {7: "{oops", 23: '{"text": 5}', 41: '{"text": "x", "y": ' + "[" * 2000 + "]" * 2000 + "}", 59: " "}
+    for line_no, bad in sorted(bad_at.items()):
+        lines.insert(line_no - 1, bad)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+
+    def run():
+        return prepare([tmp_path / "in"], tokenizer_dir, out, workers=1, shard_size_bytes=700, progress=False,
+                       max_bad_fraction=0.1)  # fmt: skip
+
+    first = run()
+    assert len(split_file(tmp_path / "in" / "a.jsonl", 700)) >= 4  # the bad lines are read by different shards
+    listed = (out / "bad_records.jsonl").read_text()
+    bad = _listed_bad_records(out)
+    assert [(e["line"], e["reason"]) for e in bad] == list(
+        zip(bad_at, ["invalid_json", "not_a_string", "too_deep", "empty"])
+    )
+    assert all(e["file"] == str(tmp_path / "in" / "a.jsonl") for e in bad)
+    assert first.manifest["documents"] == 60
+
+    os.unlink(out / "shard-00001.json")  # one shard redone, the others reused: the same list
+    again = run()
+    assert again.shards_written == 1 and again.shards_reused == len(first.manifest["shards"]) - 1
+    assert (out / "bad_records.jsonl").read_text() == listed
+    assert again.summary() == first.summary().replace(f"({len(first.manifest['shards'])} written, 0 reused)",
+                                                      f"(1 written, {again.shards_reused} reused)")  # fmt: skip

@@ -5,11 +5,20 @@ On disk, in the output directory:
   tokens are followed by `eod_token_id` (the tokenizer's eos). No bos is added.
 - `shard-NNNNN.idx`: little-endian `uint64`, documents + 1 values: the token offset where each document starts in
   the .bin, then the shard's token count.
-- `shard-NNNNN.json`: the shard's manifest entry, its bad-record counts and the fingerprint of its inputs; it is
-  written after the .bin and .idx, so it marks a finished shard that a rerun with the same inputs can reuse.
+- `shard-NNNNN.bad.jsonl` (only when its inputs held bad records): one JSON object per bad record (see
+  sources.BadRecord) plus "piece", the index of the input piece it came from; lines are counted from the start of
+  that piece (a worker reading the second part of a file does not know how many lines the first part holds).
+- `shard-NNNNN.json`: the shard's manifest entry, its bad-record counts, the number of records read from each piece
+  and the fingerprint of its inputs; it is written after the other three, so it marks a finished shard that a rerun
+  with the same inputs can reuse.
+- `bad_records.jsonl`: every bad record of every shard (reused ones too), with its file and line in the whole file
+  (or Parquet row), reason, detail and excerpt.
 - `manifest.json`: written last; format, dtype, vocab_size, eod_token_id, tokenizer, field, sources, documents,
   tokens, bad_records (per reason, over all shards) and one entry per shard (name, documents, tokens, sources,
   sha256 of .bin and .idx). A shard whose inputs held no usable document is left out of the list.
+
+No record stops the run (see sources.py); when more than `max_bad_fraction` of the records are bad, everything is
+still written and then `prepare` raises TooManyBadRecords (the CLI exits non-zero).
 
 Inputs are cut into work units deterministically (sorted files, big JSON-lines/Parquet files split into parts,
 parts packed greedily up to shard_size_bytes of input); unit i becomes shard i. Literal special-token strings in
@@ -32,13 +41,24 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..utils import atomic_write, atomic_write_text
-from .sources import count_bad, empty_counts, expand_inputs, iter_documents, merge_counts, split_file
+from .sources import (
+    BAD_RECORDS_FILE,
+    BadRecord,
+    BadRecordLog,
+    bad_records_summary,
+    check_bad_fraction,
+    check_max_bad_fraction,
+    expand_inputs,
+    iter_documents,
+    merge_counts,
+    split_file,
+)
 from .tokenizer import load_tokenizer, tokenizer_fingerprint, vocab_size_of
 
 FORMAT = "hybridmoe-tokens-v1"
 MANIFEST = "manifest.json"
-_SHARD_FILE = re.compile(r"^shard-\d{5}\.(bin|idx|json)$")
-_TMP_FILE = re.compile(r"^\.(shard-\d{5}\.(bin|idx|json)|manifest\.json)\..*\.tmp$")
+_SHARD_FILE = re.compile(r"^shard-\d{5}\.(bin|idx|json|bad\.jsonl)$")
+_TMP_FILE = re.compile(r"^\.(shard-\d{5}\.(bin|idx|json|bad\.jsonl)|manifest\.json|bad_records\.jsonl)\..*\.tmp$")
 _BATCH_DOCS = 512
 _BATCH_CHARS = 4 * 2**20
 
@@ -72,14 +92,21 @@ class PrepareReport:
     shards_written: int
     shards_reused: int
     empty_units: list[str] = field(default_factory=list)
+    bad_records_path: str = ""
+    bad_examples: dict[str, list[dict]] = field(default_factory=dict)  # the first few of each reason
+    max_bad_fraction: float = 0.01
 
     def summary(self) -> str:
         m = self.manifest
-        bad = ", ".join(f"{k} {v}" for k, v in m["bad_records"].items() if v) or "none"
+        bad = ", ".join(f"{k} {v}" for k, v in m["bad_records"].items() if v)
+        records = m["documents"] + sum(m["bad_records"].values())
         lines = [
             f"{self.manifest_path}: {m['documents']:,} documents, {m['tokens']:,} tokens ({m['dtype']}) "
-            f"in {len(m['shards'])} shards ({self.shards_written} written, {self.shards_reused} reused)",
-            f"  bad records: {bad}",
+            f"in {len(m['shards'])} shards ({self.shards_written} written, {self.shards_reused} reused)"
+            + (f"; bad records: {bad}" if bad else ""),
+            bad_records_summary(
+                m["bad_records"], self.bad_examples, records, self.bad_records_path, self.max_bad_fraction
+            ),
         ]
         if self.empty_units:
             lines.append(f"  no usable documents, left out of the manifest: {', '.join(self.empty_units)}")
@@ -117,10 +144,17 @@ def prepare(
     progress: bool = True,
     *,
     extensions: Iterable[str] | None = None,
+    max_bad_fraction: float = 0.01,
 ) -> PrepareReport:
-    """Tokenize the documents of `inputs` with the tokenizer directory `tokenizer` into shards in `output_dir`."""
+    """Tokenize the documents of `inputs` with the tokenizer directory `tokenizer` into shards in `output_dir`.
+
+    Bad records are skipped and listed in `output_dir/bad_records.jsonl`; when more than `max_bad_fraction` of all
+    records are bad, the shards and manifest are still written, then TooManyBadRecords (a ValueError carrying the
+    report) is raised.
+    """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
+    check_max_bad_fraction(max_bad_fraction)
     output_dir = os.path.abspath(output_dir)
     tokenizer_path = os.path.abspath(tokenizer)
     files = [f for f in expand_inputs(inputs, extensions) if not f.startswith(output_dir + os.sep)]
@@ -137,19 +171,30 @@ def prepare(
     todo = [job for job in jobs if records[job.name] is None]
     for job in todo:
         _remove_if_exists(os.path.join(output_dir, f"{job.name}.json"))
+        _remove_if_exists(os.path.join(output_dir, f"{job.name}.bad.jsonl"))
     for record in _run(todo, tok, tokenizer_path, workers, progress):
         records[record["entry"]["name"]] = record
 
     manifest = _manifest(jobs, records, files, tokenizer_path, field, vocab_size, dtype, tok.eos_token_id)
+    bad_path = os.path.join(output_dir, BAD_RECORDS_FILE)
+    with BadRecordLog() as log:
+        for entry in _bad_records(jobs, records):
+            log.add(entry)
+        log.save(bad_path)
+    bad = sum(manifest["bad_records"].values())
     if manifest["documents"] == 0:
         raise ValueError(
-            f"no documents in {len(files)} input files (bad records: {manifest['bad_records']}); "
-            f"check the inputs and that field {field!r} names the text"
+            f"no documents in {len(files)} input files ({bad:,} bad records: {manifest['bad_records']}, listed in "
+            f"{bad_path}); check the inputs and that field {field!r} names the text"
         )
     manifest_path = os.path.join(output_dir, MANIFEST)
     atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
     empty = [job.name for job in jobs if records[job.name]["entry"]["documents"] == 0]
-    return PrepareReport(manifest_path, manifest, len(todo), len(jobs) - len(todo), empty)
+    report = PrepareReport(
+        manifest_path, manifest, len(todo), len(jobs) - len(todo), empty, bad_path, log.examples, max_bad_fraction
+    )
+    check_bad_fraction(bad, manifest["documents"] + bad, max_bad_fraction, bad_path, report)
+    return report
 
 
 def _plan_jobs(files, tok, dtype: str, output_dir: str, field: str, shard_size_bytes: int) -> list[_Job]:
@@ -186,28 +231,51 @@ def _remove_leftovers(output_dir: str, names: set[str]) -> None:
     an interrupted run, and shards beyond this run's units."""
     _remove_if_exists(os.path.join(output_dir, MANIFEST))
     for entry in os.listdir(output_dir):
-        stale_shard = _SHARD_FILE.match(entry) and entry.rsplit(".", 1)[0] not in names
+        stale_shard = _SHARD_FILE.match(entry) and entry.split(".", 1)[0] not in names
         if stale_shard or _TMP_FILE.match(entry):
             _remove_if_exists(os.path.join(output_dir, entry))
 
 
 def _finished_shard(job: _Job) -> dict | None:
-    """The shard's record when an earlier run finished it from the same inputs and its files have the right sizes."""
+    """The shard's record when an earlier run finished it from the same inputs and its files have the right sizes
+    (and its list of bad records is there, when it has any)."""
     base = os.path.join(job.output_dir, job.name)
     try:
         with open(f"{base}.json") as fh:
             record = json.load(fh)
         entry = record["entry"]
-        if record["fingerprint"] != job.fingerprint:
+        if record["fingerprint"] != job.fingerprint or len(record["records"]) != len(job.pieces):
             return None
         itemsize = np.dtype(job.dtype).itemsize
-        sizes_ok = (
+        files_ok = (
             os.path.getsize(f"{base}.bin") == entry["tokens"] * itemsize
             and os.path.getsize(f"{base}.idx") == (entry["documents"] + 1) * 8
+            and (sum(record["bad_records"].values()) == 0 or os.path.isfile(f"{base}.bad.jsonl"))
         )
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return record if sizes_ok else None
+    return record if files_ok else None
+
+
+def _bad_records(jobs: list[_Job], records: dict[str, dict]) -> Iterator[dict]:
+    """Every shard's bad records in input order, lines numbered in the whole file: a piece's lines start after
+    those of the earlier pieces of its file (which are earlier in the plan, each with its record count)."""
+    lines_before: dict[str, int] = {}
+    for job in jobs:
+        record = records[job.name]
+        first = []
+        for piece, n in zip(job.pieces, record["records"]):
+            first.append(lines_before.get(piece.path, 0))
+            lines_before[piece.path] = first[-1] + n
+        if not sum(record["bad_records"].values()):
+            continue
+        with open(os.path.join(job.output_dir, f"{job.name}.bad.jsonl"), encoding="utf-8") as fh:
+            for line in fh:
+                entry = json.loads(line)
+                piece = entry.pop("piece")
+                if entry.get("line") is not None:
+                    entry["line"] += first[piece]
+                yield entry
 
 
 def _run(todo: list[_Job], tok, tokenizer_path: str, workers: int, progress: bool) -> Iterator[dict]:
@@ -269,9 +337,17 @@ def _worker_write_shard(job: _Job) -> dict:
         os._exit(130)
 
 
-def _documents(job: _Job, counts: dict[str, int]) -> Iterator[str]:
-    for piece in job.pieces:
-        yield from count_bad(iter_documents(piece.path, job.field, piece.span), counts)
+def _documents(job: _Job, log: BadRecordLog, records: list[int]) -> Iterator[str]:
+    """The unit's documents; bad records go to `log` (with their piece), the records read per piece to `records`."""
+    for i, piece in enumerate(job.pieces):
+        n = 0
+        for record in iter_documents(piece.path, job.field, piece.span):
+            n += 1
+            if isinstance(record, BadRecord):
+                log.add({"piece": i, **record.to_dict()})
+            else:
+                yield record
+        records.append(n)
 
 
 def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
@@ -296,16 +372,22 @@ def _encode(tok, texts: list[str], eod: int, dtype: np.dtype) -> tuple[np.ndarra
 
 
 def _write_shard(job: _Job, tok) -> dict:
-    """Tokenize one unit into <name>.bin and <name>.idx, then write <name>.json; return the .json record."""
+    """Tokenize one unit into <name>.bin and <name>.idx (and <name>.bad.jsonl), then write <name>.json; return the
+    .json record."""
+    with BadRecordLog(keep=0) as log:
+        return _write_shard_files(job, tok, log)
+
+
+def _write_shard_files(job: _Job, tok, log: BadRecordLog) -> dict:
     base = os.path.join(job.output_dir, job.name)
     dtype = np.dtype(job.dtype).newbyteorder("<")
-    counts = empty_counts()
+    records: list[int] = []
     offsets = [0]
     bin_hash = hashlib.sha256()
 
     def write_bin(tmp: str) -> None:
         with open(tmp, "wb") as fh:
-            for batch in _batches(_documents(job, counts)):
+            for batch in _batches(_documents(job, log, records)):
                 tokens, lengths = _encode(tok, batch, job.eod_token_id, dtype)
                 data = tokens.tobytes()
                 fh.write(data)
@@ -316,6 +398,8 @@ def _write_shard(job: _Job, tok) -> dict:
     atomic_write(f"{base}.bin", write_bin)
     idx = np.asarray(offsets, dtype="<u8").tobytes()
     atomic_write(f"{base}.idx", lambda tmp: _write_bytes(tmp, idx))
+    if log.total:
+        log.save(f"{base}.bad.jsonl")
     entry = {
         "name": job.name,
         "documents": len(offsets) - 1,
@@ -323,7 +407,7 @@ def _write_shard(job: _Job, tok) -> dict:
         "sources": sorted({piece.path for piece in job.pieces}),
         "sha256": {"bin": bin_hash.hexdigest(), "idx": hashlib.sha256(idx).hexdigest()},
     }
-    record = {"entry": entry, "bad_records": counts, "fingerprint": job.fingerprint}
+    record = {"entry": entry, "bad_records": log.counts, "records": records, "fingerprint": job.fingerprint}
     atomic_write_text(f"{base}.json", json.dumps(record, indent=1) + "\n")
     return {**record, "input_bytes": sum(piece.nbytes for piece in job.pieces)}
 

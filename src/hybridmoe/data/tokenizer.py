@@ -19,7 +19,16 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from ..utils import atomic_write
-from .sources import count_bad, empty_counts, expand_inputs, iter_documents
+from .sources import (
+    BAD_RECORDS_FILE,
+    BadRecordLog,
+    bad_records_summary,
+    check_bad_fraction,
+    check_max_bad_fraction,
+    empty_counts,
+    expand_inputs,
+    iter_documents,
+)
 
 BOS_TOKEN = "<s>"
 EOS_TOKEN = "</s>"
@@ -49,21 +58,33 @@ _BYTE_ALPHABET_SIZE = 256
 
 @dataclass
 class TokenizerReport:
-    """What train_tokenizer did: where it saved, the vocabulary size, documents used and bad records per reason."""
+    """What train_tokenizer did: where it saved, the vocabulary size, documents used and bad records per reason
+    (all of them listed in `bad_records_path`, the first few of each reason in `bad_examples`)."""
 
     path: str
     vocab_size: int
     documents: int
     bad_records: dict[str, int] = field(default_factory=empty_counts)
+    bad_records_path: str = ""
+    bad_examples: dict[str, list[dict]] = field(default_factory=dict)
+    max_bad_fraction: float = 0.01
 
     def summary(self) -> str:
-        bad = ", ".join(f"{k} {v}" for k, v in self.bad_records.items() if v) or "none"
-        return f"{self.path}: vocab {self.vocab_size}, trained on {self.documents:,} documents; bad records: {bad}"
+        bad = ", ".join(f"{k} {v}" for k, v in self.bad_records.items() if v)
+        records = self.documents + sum(self.bad_records.values())
+        return (
+            f"{self.path}: vocab {self.vocab_size}, trained on {self.documents:,} documents"
+            + (f"; bad records: {bad}" if bad else "")
+            + "\n"
+            + bad_records_summary(
+                self.bad_records, self.bad_examples, records, self.bad_records_path, self.max_bad_fraction
+            )
+        )
 
 
-def _documents(files: list[str], field: str, report: TokenizerReport) -> Iterator[str]:
+def _documents(files: list[str], field: str, report: TokenizerReport, log: BadRecordLog) -> Iterator[str]:
     for path in files:
-        for text in count_bad(iter_documents(path, field), report.bad_records):
+        for text in log.documents(iter_documents(path, field)):
             report.documents += 1
             yield text
 
@@ -77,18 +98,25 @@ def train_tokenizer(
     show_progress: bool = True,
     *,
     extensions: Iterable[str] | None = None,
+    max_bad_fraction: float = 0.01,
 ) -> TokenizerReport:
     """Train a byte-level BPE tokenizer on the documents of `inputs` and save it as a transformers directory.
 
-    Documents are streamed (the trainer keeps word counts, not text), so inputs may be larger than memory.
+    Documents are streamed (the trainer keeps word counts, not text), so inputs may be larger than memory. Bad
+    records are skipped and listed in `output_dir/bad_records.jsonl`; when more than `max_bad_fraction` of all
+    records are bad, the tokenizer is still saved, then TooManyBadRecords (a ValueError carrying the report) is
+    raised.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     minimum = _BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
     if vocab_size < minimum:
         raise ValueError(f"vocab_size {vocab_size} is too small: byte-level BPE needs at least {minimum}")
+    check_max_bad_fraction(max_bad_fraction)
     files = expand_inputs(inputs, extensions)
-    report = TokenizerReport(path=os.path.abspath(output_dir), vocab_size=0, documents=0)
+    path = os.path.abspath(output_dir)
+    bad_path = os.path.join(path, BAD_RECORDS_FILE)
+    report = TokenizerReport(path, 0, 0, bad_records_path=bad_path, max_bad_fraction=max_bad_fraction)
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -101,12 +129,20 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
-    tok.train_from_iterator(_documents(files, field, report), trainer=trainer)
+    with BadRecordLog() as log:
+        tok.train_from_iterator(_documents(files, field, report, log), trainer=trainer)
+        log.save(report.bad_records_path)
+    report.bad_records, report.bad_examples = log.counts, log.examples
+    bad = log.total
     if report.documents == 0:
-        raise ValueError(f"no documents to train on in {files} (bad records: {report.bad_records})")
+        raise ValueError(
+            f"no documents to train on in {files} ({bad:,} bad records: {report.bad_records}, listed in "
+            f"{report.bad_records_path})"
+        )
 
     _save_atomically(_hf_tokenizer(tok), output_dir)
     report.vocab_size = tok.get_vocab_size()
+    check_bad_fraction(bad, report.documents + bad, max_bad_fraction, report.bad_records_path, report)
     return report
 
 
