@@ -143,10 +143,11 @@ def test_bad_records_are_reported_by_reason(tmp_path):
     first = records[1]
     assert first.file == str(tmp_path / "a.jsonl") and first.where == f"{first.file}:2"
     assert first.excerpt == '{"text": "bad \\xff\\xfe bytes"}' and "byte 14" in first.detail
-    (tmp_path / "b.txt").write_bytes(b"fine\ncaf\xe9 in latin-1\n")
+    (tmp_path / "b.txt").write_bytes(b"fine\ncaf\xe9 in latin-1\nmore\n")
     (tmp_path / "c.txt").write_text(" \n ")
     [b] = iter_documents(tmp_path / "b.txt")
-    assert (b.reason, b.file, b.line, b.excerpt) == ("invalid_utf8", str(tmp_path / "b.txt"), 2, "caf\\xe9 in latin-1")
+    assert (b.reason, b.file, b.line) == ("invalid_utf8", str(tmp_path / "b.txt"), 2)
+    assert b.excerpt == "caf\\xe9 in latin-1\\nmore"  # from the start of its line, on one line
     assert [(r.reason, r.line) for r in iter_documents(tmp_path / "c.txt")] == [("empty", 1)]
 
 
@@ -466,7 +467,7 @@ def test_one_bad_record_never_stops_tokenizer_train_or_prepare(tmp_path, capsys,
         bad = _listed_bad_records(where)
         assert [(b["file"], b["line"], b["reason"]) for b in bad] == ([] if kept else [(a, 101, reason)])
     if not kept:
-        assert f"{reason} 1" in capsys.readouterr().out
+        assert f"    {reason}: 1\n      {a}:101: " in capsys.readouterr().out
 
 
 def test_deep_nesting_cannot_crash_the_process_even_with_a_raised_recursion_limit(tmp_path):

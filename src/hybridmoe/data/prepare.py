@@ -98,12 +98,10 @@ class PrepareReport:
 
     def summary(self) -> str:
         m = self.manifest
-        bad = ", ".join(f"{k} {v}" for k, v in m["bad_records"].items() if v)
         records = m["documents"] + sum(m["bad_records"].values())
         lines = [
             f"{self.manifest_path}: {m['documents']:,} documents, {m['tokens']:,} tokens ({m['dtype']}) "
-            f"in {len(m['shards'])} shards ({self.shards_written} written, {self.shards_reused} reused)"
-            + (f"; bad records: {bad}" if bad else ""),
+            f"in {len(m['shards'])} shards ({self.shards_written} written, {self.shards_reused} reused)",
             bad_records_summary(
                 m["bad_records"], self.bad_examples, records, self.bad_records_path, self.max_bad_fraction
             ),

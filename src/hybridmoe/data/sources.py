@@ -52,6 +52,7 @@ SUMMARY_EXAMPLES = 20  # bad records printed per reason; the file holds all of t
 MAX_JSON_DEPTH = 512
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _EXCERPT_CHARS = 80
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(32), 127]} | {9: "\\t", 10: "\\n", 13: "\\r"}
 _PARQUET_BATCH_ROWS = 1024
 
 
@@ -250,7 +251,7 @@ def bad_records_summary(
             continue
         shown = examples.get(reason, [])
         lines.append(f"    {reason}: {counts[reason]:,}")
-        lines.extend(f"      {where(e)}: {e.get('detail', '')} {e.get('excerpt', '')!r}" for e in shown)
+        lines.extend(f"      {where(e)}: {e.get('detail', '')}: {e.get('excerpt', '')}" for e in shown)
         if counts[reason] > len(shown):
             lines.append(f"      ... and {counts[reason] - len(shown):,} more")
     return "\n".join(lines)
@@ -281,10 +282,11 @@ def check_bad_fraction(bad: int, records: int, max_bad_fraction: float, path: st
 
 
 def _excerpt(data: bytes | str) -> str:
-    """The first characters of a record (undecodable bytes as \\x escapes), for a person to recognize it."""
+    """The first characters of a record on one line (undecodable bytes and control characters as backslash escapes),
+    for a person to recognize it."""
     if isinstance(data, bytes):
         data = data[: 4 * _EXCERPT_CHARS + 4].decode("utf-8", "backslashreplace")
-    text = data[: _EXCERPT_CHARS + 1].rstrip("\r\n")
+    text = data[: _EXCERPT_CHARS + 1].rstrip("\r\n").translate(_CONTROL_ESCAPES)
     return text if len(text) <= _EXCERPT_CHARS else text[:_EXCERPT_CHARS] + "..."
 
 

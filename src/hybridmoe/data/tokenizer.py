@@ -70,16 +70,11 @@ class TokenizerReport:
     max_bad_fraction: float = 0.01
 
     def summary(self) -> str:
-        bad = ", ".join(f"{k} {v}" for k, v in self.bad_records.items() if v)
         records = self.documents + sum(self.bad_records.values())
-        return (
-            f"{self.path}: vocab {self.vocab_size}, trained on {self.documents:,} documents"
-            + (f"; bad records: {bad}" if bad else "")
-            + "\n"
-            + bad_records_summary(
-                self.bad_records, self.bad_examples, records, self.bad_records_path, self.max_bad_fraction
-            )
+        bad = bad_records_summary(
+            self.bad_records, self.bad_examples, records, self.bad_records_path, self.max_bad_fraction
         )
+        return f"{self.path}: vocab {self.vocab_size}, trained on {self.documents:,} documents\n{bad}"
 
 
 def _documents(files: list[str], field: str, report: TokenizerReport, log: BadRecordLog) -> Iterator[str]:
