@@ -1,12 +1,19 @@
-"""The speedrun end to end at toy scale: the `debug` preset on a few standard-library files, a 1-minute budget."""
+"""The speedrun end to end at toy scale: the `debug` preset on a few standard-library files, a 45-second budget;
+and on a machine slower than at calibration (a fake clock), where every stage stops at its deadline."""
 
 import json
 import os
 
 import torch
 import transformers
+from test_train import SlowClock
 
+from hybridmoe import speedrun as speedrun_mod
 from hybridmoe.speedrun import Plan, speedrun, stdlib_sources
+from hybridmoe.train import loop as loop_mod
+
+TOY = {"preset": "debug", "vocab_size": 512, "seq_len": 64, "batch_size": 4, "long_seq_len": 256,
+       "short_batch_size": 4, "max_files": 40}  # fmt: skip
 
 
 def test_stdlib_sources_split_modules_from_tests():
@@ -19,9 +26,10 @@ def test_stdlib_sources_split_modules_from_tests():
     assert 0 < len(few_modules) + len(few_tests) <= 30
 
 
-def test_speedrun_runs_every_stage_and_reports(tmp_path):
-    plan = Plan(minutes=1.0, preset="debug", vocab_size=512, seq_len=64, batch_size=4, long_seq_len=256,
-                short_batch_size=4, max_files=40, eval_reserve_s=10)  # fmt: skip
+def test_speedrun_runs_every_stage_and_reports(tmp_path, monkeypatch):
+    # the peak measurement takes 15 s on 2 cores and only scales the MFU figure: its time goes to training instead
+    monkeypatch.setattr(speedrun_mod, "measure_matmul_peak", lambda **kw: {"float32": 100.0})
+    plan = Plan(minutes=0.75, eval_reserve_s=10, **TOY)
     report = speedrun(out_dir=str(tmp_path / "run"), plan=plan)
     run = tmp_path / "run"
     with open(report) as fh:
@@ -42,3 +50,38 @@ def test_speedrun_runs_every_stage_and_reports(tmp_path):
     for stage in ("pretrain", "long-context"):
         records = [json.loads(line) for line in (run / stage / "log.jsonl").read_text().splitlines()]
         assert any("val_loss" in r for r in records) and any("loss" in r for r in records)
+
+
+def test_a_slow_machine_stops_at_the_deadlines_and_the_report_says_so(tmp_path, monkeypatch):
+    """Every training step takes 5 s longer than the calibration measured (on a fake clock: the test itself runs
+    for seconds). Without deadlines the calibrated hundreds of steps would take most of an hour."""
+    clock = SlowClock(5.0)
+    clock.slow_down(monkeypatch, loop_mod)
+    monkeypatch.setattr(speedrun_mod, "time", clock)
+    monkeypatch.setattr(speedrun_mod, "measure_matmul_peak", lambda **kw: {"float32": 100.0})  # 15 s saved
+    step_ends = []
+    slow_step = loop_mod.train_step
+
+    def step_and_note_the_time(*args, **kwargs):
+        out = slow_step(*args, **kwargs)
+        step_ends.append(clock.monotonic())
+        return out
+
+    monkeypatch.setattr(loop_mod, "train_step", step_and_note_the_time)
+    plan = Plan(minutes=1.0, eval_reserve_s=15, **TOY)
+    start = clock.monotonic()
+    assert speedrun(out_dir=str(tmp_path / "run"), plan=plan) == str(tmp_path / "run" / "report.md")
+
+    # No step ended past the training stages' last deadline (the budget less the evaluation reserve): each stage
+    # stopped before a step that would have (1 s of slack for the real time of a debug step).
+    assert max(step_ends) <= start + 60 - 15 + 1.0
+    stages = json.loads((tmp_path / "run" / "stages.json").read_text())
+    assert [r["stage"] for r in stages] == ["pretrain phase 1", "pretrain phase 2", "long context"]
+    assert len(step_ends) == sum(r["ran"] for r in stages)
+    phase1 = stages[0]
+    assert phase1["ended"].startswith("cut short by the deadline at step") and 1 <= phase1["ran"] < phase1["planned"]
+    assert all(r["ran"] <= r["planned"] for r in stages)
+    assert (tmp_path / "run" / "pretrain" / "checkpoints" / f"step-{phase1['ran']:07d}").is_dir()
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert f"| pretrain phase 1 | {phase1['planned']} | {phase1['ran']} | cut short by the deadline" in text
+    assert "Cut short or skipped by the deadline: pretrain phase 1" in text

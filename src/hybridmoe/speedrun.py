@@ -13,7 +13,12 @@
 6. report     report.md and loss.png in the run directory
 
 Step counts come from a timing calibration so that the run fits `minutes`; everything else is fixed, so two
-runs on the same machine differ only in how many steps fit.
+runs on the same machine differ only in how many steps fit. A machine slower than at calibration (a loaded one)
+still ends within the budget: each training stage has a deadline (`train.time_limit_s`) and stops cleanly at it
+with a checkpoint (a phase 1 cut short moves phase 2, the decay, to where it stopped), a stage with no time left
+is skipped, evaluation leaves out what it has no time for, and the report says which stages were cut and where.
+The tokenizer and data stages always run whole: everything after needs them (they take a few percent of the
+budget).
 """
 
 from __future__ import annotations
@@ -83,15 +88,17 @@ def _is_test(rel: str) -> bool:
 
 def speedrun(minutes: float = 20.0, out_dir: str | None = None, plan: Plan | None = None) -> str:
     plan = plan or Plan(minutes=minutes)
-    t_start = time.time()
+    t_start = time.monotonic()
+    end = t_start + plan.minutes * 60  # everything, the report included, is done by then
+    train_end = end - plan.eval_reserve_s  # the training stages' last deadline
     out = os.path.abspath(out_dir or time.strftime("speedrun-%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(plan.seed)
     timings = {}
 
     def stage(name: str):
-        print(f"\n== {name} ({time.time() - t_start:.0f}s elapsed) ==", flush=True)
-        timings[name] = time.time()
+        print(f"\n== {name} ({time.monotonic() - t_start:.0f}s elapsed) ==", flush=True)
+        timings[name] = time.monotonic()
 
     stage("tokenizer")
     modules, tests = stdlib_sources(plan.max_files)
@@ -114,56 +121,103 @@ def speedrun(minutes: float = 20.0, out_dir: str | None = None, plan: Plan | Non
     print(prepare([retrieval_src], tok_dir, data["retrieval"], workers=1).summary())
 
     stage("calibration")
-    budget = plan.minutes * 60 - (time.time() - t_start) - plan.eval_reserve_s
     base = _recipe(plan, tok_dir, data, os.path.join(out, "pretrain"), steps=1)
     step_s = _calibrate(base, plan.batch_size, plan.seq_len)
     long_step_s = _calibrate(base, plan.long_batch_size, plan.long_seq_len, checkpointing=True)
+    peak = measure_matmul_peak(dtypes=(torch.float32,), rounds=1)["float32"]  # once, for every stage's MFU
+    print(f"matmul peak (fp32): {peak:.1f} GFLOP/s")
+    budget = max(0.0, train_end - time.monotonic())
     pre_steps = max(10, int(budget * plan.pretrain_share / step_s))
     long_steps = max(4, int(budget * plan.long_share / long_step_s))
+    pre_end = time.monotonic() + budget * plan.pretrain_share  # the pretraining deadline; long context: train_end
     print(f"{budget:.0f}s left: {step_s:.2f}s per pretraining step -> {pre_steps} steps; "
           f"{long_step_s:.2f}s per long step -> {long_steps} steps")  # fmt: skip
 
-    peak = measure_matmul_peak(dtypes=(torch.float32,), rounds=1)["float32"]  # once, for every stage's MFU
-    print(f"matmul peak (fp32): {peak:.1f} GFLOP/s")
-
     stage("pretrain")
+    runs = []  # what each training stage planned and did, for the report
     pre = _recipe(plan, tok_dir, data, os.path.join(out, "pretrain"), steps=pre_steps)
     pre.train.peak_gflops = peak
     phase1_steps = math.ceil(0.8 * pre_steps)
-    first = train(pre, stop_after=phase1_steps)  # phase 1 ends here: keep its checkpoint for the report
+    t0 = time.monotonic()
+    first = _train_until(pre, t0 + 0.8 * (pre_end - t0), stop_after=phase1_steps)  # phase 1: 80% of the time
     phase1_ckpt = first["checkpoint"]
-    pre_summary = train(pre, resume=True) if first.get("interrupted") else first
+    runs.append(_ran("pretrain phase 1", 0, phase1_steps, first))
+    slowdown = max(1.0, (time.monotonic() - t0) / first["steps"] / step_s)  # against the calibration
+    if first["steps"] < phase1_steps:
+        # Cut short: phase 2 (the other blend, and the schedule's decay over the last 20% of steps) starts here.
+        pre.train.steps = max(first["steps"] + 1, math.ceil(first["steps"] / 0.8))
+        runs[-1]["note"] = f"phase 2 moved to steps {first['steps'] + 1}-{pre.train.steps}"
+    pre_summary = first
+    if time.monotonic() + step_s * slowdown > pre_end:
+        runs.append(_skipped("pretrain phase 2", pre.train.steps - first["steps"]))
+    else:
+        pre_summary = _train_until(pre, pre_end, resume=True)
+        runs.append(_ran("pretrain phase 2", first["steps"], pre.train.steps, pre_summary))
 
     stage("long context")
     lc = _long_recipe(plan, tok_dir, data, os.path.join(out, "long-context"), pre_summary["checkpoint"], long_steps)
     lc.train.peak_gflops = peak
-    lc_summary = train(lc)
+    lc_summary = None
+    if time.monotonic() + long_step_s * slowdown > train_end:
+        runs.append(_skipped("long context", long_steps))
+    else:
+        lc_summary = _train_until(lc, train_end)
+        runs.append(_ran("long context", 0, long_steps, lc_summary))
 
     stage("evaluate")
     val_ds = [TokenDataset(data["modules"], val_fraction=pre.data.val_fraction)]
-    evals = []
-    checkpoints = [
-        ("initial (random init)", None),
-        ("after phase 1", phase1_ckpt),
-        ("after phase 2", pre_summary["checkpoint"]),
-        ("after long context", lc_summary["checkpoint"]),
-    ]
-    for name, ckpt in checkpoints:
+    checkpoints = [("initial (random init)", None), ("after phase 1", phase1_ckpt)]
+    if pre_summary is not first:
+        checkpoints.append(("after phase 2", pre_summary["checkpoint"]))
+    if lc_summary is not None:
+        checkpoints.append(("after long context", lc_summary["checkpoint"]))
+    evals, not_evaluated, row_s = {}, [], 0.0
+    for i in [len(checkpoints) - 1, *range(len(checkpoints) - 1)]:  # the final model first, then in order
+        name, ckpt = checkpoints[i]
+        if evals and time.monotonic() + row_s > end:
+            not_evaluated.append(name)
+            continue
+        t0 = time.monotonic()
         model = build_model(pre, ckpt) if ckpt else _fresh_model(pre)
         row = {"stage": name, "checkpoint": ckpt}
         for label, seq, batch in (("short", plan.seq_len, 8), ("long", plan.long_seq_len, 1)):
             loss = evaluate(model, list(validation_batches(val_ds, seq, batch, max_batches=4)))
             row[f"val_loss_{label}"], row[f"val_ppl_{label}"] = loss, math.exp(loss)
-        evals.append(row)
+        evals[i] = row
+        row_s = max(row_s, time.monotonic() - t0)
         print(f"{name:24s} val loss @{plan.seq_len}: {row['val_loss_short']:.3f} (ppl {row['val_ppl_short']:.1f})"
               f"   @{plan.long_seq_len}: {row['val_loss_long']:.3f}")  # fmt: skip
-    samples = _samples(lc_summary["model"], tok_dir)
+    evals = [evals[i] for i in sorted(evals)]
+    final_model = (lc_summary or pre_summary)["model"]
+    samples = None if time.monotonic() + row_s > end else _samples(final_model, tok_dir)
 
     stage("report")
-    timings["end"] = time.time()
-    path = _write_report(out, plan, t_start, timings, evals, samples, pre, lc, pre_steps, long_steps)
+    timings["end"] = time.monotonic()
+    path = _write_report(out, plan, t_start, timings, evals, samples, pre, lc, runs, not_evaluated)
     print(f"\nreport: {path}")
     return path
+
+
+def _train_until(recipe: Recipe, deadline: float, **kwargs) -> dict:
+    """train() with the time left until `deadline` (time.monotonic) as its limit; it runs at least one step."""
+    recipe.train.time_limit_s = max(deadline - time.monotonic(), 1e-3)
+    return train(recipe, **kwargs)
+
+
+def _ran(name: str, start: int, planned_end: int, summary: dict) -> dict:
+    """A training stage's line in the report: steps planned and run (of this stage), and how it ended."""
+    done = summary["steps"]
+    if done >= planned_end:
+        ended = "as planned"
+    elif summary.get("stopped") == "deadline":
+        ended = f"cut short by the deadline at step {done} of {planned_end}"
+    else:
+        ended = f"stopped ({summary.get('stopped')}) at step {done} of {planned_end}"
+    return {"stage": name, "planned": planned_end - start, "ran": done - start, "ended": ended, "step": done}
+
+
+def _skipped(name: str, planned: int) -> dict:
+    return {"stage": name, "planned": planned, "ran": 0, "ended": "skipped: no time left before the deadline"}
 
 
 def _recipe(plan: Plan, tok_dir, data, out_dir, steps) -> Recipe:
@@ -269,34 +323,70 @@ def _samples(model, tok_dir, prompts=("def fibonacci(n):\n", "import os\n\n\ncla
     return out
 
 
-def _write_report(out, plan, t_start, timings, evals, samples, pre, lc, pre_steps, long_steps) -> str:
+def _write_report(out, plan, t_start, timings, evals, samples, pre, lc, runs, not_evaluated) -> str:
     from .utils import atomic_write_text
 
     pre_log = read_log(os.path.join(pre.train.out_dir, "log.jsonl"))
-    lc_log = read_log(os.path.join(lc.train.out_dir, "log.jsonl"))
+    lc_path = os.path.join(lc.train.out_dir, "log.jsonl")
+    lc_log = read_log(lc_path) if os.path.exists(lc_path) else []
     png = _plot(out, pre_log, lc_log)
     steps_pre = [r for r in pre_log if "loss" in r]
     steps_lc = [r for r in lc_log if "loss" in r]
+    by_stage = {r["stage"]: r for r in runs}
+    total, budget = timings["end"] - t_start, plan.minutes * 60
 
     def stage_time(a, b):
         return f"{timings[b] - timings[a]:.0f}s"
 
+    within = "within it" if total <= budget else f"**{total - budget:.0f}s over it**"
+    phase1, phase2 = by_stage["pretrain phase 1"], by_stage["pretrain phase 2"]
+    phase2 = f"after step {phase1['ran']}" if phase2["ran"] else "skipped"
     lines = [
         "# hybridmoe speedrun",
         "",
         f"- command: `{' '.join(['hybridmoe', 'speedrun'] + sys.argv[2:])}`",
         f"- machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
-        f"- total time: {timings['end'] - t_start:.0f}s (budget {plan.minutes:.0f} min); tokenizer "
-        f"{stage_time('tokenizer', 'data')}, data {stage_time('data', 'calibration')}, pretrain "
-        f"{stage_time('pretrain', 'long context')}, long context {stage_time('long context', 'evaluate')}",
+        f"- total time: {total:.0f}s of a {plan.minutes:g}-minute budget ({within}); tokenizer "
+        f"{stage_time('tokenizer', 'data')}, data {stage_time('data', 'calibration')}, calibration "
+        f"{stage_time('calibration', 'pretrain')}, pretrain {stage_time('pretrain', 'long context')}, long context "
+        f"{stage_time('long context', 'evaluate')}, evaluation and report {stage_time('evaluate', 'end')}",
         f"- model: `{plan.preset}` ({_param_line(lc)}), vocab {plan.vocab_size}",
-        f"- pretraining: {pre_steps} steps x {plan.batch_size} x {plan.seq_len} tokens "
-        f"({steps_pre[-1]['tokens']:,} tokens), phase 2 from step {math.ceil(0.8 * pre_steps)}, "
+        f"- pretraining: {steps_pre[-1]['step']} steps x {plan.batch_size} x {plan.seq_len} tokens "
+        f"({steps_pre[-1]['tokens']:,} tokens), phase 2 {phase2}, "
         f"mean {_mean(steps_pre, 'tokens_per_s'):.0f} tokens/s, MFU {100 * _mean(steps_pre, 'mfu'):.1f}% "
         f"(of a measured fp32 matmul peak of {pre.train.peak_gflops:.0f} GFLOP/s)",
-        f"- long context: {long_steps} steps at {plan.long_seq_len} (92%) and {plan.seq_len} (8%) tokens, "
-        f"{steps_lc[-1]['tokens']:,} tokens, mean {_mean(steps_lc, 'tokens_per_s'):.0f} tokens/s",
+    ]
+    if steps_lc:
+        lines.append(
+            f"- long context: {steps_lc[-1]['step']} steps at {plan.long_seq_len} (92%) and {plan.seq_len} (8%) "
+            f"tokens, {steps_lc[-1]['tokens']:,} tokens, mean {_mean(steps_lc, 'tokens_per_s'):.0f} tokens/s"
+        )
+    cut = [r for r in runs if r["ended"] != "as planned"]
+    lines += [
+        "",
+        "## Stages against the budget",
+        "",
+        "Step counts come from a timing calibration; each training stage also has a deadline (the pretraining share "
+        f"of the budget, then the budget less {plan.eval_reserve_s:g}s for evaluation and the report) and stops "
+        "cleanly at it, with a checkpoint.",
+        "",
+        "| stage | steps planned | steps run | how it ended |",
+        "|---|---:|---:|---|",
+    ]
+    for r in runs:
+        note = f"; {r['note']}" if r.get("note") else ""
+        lines.append(f"| {r['stage']} | {r['planned']} | {r['ran']} | {r['ended']}{note} |")
+    lines += [
+        "",
+        "Every stage ran as planned."
+        if not cut
+        else f"Cut short or skipped by the deadline: {', '.join(r['stage'] for r in cut)} (this machine ran slower "
+        "than at calibration).",
+    ]
+    if not_evaluated:
+        lines.append(f"Not evaluated (no time left): {', '.join(not_evaluated)}.")
+    lines += [
         "",
         "## Validation (library modules, held-out files)",
         "",
@@ -310,18 +400,21 @@ def _write_report(out, plan, t_start, timings, evals, samples, pre, lc, pre_step
             f"{r['val_ppl_long']:.1f} |"
         )
     lines += ["", "## Loss", "", f"![loss curves]({os.path.basename(png)})", "", "## Samples (final model)", ""]
-    for prompt, text in samples:
+    if samples is None:
+        lines += ["Not generated: no time left before the deadline.", ""]
+    for prompt, text in samples or []:
         lines += ["```python", prompt + text, "```", ""]
     lines += [
         "## Files",
         "",
         "- `tokenizer/`, `data/` (token shards and manifests), `pretrain/` and `long-context/` (logs, checkpoints:",
-        "  each a Hugging Face model directory with its tokenizer)",
+        "  each a Hugging Face model directory with its tokenizer); `evals.json` and `stages.json` (the tables above)",
         "",
     ]
     path = os.path.join(out, "report.md")
     atomic_write_text(path, "\n".join(lines))
     atomic_write_text(os.path.join(out, "evals.json"), json.dumps(evals, indent=1))
+    atomic_write_text(os.path.join(out, "stages.json"), json.dumps(runs, indent=1))
     return path
 
 
