@@ -35,14 +35,16 @@ import socket
 import threading
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import h11
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
+from starlette.staticfiles import StaticFiles
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .openai import OpenAIServing, add_routes
@@ -51,7 +53,15 @@ from .protocol import APIError, Limits
 logger = logging.getLogger("hybridmoe.serve")
 
 _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-_PUBLIC_PATHS = ("/health", "/")  # reachable without the API key (the chat page asks for the key itself)
+# Reachable without the API key: the health check, and the chat page with its files (the page asks for the key).
+_PUBLIC_PATHS, _PUBLIC_PREFIX = ("/health", "/"), "/static/"
+_STATIC = Path(__file__).parent / "static"
+# The chat page loads only its own files: no inline script, nothing from elsewhere, not framed by another site.
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
 
 
 def create_app(serving: OpenAIServing, api_key: str | None = None, allowed_hosts: set[str] | None = None) -> FastAPI:
@@ -100,6 +110,12 @@ def create_app(serving: OpenAIServing, api_key: str | None = None, allowed_hosts
     @app.get("/metrics")
     async def metrics():
         return PlainTextResponse(serving.metrics.render(serving.worker), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page():
+        return FileResponse(_STATIC / "index.html", headers=_PAGE_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=_STATIC), name="static")
 
     app.add_middleware(_Guard, serving=serving, api_key=api_key, allowed_hosts=allowed_hosts)
     return app
@@ -151,7 +167,8 @@ class _Guard:
             if host not in self.allowed_hosts:
                 return APIError(400, f"the Host header names {host!r}, which this server does not answer to; "
                                      "start it with --allowed-host for that name", code="invalid_host")  # fmt: skip
-        if self.api_key is not None and scope["path"] not in _PUBLIC_PATHS:
+        public = scope["path"] in _PUBLIC_PATHS or scope["path"].startswith(_PUBLIC_PREFIX)
+        if self.api_key is not None and not public:
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, b"Bearer " + self.api_key):
                 what = "is missing" if not given else "is wrong"
