@@ -1,4 +1,5 @@
-"""OpenAI's routes over the engine: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
+"""OpenAI's routes over the engine: `/v1/chat/completions`, `/v1/completions`, `/v1/models`, and vLLM's `/tokenize`,
+`/detokenize` and `/tokenizer_info`.
 
 `OpenAIServing` (vLLM's serving class at a small size) turns requests into engine requests and engine outputs into
 OpenAI responses; `router` gives the routes. No process, limit or lifecycle concerns live here (`server.py`).
@@ -16,6 +17,14 @@ OpenAI responses; `router` gives the routes. No process, limit or lifecycle conc
   context overflow (the engine's AdmissionError, code "context_length_exceeded") are 400, an unknown model 404
   ("model_not_found"), a full queue 503 with Retry-After, a request the engine failed on (non-finite logits, say)
   500 for that request alone.
+
+Scoring (what lm-evaluation-harness's `local-completions` model sends for loglikelihood tasks): `/v1/completions` with
+`echo: true` and `logprobs: N` returns the prompt's tokens in `logprobs` too, as OpenAI's legacy API and vLLM did:
+the first prompt token with `null` logprob and top_logprobs, every later one with its logprob given the tokens
+before it (the engine's prompt logprobs); `max_tokens: 0` (with echo only) scores the prompt and generates nothing.
+`top_logprobs` hold the chosen token and the N most likely (up to N + 1 entries, keyed by text); `text_offset` is
+the running sum of the tokens' text lengths; the token that ended a request (eos) is listed, as in vLLM, though
+not in the text; -inf is sent as -9999.0 (vLLM's JSON-safe stand-in).
 
 Reasoning is on unless the request says `reasoning_effort: "none"` or `chat_template_kwargs: {"enable_thinking":
 false}` (vLLM's switch); `reasoning_budget: N` (or `chat_template_kwargs.reasoning_budget`) forces `</think>` after N
@@ -42,8 +51,10 @@ from .protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     Disconnected,
     Limits,
+    TokenizeRequest,
     _SamplingFields,
     parse_body,
     shutting_down,
@@ -75,6 +86,7 @@ class OpenAIServing:
         # Tokenizing a prompt that fills max_model_len takes milliseconds; two threads keep the loop free without
         # letting a burst of large prompts tokenize all at once.
         self._tokenize_pool = ThreadPoolExecutor(2, thread_name_prefix="hybridmoe-tokenize")
+        self.tokenizer_size = len(tokenizer)  # ids /detokenize accepts
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -278,6 +290,13 @@ class OpenAIServing:
     async def completions(self, body: CompletionRequest, request: Request):
         t0 = time.monotonic()
         self.check(body.model)
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens=0 generates nothing; it is only allowed with echo=true (to score the "
+                                "prompt, with logprobs=N)", param="max_tokens")  # fmt: skip
+        # The engine scores the prompt for echo with logprobs; a prompt-only request (max_tokens 0) needs it anyway.
+        prompt_logprobs = body.logprobs if body.echo else None
+        if body.max_tokens == 0 and prompt_logprobs is None:
+            prompt_logprobs = 0
         prompts = await self._prompt_ids(body.prompt)
         cid = f"cmpl-{uuid.uuid4().hex}"
         queue: asyncio.Queue = asyncio.Queue()
@@ -285,9 +304,10 @@ class OpenAIServing:
         states = {}
         try:
             for i, (request_id, ids_) in enumerate(zip(ids, prompts)):
-                params = self.sampling_params(body, len(ids_), body.max_tokens, logprobs=body.logprobs)
+                params = self.sampling_params(body, len(ids_), body.max_tokens, logprobs=body.logprobs,
+                                              prompt_logprobs=prompt_logprobs)  # fmt: skip
                 self.submit(request_id, ids_, params, queue, param="prompt")
-                states[request_id] = _CompletionState(self, i, ids_, params.stop, body.echo)
+                states[request_id] = _CompletionState(self, i, ids_, params.stop, body.echo, body.logprobs)
         except APIError:
             for request_id in states:
                 self.worker.cancel(request_id)
@@ -299,10 +319,10 @@ class OpenAIServing:
                                      media_type="text/event-stream")  # fmt: skip
         async with aclosing(self.outputs(queue, ids, request)) as outputs:
             async for out in outputs:
-                states[out.request_id].update(out)
+                await states[out.request_id].update(out)
         for s in states.values():
             self._finish_metrics(s.last, t0)
-        choices = [s.choice(s.text, body.logprobs is not None) for s in states.values()]
+        choices = [s.choice(s.text) for s in states.values()]
         return header | {"choices": choices, "usage": _usage(*(s.last for s in states.values()))}
 
     async def _completion_stream(self, header, states, queue, include_usage, t0):
@@ -310,9 +330,9 @@ class OpenAIServing:
             async with aclosing(self.outputs(queue, list(states))) as outputs:
                 async for out in outputs:
                     s = states[out.request_id]
-                    text = s.update(out)
-                    if text or out.finished or out.new_logprobs:
-                        yield sse(header | {"choices": [s.choice(text, out.new_logprobs is not None, delta=True)]})
+                    text = await s.update(out)
+                    if text or out.finished or s.unsent_logprobs:
+                        yield sse(header | {"choices": [s.choice(text, delta=True)]})
             if include_usage:
                 yield sse(header | {"choices": [], "usage": _usage(*(s.last for s in states.values()))})
             for s in states.values():
@@ -335,8 +355,82 @@ class OpenAIServing:
         encoded = iter(await self.off_loop(self._encode, texts) if texts else [])
         return [next(encoded) if isinstance(p, str) else list(p) for p in prompt]
 
-    def _encode(self, texts: list[str]) -> list[list[int]]:
-        return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    def _encode(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
+        return [self.tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
+
+    def logprob_entries(self, token_ids: list[int], lps: list[TokenLogprob | None]) -> list[tuple]:
+        """(text, logprob, top_logprobs) per token in OpenAI's legacy shape: top_logprobs maps the chosen token's and
+        the most likely tokens' texts to their logprobs; None for a token without logprobs (the first prompt
+        token). The texts are decoded in one batch (call off the loop for a long prompt)."""
+        ids = list(token_ids) + [t for lp in lps if lp is not None for t, _ in lp.top]
+        texts = iter(self.tokenizer.batch_decode([[t] for t in ids]))
+        token_texts = [next(texts) for _ in token_ids]
+        entries = []
+        for text, lp in zip(token_texts, lps):
+            if lp is None:
+                entries.append((text, None, None))
+                continue
+            top = {text: _json_logprob(lp.logprob)}
+            for _, v in lp.top:
+                top.setdefault(next(texts), _json_logprob(v))
+            entries.append((text, _json_logprob(lp.logprob), top))
+        return entries
+
+    # ------------------------------------------------------------------ tokenizer routes (vLLM's)
+    def check_optional_model(self, model: str | None) -> None:
+        if model is not None:
+            self.check(model)
+        elif self.draining:
+            raise shutting_down()
+
+    async def tokenize(self, body: TokenizeRequest) -> dict:
+        """{"tokens", "count", "max_model_len"} of a text prompt (tokenized as /v1/completions does) or of chat
+        messages rendered as /v1/chat/completions does."""
+        self.check_optional_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "pass either prompt (a text) or messages (a chat), not both or neither",
+                           param="prompt")  # fmt: skip
+        if body.prompt is not None:
+            self.check_prompt_chars(len(body.prompt), "prompt")
+            (ids,) = await self.off_loop(self._encode, [body.prompt], body.add_special_tokens)
+        else:
+            if body.add_special_tokens:
+                raise APIError(400, "add_special_tokens applies to prompt; for messages the chat template writes the "
+                                    "special tokens", param="add_special_tokens")  # fmt: skip
+            self.check_prompt_chars(_message_chars(body.messages), "messages")
+            kwargs = body.chat_template_kwargs
+            reasoning = kwargs is None or kwargs.enable_thinking
+            try:
+                prompt = await self.off_loop(render_chat, self.tokenizer, body.messages, body.tools, reasoning,
+                                             body.add_generation_prompt)  # fmt: skip
+            except (ValueError, TemplateError) as e:
+                raise APIError(400, str(e), param="messages") from e
+            ids = prompt.token_ids
+        out = {"tokens": ids, "count": len(ids), "max_model_len": self.engine.max_model_len}
+        if body.return_token_strs:
+            out["token_strs"] = self.tokenizer.convert_ids_to_tokens(ids)
+        return out
+
+    async def detokenize(self, body: DetokenizeRequest) -> dict:
+        self.check_optional_model(body.model)
+        bad = next((t for t in body.tokens if not 0 <= t < self.tokenizer_size), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the tokenizer's vocabulary [0, {self.tokenizer_size})",
+                           param="tokens")  # fmt: skip
+        return {"prompt": await self.off_loop(self.tokenizer.decode, body.tokens)}
+
+    def tokenizer_info(self) -> dict:
+        """vLLM's /tokenizer_info: the tokenizer's configuration (its init arguments with special tokens as text,
+        file paths left out), its class and chat template."""
+        info = {k: _plain(v) for k, v in (getattr(self.tokenizer, "init_kwargs", None) or {}).items()
+                if k not in _PRIVATE_TOKENIZER_KEYS and not k.endswith("_file")}  # fmt: skip
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            info[name] = getattr(self.tokenizer, name, None)
+        info["tokenizer_class"] = type(self.tokenizer).__name__
+        template = getattr(self.tokenizer, "chat_template", None)
+        if template:
+            info["chat_template"] = template
+        return info
 
 
 class _ChatState:
@@ -370,42 +464,75 @@ class _ChatState:
 
 
 class _CompletionState:
-    def __init__(self, serving: OpenAIServing, index: int, prompt_ids: list[int], stop, echo: bool):
-        self.serving, self.index = serving, index
+    """One choice of a completions request: its text (after the echoed prompt, with echo) and, with logprobs, OpenAI's
+    legacy `logprobs` lists (the prompt's tokens first, with echo; see the module docstring)."""
+
+    def __init__(self, serving: OpenAIServing, index: int, prompt_ids: list[int], stop, echo: bool,
+                 logprobs: int | None):  # fmt: skip
+        self.serving, self.index, self.prompt_ids, self.echo, self.top_n = serving, index, prompt_ids, echo, logprobs
         self.detok = IncrementalDetokenizer(serving.tokenizer, stop=stop)
         self.text = ""  # all of the choice's text so far
         self._echo = serving.tokenizer.decode(prompt_ids) if echo else ""  # sent before the first new text
         self.logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        self._offset = 0  # text offset of the next token
+        self._sent = 0  # logprobs entries already streamed
         self.last: RequestOutput | None = None
 
-    def update(self, out: RequestOutput) -> str:
+    @property
+    def unsent_logprobs(self) -> bool:
+        return len(self.logprobs["tokens"]) > self._sent
+
+    async def update(self, out: RequestOutput) -> str:
         self.serving.metrics.generation_tokens += len(out.new_token_ids)
         self.last = out
-        offset = len(self.text) + len(self._echo)
+        if self.top_n is not None and self.echo and out.prompt_logprobs is not None:
+            self._add(await self.serving.off_loop(self.serving.logprob_entries, self.prompt_ids, out.prompt_logprobs))
         text = self._echo + self.detok.add(self.serving._visible_ids(out))
         self._echo = ""
         if out.finished:
             text += self.detok.finish()
-        self._new_lps = self.serving._token_logprobs(out)
-        for lp in self._new_lps:
-            token = self.serving._token_text(lp.token_id)
-            self.logprobs["tokens"].append(token)
-            self.logprobs["token_logprobs"].append(lp.logprob)
-            self.logprobs["top_logprobs"].append({self.serving._token_text(t): v for t, v in lp.top})
-            self.logprobs["text_offset"].append(offset)
-            offset += len(token)
+        if self.top_n is not None and out.new_logprobs:  # every sampled token, the eos too (vLLM)
+            self._add(self.serving.logprob_entries([lp.token_id for lp in out.new_logprobs], out.new_logprobs))
         self.text += text
         return text
 
-    def choice(self, text: str, with_logprobs: bool, delta: bool = False) -> dict:
+    def _add(self, entries) -> None:
+        for token, logprob, top in entries:
+            self.logprobs["tokens"].append(token)
+            self.logprobs["token_logprobs"].append(logprob)
+            self.logprobs["top_logprobs"].append(top)
+            self.logprobs["text_offset"].append(self._offset)
+            self._offset += len(token)
+
+    def choice(self, text: str, delta: bool = False) -> dict:
+        """The choice so far (delta: the text given and the logprobs not yet streamed)."""
         logprobs = None
-        if with_logprobs:
-            n = len(self._new_lps) if delta else len(self.logprobs["tokens"])
-            logprobs = {k: v[len(v) - n :] for k, v in self.logprobs.items()}
+        if self.top_n is not None:
+            first = self._sent if delta else 0
+            logprobs = {k: v[first:] for k, v in self.logprobs.items()}
+            self._sent = len(self.logprobs["tokens"])
         finish = None
         if self.last is not None and self.last.finished:
             finish = "length" if self.last.finish_reason == "length" else "stop"
         return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+_PRIVATE_TOKENIZER_KEYS = {"name_or_path", "is_local", "local_files_only"}  # where the server keeps its files
+
+
+def _plain(value):
+    """A tokenizer config value as JSON: AddedToken as its text, containers element-wise, anything else as str."""
+    if hasattr(value, "content"):
+        return value.content
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
+
+
+def _json_logprob(value: float) -> float:
+    return max(value, -9999.0)  # JSON has no -inf; vLLM sends -9999.0
 
 
 def _delta_json(delta: ChatDelta) -> dict:
@@ -455,6 +582,18 @@ def add_routes(app: FastAPI, serving: OpenAIServing) -> None:
     @app.post("/v1/completions", openapi_extra=schema(CompletionRequest))
     async def completions(request: Request):
         return await serving.completions(parse_body(await request.body(), CompletionRequest), request)
+
+    @app.post("/tokenize", openapi_extra=schema(TokenizeRequest))
+    async def tokenize(request: Request):
+        return await serving.tokenize(parse_body(await request.body(), TokenizeRequest))
+
+    @app.post("/detokenize", openapi_extra=schema(DetokenizeRequest))
+    async def detokenize(request: Request):
+        return await serving.detokenize(parse_body(await request.body(), DetokenizeRequest))
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return serving.tokenizer_info()
 
     @app.get("/v1/models")
     async def models():

@@ -2,7 +2,8 @@
 
 Request fields and their meanings follow OpenAI's API reference (https://platform.openai.com/docs/api-reference/chat
 and /completions) with vLLM's extensions where users expect them (`top_k`, `chat_template_kwargs`,
-`reasoning_budget`). Fields we do not use (`user`, `metadata`, ...) are accepted and ignored.
+`reasoning_budget`, `max_tokens: 0` with `echo`, the `/tokenize` and `/detokenize` bodies). Fields we do not use
+(`user`, `metadata`, ...) are accepted and ignored.
 
 Bodies are read by `parse_body`, never by a framework's implicit parser, so that every malformed body is a 400 with
 OpenAI's error JSON: invalid UTF-8 or JSON, `NaN`/`Infinity` literals (not JSON), numbers with thousands of digits,
@@ -97,9 +98,29 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1, le=MAX_INT)
+    max_tokens: int | None = Field(16, ge=0, le=MAX_INT)  # 0 only with echo: score the prompt (vLLM)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+
+
+class TokenizeRequest(_Body):
+    """vLLM's `/tokenize`: a text `prompt`, or chat `messages` (and `tools`) rendered with the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    add_special_tokens: bool = False  # for `prompt`; False is how /v1/completions tokenizes a text prompt
+    messages: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: ChatTemplateKwargs | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Body):
+    """vLLM's `/detokenize`: token ids to text."""
+
+    model: str | None = None
+    tokens: list[int]
 
 
 # ---------------------------------------------------------------------------------------------- errors
