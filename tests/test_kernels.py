@@ -28,6 +28,7 @@ from hybridmoe.kernels.ssd import (
     causal_conv1d_reference,
     causal_conv1d_step,
     ssd_chunked,
+    ssd_dt,
     ssd_reference,
     ssd_step,
 )
@@ -278,6 +279,103 @@ def test_ssd_step_token_by_token_matches_reference(g, with_D, with_state):
     ]
     assert_close_scaled(torch.cat([y_pre, torch.stack(tail, dim=1)], dim=1), ref_y, 2e-5, "prefill + decode")
     assert_close_scaled(state, ref_s, 2e-5, "prefill + decode state")
+
+
+DT_LIMITS = {"none": (0.0, math.inf), "finite": (0.05, 0.5)}
+
+
+def make_raw_dt(gen, b, t, h):
+    """dt before dt_bias and softplus, as in_proj leaves it, with dt_bias (h,): one value above softplus's
+    threshold of 20 (where it is the identity), the rest spread over both sides of a finite limit."""
+    dt = 2.0 * torch.randn(b, t, h, generator=gen)
+    dt[0, 1, 0] = 25.0
+    dt_bias = torch.randn(h, generator=gen) - 1.0
+    return dt.requires_grad_(), dt_bias.requires_grad_()
+
+
+@pytest.mark.parametrize("limit", sorted(DT_LIMITS))
+@pytest.mark.parametrize("packed", [False, True])
+def test_ssd_time_step_as_the_reference_kernels(limit, packed):
+    """dt_bias, dt_softplus and dt_limit as state-spaces/mamba's `mamba_chunk_scan_combined` takes them: both twins
+    equal the float64 oracle run on clamp(softplus(dt + dt_bias), dt_limit), their gradients agree, and the
+    gradient of dt (and so of dt_bias) is 0 wherever the clamp holds dt at a bound."""
+    gen = make_gen(21)
+    b, t, h = 2, 19, 4
+    ins = make_ssd_inputs(gen, b, t, h, 4, 2, 4)
+    ins["dt"], dt_bias = make_raw_dt(gen, b, t, h)
+    kw = dict(dt_bias=dt_bias, dt_softplus=True, dt_limit=DT_LIMITS[limit])
+    seq_idx = torch.tensor([[0] * 5 + [1] * 8 + [2] * 6, [0] * 19]) if packed else None
+    low, high = DT_LIMITS[limit]
+    softplus64 = F.softplus(ins["dt"].detach().double() + dt_bias.detach().double())
+    assert softplus64.max() > 20.0
+    clamped = (softplus64 < low) | (softplus64 > high)
+    assert clamped.any() == (limit == "finite")
+    dt64 = softplus64.clamp(low, high)
+    want_y, want_s = ssd_oracle_f64(**(ins | {"dt": dt64}), seq_idx=seq_idx)
+    ref_y, ref_s = ssd_reference(**ins, seq_idx=seq_idx, **kw)
+    y, s = ssd_chunked(**ins, chunk_size=8, seq_idx=seq_idx, **kw)
+    for name, got, want in [
+        ("ref y", ref_y, want_y),
+        ("ref state", ref_s, want_s),
+        ("y", y, want_y),
+        ("state", s, want_s),
+    ]:
+        assert_close_scaled(got, want, 1e-5, name)
+    names = [k for k in SSD_ARGS if ins[k] is not None]
+    leaves = [ins[k] for k in names] + [dt_bias]
+    cot = [torch.randn(y.shape, generator=gen), torch.randn(s.shape, generator=gen)]
+    g_ref = grads_of([ref_y, ref_s], cot, leaves)
+    g_fast = grads_of([y, s], cot, leaves)
+    for name, gf, gr in zip(names + ["dt_bias"], g_fast, g_ref):
+        assert_close_scaled(gf, gr, 2e-5, f"grad {name}")
+    for g in (g_fast[names.index("dt")], g_ref[names.index("dt")]):
+        assert (g[clamped] == 0).all() and (g[~clamped] != 0).all()
+
+
+@pytest.mark.parametrize("limit", sorted(DT_LIMITS))
+def test_ssd_step_clamps_dt_like_the_scan(limit):
+    """Prefill with the chunked scan, decode with ssd_step, the time step given raw: the whole sequence equals
+    the reference scan (a decode continues exactly the scan of a full forward, clamp included)."""
+    gen = make_gen(22)
+    b, t, h, p, n, split = 2, 11, 4, 4, 8, 6
+    ins = {k: (v.detach() if v is not None else None) for k, v in make_ssd_inputs(gen, b, t, h, p, 2, n).items()}
+    dt, dt_bias = (v.detach() for v in make_raw_dt(gen, b, t, h))
+    kw = dict(dt_bias=dt_bias, dt_softplus=True, dt_limit=DT_LIMITS[limit])
+    ref_y, ref_s = ssd_reference(**(ins | {"dt": dt}), **kw)
+    pre = {k: (v[:, :split] if k not in ("A", "D", "initial_state") else v) for k, v in (ins | {"dt": dt}).items()}
+    y_pre, state = ssd_chunked(**pre, chunk_size=4, **kw)
+    tail = [
+        ssd_step(state, ins["x"][:, i], dt[:, i], ins["A"], ins["B"][:, i], ins["C"][:, i], ins["D"], **kw)
+        for i in range(split, t)
+    ]
+    assert_close_scaled(torch.cat([y_pre, torch.stack(tail, dim=1)], dim=1), ref_y, 2e-5, "prefill + decode")
+    assert_close_scaled(state, ref_s, 2e-5, "prefill + decode state")
+
+
+def test_ssd_dt_defaults_take_dt_as_given_and_bad_limits_are_errors():
+    dt = torch.tensor([[0.0, 1e-3, 0.5, 30.0]])
+    assert torch.equal(ssd_dt(dt), dt)
+    assert torch.equal(ssd_dt(dt, dt_limit=(1e-2, 1.0)), torch.tensor([[1e-2, 1e-2, 0.5, 1.0]]))
+    assert ssd_dt(dt, dt_softplus=True)[0, 3] == 30.0  # softplus is the identity above 20, as in the kernel
+    gen = make_gen(0)
+    ins = make_ssd_inputs(gen, 1, 5, 4, 4, 2, 4, with_state=False)
+    for bad in [(0.5, 0.1), (-1.0, 1.0)]:
+        with pytest.raises(ValueError, match="dt_limit"):
+            ssd_chunked(**ins, chunk_size=4, dt_limit=bad)
+        with pytest.raises(ValueError, match="dt_limit"):
+            ssd_reference(**ins, dt_limit=bad)
+        with pytest.raises(ValueError, match="dt_limit"):
+            ssd_step(
+                torch.zeros(1, 4, 4, 4),
+                ins["x"][:, 0],
+                ins["dt"][:, 0],
+                ins["A"],
+                ins["B"][:, 0],
+                ins["C"][:, 0],
+                dt_limit=bad,
+            )
+    with pytest.raises(ValueError, match="dt_bias"):
+        ssd_chunked(**ins, chunk_size=4, dt_bias=torch.zeros(3))
 
 
 @st.composite

@@ -117,9 +117,10 @@ class Mamba2Mixer(nn.Module):
         self.n_groups, self.state_size = c.n_groups, c.ssm_state_size
         self.intermediate_size, self.conv_dim = c.mamba_intermediate_size, c.mamba_conv_dim
         self.chunk_size = c.chunk_size
-        # As transformers does, dt is clamped from below at time_step_min and not from above; time_step_limit is
-        # read and written back but not applied (every published config has (0, inf) anyway).
-        self.dt_min, self.dt_max = c.time_step_min, math.inf
+        # dt = clamp(softplus(dt + dt_bias), time_step_limit), as state-spaces/mamba's Mamba2 passes
+        # dt_limit=self.dt_limit to its scan kernels (and transformers' NemotronHMamba2Mixer from 5.25.0 on);
+        # time_step_min/max only bound the initialization of dt_bias.
+        self.dt_limit = c.time_step_limit
         self.in_proj = Linear(c.hidden_size, self.intermediate_size + self.conv_dim + self.num_heads, bias=c.use_bias)
         self.conv1d = nn.Conv1d(
             self.conv_dim, self.conv_dim, c.conv_kernel, groups=self.conv_dim, padding=c.conv_kernel - 1,
@@ -144,7 +145,10 @@ class Mamba2Mixer(nn.Module):
         if state is not None and ctx.start > 0 and t == 1:  # decode: one recurrent step
             xBC = F.silu(causal_conv1d_step(state.conv, xBC[:, 0], conv_w, self.conv1d.bias))
             xs, Bs, Cs = xBC.split([self.intermediate_size, G * N, G * N], dim=-1)
-            y = ssd_step(state.ssm, xs.view(b, H, P), self._dt(dt[:, 0]), A, Bs.view(b, G, N), Cs.view(b, G, N), self.D)
+            y = ssd_step(
+                state.ssm, xs.view(b, H, P), dt[:, 0], A, Bs.view(b, G, N), Cs.view(b, G, N), self.D,
+                dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
+            )  # fmt: skip
             y = y.view(b, 1, self.intermediate_size)
         else:
             resume = state is not None and ctx.start > 0
@@ -158,17 +162,14 @@ class Mamba2Mixer(nn.Module):
                 xBC = xBC * ctx.pad_mask[..., None]
             xs, Bs, Cs = xBC.split([self.intermediate_size, G * N, G * N], dim=-1)
             y, final_state = ssd_chunked(
-                xs.view(b, t, H, P), self._dt(dt), A, Bs.view(b, t, G, N), Cs.view(b, t, G, N), self.D,
+                xs.view(b, t, H, P), dt, A, Bs.view(b, t, G, N), Cs.view(b, t, G, N), self.D,
                 chunk_size=self.chunk_size, initial_state=state.ssm if resume else None, seq_idx=ctx.document_ids,
+                dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
             )  # fmt: skip
             if state is not None:
                 state.ssm.copy_(final_state)
             y = y.reshape(b, t, self.intermediate_size)
         return self.out_proj(self.norm(y, z).to(x_btd.dtype))
-
-    def _dt(self, dt):
-        dt = F.softplus(dt.float() + self.dt_bias.float())
-        return dt.clamp(self.dt_min, self.dt_max)
 
 
 # ---------------------------------------------------------------------------------------------- attention

@@ -6,6 +6,15 @@ decay per head, `h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T`, `y_t = C_t h_t + D
 term. Packed documents (`seq_idx`, one id per token, each document a contiguous run) never share state: the carried
 state is dropped where the id changes, as in state-spaces/mamba's `seq_idx` argument.
 
+The time step is handled as state-spaces/mamba's kernels handle it (`mamba_chunk_scan_combined(..., dt_bias,
+dt_softplus, dt_limit)`, whose `_chunk_cumsum_fwd` computes, in fp32, `dt = softplus(dt + dt_bias)` (the identity
+above 20) and then clamps it to `dt_limit = (low, high)`; padding steps get dt = 0). Every scan here takes the same
+three arguments; their defaults take dt as given (already positive) and clamp it to (0, inf), as the reference does.
+One deliberate difference: the reference's decode step (`selective_state_update`) has no `dt_limit`, so with a
+finite limit its cached decode departs from its own full forward; `ssd_step` takes the limit too, and a decode
+continues exactly the scan that a prefill or training step computes. With (0, inf), the limit of every published
+Nemotron-H config, the two agree.
+
 Twins: `ssd_reference` (one token at a time, the definition) and `ssd_chunked` (the fast path);
 `causal_conv1d_reference` (a loop over taps) and `causal_conv1d` (F.conv1d, or shifted sums when documents
 are packed). Everything runs in fp32 inside, whatever the input dtype; the outputs are fp32.
@@ -16,11 +25,33 @@ k conv taps, d channels.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
+NO_DT_LIMIT = (0.0, math.inf)
 
-def _check_scan_inputs(x, dt, A, B, C, seq_idx):
+
+def ssd_dt(dt, dt_bias=None, dt_softplus=False, dt_limit=NO_DT_LIMIT):
+    """The time step the scans use, as state-spaces/mamba's `_chunk_cumsum_fwd` computes it: fp32, plus `dt_bias`
+    (h,), softplus when `dt_softplus` (F.softplus is the identity above 20, as the kernel's `dt <= 20.0` test),
+    clamped to `dt_limit` (outside it the gradient is 0, as the kernel's `clamp_mask`). dt (..., h)."""
+    dt = dt.float()
+    if dt_bias is not None:
+        dt = dt + dt_bias.float()
+    if dt_softplus:
+        dt = F.softplus(dt)
+    return dt.clamp(dt_limit[0], dt_limit[1])
+
+
+def _check_dt_limit(dt_limit):
+    low, high = dt_limit
+    if not 0.0 <= low <= high:
+        raise ValueError(f"ssd: dt_limit must be (low, high) with 0 <= low <= high, got {tuple(dt_limit)}")
+
+
+def _check_scan_inputs(x, dt, A, B, C, seq_idx, dt_bias, dt_limit):
     b, t, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     if dt.shape != (b, t, h) or A.shape != (h,) or B.shape != (b, t, g, n) or C.shape != (b, t, g, n):
@@ -32,15 +63,30 @@ def _check_scan_inputs(x, dt, A, B, C, seq_idx):
         raise ValueError(f"ssd: {g} B/C groups do not divide {h} heads")
     if seq_idx is not None and seq_idx.shape != (b, t):
         raise ValueError(f"ssd: seq_idx has shape {tuple(seq_idx.shape)}, expected (batch, time) = {(b, t)}")
+    if dt_bias is not None and dt_bias.shape != (h,):
+        raise ValueError(f"ssd: dt_bias has shape {tuple(dt_bias.shape)}, expected (heads,) = {(h,)}")
+    _check_dt_limit(dt_limit)
 
 
-def ssd_reference(x, dt, A, B, C, D=None, initial_state=None, seq_idx=None):
-    """The recurrence itself, one step per token. x (b,t,h,p), dt (b,t,h) after softplus, A (h,) negative,
-    B/C (b,t,g,n), D (h,), initial_state (b,h,p,n), seq_idx (b,t). Returns y (b,t,h,p) and the final state."""
-    _check_scan_inputs(x, dt, A, B, C, seq_idx)
+def ssd_reference(
+    x, dt, A, B, C, D=None, initial_state=None, seq_idx=None, dt_bias=None, dt_softplus=False, dt_limit=NO_DT_LIMIT
+):
+    """The recurrence itself, one step per token. x (b,t,h,p), dt (b,t,h), A (h,) negative, B/C (b,t,g,n), D (h,),
+    initial_state (b,h,p,n), seq_idx (b,t); dt_bias (h,), dt_softplus and dt_limit as in the module docstring (the
+    defaults take dt as already positive). Returns y (b,t,h,p) and the final state.
+
+    The time step is written out as the reference kernel's lines, not through `ssd_dt`, so the twins check it."""
+    _check_scan_inputs(x, dt, A, B, C, seq_idx, dt_bias, dt_limit)
     b, t, h, p = x.shape
     rep = h // B.shape[2]
     x, dt, A = x.float(), dt.float(), A.float()
+    if dt_bias is not None:
+        dt = dt + dt_bias.float()
+    if dt_softplus:  # tl.where(dt <= 20.0, softplus(dt), dt), softplus(dt) = log(exp(dt) + 1)
+        dt = torch.where(dt <= 20.0, torch.log1p(torch.exp(dt.clamp(max=20.0))), dt)
+    low, high = dt_limit  # tl.minimum(tl.maximum(dt, dt_min), dt_max), no gradient where it clamps
+    dt = torch.where(dt < low, torch.full_like(dt, low), dt)
+    dt = torch.where(dt > high, torch.full_like(dt, high), dt)
     D = D.float() if D is not None else None
     B_h = B.float().repeat_interleave(rep, dim=2)  # (b,t,h,n)
     C_h = C.float().repeat_interleave(rep, dim=2)
@@ -73,15 +119,19 @@ def segsum(x: torch.Tensor) -> torch.Tensor:
     return out.masked_fill(~lower, -torch.inf)
 
 
-def ssd_chunked(x, dt, A, B, C, D=None, chunk_size=128, initial_state=None, seq_idx=None):
+def ssd_chunked(
+    x, dt, A, B, C, D=None, chunk_size=128, initial_state=None, seq_idx=None,
+    dt_bias=None, dt_softplus=False, dt_limit=NO_DT_LIMIT,
+):  # fmt: skip
     """Chunked SSD scan (Mamba-2 paper, Listing 1) with packed-document support. Same contract as
-    `ssd_reference`; returns y (b,t,h,p) fp32 and the final state (b,h,p,n) fp32.
+    `ssd_reference` (the time step through `ssd_dt`); returns y (b,t,h,p) fp32 and the final state (b,h,p,n) fp32.
 
     Work is laid out per B/C group (b,g,r,c,l,p), with r = h/g heads per group, so every contraction is a plain
     batched matmul. As in state-spaces/mamba's Triton kernels, the decay between positions s <= l of a chunk is
     exp(cumsum_l - cumsum_s) of the chunk-local cumulative log decay. The scan runs in fp32 even under autocast."""
-    _check_scan_inputs(x, dt, A, B, C, seq_idx)
+    _check_scan_inputs(x, dt, A, B, C, seq_idx, dt_bias, dt_limit)
     with torch.autocast(x.device.type, enabled=False):
+        dt = ssd_dt(dt, dt_bias, dt_softplus, dt_limit)
         return _ssd_chunked(x, dt, A, B, C, D, chunk_size, initial_state, seq_idx)
 
 
@@ -182,11 +232,13 @@ def _decay_matrix(A_cs, hidden):
     return seg.masked_fill_(hidden, -torch.inf).exp_()
 
 
-def ssd_step(state, x, dt, A, B, C, D=None):
-    """One decode step of the recurrence, updating `state` (b,h,p,n, fp32) in place. x (b,h,p), dt (b,h) after
-    softplus, B/C (b,g,n). Returns y (b,h,p) fp32."""
+def ssd_step(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, dt_limit=NO_DT_LIMIT):
+    """One decode step of the recurrence, updating `state` (b,h,p,n, fp32) in place. x (b,h,p), dt (b,h), B/C
+    (b,g,n); the time step through `ssd_dt`, clamped to `dt_limit` like the scans (see the module docstring).
+    Returns y (b,h,p) fp32."""
+    _check_dt_limit(dt_limit)
     rep = x.shape[1] // B.shape[1]
-    x, dt = x.float(), dt.float()
+    x, dt = x.float(), ssd_dt(dt, dt_bias, dt_softplus, dt_limit)
     B_h = B.float().repeat_interleave(rep, dim=1)  # (b,h,n)
     C_h = C.float().repeat_interleave(rep, dim=1)
     decay = torch.exp(dt * A.float())  # (b,h)
