@@ -146,13 +146,14 @@ def speedrun(minutes: float = 20.0, out_dir: str | None = None, plan: Plan | Non
     if first["steps"] < phase1_steps:
         # Cut short: phase 2 (the other blend, and the schedule's decay over the last 20% of steps) starts here.
         pre.train.steps = max(first["steps"] + 1, math.ceil(first["steps"] / 0.8))
-        runs[-1]["note"] = f"phase 2 moved to steps {first['steps'] + 1}-{pre.train.steps}"
     pre_summary = first
     if time.monotonic() + step_s * slowdown > pre_end:
         runs.append(_skipped("pretrain phase 2", pre.train.steps - first["steps"]))
     else:
         pre_summary = _train_until(pre, pre_end, resume=True)
         runs.append(_ran("pretrain phase 2", first["steps"], pre.train.steps, pre_summary))
+        if pre.train.steps != pre_steps:
+            runs[-1]["note"] = f"moved to steps {first['steps'] + 1}-{pre.train.steps} as phase 1 was cut short"
 
     stage("long context")
     lc = _long_recipe(plan, tok_dir, data, os.path.join(out, "long-context"), pre_summary["checkpoint"], long_steps)
@@ -352,14 +353,14 @@ def _write_report(out, plan, t_start, timings, evals, samples, pre, lc, runs, no
         f"{stage_time('calibration', 'pretrain')}, pretrain {stage_time('pretrain', 'long context')}, long context "
         f"{stage_time('long context', 'evaluate')}, evaluation and report {stage_time('evaluate', 'end')}",
         f"- model: `{plan.preset}` ({_param_line(lc)}), vocab {plan.vocab_size}",
-        f"- pretraining: {steps_pre[-1]['step']} steps x {plan.batch_size} x {plan.seq_len} tokens "
+        f"- pretraining: {_steps(steps_pre[-1]['step'])} x {plan.batch_size} x {plan.seq_len} tokens "
         f"({steps_pre[-1]['tokens']:,} tokens), phase 2 {phase2}, "
         f"mean {_mean(steps_pre, 'tokens_per_s'):.0f} tokens/s, MFU {100 * _mean(steps_pre, 'mfu'):.1f}% "
         f"(of a measured fp32 matmul peak of {pre.train.peak_gflops:.0f} GFLOP/s)",
     ]
     if steps_lc:
         lines.append(
-            f"- long context: {steps_lc[-1]['step']} steps at {plan.long_seq_len} (92%) and {plan.seq_len} (8%) "
+            f"- long context: {_steps(steps_lc[-1]['step'])} at {plan.long_seq_len} (92%) and {plan.seq_len} (8%) "
             f"tokens, {steps_lc[-1]['tokens']:,} tokens, mean {_mean(steps_lc, 'tokens_per_s'):.0f} tokens/s"
         )
     cut = [r for r in runs if r["ended"] != "as planned"]
@@ -416,6 +417,10 @@ def _write_report(out, plan, t_start, timings, evals, samples, pre, lc, runs, no
     atomic_write_text(os.path.join(out, "evals.json"), json.dumps(evals, indent=1))
     atomic_write_text(os.path.join(out, "stages.json"), json.dumps(runs, indent=1))
     return path
+
+
+def _steps(n: int) -> str:
+    return f"{n} step" if n == 1 else f"{n} steps"
 
 
 def _param_line(recipe) -> str:
