@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import HybridMoEConfig
+from .dtypes import resolve_dtype
 from .modeling import HybridMoEForCausalLM
 from .utils import atomic_write, atomic_write_text
 
@@ -30,7 +31,6 @@ INDEX_NAME = "model.safetensors.index.json"
 _EXPERT_KEY = re.compile(r"^(.*\.experts)\.(\d+)\.(up_proj|down_proj)\.weight$")
 # Names older checkpoints used for the same tensor.
 _LEGACY_NAMES = {"backbone.embedding.weight": "backbone.embeddings.weight"}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _checkpoint_files(path: str) -> list[str]:
@@ -56,10 +56,7 @@ def load_pretrained(
     if not os.path.isdir(path):
         raise ValueError(f"{path} is not a directory. Fix: pass a Hugging Face checkpoint directory.")
     config = HybridMoEConfig.from_pretrained(path)
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")
-        dtype = _DTYPES[dtype]
+    dtype = resolve_dtype(dtype)
     model = HybridMoEForCausalLM(config, device="meta")
     if dtype is not None:
         model.to(dtype)  # on meta: free; the router stays fp32

@@ -289,6 +289,7 @@ BAD_FRACTION_HELP = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .dtypes import DTYPE_NAMES
     from .presets import PRESETS
 
     parser = argparse.ArgumentParser(prog="hybridmoe", description=__doc__)
@@ -370,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 1e-5, or 1e-4 with --lora)")
     p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32", "bfloat16", "float32"))
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (linears and experts) instead")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=32.0)
@@ -396,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(text/.jsonl/.parquet; default: the Python standard library's docstrings)")  # fmt: skip
     e.add_argument("--tokenizer", help="tokenizer directory, if not in the checkpoint")
     e.add_argument("--device", help="default: cuda if available, else cpu")
-    e.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: bfloat16 on GPU, else fp32")
+    e.add_argument("--dtype", choices=DTYPE_NAMES, help="default: bfloat16 on GPU, else fp32")
     e.set_defaults(func=cmd_eval_ruler)
     e = eval_sub.add_parser("ppl", help="perplexity and bits per byte on documents or a prepared token directory")
     e.add_argument("checkpoint", help="a Hugging Face model directory with its tokenizer")
@@ -411,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open a prepared folder without checking its shards' sha256 against the manifest")  # fmt: skip
     e.add_argument("--out", help="JSON result file (default: eval/ppl-<checkpoint>-<data>-<seq-len>.json)")
     e.add_argument("--device", help="default: cuda if available, else cpu")
-    e.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: bfloat16 on GPU, else fp32")
+    e.add_argument("--dtype", choices=DTYPE_NAMES, help="default: bfloat16 on GPU, else fp32")
     e.set_defaults(func=cmd_eval_ppl)
 
     def add_model_args(p, max_tokens: int):
@@ -419,9 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tokenizer", help="tokenizer directory, if not in the checkpoint")
         p.add_argument("--max-model-len", type=int, help="prompt + output tokens per request (default: the config's)")
         p.add_argument("--device", help="default: cuda if available, else cpu")
-        p.add_argument(
-            "--dtype", choices=("float32", "bfloat16", "float16"), help="default: bfloat16 on GPU, else fp32"
-        )
+        p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: bfloat16 on GPU, else fp32")
         p.add_argument("--reasoning-budget", type=int, help="force </think> after this many thinking tokens")
         if max_tokens:
             p.add_argument("--max-tokens", type=int, default=max_tokens, help="tokens to generate at most")

@@ -29,6 +29,7 @@ import yaml
 
 from .. import distributed
 from ..data.sft import load_sft_samples
+from ..dtypes import resolve_dtype
 from ..train.config import OptimSection
 from ..train.loop import stop_on_signals
 from ..train.metrics import MetricsLog
@@ -43,7 +44,7 @@ from ..train.state import (
 )
 from .patch import PATCHED_ATTR
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_TRAIN_DTYPES = (torch.float32, torch.bfloat16)  # fp16 would need loss scaling
 
 
 @dataclass
@@ -75,7 +76,7 @@ class FinetuneConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        if self.dtype not in _DTYPES:
+        if resolve_dtype(self.dtype) not in _TRAIN_DTYPES:
             raise ValueError(f"dtype={self.dtype!r}: use fp32 or bf16")
         for name in ("seq_len", "batch_size", "micro_batch_size", "save_every"):
             if getattr(self, name) < 1:
@@ -212,7 +213,7 @@ def _finetune(cfg: FinetuneConfig, resume: bool, par) -> dict:
 def _build_model(cfg: FinetuneConfig, ckpt: str | None):
     from . import AutoModelForCausalLM
 
-    dtype = _DTYPES[cfg.dtype]
+    dtype = resolve_dtype(cfg.dtype)
     if cfg.lora:
         from .lora import apply_lora, load_lora
 

@@ -153,11 +153,9 @@ def evaluate_perplexity(
     data = [data] if isinstance(data, str) else list(data)
     tokenizer = load_tokenizer(checkpoint)
     if model is None:
-        from ..modeling import HybridMoEForCausalLM
+        from ..serve.load import load_model
 
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-        model = HybridMoEForCausalLM.from_pretrained(checkpoint, dtype=dtype, device=device)
+        model, _ = load_model(checkpoint, device=device, dtype=dtype)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

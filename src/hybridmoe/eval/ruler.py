@@ -699,7 +699,7 @@ def run_ruler(
     for t, n in dict.fromkeys((t, n) for t, n, _ in todo):
         first[(t, n)] = make_sample(builder, t, n, 0, seed)
     if todo and generate_fn is None:
-        generate_fn = _load_generate_fn(checkpoint, tok, device, dtype)
+        generate_fn = _load_generate_fn(checkpoint, tok_dir, device, dtype)
     print(f"RULER: {len(task_names)} tasks x {len(lengths)} lengths x {samples} samples; "
           f"{len(done)} cached results in {cache_path}, {len(todo)} to run", flush=True)  # fmt: skip
     if {"qa_1", "qa_2"} & set(task_names):
@@ -743,17 +743,10 @@ def run_ruler(
     return report
 
 
-def _load_generate_fn(checkpoint: str, tok, device: str | None, dtype: str | None) -> GenerateFn:
-    import torch
+def _load_generate_fn(checkpoint: str, tok_dir: str, device: str | None, dtype: str | None) -> GenerateFn:
+    from ..serve.load import load_model, stop_token_ids
 
-    from ..modeling import HybridMoEForCausalLM
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    model = HybridMoEForCausalLM.from_pretrained(checkpoint, dtype=dtype, device=device).eval()
-    eos = [tok.eos_token_id]
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tok.unk_token_id:
-        eos.append(im_end)
-    print(f"model {checkpoint} on {device} ({dtype}); greedy decoding with model.generate", flush=True)
-    return model_generate_fn(model, eos)
+    model, tok = load_model(checkpoint, tok_dir, device, dtype)
+    where = next(model.parameters())
+    print(f"model {checkpoint} on {where.device} ({where.dtype}); greedy decoding with model.generate", flush=True)
+    return model_generate_fn(model, stop_token_ids(tok))
