@@ -54,6 +54,7 @@ logger = logging.getLogger("hybridmoe.serve")
 
 _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 # Reachable without the API key: the health check, and the chat page with its files (the page asks for the key).
+_DRAIN_BYTES = 64 * 2**20  # how much of a body over the limit is read before the 413 (_Guard._read_body)
 _PUBLIC_PATHS, _PUBLIC_PREFIX = ("/health", "/"), "/static/"
 _STATIC = Path(__file__).parent / "static"
 # The chat page loads only its own files: no inline script, nothing from elsewhere, not framed by another site.
@@ -182,24 +183,31 @@ class _Guard:
             return receive, None
         limit = self.limits.max_body_bytes
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            return None, _too_large(int(length), limit)
+        declared = int(length) if length is not None and length.isdigit() else 0
+        # A body over the limit is still read (and dropped), up to _DRAIN_BYTES more, before the 413: a socket closed
+        # with unread data resets the connection, and the client would lose the answer (nginx's lingering close).
+        too_large = declared > limit
         chunks, size = [], 0
         deadline = time.monotonic() + self.limits.body_timeout_s
         while True:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
+                if too_large:
+                    break
                 return None, APIError(408, f"the request body did not arrive within {self.limits.body_timeout_s:g} "
                                            "s", code="timeout", headers={"Connection": "close"})  # fmt: skip
             if message["type"] == "http.disconnect":
                 return receive, None  # let the app see the disconnect
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > limit:
-                return None, _too_large(size, limit)
-            if not message.get("more_body", False):
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            too_large = too_large or size > limit
+            if not too_large:
+                chunks.append(chunk)
+            if not message.get("more_body", False) or size > limit + _DRAIN_BYTES:
                 break
+        if too_large:
+            return None, _too_large(max(size, declared), limit)
         body, delivered = b"".join(chunks), False
 
         async def replay():
