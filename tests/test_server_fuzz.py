@@ -5,8 +5,8 @@ route, bounded in count, then the server must still be healthy, answer a normal 
 Bodies come from hypothesis: a valid request of the route with one field replaced by any JSON value (wrong types,
 huge and tiny numbers, unicode edge cases, nesting), fields deleted, and a fixed list of raw bodies that JSON
 parsers and tokenizers trip on (NaN, 1e400, 5000-digit integers, nesting 100k deep, lone surrogates, invalid UTF-8,
-bodies over the size limit). Every answer must be a response below 500 with OpenAI's error JSON for the errors
-(a 503 only with Retry-After, a 504 only from the request time limit).
+a prompt over the character limit, a body over the size limit). Every answer must be a response below 500 with
+OpenAI's error JSON for the errors (a 503 only with Retry-After, a 504 only from the request time limit).
 
 The number of examples per route is `HYBRIDMOE_FUZZ_EXAMPLES` (default 40; the figures in benchmarks/README.md come
 from a larger run); the examples are derandomized (the same in every CI run) unless `HYBRIDMOE_FUZZ_RANDOM=1`.
@@ -47,7 +47,7 @@ def rss_mb(pid: int) -> float:
 def server(tmp_path_factory):
     checkpoint = make_checkpoint(tmp_path_factory.mktemp("ckpt"))
     cmd = [sys.executable, "-m", "hybridmoe.cli", "serve", checkpoint, "--port", "0", "--max-model-len", "96",
-           "--served-model-name", MODEL, "--grace", "1", "--max-body-mb", "1", "--request-timeout", "20",
+           "--served-model-name", MODEL, "--grace", "1", "--request-timeout", "20",
            "--max-num-seqs", "4"]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("HYBRIDMOE_API_KEY", None)
@@ -138,6 +138,7 @@ RAW = [
     b'{"model": "fuzz", "messages": [{"role": "user", "content": "\\ud83d"}]}',
     b'{"model": "fuzz", "prompt": "\xff\xfe\xfd"}', b"\xef\xbb\xbf{}",
     b'{"model": "fuzz", "prompt": "' + b"a" * 2**21 + b'"}',
+    b'{"model": "fuzz", "prompt": "' + b"a" * 9 * 2**20 + b'"}',
     b'{"model": "fuzz", "tokens": [-1, 99999999999]}', b'{"model": "fuzz", "prompt": [[1], [2, 3], []]}',
     b'{"model": "fuzz", "messages": []}', b'{"model": "fuzz", "messages": [{"role": "tool"}]}',
     b'{"model": "fuzz", "messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", '
