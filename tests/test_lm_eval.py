@@ -64,7 +64,7 @@ def write_task(directory, name: str, docs: list[dict]) -> None:
     data.write_text(json.dumps(docs))
     dataset_kwargs = {"data_files": {"test": str(data)}, "cache_dir": str(directory / "hf-cache")}
     config = {"task": name, "dataset_path": "json", "dataset_kwargs": dataset_kwargs, "test_split": "test"}
-    (directory / f"{name}.yaml").write_text(yaml.safe_dump(config | TASKS[name]))
+    (directory / f"{name}.yaml").write_text(yaml.safe_dump(config | TASKS[name], sort_keys=False))
 
 
 @pytest.fixture(scope="module")
