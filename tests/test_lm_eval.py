@@ -84,20 +84,33 @@ def model(checkpoint):
     return HybridMoEForCausalLM.from_pretrained(checkpoint).eval()
 
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
 @pytest.fixture
 def offline(monkeypatch):
-    """No Hugging Face Hub access, and any connection to an address other than loopback raises."""
+    """No Hugging Face Hub access; a connection or name lookup off loopback raises and is recorded (a library that
+    catches the error and falls back would otherwise hide it): the test asserts the list stays empty."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    connect = socket.socket.connect
+    attempts = []
+    connect, getaddrinfo = socket.socket.connect, socket.getaddrinfo
 
     def loopback_only(self, address):
-        host = address[0] if isinstance(address, tuple) else address
-        if self.family in (socket.AF_INET, socket.AF_INET6) and host not in ("127.0.0.1", "::1", "localhost"):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in LOOPBACK:
+            attempts.append(address)
             raise OSError(f"the test tried to reach {address}; it must run offline")
         return connect(self, address)
 
+    def lookup_loopback_only(host, *args, **kwargs):
+        if host not in LOOPBACK and host is not None:
+            attempts.append(host)
+            raise OSError(f"the test tried to look up {host}; it must run offline")
+        return getaddrinfo(host, *args, **kwargs)
+
     monkeypatch.setattr(socket.socket, "connect", loopback_only)
+    monkeypatch.setattr(socket, "getaddrinfo", lookup_loopback_only)
+    return attempts
 
 
 @torch.no_grad()
@@ -148,6 +161,7 @@ def test_lm_eval_local_completions_gets_the_models_loglikelihoods(live, checkpoi
         assert text == expected
         texts.append(text)
     assert any(texts)  # the comparison saw real text (fixed by the checkpoint's seed)
+    assert offline == []  # nothing tried to leave the machine
 
 
 # ------------------------------------------------------------------------------------------------ the wire format
