@@ -2,7 +2,7 @@
 `/detokenize` and `/tokenizer_info`.
 
 `OpenAIServing` (vLLM's serving class at a small size) turns requests into engine requests and engine outputs into
-OpenAI responses; `router` gives the routes. No process, limit or lifecycle concerns live here (`server.py`).
+OpenAI responses; `add_routes` adds the routes to an app. Process, limits and lifecycle live in `server.py`.
 
 - Prompts are rendered and tokenized in a small thread pool, never on the event loop, after their characters were
   counted against `Limits.max_prompt_chars` (a 20 MB prompt is refused before any tokenizer sees it).

@@ -6,7 +6,7 @@ and the server's metrics in Prometheus's text format.
   inboxes), and receive each `RequestOutput` through their own asyncio.Queue (`loop.call_soon_threadsafe`).
 - Failures stay with the request that caused them: the engine ends such a request with finish_reason "error" and
   goes on (see `Engine.step`). Should a step still raise (a bug), the worker fails the requests that were open,
-  resets the engine (every slot freed) and keeps serving; `/health` reports the failures counted.
+  resets the engine (every slot freed) and keeps serving; `/metrics` counts such failures.
 - Admission: at most `max_queue` requests wait for a slot; beyond that `add` raises a 503 with Retry-After.
 - `Metrics` counts requests by route template (`/v1/completions`, never the raw path, so unknown paths cannot grow
   the series) and status, tokens, and latency histograms (https://prometheus.io/docs/instrumenting/exposition_formats/).
