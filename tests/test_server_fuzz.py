@@ -9,7 +9,8 @@ a prompt over the character limit, a body over the size limit). Every answer mus
 OpenAI's error JSON for the errors (a 503 only with Retry-After, a 504 only from the request time limit).
 
 The number of examples per route is `HYBRIDMOE_FUZZ_EXAMPLES` (default 40; the figures in benchmarks/README.md come
-from a larger run); the examples are derandomized (the same in every CI run) unless `HYBRIDMOE_FUZZ_RANDOM=1`.
+from a larger run), sent within `HYBRIDMOE_FUZZ_SECONDS` (default 300) for the whole suite; the examples are
+derandomized (the same in every CI run) unless `HYBRIDMOE_FUZZ_RANDOM=1`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ from test_server import make_checkpoint
 
 MODEL = "fuzz"
 EXAMPLES = int(os.environ.get("HYBRIDMOE_FUZZ_EXAMPLES", "40"))
+# The whole suite's time bound, from when the server is up: past it the remaining examples send nothing (CI's 200
+# requests take ~25 s).
+SECONDS = float(os.environ.get("HYBRIDMOE_FUZZ_SECONDS", "300"))
+DEADLINE = [float("inf")]
 SETTINGS = settings(
     max_examples=EXAMPLES, deadline=None, derandomize=os.environ.get("HYBRIDMOE_FUZZ_RANDOM") != "1", database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -70,6 +75,7 @@ def server(tmp_path_factory):
             time.sleep(0.05)
     for _ in range(3):  # warm up: memory is measured against a server that has served requests
         normal_requests(client)
+    DEADLINE[0] = time.monotonic() + SECONDS
     yield client, proc, rss_mb(proc.pid)
     client.close()
     proc.terminate()
@@ -165,7 +171,14 @@ def bodies(draw, route: str):
     return json.dumps(base, ensure_ascii=draw(st.booleans())).encode("utf-8", "surrogatepass")
 
 
-def check(route: str, r: httpx.Response) -> None:
+def send(client: httpx.Client, method: str, path: str, **kw) -> httpx.Response | None:
+    """The answer to one fuzz request, or None past the suite's time bound."""
+    return client.request(method, path, **kw) if time.monotonic() < DEADLINE[0] else None
+
+
+def check(route: str, r: httpx.Response | None) -> None:
+    if r is None:
+        return
     TRIED[route] += 1
     STATUSES[route, r.status_code] += 1
     assert r.status_code < 500 or r.status_code in (503, 504), (route, r.status_code, r.text[:500])
@@ -189,7 +202,7 @@ def test_fuzz_post_routes(server, route):
     @SETTINGS
     @given(body=bodies(route))
     def run(body):
-        check(route, client.post(route, content=body, headers={"content-type": "application/json"}))
+        check(route, send(client, "POST", route, content=body, headers={"content-type": "application/json"}))
 
     run()
 
@@ -201,7 +214,9 @@ def test_fuzz_other_routes_and_methods(server, path, query, method):
     client = server[0]
     params = {k.encode("utf-8", "surrogatepass").decode("utf-8", "replace"): v.encode("utf-8", "surrogatepass")
               .decode("utf-8", "replace") for k, v in query.items()}  # fmt: skip
-    r = client.request(method, path, params=params)
+    r = send(client, method, path, params=params)
+    if r is None:
+        return
     TRIED[f"{method} {path}"] += 1
     assert r.status_code < 500 or (path == "/health" and r.status_code == 503), (method, path, r.status_code, r.text)
 
@@ -209,6 +224,7 @@ def test_fuzz_other_routes_and_methods(server, path, query, method):
 def test_after_the_fuzz_the_server_is_whole(server):
     client, proc, rss_before = server
     assert proc.poll() is None, "the server exited"
+    assert all(TRIED[route] for route in BASES), TRIED  # the fuzz did run
     assert client.get("/health").json() == {"status": "ok"}
     normal_requests(client)
     rss_after = rss_mb(proc.pid)
