@@ -335,15 +335,26 @@ def test_graceful_shutdown(checkpoint):
         except openai.APIError as e:
             result[key] = e
 
-    # In-flight requests finish within the grace period; new ones are refused meanwhile.
+    # In-flight requests finish within the grace period; new ones are refused meanwhile. The stream is held after
+    # its 5th token until the refusals were checked, so it cannot finish (and the server exit) before they are made.
+    gate = threading.Event()
+    add = serving.engine.add_request
+
+    def held(prompt_token_ids, params=None, request_id=None):
+        hold = lambda ids, logits: (len(ids) < 5 or gate.wait(30)) and logits  # noqa: E731
+        return add(prompt_token_ids, dataclasses.replace(params, logits_processors=[hold]), request_id)
+
+    serving.engine.add_request = held
     t = threading.Thread(target=long_stream, args=("finished", 60))
     t.start()
     assert started.wait(30)
+    serving.engine.add_request = add
     done = server.server.begin_shutdown(grace_s=30)
     time.sleep(0.1)
     r = httpx.post(url + "/v1/chat/completions", json={"model": MODEL, "messages": USER, "max_tokens": 2})
     assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
     assert httpx.get(url + "/health").status_code == 503
+    gate.set()
     t.join(60)
     done.result(30)
     server.thread.join(30)

@@ -331,7 +331,14 @@ def test_prompt_and_stop_counts_are_limited(live):
 
 
 class _Slow:
+    """50 ms per token, and nothing before `gate` opens (so the test, not the machine's speed, decides when the
+    requests may move on)."""
+
+    def __init__(self, gate: threading.Event):
+        self.gate = gate
+
     def __call__(self, output_ids, logits):
+        self.gate.wait(30)
         time.sleep(0.05)
         return logits
 
@@ -341,9 +348,10 @@ def test_a_full_queue_is_a_503_and_a_slow_request_a_504(checkpoint):
     engine = serving.engine
     engine.script = serving.tokenizer("word " * 300, add_special_tokens=False)["input_ids"]  # no early eos
     add = engine.add_request
+    gate = threading.Event()
 
     def slow_add(prompt_token_ids, params=None, request_id=None):
-        params.logits_processors = [*params.logits_processors, _Slow()]
+        params.logits_processors = [*params.logits_processors, _Slow(gate)]
         return add(prompt_token_ids, params, request_id)
 
     engine.add_request = slow_add
@@ -361,6 +369,7 @@ def test_a_full_queue_is_a_503_and_a_slow_request_a_504(checkpoint):
         r = post(server, "/v1/completions", body)
         error_of(r, 503, code="queue_full")
         assert r.headers["retry-after"] == "1"
+        gate.set()
         for t in threads:
             t.join(60)
         assert {r.status_code for r in results} == {504}  # 200 tokens at 50 ms each: past the 1 s limit

@@ -101,16 +101,20 @@ class SamplingError(ValueError):
 
 
 def sample(logits_v: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from one row of logits (v,). Raises SamplingError when the logits hold NaN or allow no token."""
-    if bool(torch.isnan(logits_v).any()):
-        raise SamplingError("the model produced NaN logits")
+    """One token id from one row of logits (v,). Raises SamplingError when the logits hold NaN or allow no token
+    (checked before torch.multinomial, which on CUDA would fail with a device-side assert, not an exception). One
+    reduction and one host sync per token, as before the checks."""
     if params.greedy:
-        if not bool((logits_v > -torch.inf).any()):
-            raise SamplingError("every token has probability 0 (all logits are -inf)")
-        return int(logits_v.argmax())
+        value, index = logits_v.max(-1)  # max is NaN when any logit is
+        value = float(value)
+        if not value > -torch.inf:
+            raise SamplingError("the model produced NaN logits" if value != value else "every logit is -inf")
+        return int(index)
     probs = sampling_probs(logits_v, params)
-    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
-        raise SamplingError("the sampling distribution is not finite (non-finite logits after the temperature)")
+    total = float(probs.sum())  # NaN or inf when any probability is, 0 when none is left
+    if not 0 < total < torch.inf:
+        raise SamplingError("the sampling distribution is not finite (NaN logits, or logits that overflow after the "
+                            "temperature)")  # fmt: skip
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
