@@ -382,6 +382,9 @@ def test_recipe_overrides_and_errors(tmp_path):
     bad = Recipe.from_yaml(str(path), ["optim.schedule=linear"])
     with pytest.raises(ValueError, match="schedule"):
         bad.validate()
+    assert Recipe.from_yaml(str(path), ["data.verify=no"]).data.verify is False  # YAML's no
+    with pytest.raises(ValueError, match=r"data.verify='nope': use true or false"):
+        Recipe.from_yaml(str(path), ["data.verify=nope"])
 
 
 def test_every_shipped_recipe_parses_and_validates():

@@ -102,7 +102,10 @@ def cmd_pretrain(args) -> int:
     summary = train(recipe, resume=args.resume)
     if not main_rank:
         return 0
-    state = "interrupted" if summary.get("interrupted") else "finished"
+    state = "finished"
+    if summary.get("interrupted"):
+        state = {"deadline": "stopped at train.time_limit_s", "signal": "interrupted"}.get(summary.get("stopped"),
+                                                                                           "stopped")  # fmt: skip
     print(f"{state} at step {summary['steps']}; checkpoint {summary.get('checkpoint')}; log {summary['log']}")
     if summary.get("final_val_loss") is not None:
         print(f"validation loss {summary['final_val_loss']:.4f}")

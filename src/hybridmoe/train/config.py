@@ -197,6 +197,8 @@ def _build(cls, d: dict[str, Any], where: str):
                 value = _number(value, float, f"{where}.{name}")
             elif kind in (int, int | None) and value is not None:
                 value = _number(value, int, f"{where}.{name}")
+            elif kind is bool and not isinstance(value, bool):  # "no" would otherwise count as true
+                raise ValueError(f"{where}.{name}={value!r}: use true or false")
             kwargs[name] = value
     return cls(**kwargs)
 
