@@ -388,7 +388,7 @@ def test_recipe_overrides_and_errors(tmp_path):
 
 
 def test_every_shipped_recipe_parses_and_validates():
-    root = os.path.join(os.path.dirname(__file__), "..", "recipes")
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "recipes")
     names = sorted(f for f in os.listdir(root) if f.endswith(".yaml"))
     assert {"tiny-pretrain.yaml", "tiny-long-context.yaml", "ultra-550b-a55b-pretrain.yaml"} <= set(names)
     for name in names:

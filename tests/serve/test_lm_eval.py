@@ -7,7 +7,7 @@ prompt without its logprobs makes every answer score 0 and lm-eval silently pick
 tiny local task (JSON data and task YAML written to tmp_path; no downloads, and a guard refuses any connection off
 loopback), and the loglikelihoods it recorded must equal the model's own on the same token ids within 1e-4;
 its generate_until task must get the model's greedy continuation. The server is the debug preset of
-tests/test_server.py (random weights, a small BPE tokenizer).
+tests/serve/test_server.py (random weights, a small BPE tokenizer).
 """
 
 from __future__ import annotations
