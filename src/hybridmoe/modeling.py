@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .cache import HybridCache, KVState
 from .config import HybridMoEConfig
+from .kernels.activations import relu_squared
 from .kernels.attention import attention
 from .kernels.linear import Linear, matmul_dtype
 from .kernels.loss import IGNORE_INDEX, linear_cross_entropy
@@ -211,7 +212,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x, ctx: ForwardContext | None = None):
-        return self.down_proj(torch.relu(self.up_proj(x)).square())
+        return self.down_proj(relu_squared(self.up_proj(x)))
 
 
 class TopkRouter(nn.Module):

@@ -19,10 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybridmoe.kernels import linear as linear_mod
-from hybridmoe.kernels.activations import relu_squared, relu_squared_reference
+from hybridmoe.kernels.activations import relu_squared, relu_squared_backward, relu_squared_reference
 from hybridmoe.kernels.attention import attention, attention_after_prefix, attention_reference
 from hybridmoe.kernels.loss import IGNORE_INDEX, linear_cross_entropy, linear_cross_entropy_reference
-from hybridmoe.kernels.moe import clamped_swiglu, experts_backend, experts_grouped, experts_reference
+from hybridmoe.kernels.moe import ACTIVATIONS, clamped_swiglu, experts_backend, experts_grouped, experts_reference
 from hybridmoe.kernels.ssd import (
     causal_conv1d,
     causal_conv1d_reference,
@@ -952,20 +952,29 @@ def test_bf16_matmul_env_rejects_unknown_value(monkeypatch):
 # ---------------------------------------------------------------------------------------------- activations
 
 
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_relu_squared_matches_reference(dtype, tol):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relu_squared_forms_agree_exactly(dtype):
+    """The autograd op (dense MLP, shared expert), the pre-activation backward (routed experts) and the reference
+    compute relu(u) * relu(u) and dh * relu(u) * 2 in the same order: equal, not merely close (the model's numerics
+    did not move when they became one)."""
     gen = make_gen(8)
     u = torch.randn(3, 5, 7, generator=gen)
     u[0, 0, :3] = torch.tensor([0.0, -0.0, 1e-3])  # the kink and tiny values
     u = u.to(dtype).requires_grad_()
     u_ref = u.detach().clone().requires_grad_()
     out, ref = relu_squared(u), relu_squared_reference(u_ref)
-    assert out.dtype == dtype
-    assert_close_scaled(out, ref, tol, "relu^2")
+    assert out.dtype == dtype and torch.equal(out, ref)
     assert out[u.detach() <= 0].abs().max() == 0
     cot = torch.randn(out.shape, generator=gen).to(dtype)
     (g,) = torch.autograd.grad(out, [u], cot)
     (g_ref,) = torch.autograd.grad(ref, [u_ref], cot)
-    assert g.dtype == dtype
-    assert_close_scaled(g, g_ref, tol, "grad relu^2")
+    assert g.dtype == dtype and torch.equal(g, g_ref)
     assert g[u.detach() <= 0].abs().max() == 0
+    dh = cot.clone()
+    du = relu_squared_backward(u.detach(), dh)
+    assert du.data_ptr() == dh.data_ptr() and torch.equal(du, g_ref)  # written into dh, as the experts kernel wants
+
+
+def test_experts_relu2_is_the_activations_module():
+    act = ACTIVATIONS["relu2"]
+    assert (act.forward, act.backward, act.reference) == (relu_squared, relu_squared_backward, relu_squared_reference)

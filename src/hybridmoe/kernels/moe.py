@@ -5,7 +5,7 @@ after `down`, an fp32 combine) and to the dispatch of torchtitan / NeMo AutoMode
 by expert, counts by bincount, grouped matmuls over contiguous segments, weighted combine by scatter-add).
 
 The expert activation is an argument (`activation`, default "relu2", the behaviour above):
-  - "relu2": h = relu(u)^2 (nemotron_h);
+  - "relu2": h = relu(u)^2 (nemotron_h; `kernels.activations`);
   - "silu_gated": u = [gate | up] (the fused `gate_up_proj` of transformers v5's Qwen3-MoE, Qwen2-MoE, Mixtral,
     OLMoE, DeepSeek-V3 experts, gate rows first), h = silu(gate) * up;
   - `clamped_swiglu(alpha, limit)`: GPT-OSS's `GptOssExperts._apply_gate`: gate and up interleaved (even / odd
@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .activations import relu_squared, relu_squared_backward, relu_squared_reference
 from .linear import matmul_dtype
 
 log = logging.getLogger(__name__)
@@ -63,14 +64,6 @@ class ExpertLoRA:
     up: tuple[torch.Tensor, torch.Tensor] | None = None
     down: tuple[torch.Tensor, torch.Tensor] | None = None
     scaling: float = 1.0
-
-
-def _relu2(u):
-    return torch.relu(u).square()
-
-
-def _relu2_backward(u, dh):
-    return dh.mul_(torch.relu(u)).mul_(2.0)  # d/du relu(u)^2 = 2 relu(u)
 
 
 def _silu_gated(u):
@@ -106,7 +99,7 @@ def clamped_swiglu(alpha: float, limit: float) -> ExpertActivation:
 
 
 ACTIVATIONS = {
-    "relu2": ExpertActivation("relu2", 1, _relu2, _relu2_backward, lambda u: torch.relu(u) ** 2),
+    "relu2": ExpertActivation("relu2", 1, relu_squared, relu_squared_backward, relu_squared_reference),
     "silu_gated": ExpertActivation("silu_gated", 2, _silu_gated, _silu_gated_backward, _silu_gated),
 }
 
