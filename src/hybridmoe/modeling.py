@@ -361,6 +361,12 @@ class Block(nn.Module):
     def forward(self, x, ctx: ForwardContext):
         return x + self.mixer(self.norm(x), ctx)
 
+    def mtp_input(self, emb_btd, h_btd):
+        """The input of the MTP layer this block opens: eh_proj([enorm(emb(next tokens)), hnorm(h)]) (2d -> d), h the
+        previous depth's hidden state (the MTP module of the DeepSeek-V3 technical report, 2024, section 2.2, with the
+        embedding first as in the Nemotron 3 checkpoints). Used by `forward_mtp` and `serve.speculative`'s drafts."""
+        return self.eh_proj(torch.cat([self.enorm(emb_btd), self.hnorm(h_btd)], dim=-1))
+
 
 class HybridMoEModel(nn.Module):
     """The backbone: embeddings, the layer stack, the final norm (checkpoint prefix `backbone.`)."""
@@ -522,7 +528,7 @@ class HybridMoEForCausalLM(nn.Module):
             blocks = self.mtp.layers[(depth % c.num_nextn_predict_layers) * n :][:n]
             ids = _shift_left(input_ids, depth + 1, fill=0)
             first = blocks[0]
-            x = first.eh_proj(torch.cat([first.enorm(self.backbone.embeddings(ids)), first.hnorm(h_btd)], dim=-1))
+            x = first.mtp_input(self.backbone.embeddings(ids), h_btd)
             for block in blocks:
                 x = block(x, mtp_ctx)
             h_btd = x

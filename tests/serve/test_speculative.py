@@ -18,6 +18,7 @@ import torch
 
 from hybridmoe import HybridMoEConfig, HybridMoEForCausalLM
 from hybridmoe.cache import MambaState
+from hybridmoe.modeling import ForwardContext
 from hybridmoe.serve import SamplingParams, speculative
 from hybridmoe.serve.speculative import rollback, speculative_generate, verify_drafts
 
@@ -85,6 +86,22 @@ def test_oracle_drafts_exercise_every_acceptance_count(monkeypatch):
 
 
 @torch.no_grad()
+@torch.no_grad()
+def test_drafts_run_the_mtp_layer_training_runs():
+    """The first commit pairs each prompt position's hidden state with the token after it: training's depth 0 of
+    `forward_mtp` over the same tokens (one `Block.mtp_input`, full causal attention instead of the MTP KV cache)."""
+    m = model(512)
+    tokens = prompt_for(13, 512, 6)
+    ids = torch.tensor([tokens])
+    h = m(ids).hidden_states
+    depth0 = m.forward_mtp(h, ids, ForwardContext())[0]
+    expected = m.lm_head(depth0[:, :-1]).float()  # the last position has no next token
+    cache = m.new_cache(1, capacity=len(tokens) + 2, include_mtp=True)
+    out = m(ids[:, :-1], cache=cache)
+    _, logits = speculative._MTP(m, cache).commit(out.hidden_states, tokens[1:])
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
 def test_rollback_restores_the_state_of_the_accepted_prefix():
     m = model(512)
     prompt, verify = prompt_for(13, 512, 5), prompt_for(4, 512, 6)  # pending token + 3 drafts

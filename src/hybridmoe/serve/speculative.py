@@ -209,9 +209,8 @@ class _MTP:
         self._snapshot = None
 
     def _forward(self, h_prev, next_ids: list[int], start: int):
-        first = self.blocks[0]
         ids = torch.tensor([next_ids], device=h_prev.device)
-        x = first.eh_proj(torch.cat([first.enorm(self.model.backbone.embeddings(ids)), first.hnorm(h_prev)], -1))
+        x = self.blocks[0].mtp_input(self.model.backbone.embeddings(ids), h_prev)
         ctx = ForwardContext(start=start, cache=self.cache)
         for block in self.blocks:
             x = block(x, ctx)
