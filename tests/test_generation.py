@@ -3,7 +3,7 @@
 The reference for every decoding path is one full forward over the whole sequence without a cache: prefill +
 one-token steps, chunked prefill, a cache that has to grow, and left-padded batches must all reproduce its logits
 (fp32, max-abs-diff <= 1e-4). Sampling is checked against greedy decoding and, for `sample_next_token`, against the
-distribution it is supposed to draw from.
+distribution it is supposed to draw from, which the serving engine shares (`sampling_distribution`).
 
 Models are the `debug` preset (layers M * E M - E: Mamba-2, attention, LatentMoE and a dense MLP) without MTP.
 """
@@ -17,7 +17,8 @@ import torch
 
 from hybridmoe import HybridCache, HybridMoEConfig, HybridMoEForCausalLM
 from hybridmoe.cache import KVState
-from hybridmoe.generation import generate, sample_next_token
+from hybridmoe.generation import generate, sample_next_token, sampling_distribution
+from hybridmoe.serve.sampling import SamplingParams, sampling_probs
 
 # Tiny matmuls on a shared 2-core machine: intra-op threads only add contention (measured 100x slower with 2).
 
@@ -485,6 +486,34 @@ def test_sampling_is_reproducible_with_a_generator():
     b = sample_next_token(logits, do_sample=True, generator=torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
     assert a.shape == (4,) and a.dtype == torch.int64
+
+
+def test_sampling_distribution_is_exact():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    perm = torch.tensor([2, 0, 3, 1])  # unsorted vocabulary order
+    logits = probs.log()[perm]
+    torch.testing.assert_close(sampling_distribution(logits), probs[perm])
+    # top_p=0.6 keeps (0.5, 0.3); top_k=3 then top_p=0.9 keeps (0.5, 0.3, 0.15)/0.95 -> the prefix reaching 0.9 is all 3
+    expected = torch.tensor([0.5, 0.3, 0.0, 0.0]) / 0.8
+    torch.testing.assert_close(sampling_distribution(logits, top_p=0.6), expected[perm])
+    expected = torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95
+    torch.testing.assert_close(sampling_distribution(logits, top_k=3, top_p=0.9), expected[perm])
+    # temperature first: at T=2 the probabilities are sqrt(p) renormalized, and top_k=2 keeps the two largest
+    expected = torch.tensor([0.5, 0.3, 0.0, 0.0]).sqrt()
+    torch.testing.assert_close(sampling_distribution(logits, 2.0, top_k=2), (expected / expected.sum())[perm])
+
+
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p", [(1.0, None, 1.0), (0.7, 5, 1.0), (1.3, None, 0.8), (0.9, 20, 0.5), (1.0, 0, 0.95)]
+)
+def test_generate_and_the_engine_sample_from_one_distribution(temperature, top_k, top_p):
+    """`sample_next_token` (offline generate) and the serving engine's `sampling_probs` share one implementation of
+    the filters: the same distribution bit for bit, so the same generator state draws the same tokens."""
+    logits = torch.randn(3, 64, generator=torch.Generator().manual_seed(0)) * 3
+    probs = sampling_probs(logits, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p))
+    assert torch.equal(probs, sampling_distribution(logits, temperature, top_k, top_p))
+    drawn = sample_next_token(logits, True, temperature, top_k, top_p, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(drawn, torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(5))[:, 0])
 
 
 @pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan")])

@@ -12,6 +12,27 @@ import torch
 from .modeling import HybridMoEForCausalLM
 
 
+def sampling_distribution(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
+    """The distribution sampling draws from, fp32 (..., v): softmax(logits / temperature) restricted to the top_k
+    most likely tokens (0 or None: all), then to the smallest prefix of the remaining tokens, most likely first, whose
+    probability reaches top_p (1 or None: all), renormalized. The one home of these filters, in transformers' order
+    (temperature, top-k, top-p): `sample_next_token` and the serving engine (`serve.sampling`) both use it.
+    Expects temperature > 0, top_k >= 0 and top_p in (0, 1]; the callers check what users pass."""
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        sorted_probs = sorted_logits.softmax(-1)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, -torch.inf)
+        logits = torch.full_like(logits, -torch.inf).scatter(-1, order, sorted_logits)
+    return logits.softmax(-1)
+
+
 def sample_next_token(
     logits: torch.Tensor,
     do_sample: bool = False,
@@ -29,17 +50,7 @@ def sample_next_token(
         raise ValueError(f"top_k must be >= 0 (0 or None: no top-k filtering), got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (1 or None: no nucleus filtering), got {top_p}")
-    logits = logits.float() / temperature
-    if top_k is not None and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, -torch.inf)
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
-        sorted_logits = sorted_logits.masked_fill(drop, -torch.inf)
-        logits = torch.full_like(logits, -torch.inf).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
+    probs = sampling_distribution(logits, temperature, top_k, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

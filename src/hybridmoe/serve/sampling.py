@@ -5,8 +5,8 @@ vLLM: dividing logits by a smaller number overflows fp32), `top_p`, `top_k` (0 o
 `stop_token_ids`, `stop` (strings), `ignore_eos`, `seed`, `logprobs` (how many top alternatives to report besides
 the chosen token), `prompt_logprobs` (the same for the prompt's tokens; with it `max_tokens` may be 0: score the
 prompt, generate nothing), and `logits_processors` (vLLM's hook: callables `(output_token_ids, logits_v) -> logits_v`
-that the engine applies before sampling; the chat layer's reasoning budget is one). The filters are applied in the
-order of transformers and of `hybridmoe.generation.sample_next_token`: temperature, then top-k, then top-p.
+that the engine applies before sampling; the chat layer's reasoning budget is one). Temperature, top-k and top-p
+are applied by `hybridmoe.generation.sampling_distribution`, in transformers' order, as offline `generate` does.
 
 Reported logprobs are those of the model's own distribution, `log_softmax(logits)`, before temperature and the
 filters (vLLM's default), so they mean the same thing whatever the request's sampling settings.
@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from ..generation import sampling_distribution
 
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (vLLM's _SAMPLING_EPS)
 
@@ -77,23 +79,13 @@ class TokenLogprob:
 
 
 def sampling_probs(logits_v: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The distribution a request samples from, fp32 (..., v): softmax(logits / temperature) restricted to the top-k
-    and then to the smallest prefix of tokens whose probability reaches top_p, renormalized. Greedy requests get a
-    one-hot on the argmax (what speculative decoding needs to treat greedy as a special case of sampling)."""
-    logits_v = logits_v.float()
+    """The distribution a request samples from, fp32 (..., v): `sampling_distribution` (softmax(logits / temperature)
+    restricted to the top-k, then to the top-p nucleus, renormalized). Greedy requests get a one-hot on the argmax
+    (what speculative decoding needs to treat greedy as a special case of sampling)."""
     if params.greedy:
+        logits_v = logits_v.float()
         return torch.zeros_like(logits_v).scatter_(-1, logits_v.argmax(-1, keepdim=True), 1.0)
-    logits_v = logits_v / params.temperature
-    if params.top_k:
-        kth = torch.topk(logits_v, min(params.top_k, logits_v.shape[-1]), dim=-1).values[..., -1:]
-        logits_v = logits_v.masked_fill(logits_v < kth, -torch.inf)
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits_v, descending=True, dim=-1)
-        sorted_probs = sorted_logits.softmax(-1)
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p  # keep the smallest prefix reaching top_p
-        sorted_logits = sorted_logits.masked_fill(drop, -torch.inf)
-        logits_v = torch.full_like(logits_v, -torch.inf).scatter(-1, order, sorted_logits)
-    return logits_v.softmax(-1)
+    return sampling_distribution(logits_v, params.temperature, params.top_k, params.top_p)
 
 
 class SamplingError(ValueError):
