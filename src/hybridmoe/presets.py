@@ -1,9 +1,10 @@
 """Model presets: `debug` for tests, `tiny` and `small` for this CPU, and the published Nemotron 3 shapes.
 
-The published shapes are those of `../shared/reference/architecture.md` (Nano 30B-A3B, Super 120B-A12B,
-Ultra 550B-A55B; read from the released configs and Megatron launch scripts). `tiny` and `small` keep the family's
-proportions (Mamba-2 and LatentMoE layers alternating, an attention layer every few blocks, experts in a latent
-space a quarter of the width) scaled down to what two CPU cores can train.
+The published shapes (Nano 30B-A3B, Super 120B-A12B, Ultra 550B-A55B) are those of the Nemotron 3 Nano, Super and
+Ultra technical reports (NVIDIA, 2025), read from the released checkpoints' `config.json` and NVIDIA/Megatron-LM's
+launch configs. `tiny` and `small` keep the family's proportions (Mamba-2 and LatentMoE layers alternating, an
+attention layer every few blocks, experts in a latent space a quarter of the width) scaled down to what two CPU
+cores can train.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Faithful to the call shape of `transformers.AutoModelForCausalLM` (`from_pretrained(path, dtype=..., **kwargs)`,
 `from_config(config, **kwargs)`; every argument goes to transformers unchanged) and to NeMo AutoModel's promise
-(`../shared/reference/automodel.md`): the result is the plain transformers model, whose MoE experts (and, for
+(NVIDIA-NeMo/Automodel, `NeMoAutoModelForCausalLM` in `nemo_automodel/_transformers/auto_model.py`, for models it
+does not re-implement): the result is the plain transformers model, whose MoE experts (and, for
 nemotron_h, Mamba-2 mixers) run on hybridmoe's kernels (`patch.py` says which and how). Parameters, state dicts and
 `save_pretrained` stay transformers' own, so what this model saves, plain transformers loads.
 """

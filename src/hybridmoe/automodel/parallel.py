@@ -1,7 +1,8 @@
 """Expert parallelism and FSDP2 for any transformers MoE model that `patch_model` accelerated, with no per-family code.
 
-The same layout as `hybridmoe.distributed` (torchtitan's, `../shared/reference/automodel.md`) on the ("dp_shard",
-"ep") mesh of `hybridmoe.distributed.setup`:
+The same layout as `hybridmoe.distributed` (torchtitan's for MoE models: pytorch/torchtitan,
+`torchtitan/distributed/expert_parallel.py` and `torchtitan/models/deepseek_v3/infra/parallelize.py`) on the
+("dp_shard", "ep") mesh of `hybridmoe.distributed.setup`:
   - every experts module found by `find_moe_experts` has each parameter whose first dimension is the expert
     dimension (the 3D weights, GPT-OSS's (e, out) biases, the grouped LoRA factors of `apply_lora`, which must come
     first) split in contiguous blocks over "ep" (a DTensor sharded on dim 0); its patched forward then sends the

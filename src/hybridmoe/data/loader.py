@@ -11,7 +11,8 @@ Bottom up:
   Megatron-LM BlendedDataset's `build_blending_indices`; deterministic, and the proportions track the weights at
   every step (each count stays within about one sample of weight * samples).
 - `PretrainLoader`: phases of blends switched at token counts, as in the Nemotron 3 two-phase recipe, where phase 2
-  changes only the data mixture (`shared/reference/training.md`); batching; exact resume from a JSON state.
+  changes only the data mixture (Nemotron 3 Nano technical report, NVIDIA, 2025); batching; exact resume from a
+  JSON state.
 
 The on-disk format (`FORMAT`), written by `hybridmoe prepare`:
 - `manifest.json`: {"format", "dtype": "uint16"|"uint32", "vocab_size", "eod_token_id", "tokenizer", "field",

@@ -1,9 +1,10 @@
 """Synthetic long-range retrieval documents for the long-context stage.
 
-The Nemotron 3 long-context recipes mix a little synthetic retrieval data into the long-document data (Nano:
-1% "synthetic retrieval", `../shared/reference/training.md`): documents whose end can only be predicted by
-looking far back. Each document here is filler text with a few `key = value` facts planted at random depths and,
-at the end, the facts asked for again in a different order; the answers are only in the context.
+The Nemotron 3 long-context recipes mix a little synthetic retrieval data into the long-document data (Nano: 1%
+"synthetic retrieval", Nemotron 3 Nano technical report, NVIDIA, 2025, long-context extension): documents whose end
+can only be predicted by looking far back. Each document here is filler text with a few `key = value` facts planted
+at random depths and, at the end, the facts asked for again in a different order; the answers are only in the
+context.
 
 Written as JSON lines (`{"text": ...}`) so that `hybridmoe prepare` tokenizes them like any other source.
 """

@@ -1,7 +1,8 @@
 """RULER (Hsieh et al. 2024, "RULER: What's the Real Context Size of Your Long-Context Language Models?",
 NVIDIA/RULER): the 13 synthetic long-context tasks, their scoring, and a resumable runner.
 
-Tasks (facts of `../shared/reference/posttraining.md`; the prompt wording is ours):
+Tasks (as the paper and NVIDIA/RULER's `scripts/synthetic.yaml` and `scripts/data/synthetic/` define them; the
+prompt wording is ours):
 - niah_single_1/2/3: one needle "One of the special magic {numbers} for {key} is: {value}." in a haystack of
   repeated noise sentences / prose / prose; the value a 7-digit number / number / UUID.
 - niah_multikey_1: four needles with different keys in prose, one asked for. niah_multikey_2 and _3: one needle
