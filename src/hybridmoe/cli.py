@@ -228,6 +228,26 @@ def cmd_eval_ppl(args) -> int:
     return 0
 
 
+def cmd_eval_tasks(args) -> int:
+    from .eval.tasks import TaskEvalSettings, evaluate_tasks, resolve_domains, write_task_report
+    from .serve.load import load_engine
+
+    settings = TaskEvalSettings(
+        samples=args.samples, difficulty=args.difficulty, split=args.split, offset=args.offset,
+        reasoning=args.reasoning, reasoning_budget=args.reasoning_budget, temperature=args.temperature,
+        top_p=args.top_p, seed=args.seed, pass_k=args.pass_k, max_new_tokens=args.max_new_tokens,
+        max_tool_rounds=args.max_tool_rounds, overlap_seeds=args.overlap_seeds,
+    )  # fmt: skip
+    domains = resolve_domains(args.domains, args.difficulty)  # bad names and settings fail before the model loads
+    checkpoint = _model_dir(args.checkpoint)
+    engine, tokenizer = load_engine(checkpoint, max_num_seqs=args.max_num_seqs, seed=args.seed, **_engine_kwargs(args))
+    result = evaluate_tasks(engine, tokenizer, domains, checkpoint=checkpoint, **vars(settings))
+    files = write_task_report(result, args.out or os.path.join("eval", f"tasks-{os.path.basename(checkpoint)}"))
+    print(result.table())
+    print("wrote " + ", ".join(files.values()))
+    return 0
+
+
 def _engine_kwargs(args) -> dict:
     return dict(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, tokenizer=args.tokenizer)
 
@@ -387,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint: RULER long-context tasks, perplexity")
+    p = sub.add_parser("eval", help="evaluate a checkpoint: RULER long-context tasks, perplexity, task domains")
     eval_sub = p.add_subparsers(dest="eval_command", required=True)
     e = eval_sub.add_parser("ruler", help="RULER's 13 synthetic long-context tasks at the given lengths (resumable)")
     e.add_argument("checkpoint", help="a Hugging Face model directory with its tokenizer")
@@ -417,6 +437,33 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", help="default: cuda if available, else cpu")
     e.add_argument("--dtype", choices=DTYPE_NAMES, help="default: bfloat16 on GPU, else fp32")
     e.set_defaults(func=cmd_eval_ppl)
+
+    e = eval_sub.add_parser("tasks", help="accuracy on held-out tasks of the verifiable domains (reasoning on/off)")
+    e.add_argument("checkpoint", help="a Hugging Face model directory with its tokenizer")
+    e.add_argument("--domains", help="comma-separated task domains (default: all)")
+    e.add_argument("--samples", type=int, default=20, help="tasks per domain")
+    e.add_argument("--difficulty", type=int, default=1, help="task difficulty (1 = easiest)")
+    e.add_argument("--split", default="heldout", help="seed split the tasks come from")
+    e.add_argument("--offset", type=int, default=0, help="skip this many seeds of the split (a fresh slice)")
+    e.add_argument("--reasoning", choices=("on", "off", "both"), default="both", help="thinking block on, off, or "
+                   "both measured separately")  # fmt: skip
+    e.add_argument("--reasoning-budget", type=int, help="force </think> after this many thinking tokens per turn")
+    e.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    e.add_argument("--top-p", type=float, default=1.0)
+    e.add_argument("--seed", type=int, default=0, help="sampling seed (each request's seed derives from it)")
+    e.add_argument("--pass-k", type=int, default=1, help="samples per task; reports pass@k for k <= K (needs "
+                   "--temperature > 0 when K > 1)")  # fmt: skip
+    e.add_argument("--max-new-tokens", type=int, default=512, help="tokens per assistant turn at most")
+    e.add_argument("--max-tool-rounds", type=int, default=3, help="tool call rounds per answer at most")
+    e.add_argument("--overlap-seeds", type=int, default=1000, help="count evaluated prompts that also come from "
+                   "this many training seeds")  # fmt: skip
+    e.add_argument("--max-num-seqs", type=int, default=16, help="requests decoded together (engine slots)")
+    e.add_argument("--max-model-len", type=int, help="prompt + output tokens per request (default: the config's)")
+    e.add_argument("--out", help="results folder (default: eval/tasks-<checkpoint name>)")
+    e.add_argument("--tokenizer", help="tokenizer directory, if not in the checkpoint")
+    e.add_argument("--device", help="default: cuda if available, else cpu")
+    e.add_argument("--dtype", choices=DTYPE_NAMES, help="default: bfloat16 on GPU, else fp32")
+    e.set_defaults(func=cmd_eval_tasks)
 
     def add_model_args(p, max_tokens: int):
         p.add_argument("checkpoint", help="a Hugging Face model directory with its tokenizer")
