@@ -182,8 +182,8 @@ def test_tokenizer_round_trips_and_keeps_special_tokens(tokenizer_dir):
     assert tok("hi")["input_ids"] == tok("hi", add_special_tokens=False)["input_ids"]  # no bos added
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     rendered = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    assert (
-        rendered == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert rendered == (  # the Nemotron 3 chat format; reasoning on by default
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n"
     )
 
 

@@ -95,7 +95,8 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def live(checkpoint):
-    server = ServerThread(make_serving(checkpoint))
+    # 1024 positions: a tool definition in the Nemotron format takes ~450 of this tiny tokenizer's tokens.
+    server = ServerThread(make_serving(checkpoint, max_model_len=1024))
     yield server
     server.stop(grace_s=1)
 
@@ -249,10 +250,10 @@ def test_bad_requests_get_openai_errors(client, live):
         client.chat.completions.create(model=MODEL, messages=[{"role": "wizard", "content": "hi"}])
     assert _error(e)["param"] == "messages"
     with pytest.raises(openai.BadRequestError) as e:  # context overflow: the engine's AdmissionError
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "weather " * 600}])
-    assert _error(e)["code"] == "context_length_exceeded" and "max_model_len of 512" in _error(e)["message"]
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "weather " * 1200}])
+    assert _error(e)["code"] == "context_length_exceeded" and "max_model_len of 1024" in _error(e)["message"]
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=MODEL, prompt="hello", max_tokens=1000)
+        client.completions.create(model=MODEL, prompt="hello", max_tokens=2000)
     assert _error(e)["code"] == "context_length_exceeded" and _error(e)["param"] == "prompt"
     # Raw HTTP: invalid JSON, a body that is not an object, an unknown route.
     for content in (b"{not json", b"[1, 2]"):

@@ -1,10 +1,34 @@
-"""Training and loading the tokenizer: byte-level BPE with Hugging Face `tokenizers`, saved as a transformers
+r"""Training and loading the tokenizer: byte-level BPE with Hugging Face `tokenizers`, saved as a transformers
 tokenizer directory.
 
 Faithful to GPT-2's byte-level BPE (ByteLevel pre-tokenizer and decoder; the trainer starts from all 256 byte
 symbols, so every byte sequence is encodable and decoding restores text exactly; no normalizer, so nothing is
 rewritten). Special tokens: `<s>` (bos), `</s>` (eos, also the end-of-document separator of the token shards),
-`<pad>`, and the chat tokens of CHAT_TOKENS, each one id that is never split. The chat template is ChatML.
+`<pad>`, and the chat tokens of CHAT_TOKENS, each one id that is never split.
+
+The chat template (CHAT_TEMPLATE, saved with every tokenizer) writes the Nemotron 3 chat format, as published with
+NVIDIA's Nemotron 3 Nano and Super checkpoints on the Hugging Face Hub (`chat_template.jinja` of
+nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16 and nvidia/NVIDIA-Nemotron-3-Super-120B-A12B), written anew here:
+
+- every turn is `<|im_start|>{role}\n{content}<|im_end|>\n` (ChatML); `developer` is written as `system`;
+- an assistant turn is `<think>\n{reasoning}\n</think>\n{answer}`, or `<think></think>{answer}` without reasoning.
+  Reasoning of assistant turns before the last user message is dropped (`truncate_history_thinking`, default
+  true), so it is kept inside the current tool loop; reasoning and answer are stripped of surrounding whitespace.
+  Reasoning may come as `reasoning_content` or inline in the content as `<think>...</think>answer`;
+- tool calls follow the answer on their own lines, each `<tool_call>\n<function=NAME>\n<parameter=ARG>\nVALUE\n
+  </parameter>\n</function>\n</tool_call>\n`; string values are written as they are, others as JSON. The
+  arguments must be an object (a dict): OpenAI's JSON strings are decoded before rendering
+  (`hybridmoe.data.messages.template_messages`; the template cannot parse JSON and says so);
+- consecutive `tool` messages go back inside one user turn, each `<tool_response>\n...\n</tool_response>\n`;
+- tool definitions (`tools=`) are described in XML at the end of the system turn, after a `# Tools` heading, with
+  a reminder of the call format; a system turn is created when there is none (and only then);
+- the generation prompt is `<|im_start|>assistant\n<think>\n` with `enable_thinking` (the default) and
+  `<|im_start|>assistant\n<think></think>` without;
+- `reasoning_budget=N` (optional) appends `\n\n{thinking token budget: N}` to the last user message, the hint
+  Nemotron 3 models are trained to follow; hybridmoe's server enforces budgets by forcing `</think>` instead.
+
+PLAIN_CHAT_TEMPLATE is the plain ChatML template that tokenizers written before the format was adopted carry; the
+chat layer (`hybridmoe.serve.chat`) still renders for it by lowering messages to text.
 """
 
 from __future__ import annotations
@@ -45,13 +69,142 @@ CHAT_TOKENS = (
 )
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN) + CHAT_TOKENS
 
-# ChatML: each message is `<|im_start|>{role}\n{content}<|im_end|>\n`; the generation prompt opens an assistant turn.
-CHAT_TEMPLATE = (
+# The plain ChatML template of tokenizers written before CHAT_TEMPLATE: it reads only `role` and `content`.
+PLAIN_CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+
+# The Nemotron 3 chat format (module docstring). Every tag trims the whitespace around it, so only the quoted
+# strings are written.
+CHAT_TEMPLATE = r"""{#- hybridmoe: the Nemotron 3 chat format. Variables: messages, tools, add_generation_prompt,
+    enable_thinking (default true), truncate_history_thinking (default true), reasoning_budget (optional). -#}
+{%- macro as_text(value) -%}
+    {%- if value is string -%}{{- value -}}{%- else -%}{{- value | tojson -}}{%- endif -%}
+{%- endmacro -%}
+{%- macro content_text(content) -%}
+    {%- if content is string -%}
+        {{- content -}}
+    {%- elif content is iterable and content is not mapping -%}
+        {%- for part in content if part is mapping and part.type == 'text' -%}{{- part.text -}}{%- endfor -%}
+    {%- elif content is not none -%}
+        {{- content | string -}}
+    {%- endif -%}
+{%- endmacro -%}
+{%- macro other_keys(obj, handled) -%}
+    {%- if obj is mapping -%}
+        {%- for key, value in obj | items if key not in handled -%}
+            {{- '\n<' ~ key ~ '>' ~ as_text(value) ~ '</' ~ key ~ '>' -}}
+        {%- endfor -%}
+    {%- endif -%}
+{%- endmacro -%}
+{%- set enable_thinking = enable_thinking if enable_thinking is defined else true -%}
+{%- set truncate_history_thinking = truncate_history_thinking if truncate_history_thinking is defined else true -%}
+{%- set tools = tools if tools is iterable and tools is not string and tools else [] -%}
+{%- set ns = namespace(last_user=-1) -%}
+{%- for message in messages -%}
+    {%- if message.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}
+{%- endfor -%}
+{%- set has_system = messages | length > 0 and messages[0].role in ['system', 'developer'] -%}
+{%- if has_system or tools -%}
+    {{- '<|im_start|>system\n' -}}
+    {%- set system = content_text(messages[0].content) if has_system else '' -%}
+    {{- system -}}
+    {%- if tools -%}
+        {%- if system -%}{{- '\n\n' -}}{%- endif -%}
+        {{- '# Tools\n\nYou have access to the following functions:\n\n<tools>' -}}
+        {%- for tool in tools -%}
+            {%- set fn = tool.function if tool is mapping and tool.function is mapping else tool -%}
+            {{- '\n<function>\n<name>' ~ fn.name ~ '</name>' -}}
+            {%- if fn.description is string -%}
+                {{- '\n<description>' ~ (fn.description | trim) ~ '</description>' -}}
+            {%- endif -%}
+            {{- '\n<parameters>' -}}
+            {%- set params = fn.parameters if fn.parameters is mapping else {} -%}
+            {%- if params.properties is mapping -%}
+                {%- for name, spec in params.properties | items -%}
+                    {{- '\n<parameter>\n<name>' ~ name ~ '</name>' -}}
+                    {%- if spec is mapping -%}
+                        {%- if spec.type is defined -%}{{- '\n<type>' ~ as_text(spec.type) ~ '</type>' -}}{%- endif -%}
+                        {%- if spec.description is string -%}
+                            {{- '\n<description>' ~ (spec.description | trim) ~ '</description>' -}}
+                        {%- endif -%}
+                        {%- if spec.enum is defined -%}
+                            {{- '\n<enum>' ~ (spec.enum | tojson) ~ '</enum>' -}}
+                        {%- endif -%}
+                        {{- other_keys(spec, ['name', 'type', 'description', 'enum']) -}}
+                    {%- endif -%}
+                    {{- '\n</parameter>' -}}
+                {%- endfor -%}
+            {%- endif -%}
+            {{- other_keys(params, ['type', 'properties', 'required']) -}}
+            {%- if params.required is defined -%}
+                {{- '\n<required>' ~ (params.required | tojson) ~ '</required>' -}}
+            {%- endif -%}
+            {{- '\n</parameters>' -}}
+            {{- other_keys(fn, ['type', 'name', 'description', 'parameters']) -}}
+            {{- '\n</function>' -}}
+        {%- endfor -%}
+        {{- '\n</tools>\n\nTo call functions, end your reply with one block per call, in this format:\n\n'
+            '<tool_call>\n<function=function_name>\n<parameter=parameter_name>\nvalue, on as many lines as it needs\n'
+            '</parameter>\n</function>\n</tool_call>\n\nGive every required parameter. Write any explanation before '
+            'the calls, never after them. When no function helps, answer directly.' -}}
+    {%- endif -%}
+    {{- '<|im_end|>\n' -}}
+{%- endif -%}
+{%- for message in messages -%}
+    {%- set role = 'system' if message.role == 'developer' else message.role -%}
+    {%- if loop.first and has_system -%}
+    {%- elif role == 'assistant' -%}
+        {%- set content = content_text(message.content) -%}
+        {%- set reasoning = message.reasoning_content if message.reasoning_content is string else '' -%}
+        {%- if not (reasoning | trim) and '</think>' in content -%}
+            {%- set reasoning = content.split('</think>')[0].replace('<think>', '') -%}
+            {%- set content = content.split('</think>')[-1] -%}
+        {%- endif -%}
+        {%- set reasoning = reasoning | trim -%}
+        {%- if reasoning and (loop.index0 > ns.last_user or not truncate_history_thinking) -%}
+            {%- set body = '<think>\n' ~ reasoning ~ '\n</think>\n' ~ (content | trim) -%}
+        {%- else -%}
+            {%- set body = '<think></think>' ~ (content | trim) -%}
+        {%- endif -%}
+        {{- '<|im_start|>assistant\n' ~ (body | trim) -}}
+        {%- if message.tool_calls is iterable and message.tool_calls is not string and message.tool_calls -%}
+            {{- '\n' -}}
+            {%- for call in message.tool_calls -%}
+                {%- set fn = call.function if call is mapping and call.function is mapping else call -%}
+                {%- set arguments = fn.arguments if fn.arguments is defined and fn.arguments is not none else {} -%}
+                {%- if arguments is not mapping -%}
+                    {{- raise_exception('tool call arguments must be an object (a dict); decode a JSON string '
+                                        'first, as hybridmoe.data.messages.template_messages does') -}}
+                {%- endif -%}
+                {{- '<tool_call>\n<function=' ~ fn.name ~ '>\n' -}}
+                {%- for name, value in arguments | items -%}
+                    {{- '<parameter=' ~ name ~ '>\n' ~ as_text(value) ~ '\n</parameter>\n' -}}
+                {%- endfor -%}
+                {{- '</function>\n</tool_call>\n' -}}
+            {%- endfor -%}
+        {%- endif -%}
+        {{- '<|im_end|>\n' -}}
+    {%- elif role == 'tool' -%}
+        {%- if loop.first or loop.previtem.role != 'tool' -%}{{- '<|im_start|>user\n' -}}{%- endif -%}
+        {{- '<tool_response>\n' ~ content_text(message.content) ~ '\n</tool_response>\n' -}}
+        {%- if loop.last or loop.nextitem.role != 'tool' -%}{{- '<|im_end|>\n' -}}{%- endif -%}
+    {%- else -%}
+        {{- '<|im_start|>' ~ role ~ '\n' ~ content_text(message.content) -}}
+        {%- if loop.index0 == ns.last_user and enable_thinking and reasoning_budget is defined
+              and reasoning_budget is not none -%}
+            {{- '\n\n{thinking token budget: ' ~ reasoning_budget ~ '}' -}}
+        {%- endif -%}
+        {{- '<|im_end|>\n' -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|im_start|>assistant\n<think>\n' if enable_thinking else '<|im_start|>assistant\n<think></think>' -}}
+{%- endif -%}
+"""
 
 _BYTE_ALPHABET_SIZE = 256
 

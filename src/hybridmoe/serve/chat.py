@@ -1,12 +1,15 @@
 """The chat layer: OpenAI-style messages -> prompt ids, and generated text -> reasoning, answer and tool calls.
 
-Pure functions and small classes over a transformers tokenizer; no engine, no HTTP. The format is Nemotron 3's
-(`../shared/reference/posttraining.md`):
+Pure functions and small classes over a transformers tokenizer; no engine, no HTTP. The format is Nemotron 3's,
+written by `hybridmoe.data.tokenizer.CHAT_TEMPLATE` (whose docstring spells it out and cites NVIDIA's templates):
 
-- Rendering (`render_chat`). A template that knows about tools (its source mentions `tools`, like the published
-  Nemotron and Qwen templates) gets the OpenAI messages and `tools=` as they are, plus `enable_thinking`. Our own
-  ChatML template (`hybridmoe.data.tokenizer.CHAT_TEMPLATE`) only reads `role` and `content`, so for it the messages
-  are first lowered to plain text, our documented convention:
+- Rendering (`render_chat`). Messages and tools are checked first (`hybridmoe.data.messages`: a bad field is a
+  ValueError naming it; tool-call arguments sent as JSON strings are decoded into objects, as vLLM does). A
+  template that knows about tools (its source mentions `tools`: ours, NVIDIA's, Qwen's) then renders them itself,
+  with `enable_thinking`, so `render_chat` writes exactly what `tokenizer.apply_chat_template(messages,
+  tools=..., enable_thinking=...)` writes. Tokenizers saved before the format was adopted carry plain ChatML
+  (`hybridmoe.data.tokenizer.PLAIN_CHAT_TEMPLATE`), which reads only `role` and `content`; for those the messages
+  are first lowered to text, as they always were:
     * tool definitions go at the end of the system turn, one JSON object a line inside `<tools>...</tools>`, with
       a line saying how to call them;
     * an assistant turn is `<think>\\n{reasoning}\\n</think>\\n{answer}` followed by its calls, each
@@ -20,16 +23,16 @@ Pure functions and small classes over a transformers tokenizer; no engine, no HT
   `</think>` once N tokens were generated without one; the model then writes its answer in the same request.
 - Parsing (`ChatOutputParser`): text deltas in, `ChatDelta(reasoning_content, content, tool_calls)` out, holding
   back only what could still be the start of a tag. A tool call is reported whole once `</tool_call>` arrives;
-  both the JSON form above and Nemotron's `<function=NAME><parameter=ARG>VALUE</parameter></function>` form are
-  read. Leading and trailing whitespace of each section is dropped, so the streamed deltas concatenate to exactly
-  what `parse_chat_output` returns for the whole text.
+  both Nemotron's `<function=NAME><parameter=ARG>VALUE</parameter></function>` form (what the template writes;
+  a value is read as JSON when it parses, unless the request's tools declare that parameter a string) and the
+  JSON form above are read. Leading and trailing whitespace of each section is dropped, so the streamed deltas
+  concatenate to exactly what `parse_chat_output` returns for the whole text.
 - `IncrementalDetokenizer`: token ids in, text deltas out (never half a UTF-8 character), with stop strings cut
   off and text that might begin a stop string held back (OpenAI leaves stop strings out of the output).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import uuid
@@ -37,10 +40,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-THINK_START, THINK_END = "<think>", "</think>"
+from ..data.messages import THINK_END, THINK_START, template_messages
+
 TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
 TOOL_RESPONSE_START, TOOL_RESPONSE_END = "<tool_response>", "</tool_response>"
-ROLES = ("system", "developer", "user", "assistant", "tool")
 
 _TOOLS_INSTRUCTION = (
     "You can call the functions below. To call one, write a JSON object with its name and arguments inside "
@@ -68,10 +71,7 @@ def render_chat(
 ) -> ChatPrompt:
     """Render OpenAI-style `messages` (and `tools`) with the tokenizer's chat template; see the module docstring.
     Raises ValueError naming the bad message or tool."""
-    messages = [_checked_message(m, i) for i, m in enumerate(messages)]
-    if not messages:
-        raise ValueError("messages is empty; pass at least one message")
-    tools = [_checked_tool(t, i) for i, t in enumerate(tools or [])]
+    messages, tools = template_messages(messages, tools)
     source = _template_source(tokenizer)
     has_think = THINK_START in tokenizer.get_vocab()
     kwargs = dict(add_generation_prompt=add_generation_prompt, tokenize=False)
@@ -94,54 +94,8 @@ def _template_source(tokenizer) -> str:
     return json.dumps(template) if isinstance(template, dict) else template
 
 
-def _checked_message(message, i: int) -> dict:
-    """A copy of `message` with its content as text, or ValueError naming the field whose type is wrong."""
-    if not isinstance(message, dict) or message.get("role") not in ROLES:
-        raise ValueError(f"messages[{i}] must be an object with a role among {', '.join(ROLES)}")
-    out = dict(message)
-    out["content"] = message_text(message.get("content"), f"messages[{i}].content")
-    for key in ("reasoning_content", "reasoning", "name", "tool_call_id"):
-        if not isinstance(message.get(key), (str, type(None))):
-            raise ValueError(f"messages[{i}].{key} must be a string")
-    calls = message.get("tool_calls")
-    if calls is not None and not isinstance(calls, list):
-        raise ValueError(f"messages[{i}].tool_calls must be a list of tool calls")
-    for j, call in enumerate(calls or []):
-        fn = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise ValueError(f'messages[{i}].tool_calls[{j}] must be {{"function": {{"name": ..., "arguments": ...}}}}')
-        if not isinstance(fn.get("arguments"), (str, dict, type(None))):
-            raise ValueError(f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON string or an object")
-    return out
-
-
-def message_text(content, where: str = "content") -> str:
-    """A message's content as text: a string, None, or a list of {"type": "text", "text": ...} parts."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise ValueError(f"{where}: only text content parts are supported")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise ValueError(f"{where} must be a string or a list of text parts")
-
-
-def _checked_tool(tool, i: int) -> dict:
-    fn = tool.get("function") if isinstance(tool, dict) else None
-    if not (isinstance(tool, dict) and tool.get("type", "function") == "function" and isinstance(fn, dict)):
-        raise ValueError(f'tools[{i}] must be {{"type": "function", "function": {{"name": ..., ...}}}}')
-    if not isinstance(fn.get("name"), str) or not fn["name"]:
-        raise ValueError(f"tools[{i}].function.name must be a non-empty string")
-    return {"type": "function", "function": fn}
-
-
 def _plain_messages(messages: list[dict], tools: list[dict], has_think: bool) -> list[dict]:
-    """Lower OpenAI messages to {role, content} turns for a template that reads only those (module docstring)."""
+    """Lower checked messages to {role, content} turns for a template that reads only those (module docstring)."""
     last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
     out: list[dict] = []
     tool_turn = False  # the previous turn is a user turn of tool responses
@@ -171,18 +125,14 @@ def _plain_messages(messages: list[dict], tools: list[dict], has_think: bool) ->
 
 
 def _assistant_text(message: dict, keep_reasoning: bool, has_think: bool) -> str:
-    reasoning = (message.get("reasoning_content") or message.get("reasoning") or "").strip()
+    reasoning = (message.get("reasoning_content") or "").strip()
     head = ""
     if has_think:
         head = f"{THINK_START}\n{reasoning}\n{THINK_END}\n" if reasoning and keep_reasoning else THINK_START + THINK_END
     calls = []
-    for call in message.get("tool_calls") or []:  # checked by _checked_message
+    for call in message.get("tool_calls") or []:  # arguments decoded by template_messages
         fn = call["function"]
-        arguments = fn.get("arguments") or "{}"
-        if isinstance(arguments, str):
-            with contextlib.suppress(json.JSONDecodeError):  # if not JSON, rendered as the string it is
-                arguments = json.loads(arguments)
-        body = json.dumps({"name": fn["name"], "arguments": arguments}, ensure_ascii=False)
+        body = json.dumps({"name": fn["name"], "arguments": fn["arguments"]}, ensure_ascii=False)
         calls.append(f"{TOOL_CALL_START}\n{body}\n{TOOL_CALL_END}")
     text = message["content"]
     if calls:
@@ -303,11 +253,14 @@ class ChatOutputParser:
     reasoning: the prompt opened `<think>` (ChatPrompt.reasoning), so the text starts as reasoning until `</think>`.
     A `<think>` before any answer text starts reasoning too (a model that thinks when told not to).
     parse_tools: read `<tool_call>` blocks (False for tool_choice "none": they stay in the content as text).
+    tools: the request's tool definitions; a parameter they declare `"type": "string"` keeps its text as written
+    (otherwise a value that parses as JSON, like `3` or `true`, is read as JSON).
     A block that is not a valid call also stays in the content, tags included, so nothing the model wrote is lost."""
 
-    def __init__(self, reasoning: bool = False, parse_tools: bool = True):
+    def __init__(self, reasoning: bool = False, parse_tools: bool = True, tools: list[dict] | None = None):
         self._state = "reasoning" if reasoning else "content"
         self.parse_tools = parse_tools
+        self._string_params = string_parameters(tools)
         self._buf = ""  # text not yet assigned to a section
         self._fresh = True  # at the start of a section: leading whitespace is dropped
         self._trailing = ""  # whitespace at the end of the section so far, sent only if more text follows
@@ -371,7 +324,7 @@ class ChatOutputParser:
     def _end_tool_call(self, body: str, out: ChatDelta, closed: bool) -> None:
         self._state = "content"
         self._fresh, self._trailing = True, ""
-        parsed = parse_tool_call(body)
+        parsed = parse_tool_call(body, self._string_params)
         if parsed is None:
             self._emit(TOOL_CALL_START + body + (TOOL_CALL_END if closed else ""), out)
             self._fresh, self._trailing = True, ""
@@ -395,15 +348,29 @@ _FUNCTION = re.compile(r"<function=([^>\s]+)>(.*?)</function>", re.S)
 _PARAMETER = re.compile(r"<parameter=([^>\s]+)>(.*?)</parameter>", re.S)
 
 
-def parse_tool_call(body: str) -> tuple[str, str] | None:
+def string_parameters(tools: list[dict] | None) -> dict[str, set[str]]:
+    """{function name: names of its parameters whose JSON schema type is "string"} of well-formed tool definitions
+    (others are skipped: the request's tools were checked when the prompt was rendered)."""
+    out: dict[str, set[str]] = {}
+    for tool in tools or []:
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        props = (fn.get("parameters") or {}) if isinstance(fn, dict) else None
+        props = props.get("properties") if isinstance(props, dict) else None
+        if isinstance(props, dict) and isinstance(fn.get("name"), str):
+            out[fn["name"]] = {k for k, v in props.items() if isinstance(v, dict) and v.get("type") == "string"}
+    return out
+
+
+def parse_tool_call(body: str, string_params: dict[str, set[str]] | None = None) -> tuple[str, str] | None:
     """(name, arguments as a JSON string) of one `<tool_call>` body, or None when it is not a call. Reads
     `{"name": ..., "arguments": {...}}` ("parameters" accepted too) and Nemotron's
-    `<function=NAME><parameter=ARG>VALUE</parameter>...</function>` (values read as JSON when they parse)."""
+    `<function=NAME><parameter=ARG>VALUE</parameter>...</function>` (values read as JSON when they parse, except
+    the parameters `string_params` (`string_parameters(tools)`) lists for the function, kept as text)."""
     body = body.strip()
     if body.startswith("{"):
         try:
             obj = json.loads(body)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return None
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
             return None
@@ -413,18 +380,21 @@ def parse_tool_call(body: str) -> tuple[str, str] | None:
     if m is None:
         return None
     arguments = {}
+    as_text = (string_params or {}).get(m.group(1), set())
     for name, value in _PARAMETER.findall(m.group(2)):
         value = value.removeprefix("\n").removesuffix("\n")
         try:
-            arguments[name] = json.loads(value)
-        except json.JSONDecodeError:
+            arguments[name] = value if name in as_text else json.loads(value)
+        except (ValueError, RecursionError):  # not JSON (ValueError: also a 5000-digit number)
             arguments[name] = value
     return m.group(1), json.dumps(arguments, ensure_ascii=False)
 
 
-def parse_chat_output(text: str, reasoning: bool = False, parse_tools: bool = True) -> ChatDelta:
+def parse_chat_output(
+    text: str, reasoning: bool = False, parse_tools: bool = True, tools: list[dict] | None = None
+) -> ChatDelta:
     """The whole assistant output at once: reasoning_content, content and tool_calls."""
-    parser = ChatOutputParser(reasoning, parse_tools)
+    parser = ChatOutputParser(reasoning, parse_tools, tools)
     out = parser.feed(text)
     out += parser.finish()
     return out

@@ -238,7 +238,7 @@ class OpenAIServing:
         queue: asyncio.Queue = asyncio.Queue()
         self.submit(request_id, prompt.token_ids, params, queue, param="messages")
         parse_tools = bool(body.tools) and body.tool_choice != "none"
-        state = _ChatState(self, request_id, body.model, prompt.reasoning, parse_tools, params.stop)
+        state = _ChatState(self, request_id, body.model, prompt.reasoning, parse_tools, params.stop, body.tools)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             stream = self._chat_stream(state, queue, include_usage, t0)
@@ -436,10 +436,10 @@ class OpenAIServing:
 class _ChatState:
     """One chat request's detokenizer and parser."""
 
-    def __init__(self, serving: OpenAIServing, request_id, model, reasoning, parse_tools, stop):
+    def __init__(self, serving: OpenAIServing, request_id, model, reasoning, parse_tools, stop, tools=None):
         self.serving, self.request_id, self.model = serving, request_id, model
         self.detok = IncrementalDetokenizer(serving.tokenizer, stop=stop)
-        self.parser = ChatOutputParser(reasoning, parse_tools)
+        self.parser = ChatOutputParser(reasoning, parse_tools, tools)
         self.num_calls = 0
         self.created = int(time.time())
 
