@@ -253,7 +253,7 @@ class _Runner:
         if message.reasoning_content:
             assistant["reasoning_content"] = message.reasoning_content
         if message.tool_calls and tools and sample.tool_rounds < self.s.max_tool_rounds:
-            assistant["tool_calls"] = [call.to_openai() for call in message.tool_calls]
+            assistant["tool_calls"] = [_renderable_call(call.to_openai()) for call in message.tool_calls]
             new = [assistant] + [
                 {"role": "tool", "tool_call_id": call.id, "name": call.name,
                  "content": _tool_output(sample.domain, sample.task, call.name, call.arguments)}
@@ -291,6 +291,16 @@ def _reasoning_tokens(ids: list[int], opened: bool, start_id: int | None, end_id
             return 0
         ids = ids[1:]
     return ids.index(end_id) if end_id in ids else len(ids)
+
+
+def _renderable_call(call: dict) -> dict:
+    """The chat template writes a call's arguments as parameters, so they must be a JSON object; a call whose
+    arguments are not one goes back into the conversation with none (its tool output is the error message)."""
+    try:
+        ok = isinstance(json.loads(call["function"]["arguments"] or "{}"), dict)
+    except json.JSONDecodeError:
+        ok = False
+    return call if ok else {**call, "function": {**call["function"], "arguments": "{}"}}
 
 
 def _tool_output(domain: Domain, task: Task, name: str, arguments: str) -> str:
