@@ -13,10 +13,12 @@ process isolation, `resource.setrlimit` and namespaces):
   namespace too), else none, and sockets refused by the audit hook either way;
 - user: when this process is root, the child drops to `nobody` before the code runs (if nobody can read the
   standard library; a Python installed under /root stays root, held by the hook and the limits alone);
-- limits (soft = hard, so the code cannot raise them): CPU seconds, address space, processes (0: no fork, no
-  threads), file size (also caps stdout and stderr, which go to files), open files, no core files;
+- limits (soft = hard, so the code cannot raise them): CPU seconds, address space, processes (0: no fork and no
+  threads, except for root, whom the kernel exempts), file size (also caps stdout and stderr, which go to files),
+  open files, no core files;
 - an audit hook (PEP 578) installed before the code runs refuses: sockets, new processes, ctypes, frame and gc
-  introspection (the harness's locals stay out of reach), changing limits, file writes outside the working
+  introspection (the harness's locals stay out of reach; `sys._getframe` raises ValueError, as for a stack too
+  shallow, which the standard library's callers handle), changing limits, file writes outside the working
   directory, and reads outside it except Python's own library.
 
 The code runs first; then the tests, in a namespace of their own holding the code's names and `_check(got,
