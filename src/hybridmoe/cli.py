@@ -305,6 +305,42 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_tasks_write(args) -> int:
+    from .tasks import DOMAINS, write_sft_jsonl
+
+    names = sorted(DOMAINS) if args.domains == "all" else [d.strip() for d in args.domains.split(",") if d.strip()]
+    summary = write_sft_jsonl(
+        args.out, {name: args.per_domain for name in names}, split=args.split, difficulty=args.difficulty,
+        offset=args.offset,
+    )  # fmt: skip
+    print(f"wrote {summary['records']} conversations ({len(names)} domains x {args.per_domain}, {args.split} split, "
+          f"difficulty {args.difficulty}) to {summary['path']}")  # fmt: skip
+    return 0
+
+
+def cmd_tasks_show(args) -> int:
+    from .tasks import get_domain
+
+    task = get_domain(args.domain).generate(args.seed, args.difficulty)
+    if args.json:
+        print(json.dumps(task.to_dict(), indent=2, ensure_ascii=False))
+        return 0
+    print(f"# {task.domain}, seed {task.seed} ({task.split}), difficulty {task.difficulty}")
+    if task.tools:
+        print("tools: " + ", ".join(t["function"]["name"] for t in task.tools))
+    for label, messages in (("prompt", task.messages), ("solution", task.solution)):
+        print(f"--- {label}")
+        for m in messages:
+            if m.get("reasoning_content"):
+                print(f"[{m['role']} reasoning] {m['reasoning_content']}")
+            for call in m.get("tool_calls") or []:
+                print(f"[{m['role']} tool call] {call['function']['name']}({call['function']['arguments']})")
+            if m.get("content") or not (m.get("tool_calls") or m.get("reasoning_content")):
+                print(f"[{m['role']}] {m.get('content')}")
+    print(f"--- answer (what verify compares with)\n{json.dumps(task.answer, ensure_ascii=False)}")
+    return 0
+
+
 BAD_FRACTION_HELP = (
     "exit non-zero (after writing everything) when more than this fraction of the records are bad; every bad record "
     "is listed in bad_records.jsonl in the output directory"
@@ -521,6 +557,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p, max_tokens=1024)
     p.add_argument("--system", help="a system message")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("tasks", help="verifiable task domains: write SFT conversations, show a task")
+    tasks_sub = p.add_subparsers(dest="tasks_command", required=True)
+    t = tasks_sub.add_parser("write", help="write SFT conversations (prompt + worked solution) as JSONL")
+    t.add_argument("out", help="output .jsonl file (written atomically)")
+    t.add_argument("--domains", default="all", help="comma-separated domain names (default: all)")
+    t.add_argument("--per-domain", type=int, required=True, help="conversations per domain")
+    t.add_argument("--split", default="train", choices=("train", "heldout"), help="the seed range to draw from")
+    t.add_argument("--difficulty", type=int, default=1, help="1 (easiest) to 3")
+    t.add_argument("--offset", type=int, default=0, help="skip this many seeds of the split (a fresh slice)")
+    t.set_defaults(func=cmd_tasks_write)
+    t = tasks_sub.add_parser("show", help="print one task, its reference solution and its answer")
+    t.add_argument("domain")
+    t.add_argument("--seed", type=int, default=0, help="train seeds start at 0, held-out ones at 1000000000")
+    t.add_argument("--difficulty", type=int, default=1, help="1 (easiest) to 3")
+    t.add_argument("--json", action="store_true", help="print the task as JSON")
+    t.set_defaults(func=cmd_tasks_show)
     return parser
 
 

@@ -1,0 +1,54 @@
+"""SFT files from the task domains, and the `hybridmoe tasks` commands."""
+
+import json
+
+import pytest
+
+from hybridmoe.cli import main
+from hybridmoe.tasks import get_domain, write_sft_jsonl
+
+
+def read(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_write_sft_jsonl_interleaves_domains(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    summary = write_sft_jsonl(path, {"arithmetic": 3, "calculator": 2}, difficulty=2, offset=5)
+    records = read(path)
+    assert summary["records"] == 5 and len(records) == 5
+    assert [r["domain"] for r in records] == ["arithmetic", "calculator", "arithmetic", "calculator", "arithmetic"]
+    assert [r["seed"] for r in records if r["domain"] == "arithmetic"] == [5, 6, 7]
+    assert records[0] == get_domain("arithmetic").generate(5, 2).to_sft()
+    assert records[1]["tools"][0]["function"]["name"] == "calculator"
+    assert [p.name for p in tmp_path.iterdir()] == ["sft.jsonl"]  # no temporary file left behind
+
+
+def test_heldout_split_and_bad_arguments(tmp_path):
+    path = tmp_path / "heldout.jsonl"
+    write_sft_jsonl(path, {"lists": 2}, split="heldout")
+    assert [r["seed"] for r in read(path)] == [1_000_000_000, 1_000_000_001]
+    with pytest.raises(ValueError, match="unknown task domain"):
+        write_sft_jsonl(tmp_path / "x.jsonl", {"lists": 1, "nope": 1})
+    with pytest.raises(ValueError, match="whole number"):
+        write_sft_jsonl(tmp_path / "x.jsonl", {"lists": -1})
+    with pytest.raises(ValueError, match="unknown split"):
+        write_sft_jsonl(tmp_path / "x.jsonl", {"lists": 1}, split="test")
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_cli_tasks_write_and_show(tmp_path, capsys):
+    out = tmp_path / "tasks.jsonl"
+    assert main(["tasks", "write", str(out), "--domains", "strings,followup", "--per-domain", "2"]) == 0
+    assert [r["domain"] for r in read(out)] == ["strings", "followup", "strings", "followup"]
+    assert main(["tasks", "write", str(out), "--per-domain", "1"]) == 0  # all domains
+    assert len(read(out)) == 11
+    capsys.readouterr()
+    assert main(["tasks", "show", "calculator", "--seed", "3", "--difficulty", "3"]) == 0
+    shown = capsys.readouterr().out
+    assert "tool call] calculator" in shown and "[tool]" in shown and "difficulty 3" in shown
+    assert main(["tasks", "show", "lists", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["domain"] == "lists"
+    assert main(["tasks", "show", "nope"]) == 2
+    assert "unknown task domain" in capsys.readouterr().err
