@@ -135,7 +135,7 @@ def mtp_worker(spec: dict) -> dict:
     from hybridmoe import HybridMoEForCausalLM
     from hybridmoe.serve.sampling import SamplingParams
     from hybridmoe.serve.speculative import speculative_generate
-    from hybridmoe.train.state import latest_checkpoint
+    from hybridmoe.train.checkpoint import latest_checkpoint
 
     ckpt = latest_checkpoint(os.path.join(spec["run"], "long-context"))
     if ckpt is None:

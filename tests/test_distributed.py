@@ -17,14 +17,14 @@ import torch.multiprocessing as mp
 import yaml
 from helpers import write_prepared
 from safetensors.torch import load_file
-from test_train import VOCAB, pattern_docs, step_records
+from test_pretrain import VOCAB, pattern_docs, step_records
 
 from hybridmoe import HybridMoEConfig, HybridMoEForCausalLM
 from hybridmoe.cli import main as cli_main
 from hybridmoe.kernels.moe import experts_grouped, experts_reference
 from hybridmoe.train.config import Recipe
-from hybridmoe.train.loop import train
 from hybridmoe.train.metrics import read_log
+from hybridmoe.train.pretrain import pretrain as train
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 

@@ -6,11 +6,11 @@ import os
 
 import torch
 import transformers
-from test_train import SlowClock
+from test_session import SlowClock
 
 from hybridmoe import speedrun as speedrun_mod
 from hybridmoe.speedrun import Plan, speedrun, stdlib_sources
-from hybridmoe.train import loop as loop_mod
+from hybridmoe.train import session as loop_mod
 
 TOY = {"preset": "debug", "vocab_size": 512, "seq_len": 64, "batch_size": 4, "long_seq_len": 256,
        "short_batch_size": 4, "max_files": 40}  # fmt: skip

@@ -1,6 +1,10 @@
-"""Hugging Face checkpoint directories: the published `nemotron_h` layout in and out.
+"""Hugging Face checkpoint directories: the published `nemotron_h` layout in and out (model weights and config).
 
-The layout is the one NVIDIA publishes and transformers 5.x writes (`../shared/reference/architecture.md`):
+Run checkpoints (what resuming a training run needs: optimizer, RNG, data position, distributed DCP shards) live in
+`hybridmoe.train.checkpoint`; each of its checkpoint directories holds a model directory in this layout.
+
+The layout is the one NVIDIA publishes for its NVIDIA-Nemotron-3 models on the Hugging Face Hub and transformers 5.x
+writes (`transformers/models/nemotron_h/`):
 `config.json`, one `model.safetensors` or several shards with `model.safetensors.index.json`, keys under
 `backbone.` and `lm_head.`, MTP layers under `mtp.layers.`, and routed experts stored one tensor per expert
 (`...mixer.experts.{e}.up_proj.weight`). Our module names are the checkpoint's, except that the experts of a

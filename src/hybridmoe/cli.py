@@ -24,7 +24,7 @@ def _parse_overrides(pairs: list[str]) -> dict:
 
 def _model_dir(path: str) -> str:
     """A model directory as given, or the newest checkpoint of a run directory (e.g. runs/speedrun/long-context)."""
-    from .train.state import latest_checkpoint
+    from .train.checkpoint import latest_checkpoint
 
     if os.path.isfile(os.path.join(path, "config.json")) or not os.path.isdir(path):
         return path  # (a missing path gets the command's own error)
@@ -92,14 +92,14 @@ def cmd_prepare(args) -> int:
 
 def cmd_pretrain(args) -> int:
     from .train.config import Recipe
-    from .train.loop import train
+    from .train.pretrain import pretrain
 
     recipe = Recipe.from_yaml(args.recipe, args.overrides)
     recipe.validate()
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
     if main_rank:
         print(f"recipe {args.recipe} (resolved):\n{recipe.to_yaml()}", flush=True)
-    summary = train(recipe, resume=args.resume)
+    summary = pretrain(recipe, resume=args.resume)
     if not main_rank:
         return 0
     state = "finished"
@@ -112,8 +112,26 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_sft(args) -> int:
+    from .train.config import SFTRecipe
+    from .train.sft import sft
+
+    recipe = SFTRecipe.from_yaml(args.recipe, args.overrides)
+    recipe.validate()
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
+    if main_rank:
+        print(f"recipe {args.recipe} (resolved):\n{recipe.to_yaml()}", flush=True)
+    summary = sft(recipe, resume=args.resume)
+    if main_rank:
+        state = "finished" if not summary.get("interrupted") else f"stopped ({summary['stopped']})"
+        print(f"{state} at step {summary['steps']}; checkpoint {summary.get('checkpoint')}; log {summary['log']}")
+        if summary.get("final"):
+            print(f"model: {summary['final']}")
+    return 0
+
+
 def cmd_export(args) -> int:
-    from .train.state import export_distributed_checkpoint, latest_checkpoint
+    from .train.checkpoint import export_distributed_checkpoint, latest_checkpoint
 
     ckpt = args.checkpoint
     if not os.path.isdir(os.path.join(ckpt, "dcp")) and latest_checkpoint(ckpt):
@@ -185,9 +203,10 @@ def cmd_speedrun(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from .automodel.finetune import FinetuneConfig, finetune
+    """The alias of `hybridmoe sft` for a transformers model, with its own flags."""
+    from .train.sft import finetune_recipe, sft
 
-    cfg = FinetuneConfig(
+    recipe = finetune_recipe(
         model=args.model, data=args.data, out_dir=args.out, seq_len=args.seq_len, batch_size=args.batch_size,
         micro_batch_size=args.micro_batch_size, epochs=args.epochs, steps=args.steps,
         lr=args.lr if args.lr is not None else (1e-4 if args.lora else 1e-5), warmup_steps=args.warmup_steps,
@@ -195,9 +214,10 @@ def cmd_finetune(args) -> int:
         lora_targets=args.lora_targets.split(",") if args.lora_targets else None, lora_experts=not args.no_lora_experts,
         drop_long=args.drop_long, save_every=args.save_every, seed=args.seed, ep=args.ep,
     )  # fmt: skip
-    summary = finetune(cfg, resume=args.resume)
+    summary = sft(recipe, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 talks
-        print(json.dumps(summary))
+        keys = ("steps", "loss", "samples", "data", "final", "checkpoint", "interrupted", "stopped")
+        print(json.dumps({"out_dir": args.out, **{k: summary[k] for k in keys if k in summary}}))
     return 0
 
 
@@ -388,6 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
     p.set_defaults(func=cmd_pretrain)
 
+    p = sub.add_parser("sft", help="supervised fine-tuning on chat conversations from a YAML recipe (native or HF)")
+    p.add_argument("recipe", help="a YAML SFT recipe, e.g. recipes/tiny-sft.yaml")
+    p.add_argument("overrides", nargs="*", help="recipe keys as section.key=value, e.g. sft.loss_normalization=token")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    p.set_defaults(func=cmd_sft)
+
     p = sub.add_parser("export", help="a distributed (torchrun) checkpoint -> a Hugging Face model directory")
     p.add_argument("checkpoint", help="a checkpoint directory with dcp/, or a run directory (its newest)")
     p.add_argument("output", help="directory for config.json, safetensors and the tokenizer")
@@ -419,7 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default: a new speedrun-<time> folder here)")
     p.set_defaults(func=cmd_speedrun)
 
-    p = sub.add_parser("finetune", help="supervised fine-tuning of a Hugging Face MoE model on chat messages (JSONL)")
+    p = sub.add_parser(
+        "finetune",
+        help="SFT of a Hugging Face MoE model on chat messages (JSONL); an alias of sft with model.source=transformers",
+    )
     p.add_argument("--model", required=True, help="a Hugging Face model directory (with a chat-template tokenizer)")
     p.add_argument("--data", required=True, help='JSONL, one {"messages": [{"role", "content"}, ...]} per line')
     p.add_argument("--out", default="runs/finetune", help="run directory (log.jsonl, checkpoints/, final/)")

@@ -1,7 +1,8 @@
 """torch.distributed for everything that trains: the device mesh, FSDP2, expert parallelism, gradient clipping
 across meshes, and distributed checkpoints (DCP).
 
-Faithful to torchtitan's layout for MoE models (`../shared/reference/automodel.md`). The W ranks of a `torchrun`
+Faithful to torchtitan's layout for MoE models (pytorch/torchtitan, `torchtitan/models/deepseek_v3/infra/
+parallelize.py` and `torchtitan/distributed/expert_parallel.py`). The W ranks of a `torchrun`
 job form a 2-D mesh ("dp_shard", "ep") with dp_shard * ep = W:
   - data: every rank is a data-parallel rank and takes its own rows of the global batch (expert parallelism
     borrows its ranks from data parallelism; it does not replicate the batch);

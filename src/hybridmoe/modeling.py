@@ -481,12 +481,21 @@ class HybridMoEForCausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         return_logits: bool = True,
+        loss_weights: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """input_ids (b, t). labels (b, t), unshifted, -100 = ignore. document_ids (b, t): packed documents never
         share state or attention. cache: a HybridCache, advanced by t. attention_mask (b, cache.seq_len + t): 1 for
         real tokens, 0 for left padding. logits_to_keep > 0: logits of the last positions only.
-        return_logits=False with labels: the loss is computed in chunks and no (b, t, v) tensor is formed."""
+        return_logits=False with labels: the loss is computed in chunks and no (b, t, v) tensor is formed.
+        loss_weights (b, t), aligned with labels: each loss (the LM loss and every MTP depth, whose targets are the
+        labels shifted further) becomes the weighted sum over its targets, sum_j w_j * CE_j, instead of the mean;
+        the caller normalizes (SFT: 1 / loss tokens of the global batch, or per conversation)."""
         ctx = self._context(input_ids, labels, document_ids, cache, attention_mask)
+        if loss_weights is not None and (loss_weights.shape != input_ids.shape or not loss_weights.is_floating_point()):
+            raise ValueError(
+                f"loss_weights must be floats of shape {tuple(input_ids.shape)} (one per label), got "
+                f"{tuple(loss_weights.shape)} {loss_weights.dtype}"
+            )
         h = self.backbone(input_ids, ctx)
         out = CausalLMOutput(cache=cache, hidden_states=h)
         if return_logits or labels is None:
@@ -494,14 +503,14 @@ class HybridMoEForCausalLM(nn.Module):
             out.logits = self.lm_head(h_kept).float()
         if labels is not None:
             if out.logits is not None and not logits_to_keep:
-                out.lm_loss = self._loss_from_logits(out.logits, labels, shift=1)
+                out.lm_loss = self._loss_from_logits(out.logits, labels, shift=1, weights=loss_weights)
             else:
-                out.lm_loss = self._loss_from_hidden(h, labels, shift=1)
+                out.lm_loss = self._loss_from_hidden(h, labels, shift=1, weights=loss_weights)
             out.loss = out.lm_loss
             if self.mtp is not None and self.config.mtp_loss_weight > 0:
                 out.mtp_hidden_states = self.forward_mtp(h, input_ids, ctx)
                 depth_losses = [
-                    self._loss_from_hidden(hk, labels, shift=k + 2, document_ids=ctx.document_ids)
+                    self._loss_from_hidden(hk, labels, shift=k + 2, document_ids=ctx.document_ids, weights=loss_weights)
                     for k, hk in enumerate(out.mtp_hidden_states)
                 ]
                 out.mtp_loss = torch.stack(depth_losses).mean()
@@ -535,17 +544,24 @@ class HybridMoEForCausalLM(nn.Module):
             outs.append(blocks[-1].final_layernorm(x))
         return outs
 
-    def _loss_from_logits(self, logits, labels, shift):
+    def _loss_from_logits(self, logits, labels, shift, weights=None):
         y = _shift_left(labels, shift, fill=IGNORE_INDEX)
+        if weights is not None:
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX,
+                                 reduction="none")  # fmt: skip
+            return (ce * _shift_left(weights, shift, fill=0).reshape(-1).float()).sum()
         total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX,
                                 reduction="sum")  # fmt: skip
         return total / (y != IGNORE_INDEX).sum().clamp(min=1)
 
-    def _loss_from_hidden(self, h, labels, shift, document_ids=None):
+    def _loss_from_hidden(self, h, labels, shift, document_ids=None, weights=None):
         y = _shift_left(labels, shift, fill=IGNORE_INDEX)
         if document_ids is not None:  # no target from another packed document
             y = torch.where(_shift_left(document_ids, shift, fill=-1) == document_ids, y, IGNORE_INDEX)
-        total = linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, y.reshape(-1))
+        h, y = h.reshape(-1, h.shape[-1]), y.reshape(-1)
+        if weights is not None:
+            return _weighted_linear_cross_entropy(h, self.lm_head.weight, y, _shift_left(weights, shift, fill=0))
+        total = linear_cross_entropy(h, self.lm_head.weight, y)
         return total / (y != IGNORE_INDEX).sum().clamp(min=1)
 
     def _context(self, input_ids, labels, document_ids, cache, attention_mask) -> ForwardContext:
@@ -633,6 +649,23 @@ class HybridMoEForCausalLM(nn.Module):
                 experts = layer.mixer.experts
                 inactive += (experts.up_proj.numel() + experts.down_proj.numel()) * (e - k) // e
         return {"total": total, "total_with_mtp": total + mtp, "active": total - inactive, "mtp": mtp}
+
+
+def _weighted_linear_cross_entropy(h_nd, weight_vd, y_n, w) -> torch.Tensor:
+    """sum_j w_j * CE(h_j @ W^T, y_j) over the targets (y != -100), through the chunked fused kernel: the rows are
+    grouped by weight value (one group in a token mean, one per conversation in a per-conversation mean) and each
+    group's summed loss is scaled, so no [tokens x vocab] tensor is formed."""
+    w = w.reshape(-1).float()
+    valid = y_n != IGNORE_INDEX
+    values = torch.unique(w[valid])
+    if len(values) <= 1:  # every target weighs the same: one pass over all rows, no gather
+        scale = values[0] if len(values) else w.new_zeros(())
+        return scale * linear_cross_entropy(h_nd, weight_vd, y_n)
+    total = w.new_zeros(())
+    for value in values[values != 0]:
+        rows = (valid & (w == value)).nonzero().squeeze(1)
+        total = total + value * linear_cross_entropy(h_nd.index_select(0, rows), weight_vd, y_n.index_select(0, rows))
+    return total
 
 
 def _shift_left(x: torch.Tensor, shift: int, fill: int) -> torch.Tensor:

@@ -41,8 +41,9 @@ from .data.sources import expand_inputs
 from .data.synthetic import write_retrieval_jsonl
 from .data.tokenizer import load_tokenizer, train_tokenizer
 from .train.config import Recipe
-from .train.loop import build_model, evaluate, train
 from .train.metrics import read_log
+from .train.pretrain import build_model, evaluate
+from .train.pretrain import pretrain as train
 
 
 @dataclass

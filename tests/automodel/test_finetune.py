@@ -1,5 +1,6 @@
 """Supervised fine-tuning of Hugging Face MoE models: chat data with an assistant-only loss, packing with
-conversation boundaries (attention and Mamba state), and `hybridmoe finetune` end to end with resume."""
+conversation boundaries (attention and Mamba state), and `hybridmoe finetune` (the SFT stage with
+model.source=transformers, tests/train/test_sft.py) end to end with resume, LoRA and its flags' errors."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import torch
 import transformers
 
 from hybridmoe.automodel import AutoModelForCausalLM
-from hybridmoe.automodel.finetune import FinetuneConfig, finetune
 from hybridmoe.data.sft import IGNORE_INDEX, load_sft_samples, pack, read_conversations, tokenize_conversation
 from hybridmoe.data.tokenizer import train_tokenizer
+from hybridmoe.train import session as session_mod
 from hybridmoe.train.metrics import read_log
+from hybridmoe.train.sft import finetune_recipe, sft
 
 transformers.logging.set_verbosity_error()
 
@@ -142,12 +144,14 @@ def test_finetune_learns_saves_and_resumes_exactly(tmp_path, tokenizer_dir, make
     base = _model_dir(tmp_path, tokenizer_dir, make_config)
     data = tmp_path / "chats.jsonl"
     _write_chats(data, CHATS * 4)
-    cfg = FinetuneConfig(
-        model=base, data=str(data), out_dir=str(tmp_path / "run"), seq_len=96, batch_size=2, steps=6, lr=3e-3,
-        dtype="fp32", save_every=3, progress=False,
+    out_dir = str(tmp_path / "run")
+    recipe = finetune_recipe(
+        model=base, data=str(data), out_dir=out_dir, seq_len=96, batch_size=2, steps=6, lr=3e-3, dtype="fp32",
+        save_every=3, progress=False,
     )  # fmt: skip
-    summary = finetune(cfg)
-    log = read_log(os.path.join(cfg.out_dir, "log.jsonl"))
+    assert recipe.model.source == "transformers" and recipe.sft.loss_normalization == "token"
+    summary = sft(recipe, peak_gflops=100.0)
+    log = read_log(os.path.join(out_dir, "log.jsonl"))
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
     assert log[-1]["loss"] < log[0]["loss"]
     # the final directory is a plain transformers model with the tokenizer
@@ -155,9 +159,9 @@ def test_finetune_learns_saves_and_resumes_exactly(tmp_path, tokenizer_dir, make
     assert final.config.model_type == make_config(8).model_type
     assert transformers.AutoTokenizer.from_pretrained(summary["final"]).chat_template
     # resume from step 3 (as if interrupted after it): steps 4-6 log the same losses
-    shutil.rmtree(os.path.join(cfg.out_dir, "checkpoints", "step-0000006"))
-    finetune(cfg, resume=True)
-    again = read_log(os.path.join(cfg.out_dir, "log.jsonl"))
+    shutil.rmtree(os.path.join(out_dir, "checkpoints", "step-0000006"))
+    sft(recipe, resume=True, peak_gflops=100.0)
+    again = read_log(os.path.join(out_dir, "log.jsonl"))
     assert [r["step"] for r in again] == [1, 2, 3, 4, 5, 6]
     for first, second in zip(log[3:], again[3:]):
         assert second["loss"] == pytest.approx(first["loss"], rel=1e-6, abs=1e-7)
@@ -167,12 +171,16 @@ def test_finetune_rejects_bad_arguments(tmp_path, tokenizer_dir):
     data = tmp_path / "chats.jsonl"
     _write_chats(data, CHATS)
     with pytest.raises(ValueError, match="not a Hugging Face model directory"):
-        finetune(FinetuneConfig(model=str(tmp_path), data=str(data)))
+        finetune_recipe(model=str(tmp_path), data=str(data))
     base = _model_dir(tmp_path, tokenizer_dir, _qwen3_moe)
     with pytest.raises(ValueError, match="multiple of micro_batch_size"):
-        finetune(FinetuneConfig(model=base, data=str(data), batch_size=3, micro_batch_size=2))
+        finetune_recipe(model=base, data=str(data), batch_size=3, micro_batch_size=2)
+    with pytest.raises(ValueError, match="must split into 2 ranks"):
+        finetune_recipe(model=base, data=str(data), batch_size=3, world_size=2)
+    with pytest.raises(ValueError, match="dtype='float16'"):
+        finetune_recipe(model=base, data=str(data), dtype="float16")
     with pytest.raises(ValueError, match="more than seq_len"):
-        finetune(FinetuneConfig(model=base, data=str(data), seq_len=8, progress=False))
+        sft(finetune_recipe(model=base, data=str(data), seq_len=8, progress=False, out_dir=str(tmp_path / "r")))
 
 
 def test_sft_samples_loader_counts(tmp_path, tokenizer_dir):
@@ -184,11 +192,12 @@ def test_sft_samples_loader_counts(tmp_path, tokenizer_dir):
     assert all(s["input_ids"].shape == (128,) for s in samples)
 
 
-def test_finetune_lora_resumes_and_merges(tmp_path, tokenizer_dir, capsys):
+def test_finetune_lora_resumes_and_merges(tmp_path, tokenizer_dir, capsys, monkeypatch):
     """`hybridmoe finetune --lora`: only adapters train, resume is exact, final/ is the merged model (plain
     transformers) with the PEFT adapter beside it."""
     from hybridmoe.cli import main
 
+    monkeypatch.setattr(session_mod, "_matmul_peak", lambda: 100.0)  # MFU's peak: seconds of matmuls otherwise
     base = _model_dir(tmp_path, tokenizer_dir, _qwen3_moe)
     data = tmp_path / "chats.jsonl"
     _write_chats(data, CHATS * 4)

@@ -1,5 +1,6 @@
-"""The training recipe: typed sections read from YAML, overridden on the command line with the same key paths.
+"""Training recipes: typed sections read from YAML, overridden on the command line with the same key paths.
 
+`Recipe` (pretraining and long context, `hybridmoe pretrain`):
     model:    preset + overrides (any HybridMoEConfig field), or init_from: a checkpoint to continue from
     data:     tokenizer, curriculum phases (a blend of prepared datasets each), sequence length(s), batch size
     optim:    AdamW and the learning-rate schedule (warmup-stable-decay with minus-sqrt decay by default)
@@ -7,14 +8,23 @@
     train:    steps, a time limit, precision, checkpointing, logging, validation, where to write
     parallel: under torchrun: expert-parallel degree, FSDP2 resharding, consolidated checkpoints
 
-Defaults follow the Nemotron 3 recipe (`../shared/reference/training.md`): AdamW (0.9, 0.95), eps 1e-8, weight
-decay 0.1, grad clip 1.0, WSD with minus-sqrt decay, bias update rate 1e-3, aux loss 1e-4.
+`SFTRecipe` (supervised fine-tuning, `hybridmoe sft`) shares optim, balance, train and parallel, and has
+    model:    source native (a preset, or init_from a checkpoint / run directory) or transformers (init_from a
+              Hugging Face MoE model directory, loaded through `hybridmoe.automodel`, optionally with `lora`)
+    data:     conversation files with blend weights, tokenizer, packed sequence length, batch size
+    sft:      loss normalization (token | conversation), MTP loss weight, reasoning-control augmentation
+
+Pretraining defaults follow the Nemotron 3 recipe (the Nemotron 3 Nano and Super technical reports, NVIDIA, 2025):
+AdamW (0.9, 0.95), eps 1e-8, weight decay 0.1, grad clip 1.0, WSD with minus-sqrt decay, bias update rate 1e-3,
+aux loss 1e-4. SFT defaults follow Super's SFT: LR 1e-5, AdamW (0.9, 0.95), weight decay 0.1, MTP loss weight 0.3,
+and the two-stage loss normalization (a token mean over the global batch, then a per-conversation mean).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,28 +117,20 @@ class ParallelSection:
     consolidate: bool = True  # also write the full model in the HF layout (gathered on rank 0) in each checkpoint
 
 
-@dataclass
-class Recipe:
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    balance: BalanceSection = field(default_factory=BalanceSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    parallel: ParallelSection = field(default_factory=ParallelSection)
+class _RecipeFile:
+    """Reading and writing a recipe class (a dataclass of sections)."""
 
-    # ------------------------------------------------------------------ reading and writing
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Recipe:
+    def from_dict(cls, d: dict[str, Any]):
         return _build(cls, d or {}, "recipe")
 
     @classmethod
-    def from_yaml(cls, path: str, overrides: list[str] | None = None) -> Recipe:
+    def from_yaml(cls, path: str, overrides: list[str] | None = None):
         with open(path) as fh:
             d = yaml.safe_load(fh) or {}
         if not isinstance(d, dict):
-            raise ValueError(
-                f"{path}: a recipe is a YAML mapping of sections (model, data, optim, balance, train, parallel)"
-            )
+            sections = ", ".join(f.name for f in dataclasses.fields(cls))
+            raise ValueError(f"{path}: a recipe is a YAML mapping of sections ({sections})")
         for item in overrides or []:
             apply_override(d, item)
         return cls.from_dict(d)
@@ -139,24 +141,131 @@ class Recipe:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+
+@dataclass
+class Recipe(_RecipeFile):
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    balance: BalanceSection = field(default_factory=BalanceSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+
     def validate(self) -> None:
-        d, o, t = self.data, self.optim, self.train
-        if o.schedule not in ("wsd-sqrt", "wsd-cosine", "cosine", "constant"):
-            raise ValueError(f"optim.schedule={o.schedule!r}: use wsd-sqrt, wsd-cosine, cosine or constant")
-        if t.precision not in ("fp32", "bf16", "autocast-bf16"):
-            raise ValueError(f"train.precision={t.precision!r}: use fp32, bf16 or autocast-bf16")
-        if t.steps < 1 or d.batch_size < 1 or d.grad_accum < 1 or d.seq_len < 2:
+        d = self.data
+        _validate_common(self.optim, self.train)
+        if self.train.steps < 1 or d.batch_size < 1 or d.grad_accum < 1 or d.seq_len < 2:
             raise ValueError("train.steps, data.batch_size, data.grad_accum must be >= 1 and data.seq_len >= 2")
-        if not 0 <= o.decay_fraction <= 1 or o.warmup_steps < 0:
-            raise ValueError("optim.decay_fraction must be in [0, 1] and optim.warmup_steps >= 0")
-        if t.time_limit_s is not None and not t.time_limit_s > 0:
-            raise ValueError(f"train.time_limit_s={t.time_limit_s}: give a positive number of seconds, or null")
-        if o.min_lr > o.lr:
-            raise ValueError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}")
+        _validate_schedule(self.optim, self.train)
         if not d.phases and not any(m.phases for m in d.seq_mix):
             raise ValueError("data.phases is empty: give at least one phase with a blend of prepared datasets")
         if d.seq_mix and abs(sum(m.fraction for m in d.seq_mix) - 1) > 1e-6:
             raise ValueError("data.seq_mix fractions must sum to 1")
+
+
+def _validate_common(o: OptimSection, t: TrainSection) -> None:
+    if o.schedule not in ("wsd-sqrt", "wsd-cosine", "cosine", "constant"):
+        raise ValueError(f"optim.schedule={o.schedule!r}: use wsd-sqrt, wsd-cosine, cosine or constant")
+    if t.precision not in ("fp32", "bf16", "autocast-bf16"):
+        raise ValueError(f"train.precision={t.precision!r}: use fp32, bf16 or autocast-bf16")
+
+
+def _validate_schedule(o: OptimSection, t: TrainSection) -> None:
+    if not 0 <= o.decay_fraction <= 1 or o.warmup_steps < 0:
+        raise ValueError("optim.decay_fraction must be in [0, 1] and optim.warmup_steps >= 0")
+    if t.time_limit_s is not None and not t.time_limit_s > 0:
+        raise ValueError(f"train.time_limit_s={t.time_limit_s}: give a positive number of seconds, or null")
+    if o.min_lr > o.lr:
+        raise ValueError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}")
+
+
+# ---------------------------------------------------------------------------------------------- SFT
+
+
+@dataclass
+class LoraSection:
+    """LoRA adapters on a transformers model (`hybridmoe.automodel.lora`); the base weights stay frozen."""
+
+    r: int = 16
+    alpha: float = 32.0
+    targets: list[str] | None = None  # module names (PEFT's target_modules); None: every linear layer
+    experts: bool = True  # grouped LoRA on the 3D expert weights too
+
+
+@dataclass
+class SFTModelSection(ModelSection):
+    source: str = "native"  # native: HybridMoEForCausalLM | transformers: a HF MoE model directory in init_from
+    lora: LoraSection | None = None  # transformers source only; None: full fine-tuning
+
+
+@dataclass
+class SFTDataSection:
+    datasets: dict[str, float] = field(default_factory=dict)  # messages JSONL / Parquet -> blend weight
+    tokenizer: str | None = None  # with a chat template; None: the one in model.init_from
+    seq_len: int = 4096  # tokens per packed sample
+    batch_size: int = 8  # packed samples per micro-batch, all ranks together (each rank takes its rows)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    epochs: float | None = None  # when set, train.steps = ceil(epochs * samples / (batch_size * grad_accum))
+    drop_long: bool = False  # leave out (and count) conversations longer than seq_len instead of failing
+    max_bad_fraction: float | None = None  # bad conversations tolerated (None: the loader's default)
+
+
+@dataclass
+class SFTSection:
+    # token: sum of token losses / loss tokens of the global batch (Super's SFT stage 1); conversation: the mean
+    # over the global batch's conversations of each one's token mean (stage 2: long answers stop dominating)
+    loss_normalization: str = "token"
+    mtp_loss_weight: float = 0.3  # native models (the reference's SFT value; the checkpoint's config is overridden)
+    reasoning_off_fraction: float = 0.0  # share of reasoning conversations trained with reasoning stripped
+    reasoning_truncate_fraction: float = 0.0  # share whose reasoning is cut to reasoning_truncate_tokens
+    reasoning_truncate_tokens: int = 64
+
+
+def _sft_optim() -> OptimSection:
+    return OptimSection(lr=1e-5, min_lr=0.0, schedule="cosine")
+
+
+@dataclass
+class SFTRecipe(_RecipeFile):
+    model: SFTModelSection = field(default_factory=SFTModelSection)
+    data: SFTDataSection = field(default_factory=SFTDataSection)
+    sft: SFTSection = field(default_factory=SFTSection)
+    optim: OptimSection = field(default_factory=_sft_optim)
+    balance: BalanceSection = field(default_factory=BalanceSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+
+    def validate(self) -> None:
+        m, d, s, t = self.model, self.data, self.sft, self.train
+        _validate_common(self.optim, t)
+        if t.steps < 1 or d.batch_size < 1 or d.grad_accum < 1 or d.seq_len < 2:
+            raise ValueError("train.steps, data.batch_size, data.grad_accum must be >= 1 and data.seq_len >= 2")
+        _validate_schedule(self.optim, t)
+        if m.source not in ("native", "transformers"):
+            raise ValueError(f"model.source={m.source!r}: use native or transformers")
+        if m.source == "transformers":
+            if not m.init_from or not os.path.isfile(os.path.join(m.init_from, "config.json")):
+                raise ValueError(
+                    f"model.init_from={m.init_from!r}: not a Hugging Face model directory (no config.json); "
+                    "model.source=transformers fine-tunes the model in that directory"
+                )
+            if t.precision not in ("fp32", "bf16"):
+                raise ValueError(f"train.precision={t.precision!r}: a transformers model trains in fp32 or bf16")
+        elif m.lora is not None:
+            raise ValueError("model.lora is for model.source=transformers (native models train all weights)")
+        if "mtp_loss_weight" in m.overrides:
+            raise ValueError("set the MTP loss weight with sft.mtp_loss_weight, not model.overrides")
+        if not d.datasets:
+            raise ValueError("data.datasets is empty: give at least one conversation file (JSONL or Parquet)")
+        if any(not w > 0 for w in d.datasets.values()):
+            raise ValueError(f"data.datasets weights must be positive, got {d.datasets}")
+        if d.epochs is not None and not d.epochs > 0:
+            raise ValueError(f"data.epochs={d.epochs}: give a positive number, or null to train train.steps steps")
+        if s.loss_normalization not in ("token", "conversation"):
+            raise ValueError(f"sft.loss_normalization={s.loss_normalization!r}: use token or conversation")
+        for name in ("reasoning_off_fraction", "reasoning_truncate_fraction"):
+            if not 0 <= getattr(s, name) <= 1:
+                raise ValueError(f"sft.{name}={getattr(s, name)} must be in [0, 1]")
 
 
 def apply_override(d: dict[str, Any], item: str) -> None:
@@ -228,4 +337,12 @@ _SECTIONS = {
     (DataSection, "phases"): PhaseSection,
     (DataSection, "seq_mix"): SeqMixSection,
     (SeqMixSection, "phases"): PhaseSection,
+    (SFTRecipe, "model"): SFTModelSection,
+    (SFTRecipe, "data"): SFTDataSection,
+    (SFTRecipe, "sft"): SFTSection,
+    (SFTRecipe, "optim"): OptimSection,
+    (SFTRecipe, "balance"): BalanceSection,
+    (SFTRecipe, "train"): TrainSection,
+    (SFTRecipe, "parallel"): ParallelSection,
+    (SFTModelSection, "lora"): LoraSection,
 }

@@ -1,9 +1,9 @@
 """AdamW with the tagged no-decay parameters, and the learning-rate schedules of the Nemotron 3 recipe.
 
 Warmup-stable-decay (WSD, Hu et al. 2024 "MiniCPM"): linear warmup to the peak, constant, then a decay over the
-last `decay_fraction` of the steps to `min_lr`. The reference decays with minus-sqrt (`../shared/reference/
-training.md`): lr = min + (peak - min) * (1 - sqrt((s - s0) / D)); cosine decay and a plain cosine schedule are
-options, and `constant` is the long-context stage's schedule.
+last `decay_fraction` of the steps to `min_lr`. The Nemotron 3 pretraining recipe (the Nemotron 3 Nano and Super
+technical reports, NVIDIA, 2025) decays with minus-sqrt: lr = min + (peak - min) * (1 - sqrt((s - s0) / D)); cosine
+decay and a plain cosine schedule are options, and `constant` is the long-context stage's schedule.
 """
 
 from __future__ import annotations
@@ -17,8 +17,13 @@ from .config import OptimSection
 
 def build_optimizer(model, cfg: OptimSection, fused: bool = True) -> torch.optim.AdamW:
     """AdamW over two groups: weight decay on matrices and embeddings, none on what the model tags (norms,
-    biases, A_log, D, dt_bias). `fused=False` (the foreach implementation) for sharded DTensor parameters."""
-    no_decay = model.no_weight_decay_parameter_names()
+    biases, A_log, D, dt_bias); a transformers model tags nothing, so there its vectors (norms, biases) get none.
+    Frozen parameters (LoRA's base weights) are left out. `fused=False` (the foreach implementation) for sharded
+    DTensor parameters."""
+    if hasattr(model, "no_weight_decay_parameter_names"):
+        no_decay = model.no_weight_decay_parameter_names()
+    else:
+        no_decay = {name for name, p in model.named_parameters() if p.dim() < 2}
     decay, plain = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:

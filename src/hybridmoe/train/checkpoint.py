@@ -1,10 +1,14 @@
-"""Trainer checkpoints: self-contained Hugging Face model directories plus what resuming needs.
+"""Run checkpoints: self-contained Hugging Face model directories plus what resuming a training run needs.
+
+Every training stage (`train.session`) saves and resumes through these functions, so a pretraining, long-context
+or SFT run leaves checkpoints of one format. The model part is written in the Hugging Face layout of
+`hybridmoe.checkpoint` (the model in and out, without trainer state), or by the stage (a LoRA run's adapters).
 
     out_dir/checkpoints/step-0000100/
         config.json, model.safetensors       the model in the published nemotron_h layout (transformers loads it)
         tokenizer files                      copied from the recipe's tokenizer, so the directory is usable alone
         recipe.yaml                          the resolved recipe
-        trainer_state/state.json             step, tokens, loader state, log position
+        trainer_state/state.json             step, tokens, the stage's data position
         trainer_state/optimizer.pt           optimizer state and RNG state
     out_dir/checkpoints/latest               the name of the newest complete checkpoint
 
