@@ -1,9 +1,7 @@
 """Docstrings, comments and recipes cite public sources (papers, reports, public repositories by name and path), never
 files outside the repository: a reader of hybridmoe has no `../shared/` folder.
 
-Every file under src/ and recipes/ (and the two READMEs) is one case. The files below belong to other branches of
-the same change that are merged separately; until they land, their cases may still fail (xfail, not strict), while
-the check is strict for every other file.
+Every file under src/ and recipes/ (and the two READMEs) is one case.
 """
 
 from __future__ import annotations
@@ -14,15 +12,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 FORBIDDEN = (b"../shared", b"shared/reference")
-PENDING_ELSEWHERE = {
-    "src/hybridmoe/checkpoint.py",
-    "src/hybridmoe/distributed.py",
-    "src/hybridmoe/data/sft.py",
-    "src/hybridmoe/data/tokenizer.py",
-    "src/hybridmoe/serve/chat.py",
-    "src/hybridmoe/train/config.py",
-    "src/hybridmoe/train/optim.py",
-}
 
 
 def _files() -> list[str]:
@@ -32,19 +21,12 @@ def _files() -> list[str]:
     return sorted(str(p.relative_to(ROOT)) for p in found if p.exists())
 
 
-def _case(path: str):
-    if path in PENDING_ELSEWHERE:
-        reason = "its citations are replaced on another branch of the same change"
-        return pytest.param(path, marks=pytest.mark.xfail(strict=False, reason=reason))
-    return path
-
-
 def test_the_check_sees_the_package_and_the_recipes():
     files = _files()
     assert "src/hybridmoe/modeling.py" in files and any(f.startswith("recipes/") for f in files)
 
 
-@pytest.mark.parametrize("path", [_case(p) for p in _files()])
+@pytest.mark.parametrize("path", _files())
 def test_no_reference_to_files_outside_the_repository(path):
     lines = (ROOT / path).read_bytes().splitlines()
     hits = [n for n, line in enumerate(lines, 1) if any(pattern in line for pattern in FORBIDDEN)]

@@ -20,7 +20,6 @@ resume, stop, clip and step, logging, checkpoints) is the session's (`train.sess
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import random
@@ -220,34 +219,21 @@ def _epoch_order(n: int, seed: int, _cache={}) -> list[int]:  # noqa: B006 (a pe
 
 
 def load_samples(recipe: SFTRecipe, tokenizer, main: bool = True):
-    """`data.sft.load_sft_samples` with the recipe's data keys. An adapter while that function gains its keyword
-    arguments (blends, reasoning control, bad-record accounting): a key it does not accept yet is an error when the
-    recipe sets it, never silently ignored. Bad records are listed in train.out_dir/bad_records.jsonl (rank 0)."""
+    """`data.sft.load_sft_samples` with the recipe's data keys; bad records are listed in
+    train.out_dir/bad_records.jsonl (written by rank 0)."""
     d, s = recipe.data, recipe.sft
-    accepted = inspect.signature(load_sft_samples).parameters
-    kwargs = {"seed": recipe.train.seed}
-    if "bad_records_path" in accepted and main:
+    kwargs = {}
+    if main:
         os.makedirs(recipe.train.out_dir, exist_ok=True)
         kwargs["bad_records_path"] = os.path.join(recipe.train.out_dir, "bad_records.jsonl")
-    asked = {  # recipe key -> (value, the value that asks for nothing)
-        "drop_long": (d.drop_long, False),
-        "max_bad_fraction": (d.max_bad_fraction, None),
-        "reasoning_off_fraction": (s.reasoning_off_fraction, 0.0),
-        "reasoning_truncate_fraction": (s.reasoning_truncate_fraction, 0.0),
-        "reasoning_truncate_tokens": (s.reasoning_truncate_tokens, 64),
-    }
-    for name, (value, nothing) in asked.items():
-        if name in accepted and value is not None:
-            kwargs[name] = value
-        elif name not in accepted and value != nothing:
-            raise ValueError(f"{name}={value!r}: this version of hybridmoe.data.sft does not support it yet")
-    if len(d.datasets) == 1:
-        data = next(iter(d.datasets))  # one file: its path (a weight means nothing alone)
-    elif next(iter(accepted)) == "data":  # the version that takes a blend {path: weight}
-        data = dict(d.datasets)
-    else:
-        raise ValueError("data.datasets: blending several files needs a newer hybridmoe.data.sft; give one file")
-    return load_sft_samples(data, tokenizer, d.seq_len, **kwargs)
+    if d.max_bad_fraction is not None:
+        kwargs["max_bad_fraction"] = d.max_bad_fraction
+    data = next(iter(d.datasets)) if len(d.datasets) == 1 else dict(d.datasets)  # one file: a weight means nothing
+    return load_sft_samples(
+        data, tokenizer, d.seq_len, seed=recipe.train.seed, drop_long=d.drop_long,
+        reasoning_off_fraction=s.reasoning_off_fraction, reasoning_truncate_fraction=s.reasoning_truncate_fraction,
+        reasoning_truncate_tokens=s.reasoning_truncate_tokens, **kwargs,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- finetune alias
