@@ -274,6 +274,13 @@ def test_bad_conversations_are_counted_by_reason_with_their_lines(tok, tmp_path,
     with pytest.raises(ValueError, match=r"mixed.jsonl:10: the conversation has \d+ tokens, more than seq_len=96"):
         load_sft_samples(path, tok, 96, max_bad_fraction=1.0)
 
+    # Conversations left out as too long were asked for (drop_long): listed, but not counted against the limit.
+    long = write_jsonl(
+        tmp_path / "long.jsonl", [PLAIN[0]] + [[PLAIN[0][0], {"role": "assistant", "content": "sunny " * 200}]] * 3
+    )
+    _, report = load_sft_samples(long, tok, 96, drop_long=True, bad_records_path=bad_path)
+    assert report.bad_records["too_long"] == 3 and report.conversations == 1
+
     # A template that rewrites earlier turns when later ones come (here: it counts the messages) cannot be masked.
     template("{{ messages | length }}" + PLAIN_CHAT_TEMPLATE)
     two = write_jsonl(tmp_path / "two.jsonl", [PLAIN[1], PLAIN[0]])

@@ -452,7 +452,9 @@ def pack(conversations: list[Conversation], seq_len: int, drop_long: bool = Fals
 
 
 class _BadLog(BadRecordLog):
-    """BadRecordLog with SFT's reasons; a conversation is counted once, whatever number of its samples are bad."""
+    """BadRecordLog with SFT's reasons; a conversation is counted once, whatever number of its samples are bad.
+    `conversations`: the bad ones that count against max_bad_fraction; samples left out as too long (drop_long:
+    asked for) are listed but do not count."""
 
     def __init__(self):
         super().__init__()
@@ -462,7 +464,8 @@ class _BadLog(BadRecordLog):
 
     def add(self, entry: dict) -> None:
         super().add(entry)
-        self.conversations.add((entry["file"], entry.get("line"), entry.get("row")))
+        if entry["reason"] != "too_long":
+            self.conversations.add((entry["file"], entry.get("line"), entry.get("row")))
 
 
 @dataclass
