@@ -4,16 +4,21 @@ and on a machine slower than at calibration (a fake clock), where every stage st
 import json
 import os
 
+import httpx
 import torch
 import transformers
+from test_server import MODEL, make_serving
 from test_session import SlowClock
 
 from hybridmoe import speedrun as speedrun_mod
+from hybridmoe.serve.server import ServerThread
 from hybridmoe.speedrun import Plan, speedrun, stdlib_sources
+from hybridmoe.tasks import DOMAINS
 from hybridmoe.train import session as loop_mod
 
 TOY = {"preset": "debug", "vocab_size": 512, "seq_len": 64, "batch_size": 4, "long_seq_len": 256,
-       "short_batch_size": 4, "max_files": 40}  # fmt: skip
+       "short_batch_size": 4, "max_files": 40, "sft_seq_len": 512, "sft_per_domain": 6, "task_samples": 2,
+       "task_max_new_tokens": 8}  # fmt: skip
 
 
 def test_stdlib_sources_split_modules_from_tests():
@@ -34,19 +39,43 @@ def test_speedrun_runs_every_stage_and_reports(tmp_path, monkeypatch):
     run = tmp_path / "run"
     with open(report) as fh:
         text = fh.read()
-    for heading in ("# hybridmoe speedrun", "## Validation", "## Loss", "## Samples"):
+    for heading in ("# hybridmoe speedrun", "## Validation", "## Tasks", "## Loss", "## The chat model's answers"):
         assert heading in text
-    assert (run / "loss.png").stat().st_size > 10_000
+    assert (run / "loss.png").stat().st_size > 10_000 and (run / "tasks.png").stat().st_size > 10_000
     evals = json.loads((run / "evals.json").read_text())
     assert [e["stage"] for e in evals] == ["initial (random init)", "after phase 1", "after phase 2",
-                                          "after long context"]  # fmt: skip
-    assert evals[-1]["val_loss_short"] < evals[0]["val_loss_short"] - 0.5
-    # The final checkpoint is a self-contained Hugging Face directory: transformers loads model and tokenizer.
+                                          "after long context", "after SFT"]  # fmt: skip
+    assert evals[-2]["val_loss_short"] < evals[0]["val_loss_short"] - 0.5
+    # Every domain evaluated before and after SFT, reasoning on and off.
+    for label in ("before-SFT", "after-SFT"):
+        result = json.loads((run / "tasks" / label / "tasks.json").read_text())
+        assert {(r["domain"], r["reasoning"]) for r in result["summary"]} == {
+            (d, m) for d in DOMAINS for m in ("on", "off")
+        }
+    sft_log = [json.loads(line) for line in (run / "sft" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in sft_log if "loss" in r]
+    assert steps and all(k in steps[0] for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "loss_tokens"))
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    # The final checkpoint is a self-contained Hugging Face directory: transformers loads model and tokenizer, and
+    # the tokenizer renders the chat format (reasoning on by default).
     final = evals[-1]["checkpoint"]
     tok = transformers.AutoTokenizer.from_pretrained(final)
     hf = transformers.AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
     ids = torch.tensor([tok.encode("def f(x):\n    return x")])
     assert torch.isfinite(hf(ids).logits).all()
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n")
+    # ... and the server answers with it in the chat format.
+    server = ServerThread(make_serving(final, max_model_len=1024))
+    try:
+        reply = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
+            "model": MODEL, "messages": [{"role": "user", "content": "What is 2 + 3?"}], "max_tokens": 24,
+        })  # fmt: skip
+    finally:
+        server.stop(grace_s=1)
+    assert reply.status_code == 200, reply.text
+    message = reply.json()["choices"][0]["message"]
+    assert set(message) >= {"content", "reasoning_content"}
     for stage in ("pretrain", "long-context"):
         records = [json.loads(line) for line in (run / stage / "log.jsonl").read_text().splitlines()]
         assert any("val_loss" in r for r in records) and any("loss" in r for r in records)
@@ -76,7 +105,7 @@ def test_a_slow_machine_stops_at_the_deadlines_and_the_report_says_so(tmp_path, 
     # stopped before a step that would have (1 s of slack for the real time of a debug step).
     assert max(step_ends) <= start + 60 - 15 + 1.0
     stages = json.loads((tmp_path / "run" / "stages.json").read_text())
-    assert [r["stage"] for r in stages] == ["pretrain phase 1", "pretrain phase 2", "long context"]
+    assert [r["stage"] for r in stages] == ["pretrain phase 1", "pretrain phase 2", "long context", "sft"]
     assert len(step_ends) == sum(r["ran"] for r in stages)
     phase1 = stages[0]
     assert phase1["ended"].startswith("cut short by the deadline at step") and 1 <= phase1["ran"] < phase1["planned"]

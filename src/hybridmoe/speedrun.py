@@ -1,6 +1,7 @@
-"""`hybridmoe speedrun`: the whole CPU pipeline on an embedded default, end to end, in about 20 minutes.
+"""`hybridmoe speedrun`: the whole CPU pipeline on an embedded default, from raw text to a chat model, in 30 minutes.
 
-1. tokenizer  byte-level BPE trained on the Python standard library's own source files (every Python has them)
+1. tokenizer  byte-level BPE trained on the Python standard library's own source files (every Python has them),
+              with the chat format's special tokens and its Jinja chat template
 2. data       two datasets from the same files, library modules and their tests, plus synthetic long-range
               retrieval documents; tokenized into shards
 3. pretrain   `tiny`, a two-phase curriculum as in Nemotron 3: phase 1 a diverse blend (modules and tests
@@ -8,9 +9,13 @@
               modules), warmup-stable-decay with minus-sqrt decay over the last 20% of steps
 4. long ctx   continue at 8x the sequence length, 92% of steps long and 8% short (Ultra's mix), with some
               synthetic retrieval data (Nano's long-context blend), constant learning rate
-5. evaluate   validation loss and perplexity before and after each stage, at the pretraining length and at the
-              long length; sample text from the final model
-6. report     report.md and loss.png in the run directory
+5. sft        supervised fine-tuning on conversations of the verifiable task domains (`hybridmoe.tasks`, training
+              seeds): worked reasoning in `<think>` blocks, a share with reasoning off, assistant-only loss, packed
+6. evaluate   held-out tasks of every domain before and after SFT (reasoning on and off, through the batched
+              engine); validation loss and perplexity before and after each stage, at the pretraining length and
+              at the long length; the final model's answers to a few held-out tasks
+7. report     report.md, loss.png and tasks.png in the run directory; the SFT checkpoint is the chat model that
+              `hybridmoe serve` and `hybridmoe chat` answer with (reasoning in `reasoning_content`)
 
 Step counts come from a timing calibration so that the run fits `minutes`; everything else is fixed, so two
 runs on the same machine differ only in how many steps fit. A machine slower than at calibration (a loaded one)
@@ -39,18 +44,19 @@ from .data.loader import TokenDataset, validation_batches
 from .data.prepare import prepare
 from .data.sources import expand_inputs
 from .data.synthetic import write_retrieval_jsonl
-from .data.tokenizer import load_tokenizer, train_tokenizer
-from .train.config import Recipe
+from .data.tokenizer import train_tokenizer
+from .train.config import Recipe, SFTRecipe
 from .train.metrics import read_log
 from .train.pretrain import build_model, evaluate
 from .train.pretrain import pretrain as train
+from .train.sft import sft as train_sft
 
 
 @dataclass
 class Plan:
     """The fixed part of the speedrun; step counts are derived from `minutes` at run time."""
 
-    minutes: float = 20.0
+    minutes: float = 30.0
     preset: str = "tiny"
     vocab_size: int = 8192
     seq_len: int = 512
@@ -61,9 +67,22 @@ class Plan:
     lr: float = 3e-3
     min_lr: float = 3e-5
     long_lr: float = 1e-4
-    pretrain_share: float = 0.85  # of the training time (what is left after data and the evaluation reserve)
-    long_share: float = 0.15
-    eval_reserve_s: float = 75.0  # evaluation of four checkpoints, samples, report
+    # shares of the training time (what is left after data, calibration and the evaluation reserve)
+    pretrain_share: float = 0.55
+    long_share: float = 0.10
+    sft_share: float = 0.35
+    eval_reserve_s: float = 300.0  # task evaluation before and after SFT, validation of five checkpoints, report
+    # SFT: conversations of every task domain (training seeds), packed at the pretraining shape by default
+    sft_per_domain: int = 2000
+    sft_seq_len: int | None = None  # None: seq_len
+    sft_lr: float = 1e-3
+    sft_min_lr: float = 1e-4
+    sft_reasoning_off: float = 0.1  # share of samples trained with reasoning off (the empty think block)
+    sft_reasoning_truncated: float = 0.03  # share with reasoning cut to sft_truncate_tokens (a budget)
+    sft_truncate_tokens: int = 16
+    task_samples: int = 20  # held-out tasks per domain, evaluated before and after SFT, reasoning on and off
+    task_max_new_tokens: int = 96
+    task_difficulty: int = 1
     max_files: int | None = None  # use only this many source files (quick runs, tests)
     seed: int = 0
 
@@ -87,7 +106,7 @@ def _is_test(rel: str) -> bool:
     return any(p in ("test", "tests", "idle_test") for p in parts[:-1]) or parts[-1].startswith("test_")
 
 
-def speedrun(minutes: float = 20.0, out_dir: str | None = None, plan: Plan | None = None) -> str:
+def speedrun(minutes: float = 30.0, out_dir: str | None = None, plan: Plan | None = None) -> str:
     plan = plan or Plan(minutes=minutes)
     t_start = time.monotonic()
     end = t_start + plan.minutes * 60  # everything, the report included, is done by then
@@ -130,9 +149,13 @@ def speedrun(minutes: float = 20.0, out_dir: str | None = None, plan: Plan | Non
     budget = max(0.0, train_end - time.monotonic())
     pre_steps = max(10, int(budget * plan.pretrain_share / step_s))
     long_steps = max(4, int(budget * plan.long_share / long_step_s))
-    pre_end = time.monotonic() + budget * plan.pretrain_share  # the pretraining deadline; long context: train_end
+    sft_seq_len = plan.sft_seq_len or plan.seq_len
+    sft_step_s = step_s if sft_seq_len == plan.seq_len else _calibrate(base, plan.batch_size, sft_seq_len)
+    sft_steps = max(4, int(budget * plan.sft_share / sft_step_s))
+    pre_end = time.monotonic() + budget * plan.pretrain_share  # the pretraining deadline
+    long_end = pre_end + budget * plan.long_share  # long context's; SFT's is train_end
     print(f"{budget:.0f}s left: {step_s:.2f}s per pretraining step -> {pre_steps} steps; "
-          f"{long_step_s:.2f}s per long step -> {long_steps} steps")  # fmt: skip
+          f"{long_step_s:.2f}s per long step -> {long_steps} steps; {sft_steps} SFT steps")  # fmt: skip
 
     stage("pretrain")
     runs = []  # what each training stage planned and did, for the report
@@ -160,20 +183,49 @@ def speedrun(minutes: float = 20.0, out_dir: str | None = None, plan: Plan | Non
     lc = _long_recipe(plan, tok_dir, data, os.path.join(out, "long-context"), pre_summary["checkpoint"], long_steps)
     lc.train.peak_gflops = peak
     lc_summary = None
-    if time.monotonic() + long_step_s * slowdown > train_end:
+    if time.monotonic() + long_step_s * slowdown > long_end:
         runs.append(_skipped("long context", long_steps))
     else:
-        lc_summary = _train_until(lc, train_end)
+        lc_summary = _train_until(lc, long_end)
         runs.append(_ran("long context", 0, long_steps, lc_summary))
+    base_ckpt = (lc_summary or pre_summary)["checkpoint"]  # the base model SFT starts from
+
+    stage("sft")
+    from .tasks import DOMAINS, write_sft_jsonl
+
+    sft_data = os.path.join(out, "data", "sft.jsonl")
+    write_sft_jsonl(sft_data, {name: plan.sft_per_domain for name in DOMAINS}, difficulty=plan.task_difficulty)
+    sft_recipe = _sft_recipe(plan, tok_dir, sft_data, os.path.join(out, "sft"), base_ckpt, sft_steps)
+    sft_recipe.train.peak_gflops = peak
+    sft_summary = None
+    if time.monotonic() + sft_step_s * slowdown > train_end:
+        runs.append(_skipped("sft", sft_steps))
+    else:
+        sft_summary = _train_until(sft_recipe, train_end)
+        runs.append(_ran("sft", 0, sft_steps, sft_summary))
 
     stage("evaluate")
+    # Tasks first (what the SFT stage is for): the chat model, then the base model it started from.
+    task_evals, not_evaluated = {}, []
+    task_models = [("before SFT", base_ckpt)] + ([("after SFT", sft_summary["checkpoint"])] if sft_summary else [])
+    task_s = 0.0
+    for label, ckpt in reversed(task_models):
+        if task_evals and time.monotonic() + task_s > end:
+            not_evaluated.append(f"tasks {label}")
+            continue
+        t0 = time.monotonic()
+        task_evals[label] = _evaluate_tasks(plan, ckpt, os.path.join(out, "tasks", label.replace(" ", "-")))
+        task_s = max(task_s, time.monotonic() - t0)
+    task_evals = {label: task_evals[label] for label, _ in task_models if label in task_evals}
     val_ds = [TokenDataset(data["modules"], val_fraction=pre.data.val_fraction)]
     checkpoints = [("initial (random init)", None), ("after phase 1", phase1_ckpt)]
     if pre_summary is not first:
         checkpoints.append(("after phase 2", pre_summary["checkpoint"]))
     if lc_summary is not None:
         checkpoints.append(("after long context", lc_summary["checkpoint"]))
-    evals, not_evaluated, row_s = {}, [], 0.0
+    if sft_summary is not None:
+        checkpoints.append(("after SFT", sft_summary["checkpoint"]))
+    evals, row_s = {}, 0.0
     for i in [len(checkpoints) - 1, *range(len(checkpoints) - 1)]:  # the final model first, then in order
         name, ckpt = checkpoints[i]
         if evals and time.monotonic() + row_s > end:
@@ -190,20 +242,22 @@ def speedrun(minutes: float = 20.0, out_dir: str | None = None, plan: Plan | Non
         print(f"{name:24s} val loss @{plan.seq_len}: {row['val_loss_short']:.3f} (ppl {row['val_ppl_short']:.1f})"
               f"   @{plan.long_seq_len}: {row['val_loss_long']:.3f}")  # fmt: skip
     evals = [evals[i] for i in sorted(evals)]
-    final_model = (lc_summary or pre_summary)["model"]
-    samples = None if time.monotonic() + row_s > end else _samples(final_model, tok_dir)
+    final = task_evals.get("after SFT")
+    samples = _chat_samples(final) if final is not None else None
 
     stage("report")
     timings["end"] = time.monotonic()
-    path = _write_report(out, plan, t_start, timings, evals, samples, pre, lc, runs, not_evaluated)
+    path = _write_report(out, plan, t_start, timings, evals, samples, pre, lc, sft_recipe, runs, not_evaluated,
+                         task_evals, sft_summary)  # fmt: skip
     print(f"\nreport: {path}")
     return path
 
 
-def _train_until(recipe: Recipe, deadline: float, **kwargs) -> dict:
-    """train() with the time left until `deadline` (time.monotonic) as its limit; it runs at least one step."""
+def _train_until(recipe: Recipe | SFTRecipe, deadline: float, **kwargs) -> dict:
+    """The recipe's stage (pretraining or SFT) with the time left until `deadline` (time.monotonic) as its limit;
+    it runs at least one step."""
     recipe.train.time_limit_s = max(deadline - time.monotonic(), 1e-3)
-    return train(recipe, **kwargs)
+    return (train_sft if isinstance(recipe, SFTRecipe) else train)(recipe, **kwargs)
 
 
 def _ran(name: str, start: int, planned_end: int, summary: dict) -> dict:
@@ -287,6 +341,69 @@ def _long_recipe(plan: Plan, tok_dir, data, out_dir, init_from, steps) -> Recipe
     )
 
 
+def _sft_recipe(plan: Plan, tok_dir, sft_data, out_dir, init_from, steps) -> SFTRecipe:
+    return SFTRecipe.from_dict(
+        {
+            "model": {"source": "native", "init_from": init_from},
+            "data": {
+                "datasets": {sft_data: 1.0},
+                "tokenizer": tok_dir,
+                "seq_len": plan.sft_seq_len or plan.seq_len,
+                "batch_size": plan.batch_size,
+                "drop_long": True,  # counted in the SFT log's data summary
+            },
+            "sft": {
+                "loss_normalization": "token",
+                "reasoning_off_fraction": plan.sft_reasoning_off,
+                "reasoning_truncate_fraction": plan.sft_reasoning_truncated,
+                "reasoning_truncate_tokens": plan.sft_truncate_tokens,
+            },
+            "optim": {
+                "lr": plan.sft_lr,
+                "min_lr": plan.sft_min_lr,
+                "schedule": "cosine",
+                "warmup_steps": max(1, steps // 20),
+            },
+            "train": {
+                "steps": steps,
+                "out_dir": out_dir,
+                "seed": plan.seed,
+                "keep_last": 1,
+                "tensorboard": False,
+            },
+        }
+    )
+
+
+def _evaluate_tasks(plan: Plan, ckpt: str, out_dir: str):
+    """Held-out tasks of every domain, reasoning on and off, greedy, through the batched engine; tasks.md/json/png
+    in out_dir."""
+    from .eval.tasks import evaluate_tasks, write_task_report
+    from .serve.load import load_model
+
+    model, tok = load_model(ckpt, device="cpu", dtype="float32")
+    result = evaluate_tasks(
+        model, tok, None, plan.task_samples, max_num_seqs=32, checkpoint=ckpt,
+        max_model_len=min(2048, model.config.max_position_embeddings),
+        difficulty=plan.task_difficulty, max_new_tokens=plan.task_max_new_tokens, overlap_seeds=plan.sft_per_domain,
+        progress=False,
+    )  # fmt: skip
+    write_task_report(result, out_dir)
+    overall = result.overall()
+    print(f"tasks ({ckpt}): " + ", ".join(f"reasoning {m} {100 * o['accuracy']:.1f}%" for m, o in overall.items()))
+    return result
+
+
+def _chat_samples(result, domains: int = 6) -> list[dict]:
+    """The chat model's answers to the first held-out task of a few domains (reasoning on), from the evaluation."""
+    seen, out = set(), []
+    for r in result.records:
+        if r["reasoning"] == "on" and r["domain"] not in seen and len(seen) < domains:
+            seen.add(r["domain"])
+            out.append(r)
+    return out
+
+
 def _read(path: str) -> str:
     with open(path, encoding="utf-8", errors="replace") as fh:
         return fh.read()
@@ -313,27 +430,17 @@ def _calibrate(recipe: Recipe, batch: int, seq_len: int, checkpointing: bool = F
     return times[-1] * 1.15  # logging, validation and checkpoints take their share too
 
 
-def _samples(model, tok_dir, prompts=("def fibonacci(n):\n", "import os\n\n\nclass ", '"""'), new_tokens=96):
-    tok = load_tokenizer(tok_dir)
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for prompt in prompts:
-        ids = torch.tensor([tok.encode(prompt)])
-        gen = model.generate(ids, max_new_tokens=new_tokens, do_sample=True, temperature=0.8, top_p=0.95,
-                             eos_token_id=tok.eos_token_id, generator=g)  # fmt: skip
-        out.append((prompt, tok.decode(gen[0, ids.shape[1] :].tolist(), skip_special_tokens=True)))
-    return out
-
-
-def _write_report(out, plan, t_start, timings, evals, samples, pre, lc, runs, not_evaluated) -> str:
+def _write_report(
+    out, plan, t_start, timings, evals, samples, pre, lc, sft_recipe, runs, not_evaluated, task_evals, sft_summary
+) -> str:
     from .utils import atomic_write_text
 
     pre_log = read_log(os.path.join(pre.train.out_dir, "log.jsonl"))
-    lc_path = os.path.join(lc.train.out_dir, "log.jsonl")
-    lc_log = read_log(lc_path) if os.path.exists(lc_path) else []
-    png = _plot(out, pre_log, lc_log)
+    lc_log, sft_log = (_read_log_if_any(r.train.out_dir) for r in (lc, sft_recipe))
+    png = _plot(out, pre_log, lc_log, sft_log)
     steps_pre = [r for r in pre_log if "loss" in r]
     steps_lc = [r for r in lc_log if "loss" in r]
+    steps_sft = [r for r in sft_log if "loss" in r]
     by_stage = {r["stage"]: r for r in runs}
     total, budget = timings["end"] - t_start, plan.minutes * 60
 
@@ -352,7 +459,8 @@ def _write_report(out, plan, t_start, timings, evals, samples, pre, lc, runs, no
         f"- total time: {total:.0f}s of a {plan.minutes:g}-minute budget ({within}); tokenizer "
         f"{stage_time('tokenizer', 'data')}, data {stage_time('data', 'calibration')}, calibration "
         f"{stage_time('calibration', 'pretrain')}, pretrain {stage_time('pretrain', 'long context')}, long context "
-        f"{stage_time('long context', 'evaluate')}, evaluation and report {stage_time('evaluate', 'end')}",
+        f"{stage_time('long context', 'sft')}, SFT {stage_time('sft', 'evaluate')}, evaluation and report "
+        f"{stage_time('evaluate', 'end')}",
         f"- model: `{plan.preset}` ({_param_line(lc)}), vocab {plan.vocab_size}",
         f"- pretraining: {_steps(steps_pre[-1]['step'])} x {plan.batch_size} x {plan.seq_len} tokens "
         f"({steps_pre[-1]['tokens']:,} tokens), phase 2 {phase2}, "
@@ -364,6 +472,18 @@ def _write_report(out, plan, t_start, timings, evals, samples, pre, lc, runs, no
             f"- long context: {_steps(steps_lc[-1]['step'])} at {plan.long_seq_len} (92%) and {plan.seq_len} (8%) "
             f"tokens, {steps_lc[-1]['tokens']:,} tokens, mean {_mean(steps_lc, 'tokens_per_s'):.0f} tokens/s"
         )
+    if steps_sft:
+        pre_rate, sft_rate = _mean(steps_pre, "tokens_per_s"), _mean(steps_sft, "tokens_per_s")
+        lines.append(
+            f"- SFT: {_steps(steps_sft[-1]['step'])} x {plan.batch_size} x {sft_recipe.data.seq_len} tokens of packed "
+            f"conversations ({steps_sft[-1]['tokens']:,} tokens, {sum(r['loss_tokens'] for r in steps_sft):,} of them "
+            f"assistant tokens in the loss, padding {100 * _mean(steps_sft, 'padding'):.2f}%), mean "
+            f"{sft_rate:.0f} tokens/s ({100 * sft_rate / pre_rate:.0f}% of pretraining's at the same shape), MFU "
+            f"{100 * _mean(steps_sft, 'mfu'):.1f}%; loss {steps_sft[0]['loss']:.3f} -> {steps_sft[-1]['loss']:.3f}"
+        )
+    if sft_summary is not None:
+        chat = sft_summary["checkpoint"]
+        lines.append(f"- the chat model: `{chat}` (`hybridmoe serve {chat}`, `hybridmoe chat {chat}`)")
     cut = [r for r in runs if r["ended"] != "as planned"]
     lines += [
         "",
@@ -401,16 +521,28 @@ def _write_report(out, plan, t_start, timings, evals, samples, pre, lc, runs, no
             f"| {r['stage']} | {r['val_loss_short']:.3f} | {r['val_ppl_short']:.1f} | {r['val_loss_long']:.3f} | "
             f"{r['val_ppl_long']:.1f} |"
         )
-    lines += ["", "## Loss", "", f"![loss curves]({os.path.basename(png)})", "", "## Samples (final model)", ""]
+    lines += _task_section(out, plan, task_evals)
+    lines += ["", "## Loss", "", f"![loss curves]({os.path.basename(png)})", "", "## The chat model's answers", ""]
     if samples is None:
-        lines += ["Not generated: no time left before the deadline.", ""]
-    for prompt, text in samples or []:
-        lines += ["```python", prompt + text, "```", ""]
+        lines += ["None: the SFT model was not evaluated (no time left before the deadline).", ""]
+    for r in samples or []:
+        prompt = r["prompt"].rsplit("<|im_start|>user\n", 1)[-1].split("<|im_end|>")[0]
+        lines += [
+            f"**{r['domain']}** (reward {r['reward']:g})",
+            "",
+            "```text",
+            f"user: {prompt.strip()}",
+            f"reasoning_content: {(r['reasoning_content'] or '').strip()}",
+            f"content: {(r['content'] or '').strip()}",
+            "```",
+            "",
+        ]
     lines += [
         "## Files",
         "",
-        "- `tokenizer/`, `data/` (token shards and manifests), `pretrain/` and `long-context/` (logs, checkpoints:",
-        "  each a Hugging Face model directory with its tokenizer); `evals.json` and `stages.json` (the tables above)",
+        "- `tokenizer/`, `data/` (token shards and manifests, `sft.jsonl`), `pretrain/`, `long-context/` and `sft/`",
+        "  (logs, checkpoints: each a Hugging Face model directory with its tokenizer and chat template);",
+        "  `tasks/` (per-sample task evaluations); `evals.json` and `stages.json` (the tables above)",
         "",
     ]
     path = os.path.join(out, "report.md")
@@ -418,6 +550,50 @@ def _write_report(out, plan, t_start, timings, evals, samples, pre, lc, runs, no
     atomic_write_text(os.path.join(out, "evals.json"), json.dumps(evals, indent=1))
     atomic_write_text(os.path.join(out, "stages.json"), json.dumps(runs, indent=1))
     return path
+
+
+def _task_section(out: str, plan: Plan, task_evals: dict) -> list[str]:
+    """The table (per domain: accuracy before and after SFT, reasoning on and off; answer length after) and the
+    chart of the held-out task evaluation."""
+    lines = ["", "## Tasks (held-out seeds, before and after SFT)", ""]
+    if not task_evals:
+        return lines + ["Not evaluated: no time left before the deadline.", ""]
+    from .eval.tasks import plot_comparison
+
+    png = os.path.join(out, "tasks.png")
+    plot_comparison(task_evals, png, title="hybridmoe speedrun: held-out task accuracy")
+    labels = list(task_evals)
+    first = next(iter(task_evals.values()))
+    lines += [
+        f"{plan.task_samples} held-out tasks per domain (difficulty {plan.task_difficulty}), greedy, at most "
+        f"{plan.task_max_new_tokens} new tokens per turn; accuracy is the mean reward of each domain's verifier. "
+        "Tokens: mean generated tokens per answer. Train overlap: held-out prompts identical to one of the SFT "
+        "data's (different seeds can repeat a prompt in a small task space).",
+        "",
+        "| domain | "
+        + " | ".join(f"{label}, reasoning {m}" for label in labels for m in ("on", "off"))
+        + " | tokens on / off (last) | train overlap |",
+        "|---|" + "---:|" * (2 * len(labels) + 2),
+    ]
+    last = task_evals[labels[-1]]
+    for d in first.domains:
+        cells = [f"{100 * task_evals[label].accuracy(d, m):.0f}%" for label in labels for m in ("on", "off")]
+        tokens = f"{last.row(d, 'on')['mean_tokens']:.0f} / {last.row(d, 'off')['mean_tokens']:.0f}"
+        overlap = first.domains[d]["train_overlap"]
+        lines.append(f"| {d} | " + " | ".join(cells) + f" | {tokens} | {overlap} of {plan.task_samples} |")
+    means = [f"**{100 * task_evals[label].overall()[m]['accuracy']:.1f}%**" for label in labels for m in ("on", "off")]
+    o = last.overall()
+    lines += [
+        "| **mean** | " + " | ".join(means) + f" | {o['on']['mean_tokens']:.0f} / {o['off']['mean_tokens']:.0f} | |",
+        "",
+        f"![task accuracy]({os.path.basename(png)})",
+    ]
+    return lines
+
+
+def _read_log_if_any(out_dir: str) -> list[dict]:
+    path = os.path.join(out_dir, "log.jsonl")
+    return read_log(path) if os.path.exists(path) else []
 
 
 def _steps(n: int) -> str:
@@ -438,7 +614,7 @@ def _mean(records, key) -> float:
     return sum(values) / max(len(values), 1)
 
 
-def _plot(out, pre_log, lc_log) -> str:
+def _plot(out, pre_log, lc_log, sft_log) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -446,7 +622,12 @@ def _plot(out, pre_log, lc_log) -> str:
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     offset = 0
-    for log, label, color in ((pre_log, "pretrain", "tab:blue"), (lc_log, "long context", "tab:orange")):
+    stages = (
+        (pre_log, "pretrain", "tab:blue"),
+        (lc_log, "long context", "tab:orange"),
+        (sft_log, "SFT (assistant tokens)", "tab:green"),
+    )
+    for log, label, color in stages:
         steps = [r for r in log if "loss" in r]
         xs = [offset + r["tokens"] for r in steps]
         ys = [r["lm_loss"] for r in steps]
