@@ -441,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("speedrun", help="the whole CPU pipeline on the embedded default (stdlib sources, tiny)")
-    p.add_argument("--minutes", type=float, default=20.0, help="time budget; step counts are fitted to it")
+    p.add_argument("--minutes", type=float, default=30.0, help="time budget; step counts are fitted to it")
     p.add_argument("--out", help="run directory (default: a new speedrun-<time> folder here)")
     p.set_defaults(func=cmd_speedrun)
 
