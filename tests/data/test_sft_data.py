@@ -266,7 +266,7 @@ def test_bad_conversations_are_counted_by_reason_with_their_lines(tok, tmp_path,
     listed = [json.loads(x) for x in bad_path.read_text().splitlines()]
     assert {e["reason"]: [e["line"]] for e in listed} == expected
     assert all(e["file"] == str(path) for e in listed)
-    assert "bad records: 9 of 11" in report.summary() and "mixed.jsonl:6" in report.summary()
+    assert "bad records: 9; 8 of 11 conversations" in report.summary() and "mixed.jsonl:6" in report.summary()
 
     with pytest.raises(TooManyBadRecords) as e:  # 9 of 11 is above the default 1%
         load_sft_samples(path, tok, 96, drop_long=True, bad_records_path=bad_path)

@@ -138,6 +138,7 @@ class SFTReport(PackReport):
     bad_examples: dict[str, list[dict]] = field(default_factory=dict)
     bad_records_path: str = ""
     max_bad_fraction: float = 0.01
+    bad_conversations: int = 0  # the bad conversations that count against max_bad_fraction
 
     @property
     def bad(self) -> int:
@@ -164,8 +165,9 @@ class SFTReport(PackReport):
             return "\n".join(lines)
         listed = f"all of them in {self.bad_records_path}" if self.bad_records_path else "not written to a file"
         lines.append(
-            f"  bad records: {self.bad} of {self.records} conversations "
-            f"({self.bad / max(1, self.records):.2%}, limit {self.max_bad_fraction:.2%}); {listed}"
+            f"  bad records: {self.bad}; {self.bad_conversations} of {self.records} conversations "
+            f"({self.bad_conversations / max(1, self.records):.2%}) count against max_bad_fraction "
+            f"{self.max_bad_fraction:.2%} (too_long, asked for with drop_long, does not); {listed}"
         )
         for reason in REASONS:
             if self.bad_records.get(reason):
@@ -576,7 +578,7 @@ def load_sft_samples(
         if bad_records_path is not None:
             os.makedirs(os.path.dirname(os.path.abspath(bad_records_path)), exist_ok=True)
             log.save(bad_records_path)
-        bad = len(log.conversations)
+        bad = report.bad_conversations = len(log.conversations)
     if report.records and bad / report.records > max_bad_fraction:
         listed = f"every one is listed in {bad_records_path}" if bad_records_path else "see the report"
         raise TooManyBadRecords(
