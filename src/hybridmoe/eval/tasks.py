@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from ..tasks import DOMAINS, Domain, Task, get_domain, split_seeds
+from ..tasks import DOMAINS, Domain, Task, get_domain, prompt_key, split_seeds
 from ..utils import atomic_write, atomic_write_text
 
 FORMAT = "hybridmoe-task-eval-1"
@@ -317,14 +317,10 @@ def _tool_output(domain: Domain, task: Task, name: str, arguments: str) -> str:
         return f"error: {type(e).__name__}: {e}"
 
 
-def _prompt_key(task: Task) -> str:
-    return json.dumps([task.messages, task.tools], sort_keys=True, ensure_ascii=False)
-
-
 def _domain_info(domain: Domain, tasks: list[Task], s: TaskEvalSettings) -> dict:
     """Tasks, distinct prompts, and how many of the prompts also come from the first overlap_seeds training seeds."""
-    keys = [_prompt_key(t) for t in tasks]
-    train = {_prompt_key(domain.generate(seed, s.difficulty)) for seed in split_seeds("train", s.overlap_seeds)}
+    keys = [prompt_key(t) for t in tasks]
+    train = {prompt_key(domain.generate(seed, s.difficulty)) for seed in split_seeds("train", s.overlap_seeds)}
     return {
         "description": domain.description,
         "tasks": len(tasks),
