@@ -1,5 +1,5 @@
-"""Supervised fine-tuning of Hugging Face MoE models: chat data with an assistant-only loss, packing with
-conversation boundaries (attention and Mamba state), and `hybridmoe finetune` (the SFT stage with
+"""Supervised fine-tuning of Hugging Face MoE models: packed conversations kept apart in attention and Mamba state,
+and `hybridmoe finetune` (the SFT stage with
 model.source=transformers, tests/train/test_sft.py) end to end with resume, LoRA and its flags' errors."""
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import torch
 import transformers
 
 from hybridmoe.automodel import AutoModelForCausalLM
-from hybridmoe.data.sft import IGNORE_INDEX, load_sft_samples, pack, read_conversations, tokenize_conversation
 from hybridmoe.data.tokenizer import train_tokenizer
 from hybridmoe.train import session as session_mod
 from hybridmoe.train.metrics import read_log
@@ -48,49 +47,6 @@ def _write_chats(path, chats):
     with open(path, "w") as fh:
         for chat in chats:
             fh.write(json.dumps({"messages": chat}) + "\n")
-
-
-def test_assistant_mask_covers_exactly_the_assistant_turns(tokenizer_dir):
-    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-    conv = tokenize_conversation(tok, CHATS[1])
-    learned = tok.decode([t for t, m in zip(conv.input_ids, conv.assistant_mask) if m])
-    assert "Blue." in learned and "Green." in learned
-    assert "colour" not in learned and "briefly" not in learned and "Another" not in learned
-    # the masked spans are the assistant turns as the template renders them (content plus the end-of-turn token)
-    assert 0 < sum(conv.assistant_mask) < len(conv.input_ids) / 2
-
-
-def test_pack_keeps_conversations_apart(tokenizer_dir):
-    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-    convs = [tokenize_conversation(tok, c, i + 1) for i, c in enumerate(CHATS)]
-    longest = max(len(c.input_ids) for c in convs)
-    samples, report = pack(convs, seq_len=longest + 8)
-    assert report.conversations == 3 and report.tokens == sum(len(c.input_ids) for c in convs)
-    seen = 0
-    for s in samples:
-        docs, pos, labels = s["document_ids"], s["position_ids"], s["labels"]
-        starts = torch.nonzero(torch.diff(docs, prepend=docs[:1] - 1)).flatten()
-        assert (pos[starts] == 0).all()  # positions restart in every conversation (and the padding)
-        assert (labels[starts] == IGNORE_INDEX).all()  # no target across a boundary
-        seen += int((labels != IGNORE_INDEX).sum())
-    assert seen == report.loss_tokens == sum(sum(c.assistant_mask) - c.assistant_mask[0] for c in convs)
-    with pytest.raises(ValueError, match="more than seq_len"):
-        pack(convs, seq_len=longest - 1)
-    _, dropped = pack(convs, seq_len=longest - 1, drop_long=True)
-    assert dropped.dropped_long and "dropped" in dropped.summary()
-
-
-def test_bad_conversation_files_fail_clearly(tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
-    with pytest.raises(ValueError, match="no assistant message"):
-        read_conversations(bad)
-    bad.write_text("{not json\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: not valid JSON"):
-        read_conversations(bad)
-    bad.write_text('{"messages": [{"role": "robot", "content": "hi"}]}\n')
-    with pytest.raises(ValueError, match="role"):
-        read_conversations(bad)
 
 
 def _qwen3_moe(vocab):
@@ -181,15 +137,6 @@ def test_finetune_rejects_bad_arguments(tmp_path, tokenizer_dir):
         finetune_recipe(model=base, data=str(data), dtype="float16")
     with pytest.raises(ValueError, match="more than seq_len"):
         sft(finetune_recipe(model=base, data=str(data), seq_len=8, progress=False, out_dir=str(tmp_path / "r")))
-
-
-def test_sft_samples_loader_counts(tmp_path, tokenizer_dir):
-    data = tmp_path / "chats.jsonl"
-    _write_chats(data, CHATS)
-    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-    samples, report = load_sft_samples(data, tok, seq_len=128)
-    assert report.conversations == 3 and report.samples == len(samples) >= 1
-    assert all(s["input_ids"].shape == (128,) for s in samples)
 
 
 def test_finetune_lora_resumes_and_merges(tmp_path, tokenizer_dir, capsys, monkeypatch):

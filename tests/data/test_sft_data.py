@@ -13,8 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_finetune import CHATS, _write_chats
 
 from hybridmoe.data.messages import template_messages
 from hybridmoe.data.sft import (
@@ -22,6 +24,7 @@ from hybridmoe.data.sft import (
     Conversation,
     load_sft_samples,
     pack,
+    read_conversations,
     tokenize_conversation,
     user_turn_samples,
 )
@@ -411,3 +414,68 @@ def test_plain_conversations_under_other_templates_give_the_samples_they_gave_be
         assert len(samples) == len(reference) == report.samples
         for x, y in zip(samples, reference):
             assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+# ------------------------------------------------------------------------------------------------ plain chats
+@pytest.fixture(scope="module")
+def plain_tok(tmp_path_factory):
+    """A tokenizer with the plain ChatML template, trained on CHATS."""
+    root = tmp_path_factory.mktemp("plain-tok")
+    text = root / "corpus.txt"
+    text.write_text("\n".join([m["content"] for chat in CHATS for m in chat] * 20))
+    train_tokenizer([text], root / "tok", vocab_size=400, min_frequency=1, show_progress=False)
+    tok = transformers.AutoTokenizer.from_pretrained(root / "tok")
+    tok.chat_template = PLAIN_CHAT_TEMPLATE
+    return tok
+
+
+def test_assistant_mask_covers_exactly_the_assistant_turns(plain_tok):
+    tok = plain_tok
+    conv = tokenize_conversation(tok, CHATS[1])
+    learned = tok.decode([t for t, m in zip(conv.input_ids, conv.assistant_mask) if m])
+    assert "Blue." in learned and "Green." in learned
+    assert "colour" not in learned and "briefly" not in learned and "Another" not in learned
+    # the masked spans are the assistant turns as the template renders them (content plus the end-of-turn token)
+    assert 0 < sum(conv.assistant_mask) < len(conv.input_ids) / 2
+
+
+def test_pack_keeps_conversations_apart(plain_tok):
+    tok = plain_tok
+    convs = [tokenize_conversation(tok, c, i + 1) for i, c in enumerate(CHATS)]
+    longest = max(len(c.input_ids) for c in convs)
+    samples, report = pack(convs, seq_len=longest + 8)
+    assert report.conversations == 3 and report.tokens == sum(len(c.input_ids) for c in convs)
+    seen = 0
+    for s in samples:
+        docs, pos, labels = s["document_ids"], s["position_ids"], s["labels"]
+        starts = torch.nonzero(torch.diff(docs, prepend=docs[:1] - 1)).flatten()
+        assert (pos[starts] == 0).all()  # positions restart in every conversation (and the padding)
+        assert (labels[starts] == IGNORE_INDEX).all()  # no target across a boundary
+        seen += int((labels != IGNORE_INDEX).sum())
+    assert seen == report.loss_tokens == sum(sum(c.assistant_mask) - c.assistant_mask[0] for c in convs)
+    with pytest.raises(ValueError, match="more than seq_len"):
+        pack(convs, seq_len=longest - 1)
+    _, dropped = pack(convs, seq_len=longest - 1, drop_long=True)
+    assert dropped.dropped_long and "dropped" in dropped.summary()
+
+
+def test_bad_conversation_files_fail_clearly(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    with pytest.raises(ValueError, match="no assistant message"):
+        read_conversations(bad)
+    bad.write_text("{not json\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: not valid JSON"):
+        read_conversations(bad)
+    bad.write_text('{"messages": [{"role": "robot", "content": "hi"}]}\n')
+    with pytest.raises(ValueError, match="role"):
+        read_conversations(bad)
+
+
+def test_sft_samples_loader_counts(tmp_path, plain_tok):
+    data = tmp_path / "chats.jsonl"
+    _write_chats(data, CHATS)
+    tok = plain_tok
+    samples, report = load_sft_samples(data, tok, seq_len=128)
+    assert report.conversations == 3 and report.samples == len(samples) >= 1
+    assert all(s["input_ids"].shape == (128,) for s in samples)

@@ -165,3 +165,11 @@ def text_reward(expected: str, completion: str, distractors: tuple[str, ...] | l
     if holds(expected) and not any(holds(d) for d in distractors if normalize_text(d) != want):
         return 1.0
     return 0.0
+
+
+def value_reward(answer: dict, completion: str) -> float:
+    """The reward of an answer stored as `{"value", "numeric", "distractors"}` (documents, follow-ups): a number
+    checked exactly, else the text with its distractors (`text_reward`)."""
+    if answer["numeric"]:
+        return number_reward(answer["value"], completion)
+    return text_reward(answer["value"], completion, answer["distractors"])

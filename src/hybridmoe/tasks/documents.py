@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 
 from .base import Domain, Task
-from .common import NAMES, SURNAMES, assistant, made_up_name, number_reward, text_reward, user
+from .common import NAMES, SURNAMES, assistant, made_up_name, user, value_reward
 
 # fact kind -> (sentence, question); {T} is the town, {v} the value
 FACTS = {
@@ -80,6 +80,4 @@ class Documents(Domain):
         )  # fmt: skip
 
     def verify(self, task: Task, completion: str) -> float:
-        if task.answer["numeric"]:
-            return number_reward(task.answer["value"], completion)
-        return text_reward(task.answer["value"], completion, task.answer["distractors"])
+        return value_reward(task.answer, completion)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 
 from .base import Domain, Task
-from .common import NAMES, assistant, made_up_name, number_reward, text_reward, user
+from .common import NAMES, assistant, made_up_name, user, value_reward
 
 PETS = ("dog", "cat", "parrot", "rabbit", "horse", "goat")
 _THEN = {"*": "Now multiply that by {c}.", "+": "Now add {c} to that.", "-": "Now subtract {c} from that."}
@@ -86,6 +86,4 @@ class Followup(Domain):
         )  # fmt: skip
 
     def verify(self, task: Task, completion: str) -> float:
-        if task.answer["numeric"]:
-            return number_reward(task.answer["value"], completion)
-        return text_reward(task.answer["value"], completion, task.answer["distractors"])
+        return value_reward(task.answer, completion)
