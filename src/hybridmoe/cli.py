@@ -94,12 +94,24 @@ def cmd_pretrain(args) -> int:
     from .train.config import Recipe
     from .train.pretrain import pretrain
 
-    recipe = Recipe.from_yaml(args.recipe, args.overrides)
+    return _run_stage(Recipe, pretrain, args)
+
+
+def cmd_sft(args) -> int:
+    from .train.config import SFTRecipe
+    from .train.sft import sft
+
+    return _run_stage(SFTRecipe, sft, args)
+
+
+def _run_stage(recipe_class, stage, args) -> int:
+    """Read and check the recipe, print it, run the stage, say how it ended (under torchrun rank 0 alone talks)."""
+    recipe = recipe_class.from_yaml(args.recipe, args.overrides)
     recipe.validate()
-    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
+    main_rank = os.environ.get("RANK", "0") == "0"
     if main_rank:
         print(f"recipe {args.recipe} (resolved):\n{recipe.to_yaml()}", flush=True)
-    summary = pretrain(recipe, resume=args.resume)
+    summary = stage(recipe, resume=args.resume)
     if not main_rank:
         return 0
     state = "finished"
@@ -109,24 +121,8 @@ def cmd_pretrain(args) -> int:
     print(f"{state} at step {summary['steps']}; checkpoint {summary.get('checkpoint')}; log {summary['log']}")
     if summary.get("final_val_loss") is not None:
         print(f"validation loss {summary['final_val_loss']:.4f}")
-    return 0
-
-
-def cmd_sft(args) -> int:
-    from .train.config import SFTRecipe
-    from .train.sft import sft
-
-    recipe = SFTRecipe.from_yaml(args.recipe, args.overrides)
-    recipe.validate()
-    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
-    if main_rank:
-        print(f"recipe {args.recipe} (resolved):\n{recipe.to_yaml()}", flush=True)
-    summary = sft(recipe, resume=args.resume)
-    if main_rank:
-        state = "finished" if not summary.get("interrupted") else f"stopped ({summary['stopped']})"
-        print(f"{state} at step {summary['steps']}; checkpoint {summary.get('checkpoint')}; log {summary['log']}")
-        if summary.get("final"):
-            print(f"model: {summary['final']}")
+    if summary.get("final"):
+        print(f"model: {summary['final']}")
     return 0
 
 

@@ -153,24 +153,21 @@ class Recipe(_RecipeFile):
 
     def validate(self) -> None:
         d = self.data
-        _validate_common(self.optim, self.train)
-        if self.train.steps < 1 or d.batch_size < 1 or d.grad_accum < 1 or d.seq_len < 2:
-            raise ValueError("train.steps, data.batch_size, data.grad_accum must be >= 1 and data.seq_len >= 2")
-        _validate_schedule(self.optim, self.train)
+        _validate_common(self.optim, self.train, d)
         if not d.phases and not any(m.phases for m in d.seq_mix):
             raise ValueError("data.phases is empty: give at least one phase with a blend of prepared datasets")
         if d.seq_mix and abs(sum(m.fraction for m in d.seq_mix) - 1) > 1e-6:
             raise ValueError("data.seq_mix fractions must sum to 1")
 
 
-def _validate_common(o: OptimSection, t: TrainSection) -> None:
+def _validate_common(o: OptimSection, t: TrainSection, d) -> None:
+    """The checks every stage's recipe shares (optim, train, and the data section's batch keys)."""
     if o.schedule not in ("wsd-sqrt", "wsd-cosine", "cosine", "constant"):
         raise ValueError(f"optim.schedule={o.schedule!r}: use wsd-sqrt, wsd-cosine, cosine or constant")
     if t.precision not in ("fp32", "bf16", "autocast-bf16"):
         raise ValueError(f"train.precision={t.precision!r}: use fp32, bf16 or autocast-bf16")
-
-
-def _validate_schedule(o: OptimSection, t: TrainSection) -> None:
+    if t.steps < 1 or d.batch_size < 1 or d.grad_accum < 1 or d.seq_len < 2:
+        raise ValueError("train.steps, data.batch_size, data.grad_accum must be >= 1 and data.seq_len >= 2")
     if not 0 <= o.decay_fraction <= 1 or o.warmup_steps < 0:
         raise ValueError("optim.decay_fraction must be in [0, 1] and optim.warmup_steps >= 0")
     if t.time_limit_s is not None and not t.time_limit_s > 0:
@@ -237,10 +234,7 @@ class SFTRecipe(_RecipeFile):
 
     def validate(self) -> None:
         m, d, s, t = self.model, self.data, self.sft, self.train
-        _validate_common(self.optim, t)
-        if t.steps < 1 or d.batch_size < 1 or d.grad_accum < 1 or d.seq_len < 2:
-            raise ValueError("train.steps, data.batch_size, data.grad_accum must be >= 1 and data.seq_len >= 2")
-        _validate_schedule(self.optim, t)
+        _validate_common(self.optim, t, d)
         if m.source not in ("native", "transformers"):
             raise ValueError(f"model.source={m.source!r}: use native or transformers")
         if m.source == "transformers":
