@@ -15,7 +15,7 @@ task depends on nothing but its domain, seed and difficulty.
 
 What `verify` receives: the text of the model's final assistant turn with the reasoning removed (the `content` of
 the parsed answer, as the chat parser returns it), never raw model output to execute in this process. A domain
-that runs model-written code does so only through `hybridmoe.tasks.sandbox` (a separate, resource-limited
+that runs model-written code does so only through `hybridmoe.envs.sandbox` (a separate, resource-limited
 process).
 """
 

@@ -1,4 +1,4 @@
-"""Small Python functions checked against hidden tests, which run only in the sandbox (`tasks.sandbox`).
+"""Small Python functions checked against hidden tests, which run only in the sandbox (`hybridmoe.envs.sandbox`).
 
 Difficulty 1: one expression (`x * 3 + 7`, the same for each element of a list, or a string between two others);
 2: a condition or a filtered sum or count; 3: a loop (running sums, removing repeats, digit sums). Each task holds
@@ -15,9 +15,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..envs.sandbox import run_python
 from .base import Domain, Task
 from .common import assistant, made_up_word, user
-from .sandbox import run_python
 
 _OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 _FENCE_RE = re.compile(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)

