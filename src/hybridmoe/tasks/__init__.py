@@ -18,6 +18,7 @@ from .json_schema import JsonSchema
 from .lists import Lists
 from .python_code import PythonCode
 from .strings import Strings
+from .terminal import Terminal
 from .unit_conversion import UnitConversion
 from .word_problems import WordProblems
 
@@ -35,6 +36,7 @@ DOMAINS: dict[str, Domain] = {
         JsonSchema(),
         Instructions(),
         Followup(),
+        Terminal(),
     )  # fmt: skip
 }
 
