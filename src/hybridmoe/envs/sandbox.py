@@ -32,7 +32,7 @@ itself; bubblewrap and nsjail combine the same kernel features):
 - Landlock (Linux >= 5.13): the file system is read-only except the working directory and /dev/null; from ABI 4 TCP
   bind and connect are refused; from ABI 6 signals to processes outside the run and abstract Unix sockets are too;
 - the process: an empty environment (the shell gets a fixed PATH, HOME and locale, nothing inherited), no inherited
-  file descriptors but stdin (/dev/null for the shell), stdout and stderr, its own session, killed as a whole at the
+  file descriptors but stdin (/dev/null once the job is read), stdout and stderr, its own session, killed at the
   wall-clock timeout;
 - Python only: an audit hook (PEP 578) installed before the code runs refuses sockets, new processes, ctypes, frame
   and gc introspection (the harness's locals stay out of reach), changing limits, and opening files outside the
