@@ -17,6 +17,7 @@ from .instructions import Instructions
 from .json_schema import JsonSchema
 from .lists import Lists
 from .python_code import PythonCode
+from .retrieval import Retrieval
 from .strings import Strings
 from .unit_conversion import UnitConversion
 from .word_problems import WordProblems
@@ -35,6 +36,7 @@ DOMAINS: dict[str, Domain] = {
         JsonSchema(),
         Instructions(),
         Followup(),
+        Retrieval(),
     )  # fmt: skip
 }
 
