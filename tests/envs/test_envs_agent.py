@@ -222,9 +222,12 @@ class Flaky(Environment):
 
 def test_errors_stay_with_their_episode(tok):
     env = Flaky()
-    script = lambda text: (
-        "</think>\n42" if "<tool_response>" in text else "</think>\n" + call_block("calculator", expression="6 * 7")
-    )  # noqa: E501, E731
+
+    def script(text):
+        if "<tool_response>" in text:
+            return "</think>\n42"
+        return "</think>\n" + call_block("calculator", expression="6 * 7")
+
     gen = FakeGenerator(tok, script)
     rollouts = play({"flaky": env}, [("flaky", s) for s in range(5)], gen, tok, params=GREEDY, max_new_tokens=200)
     by_seed = {r.seed: r for r in rollouts}
