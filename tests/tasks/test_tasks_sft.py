@@ -5,7 +5,7 @@ import json
 import pytest
 
 from hybridmoe.cli import main
-from hybridmoe.tasks import get_domain, write_sft_jsonl
+from hybridmoe.tasks import DOMAINS, get_domain, write_sft_jsonl
 
 
 def read(path) -> list[dict]:
@@ -43,7 +43,7 @@ def test_cli_tasks_write_and_show(tmp_path, capsys):
     assert main(["tasks", "write", str(out), "--domains", "strings,followup", "--per-domain", "2"]) == 0
     assert [r["domain"] for r in read(out)] == ["strings", "followup", "strings", "followup"]
     assert main(["tasks", "write", str(out), "--per-domain", "1"]) == 0  # all domains
-    assert len(read(out)) == 11
+    assert len(read(out)) == len(DOMAINS)
     capsys.readouterr()
     assert main(["tasks", "show", "calculator", "--seed", "3", "--difficulty", "3"]) == 0
     shown = capsys.readouterr().out
