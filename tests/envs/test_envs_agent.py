@@ -254,6 +254,8 @@ def test_groups_and_bad_requests(tok):
     assert [(t.seed, t.group) for t in trajs] == [(SEEDS[0], 5)] * 3 + [(SEEDS[1], 6)] * 3
     with pytest.raises(ValueError, match="environment 'code', which is not among the given ones: math"):
         run_episodes(make_envs("math"), [("code", 1)], gen, tok, params=GREEDY)
+    with pytest.raises(ValueError, match="difficulty 4 is outside 1..3 for environment 'math'"):
+        run_episodes(make_envs("math"), [("math", 1)], gen, tok, params=GREEDY, difficulty=4)
     with pytest.raises(ValueError, match="unknown environment 'nope'; known: math"):
         make_envs("math,nope")
     assert set(make_envs()) == set(ENVIRONMENTS) >= {"math", "code", "calculator", "retrieval", "structured",

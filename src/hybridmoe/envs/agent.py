@@ -206,8 +206,12 @@ def play(
         if name not in envs:
             raise ValueError(f"request for environment {name!r}, which is not among the given ones: "
                              f"{', '.join(envs) or 'none'}")  # fmt: skip
+    for name in dict.fromkeys(name for name, _ in requests):
+        top = getattr(envs[name], "max_difficulty", None)
+        if difficulty < 1 or (top is not None and difficulty > top):
+            raise ValueError(f"difficulty {difficulty} is outside 1..{top} for environment {name!r}")
     stops = list(dict.fromkeys([*params.stop_token_ids, *stop_token_ids(tokenizer)]))
-    loop = _Loop(tokenizer, reasoning, max_new_tokens)
+    loop = _Loop(tokenizer, reasoning, max_new_tokens, stops)
     rollouts = [Rollout(envs[name], seed, group_offset + i)
                 for i, (name, seed) in enumerate(requests) for _ in range(group_size)]  # fmt: skip
     try:
@@ -234,11 +238,9 @@ def play(
 class _Loop:
     """The steps of one episode: start (reset and render), turn (take a completion: tools or verify)."""
 
-    def __init__(self, tokenizer, reasoning: bool, max_new_tokens: int):
-        from ..serve.load import stop_token_ids
-
+    def __init__(self, tokenizer, reasoning: bool, max_new_tokens: int, stop_ids: list[int]):
         self.tok, self.reasoning, self.max_new_tokens = tokenizer, reasoning, max_new_tokens
-        self.stop_ids = set(stop_token_ids(tokenizer))
+        self.stop_ids = set(stop_ids)
 
     def guard(self, r: Rollout, step) -> None:
         """Run one step; anything it raises ends this episode alone (finish_reason "error", reward 0)."""
