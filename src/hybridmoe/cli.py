@@ -264,6 +264,23 @@ def cmd_eval_tasks(args) -> int:
     return 0
 
 
+def cmd_eval_envs(args) -> int:
+    from .eval.envs import evaluate_envs, resolve_envs, write_env_report
+    from .serve.load import load_engine
+
+    envs = resolve_envs(args.envs, args.difficulty)  # bad names fail before the model loads
+    checkpoint = _model_dir(args.checkpoint)
+    engine, tokenizer = load_engine(checkpoint, max_num_seqs=args.max_num_seqs, **_engine_kwargs(args))
+    result = evaluate_envs(
+        engine, tokenizer, envs, args.samples, difficulty=args.difficulty, reasoning=args.reasoning,
+        max_new_tokens=args.max_new_tokens, offset=args.offset, checkpoint=checkpoint,
+    )  # fmt: skip
+    files = write_env_report(result, args.out or os.path.join("eval", f"envs-{os.path.basename(checkpoint)}"))
+    print(result.table())
+    print("wrote " + ", ".join(files.values()))
+    return 0
+
+
 def _engine_kwargs(args) -> dict:
     return dict(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, tokenizer=args.tokenizer)
 
@@ -525,6 +542,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", help="default: cuda if available, else cpu")
     e.add_argument("--dtype", choices=DTYPE_NAMES, help="default: bfloat16 on GPU, else fp32")
     e.set_defaults(func=cmd_eval_tasks)
+
+    e = eval_sub.add_parser("envs", help="greedy pass@1 on held-out episodes of the RL environments (agent loop)")
+    e.add_argument("checkpoint", help="a Hugging Face model directory with its tokenizer")
+    e.add_argument("--envs", help="comma-separated environments (default: all)")
+    e.add_argument("--samples", type=int, default=20, help="episodes per environment")
+    e.add_argument("--difficulty", type=int, default=1, help="task difficulty (1 = easiest)")
+    e.add_argument("--offset", type=int, default=0, help="skip this many held-out seeds (a fresh slice)")
+    e.add_argument("--reasoning", choices=("on", "off", "both"), default="both", help="thinking block on, off, or "
+                   "both measured separately")  # fmt: skip
+    e.add_argument("--max-new-tokens", type=int, default=512, help="generated tokens per episode (all turns)")
+    e.add_argument("--max-num-seqs", type=int, default=16, help="requests decoded together (engine slots)")
+    e.add_argument("--max-model-len", type=int, help="prompt + output tokens per request (default: the config's)")
+    e.add_argument("--out", help="results folder (default: eval/envs-<checkpoint name>)")
+    e.add_argument("--tokenizer", help="tokenizer directory, if not in the checkpoint")
+    e.add_argument("--device", help="default: cuda if available, else cpu")
+    e.add_argument("--dtype", choices=DTYPE_NAMES, help="default: bfloat16 on GPU, else fp32")
+    e.set_defaults(func=cmd_eval_envs)
 
     def add_model_args(p, max_tokens: int):
         p.add_argument("checkpoint", help="a Hugging Face model directory with its tokenizer")

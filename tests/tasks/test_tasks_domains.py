@@ -102,7 +102,7 @@ def test_tool_results_are_the_real_tool_output():
                     if m["role"] == "tool":
                         assert m["content"] == calls.pop(m["tool_call_id"]), (name, task.solution)
                 assert not calls, f"{name}: a tool call without its result"
-                assert bool(task.tools) == (name in ("calculator", "terminal"))
+                assert bool(task.tools) == (name in ("calculator", "retrieval", "terminal"))
 
 
 WRONG = ["", "I don't know.", "42 43 44", "The answer is", "[1, 2, 3]", "{}", "\\boxed{}", "NaN"]

@@ -17,6 +17,7 @@ from .instructions import Instructions
 from .json_schema import JsonSchema
 from .lists import Lists
 from .python_code import PythonCode
+from .retrieval import Retrieval
 from .strings import Strings
 from .terminal import Terminal
 from .unit_conversion import UnitConversion
@@ -36,6 +37,7 @@ DOMAINS: dict[str, Domain] = {
         JsonSchema(),
         Instructions(),
         Followup(),
+        Retrieval(),
         Terminal(),
     )  # fmt: skip
 }
