@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -190,3 +191,25 @@ def test_rl_recipe_keys_and_checks():
             RLRecipe.from_dict(d).validate()
     with pytest.raises(ValueError, match="unknown key"):
         RLRecipe.from_dict({"rl": {"clip": 0.2}})
+
+
+RECIPES = os.path.join(os.path.dirname(__file__), "..", "..", "recipes")
+
+
+@pytest.mark.parametrize(
+    "name, prompts, staleness, rollout",
+    [("nano-30b-a3b", 128, 0, "sync"), ("super-120b-a12b", 256, 1, "async"), ("ultra-550b-a55b", 512, 1, "async")],
+)
+def test_published_rl_recipes(name, prompts, staleness, rollout):
+    r = RLRecipe.from_yaml(os.path.join(RECIPES, f"{name}-rl.yaml"))
+    r.validate()
+    got = (r.rl.prompts_per_step, r.rl.group_size, r.rl.max_staleness, r.rl.rollout)
+    assert got == (prompts, 16, staleness, rollout)
+    assert r.optim.lr == 3e-6 and r.optim.schedule == "constant" and r.rl.freeze_router and r.rl.kl_coef == 0
+    assert (r.rl.eps_low, r.rl.eps_high, r.rl.importance, r.rl.tis_min, r.rl.tis_max) == (0.2, 0.28, "tis", 0.2, 5.0)
+
+
+def test_tiny_rl_recipe_starts_from_the_speedrun_sft():
+    r = RLRecipe.from_yaml(os.path.join(RECIPES, "tiny-rl.yaml"), ["train.steps=3"])
+    r.validate()
+    assert r.model.init_from == "runs/speedrun/sft" and r.rl.rollout == "sync" and r.train.steps == 3
