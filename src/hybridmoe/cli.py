@@ -104,6 +104,13 @@ def cmd_sft(args) -> int:
     return _run_stage(SFTRecipe, sft, args)
 
 
+def cmd_rl(args) -> int:
+    from .train.config import RLRecipe
+    from .train.rl import rl
+
+    return _run_stage(RLRecipe, rl, args)
+
+
 def _run_stage(recipe_class, stage, args) -> int:
     """Read and check the recipe, print it, run the stage, say how it ended (under torchrun rank 0 alone talks)."""
     recipe = recipe_class.from_yaml(args.recipe, args.overrides)
@@ -426,6 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="recipe keys as section.key=value, e.g. sft.loss_normalization=token")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
     p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("rl", help="reinforcement learning with GRPO on verifiable environments from a YAML recipe")
+    p.add_argument("recipe", help="a YAML RL recipe, e.g. recipes/tiny-rl.yaml")
+    p.add_argument("overrides", nargs="*", help="recipe keys as section.key=value, e.g. rl.group_size=8")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    p.set_defaults(func=cmd_rl)
 
     p = sub.add_parser("export", help="a distributed (torchrun) checkpoint -> a Hugging Face model directory")
     p.add_argument("checkpoint", help="a checkpoint directory with dcp/, or a run directory (its newest)")

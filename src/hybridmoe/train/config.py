@@ -18,6 +18,14 @@ Pretraining defaults follow the Nemotron 3 recipe (the Nemotron 3 Nano and Super
 AdamW (0.9, 0.95), eps 1e-8, weight decay 0.1, grad clip 1.0, WSD with minus-sqrt decay, bias update rate 1e-3,
 aux loss 1e-4. SFT defaults follow Super's SFT: LR 1e-5, AdamW (0.9, 0.95), weight decay 0.1, MTP loss weight 0.3,
 and the two-stage loss normalization (a token mean over the global batch, then a per-conversation mean).
+
+`RLRecipe` (GRPO, `hybridmoe rl`) shares optim, balance, train and parallel, and has
+    model:    init_from (the SFT checkpoint or run directory) and the tokenizer
+    envs:     environments with their share of every batch, difficulty, reasoning, the training-seed pools
+    rl:       groups, batch, sampling, advantages, clipping, importance correction, KL, router freezing, the
+              pass-rate filter, staleness and the rollout source (sync | async), packing
+RL defaults follow the Nemotron 3 RLVR recipe (the Nemotron 3 Super technical report, NVIDIA, 2025, with NeMo-RL's
+GRPO): 16 samples per prompt, clip 0.2 / 0.28, TIS [0.2, 5], KL 0, router frozen, constant LR 3e-6.
 """
 
 from __future__ import annotations
@@ -160,14 +168,16 @@ class Recipe(_RecipeFile):
             raise ValueError("data.seq_mix fractions must sum to 1")
 
 
-def _validate_common(o: OptimSection, t: TrainSection, d) -> None:
-    """The checks every stage's recipe shares (optim, train, and the data section's batch keys)."""
+def _validate_common(o: OptimSection, t: TrainSection, d=None) -> None:
+    """The checks every stage's recipe shares (optim, train, and the data section's batch keys when it has one)."""
     if o.schedule not in ("wsd-sqrt", "wsd-cosine", "cosine", "constant"):
         raise ValueError(f"optim.schedule={o.schedule!r}: use wsd-sqrt, wsd-cosine, cosine or constant")
     if t.precision not in ("fp32", "bf16", "autocast-bf16"):
         raise ValueError(f"train.precision={t.precision!r}: use fp32, bf16 or autocast-bf16")
-    if t.steps < 1 or d.batch_size < 1 or d.grad_accum < 1 or d.seq_len < 2:
-        raise ValueError("train.steps, data.batch_size, data.grad_accum must be >= 1 and data.seq_len >= 2")
+    if t.steps < 1:
+        raise ValueError(f"train.steps={t.steps} must be >= 1")
+    if d is not None and (d.batch_size < 1 or d.grad_accum < 1 or d.seq_len < 2):
+        raise ValueError("data.batch_size, data.grad_accum must be >= 1 and data.seq_len >= 2")
     if not 0 <= o.decay_fraction <= 1 or o.warmup_steps < 0:
         raise ValueError("optim.decay_fraction must be in [0, 1] and optim.warmup_steps >= 0")
     if t.time_limit_s is not None and not t.time_limit_s > 0:
@@ -262,6 +272,116 @@ class SFTRecipe(_RecipeFile):
                 raise ValueError(f"sft.{name}={getattr(s, name)} must be in [0, 1]")
 
 
+# ---------------------------------------------------------------------------------------------- RL
+
+
+@dataclass
+class RLModelSection(ModelSection):
+    tokenizer: str | None = None  # with the chat template; None: the one in model.init_from
+
+
+@dataclass
+class EnvsSection:
+    ratios: dict[str, float] = field(default_factory=dict)  # environment -> its share of every batch's prompts
+    difficulty: int = 1
+    reasoning: bool = True  # prompts with reasoning on (the chat template's <think>)
+    pool: int = 512  # training prompts per environment: seeds offset .. offset + pool - 1 of the train split
+    offset: int = 1_000_000  # first training seed of the pools (SFT data takes the split's first seeds)
+
+
+@dataclass
+class PassRateSection:
+    """Prompts the starting model always solves are dropped before training (NeMo-RL / Nemotron 3's offline
+    filter): each prompt of the pools is sampled `samples` times with the starting model at rl.temperature."""
+
+    samples: int = 0  # 0: no filter
+    drop_at: float = 1.0  # drop a prompt whose fraction of fully rewarded samples is >= this
+
+
+@dataclass
+class RLSection:
+    group_size: int = 16  # samples per prompt (GRPO's group)
+    prompts_per_step: int = 128  # prompts per optimizer step (all ranks together)
+    max_new_tokens: int = 1024  # per model turn
+    temperature: float = 1.0
+    advantage_std_norm: bool = True  # divide by the leave-one-out std (+ 1e-6)
+    advantage_clip: float | None = None  # clip advantages to [-c, c]; None: no clip
+    eps_low: float = 0.2  # ratio clip 1 - eps_low ...
+    eps_high: float = 0.28  # ... 1 + eps_high (clip-higher)
+    importance: str = "tis"  # rollout-vs-trainer correction: tis (truncated weights) | mask (sequences) | none
+    tis_min: float = 0.2
+    tis_max: float = 5.0
+    mask_threshold: float = 2.0  # importance=mask: a sequence's exp(mean |logp_trainer - logp_rollout|) above it
+    kl_coef: float = 0.0  # k3 KL against the starting model (0: no reference model is kept)
+    freeze_router: bool = True  # router weights and selection biases stay as they are
+    pass_rate_filter: PassRateSection = field(default_factory=PassRateSection)
+    max_staleness: int = 0  # how many optimizer steps old a trajectory may be (sync: 0)
+    rollout: str = "sync"  # sync: the in-process engine between steps | async: `hybridmoe serve` workers
+    workers: int = 1  # async: rollout worker processes
+    max_model_len: int = 4096  # tokens of a whole episode (prompt, turns, tool output): the engine's room per slot
+    max_num_seqs: int = 64  # sync: episodes the in-process engine decodes at once
+    seq_len: int = 0  # tokens per packed training row; 0: one trajectory per row (padded to the longest)
+    micro_batch_size: int = 8  # rows per forward and backward on each rank
+
+
+def _rl_optim() -> OptimSection:
+    return OptimSection(lr=3e-6, min_lr=0.0, schedule="constant")
+
+
+@dataclass
+class RLRecipe(_RecipeFile):
+    """GRPO (`hybridmoe rl`), with the Nemotron 3 RLVR defaults: groups of 16, clip 0.2 / 0.28, TIS [0.2, 5],
+    KL 0, router frozen, constant LR 3e-6."""
+
+    model: RLModelSection = field(default_factory=RLModelSection)
+    envs: EnvsSection = field(default_factory=EnvsSection)
+    rl: RLSection = field(default_factory=RLSection)
+    optim: OptimSection = field(default_factory=_rl_optim)
+    balance: BalanceSection = field(default_factory=BalanceSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+
+    def validate(self) -> None:
+        m, e, r = self.model, self.envs, self.rl
+        _validate_common(self.optim, self.train)
+        if not (m.tokenizer or m.init_from):
+            raise ValueError("model.tokenizer: give a tokenizer directory with a chat template (or model.init_from)")
+        if not e.ratios:
+            raise ValueError("envs.ratios is empty: give at least one environment with its share, e.g. {math: 1.0}")
+        if any(not (isinstance(v, (int, float)) and v > 0) for v in e.ratios.values()):
+            raise ValueError(f"envs.ratios must be positive numbers, got {e.ratios}")
+        if e.difficulty < 1 or e.pool < 1 or e.offset < 0:
+            raise ValueError(f"envs.difficulty and envs.pool must be >= 1 and envs.offset >= 0, got {e.difficulty}, "
+                             f"{e.pool}, {e.offset}")  # fmt: skip
+        checks = [
+            (r.group_size >= 2, f"rl.group_size={r.group_size}: GRPO's leave-one-out baseline needs >= 2 samples"),
+            (r.prompts_per_step >= 1, f"rl.prompts_per_step={r.prompts_per_step} must be >= 1"),
+            (r.max_new_tokens >= 1, f"rl.max_new_tokens={r.max_new_tokens} must be >= 1"),
+            (r.temperature > 0, f"rl.temperature={r.temperature}: GRPO samples; use a temperature > 0"),
+            (0 <= r.eps_low < 1 and r.eps_high >= 0, f"rl.eps_low={r.eps_low} must be in [0, 1), rl.eps_high >= 0"),
+            (r.importance in ("tis", "mask", "none"), f"rl.importance={r.importance!r}: use tis, mask or none"),
+            (0 < r.tis_min <= 1 <= r.tis_max, f"rl.tis_min={r.tis_min}, rl.tis_max={r.tis_max}: need 0 < min <= 1 <= "
+             "max"),
+            (r.mask_threshold >= 1, f"rl.mask_threshold={r.mask_threshold}: an error exp(mean |diff|) is >= 1"),
+            (r.kl_coef >= 0, f"rl.kl_coef={r.kl_coef} must be >= 0"),
+            (r.advantage_clip is None or r.advantage_clip > 0, f"rl.advantage_clip={r.advantage_clip}: > 0 or null"),
+            (r.pass_rate_filter.samples >= 0, "rl.pass_rate_filter.samples must be >= 0 (0: no filter)"),
+            (0 < r.pass_rate_filter.drop_at <= 1, "rl.pass_rate_filter.drop_at must be in (0, 1]"),
+            (r.max_staleness >= 0, f"rl.max_staleness={r.max_staleness} must be >= 0"),
+            (r.rollout in ("sync", "async"), f"rl.rollout={r.rollout!r}: use sync or async"),
+            (r.rollout == "async" or r.max_staleness == 0,
+             f"rl.max_staleness={r.max_staleness} with rl.rollout=sync: synchronous rollouts are never stale; use "
+             "rl.rollout=async or rl.max_staleness=0"),
+            (r.workers >= 1, f"rl.workers={r.workers} must be >= 1"),
+            (r.seq_len == 0 or r.seq_len >= 2, f"rl.seq_len={r.seq_len}: 0 (one trajectory per row) or >= 2"),
+            (r.micro_batch_size >= 1, f"rl.micro_batch_size={r.micro_batch_size} must be >= 1"),
+            (r.max_model_len >= 2 and r.max_num_seqs >= 1, "rl.max_model_len must be >= 2 and rl.max_num_seqs >= 1"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
 def apply_override(d: dict[str, Any], item: str) -> None:
     """Apply `section.key=value` (value parsed as YAML: numbers, booleans, lists, null) to a recipe mapping."""
     if "=" not in item:
@@ -339,4 +459,12 @@ _SECTIONS = {
     (SFTRecipe, "train"): TrainSection,
     (SFTRecipe, "parallel"): ParallelSection,
     (SFTModelSection, "lora"): LoraSection,
+    (RLRecipe, "model"): RLModelSection,
+    (RLRecipe, "envs"): EnvsSection,
+    (RLRecipe, "rl"): RLSection,
+    (RLRecipe, "optim"): OptimSection,
+    (RLRecipe, "balance"): BalanceSection,
+    (RLRecipe, "train"): TrainSection,
+    (RLRecipe, "parallel"): ParallelSection,
+    (RLSection, "pass_rate_filter"): PassRateSection,
 }
