@@ -311,7 +311,8 @@ def cmd_serve(args) -> int:
     serve(
         _model_dir(args.checkpoint), host=args.host, port=args.port, model_name=args.served_model_name,
         grace_s=args.grace, reasoning_budget=args.reasoning_budget, max_num_seqs=args.max_num_seqs, limits=limits,
-        api_key=args.api_key, allowed_hosts=args.allowed_host, **_engine_kwargs(args),
+        api_key=args.api_key, allowed_hosts=args.allowed_host, weight_version=args.weight_version,
+        **_engine_kwargs(args),
     )  # fmt: skip
     return 0
 
@@ -601,6 +602,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME",
         help="a Host name the server answers to besides the bound address (repeatable; * for any)",
+    )
+    p.add_argument(
+        "--weight-version",
+        type=int,
+        default=0,
+        help="the version the weights are reported as (POST /v1/weights raises it)",
     )
     limits = p.add_argument_group("limits (each refused with a clear error)")
     limits.add_argument("--max-body-mb", type=float, default=8.0, help="request body size (413 beyond)")

@@ -30,6 +30,13 @@ finishes the request (finish_reason "length", nothing sampled).
 Thread-safety: `add_request` and `cancel` may be called from another thread (an asyncio loop) while `step` runs in
 a worker thread: they only append to inboxes that `step` drains at its start.
 
+Weight updates (asynchronous RL: a trainer publishes new weights to its rollout engines after each optimizer step,
+as NeMo-RL's and prime-rl's generation workers take them): `load_weights(state_dict, version)` copies new tensors
+into the model in place, between two steps (from the thread that runs `step`; `check_weights` alone may run
+anywhere). Requests in flight go on with the new weights, their caches as they are (PipelineRL's in-flight update,
+arXiv 2509.19128). Every request records the version of the weights its first forward ran with, which is the oldest
+that produced any of its tokens since versions only increase, and reports it on every output (`weight_version`).
+
 Failures stay with one request. A request whose sampling raises (NaN logits, a logits processor that fails) or whose
 prefill chunk raises ends with finish_reason "error" and its `error` message; if a batched decode forward raises,
 each of its requests is decoded alone so that only those whose own forward fails end that way. The engine goes on
@@ -42,12 +49,13 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ..cache import KVState, MambaState
+from ..checkpoint import checkpoint_tensors
 from ..modeling import HybridMoEForCausalLM
 from .sampling import SamplingParams, TokenLogprob, prompt_token_logprobs, sample, token_logprob
 
@@ -75,6 +83,7 @@ class Request:
     error: str | None = None  # what failed, when finish_reason is "error"
     prompt_logprobs: list[TokenLogprob | None] | None = None  # with params.prompt_logprobs: filled during prefill
     prompt_logprobs_sent: bool = False
+    weight_version: int | None = None  # the weights' version at the request's first forward (None before it)
 
     @property
     def prefilling(self) -> bool:
@@ -96,6 +105,7 @@ class RequestOutput:
     num_generated_tokens: int
     error: str | None = None  # what failed, when finish_reason is "error"
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    weight_version: int | None = None  # the oldest weight version that produced any of its tokens
 
 
 @dataclass
@@ -110,6 +120,7 @@ class CompletionOutput:
     stop_reason: int | str | None
     error: str | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    weight_version: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------- slots
@@ -230,7 +241,8 @@ class Engine:
     activation memory). max_cache_bytes: optional cap on the slot pool's memory; max_num_seqs is lowered to fit it.
     eos_token_id: ends a request unless its params say ignore_eos (default: the model config's).
     detokenize: ids -> text (or a tokenizer with `.decode`), needed for stop strings. seed: the generator of requests
-    without their own seed."""
+    without their own seed. weight_version: the version of the model's weights as loaded (`load_weights` raises
+    it)."""
 
     def __init__(
         self,
@@ -242,6 +254,7 @@ class Engine:
         eos_token_id: int | Sequence[int] | None | str = "config",
         detokenize: Callable[[list[int]], str] | object | None = None,
         seed: int = 0,
+        weight_version: int = 0,
     ):
         if max_num_seqs < 1 or max_model_len < 2 or prefill_chunk < 1:
             raise ValueError(
@@ -277,6 +290,7 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # holding a slot, in admission order
         self._requests: dict[str, Request] = {}  # added and not yet finished, by id
+        self.weight_version = weight_version
 
     # ------------------------------------------------------------------ the API a server drives
     @property
@@ -409,8 +423,49 @@ class Engine:
         for i, r in zip(ids, requests):
             logprobs = r.logprobs if r.params.logprobs is not None else None
             results.append(CompletionOutput(i, r.prompt_token_ids, r.output_token_ids, logprobs, r.finish_reason,
-                                            r.stop_reason, r.error, r.prompt_logprobs))  # fmt: skip
+                                            r.stop_reason, r.error, r.prompt_logprobs, r.weight_version))  # fmt: skip
         return results
+
+    # ------------------------------------------------------------------ weights
+    def check_weights(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model's tensors that `state_dict` would overwrite, by its names; raises ValueError unless its names
+        and shapes are exactly the model's, in either layout: the module's (`model.state_dict()`) or the checkpoint's
+        (`hybridmoe.checkpoint.checkpoint_tensors`, one tensor per expert: what model.safetensors holds). Values
+        must be finite floating-point tensors; the dtype may differ (copies convert)."""
+        targets = self.model.state_dict()
+        if set(state_dict) != set(targets):
+            targets = checkpoint_tensors(self.model)
+        missing, unexpected = sorted(set(targets) - set(state_dict)), sorted(set(state_dict) - set(targets))
+        if missing or unexpected:
+            what = [f"{len(missing)} tensor(s) missing, e.g. {missing[:3]}"] if missing else []
+            what += [f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[:3]}"] if unexpected else []
+            raise ValueError(
+                f"the new weights do not match the served model ({'; '.join(what)}); send every tensor of the same "
+                "model config, named as in model.state_dict() or model.safetensors"
+            )
+        for name, tensor in state_dict.items():
+            want = targets[name]
+            if tuple(tensor.shape) != tuple(want.shape):
+                raise ValueError(f"new weight {name!r} has shape {tuple(tensor.shape)}, the served model's "
+                                 f"{tuple(want.shape)}; send weights of the same model config")  # fmt: skip
+            if tensor.dtype.is_floating_point != want.dtype.is_floating_point:
+                raise ValueError(f"new weight {name!r} has dtype {tensor.dtype}, the served model {want.dtype}")
+            if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"new weight {name!r} holds NaN or infinite values; refusing to load it")
+        return targets
+
+    @torch.no_grad()
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        """Copy `state_dict` (checked by `check_weights`; nothing changes when it fails) into the model and set
+        `weight_version = version`, which must be higher than the current one. Call it between steps, from the
+        thread that runs `step` (`EngineWorker.load_weights` does)."""
+        if version <= self.weight_version:
+            raise ValueError(f"weight version {version} is not newer than the loaded version {self.weight_version}; "
+                             "versions must increase")  # fmt: skip
+        targets = self.check_weights(state_dict)
+        for name, tensor in state_dict.items():
+            targets[name].copy_(tensor)
+        self.weight_version = version
 
     # ------------------------------------------------------------------ model calls
     def _prefill_chunk(self, req: Request) -> torch.Tensor:
@@ -421,6 +476,8 @@ class Engine:
         cache = self.pool.row(req.slot)
         ids = torch.tensor([chunk], device=self.device)
         top_n = req.params.prompt_logprobs
+        if start == 0:
+            req.weight_version = self.weight_version
         out = self.model(ids, cache=cache, logits_to_keep=1 if top_n is None else 0)
         req.num_prefilled += len(chunk)
         self.pool.lengths[req.slot] = cache.seq_len
@@ -489,6 +546,7 @@ class Engine:
         return RequestOutput(
             req.request_id, new_tokens, new_logprobs, req.finish_reason is not None, req.finish_reason,
             req.stop_reason, len(req.prompt_token_ids), len(req.output_token_ids), req.error, prompt_logprobs,
+            req.weight_version,
         )  # fmt: skip
 
 

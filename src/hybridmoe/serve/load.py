@@ -1,8 +1,9 @@
 """Loading a checkpoint directory for inference: the one loader of `hybridmoe serve`, `chat`, `generate`,
-`eval ruler` and `eval ppl`."""
+`eval ruler` and `eval ppl`, and the reader of the weight updates a trainer publishes to a running server."""
 
 from __future__ import annotations
 
+import json
 import os
 
 
@@ -51,3 +52,44 @@ def load_engine(
         prefill_chunk=prefill_chunk, eos_token_id=stop_token_ids(tok), detokenize=tok, seed=seed,
     )  # fmt: skip
     return engine, tok
+
+
+def read_weights(path: str) -> dict:
+    """The tensors of a model directory's safetensors files (`model.safetensors`, or the shards its
+    `model.safetensors.index.json` lists), on the CPU, by their names in the file: what `Engine.load_weights` takes.
+    Only safetensors are read (no pickle). Raises ValueError naming what is wrong with the directory."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from ..checkpoint import INDEX_NAME, WEIGHTS_NAME
+
+    if not os.path.isdir(path):
+        what = "is not a directory" if os.path.exists(path) else "does not exist"
+        raise ValueError(f"weights path {path!r} {what}; pass the directory the trainer wrote model.safetensors to")
+    index = os.path.join(path, INDEX_NAME)
+    if os.path.isfile(index):
+        try:
+            with open(index) as fh:
+                files = sorted(set(json.load(fh)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is not a safetensors index ({e!r})") from None
+        bad = [f for f in files if not isinstance(f, str) or os.path.basename(f) != f]
+        if bad:
+            raise ValueError(f"{index} names shard(s) outside its directory: {bad[:3]}")
+    elif os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
+        files = [WEIGHTS_NAME]
+    else:
+        raise ValueError(f"{path} holds neither {WEIGHTS_NAME} nor {INDEX_NAME}; write the weights with "
+                         "save_pretrained (safetensors) first")  # fmt: skip
+    tensors = {}
+    for name in files:
+        file = os.path.join(path, name)
+        try:
+            shard = load_file(file, device="cpu")
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"{file} is not a readable safetensors file ({e})") from None
+        repeated = sorted(set(shard) & set(tensors))
+        if repeated:
+            raise ValueError(f"{file} repeats tensor(s) of another shard: {repeated[:3]}")
+        tensors.update(shard)
+    return tensors

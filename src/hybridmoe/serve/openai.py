@@ -26,6 +26,13 @@ before it (the engine's prompt logprobs); `max_tokens: 0` (with echo only) score
 the running sum of the tokens' text lengths; the token that ended a request (eos) is listed, as in vLLM, though
 not in the text; -inf is sent as -9999.0 (vLLM's JSON-safe stand-in).
 
+Token ids and weight versions (what an RL trainer reads, as from vLLM): `/v1/completions` with `return_token_ids:
+true` gives each choice its `prompt_token_ids` and `token_ids` (every sampled token, the one that ended the request
+included, aligned with `logprobs.token_logprobs`; streamed chunks carry the new ones). Every completion and chat
+choice says `weight_version`: the oldest version of the weights that produced any of its tokens (the engine's
+`load_weights` raises the version while requests run). `update_weights` reads a trainer's safetensors directory off
+the loop and has the engine worker load it between two steps; its route and who may call it are in `server.py`.
+
 Reasoning is on unless the request says `reasoning_effort: "none"` or `chat_template_kwargs: {"enable_thinking":
 false}` (vLLM's switch); `reasoning_budget: N` (or `chat_template_kwargs.reasoning_budget`) forces `</think>` after N
 thinking tokens; the server's default budget applies otherwise. Requests accept only `n = 1`.
@@ -55,6 +62,7 @@ from .protocol import (
     Disconnected,
     Limits,
     TokenizeRequest,
+    WeightUpdateRequest,
     _SamplingFields,
     parse_body,
     shutting_down,
@@ -87,6 +95,7 @@ class OpenAIServing:
         # letting a burst of large prompts tokenize all at once.
         self._tokenize_pool = ThreadPoolExecutor(2, thread_name_prefix="hybridmoe-tokenize")
         self.tokenizer_size = len(tokenizer)  # ids /detokenize accepts
+        self._weights_lock = asyncio.Lock()  # one weight update at a time
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -134,11 +143,17 @@ class OpenAIServing:
         if len(stop) > self.limits.max_stop:
             raise APIError(400, f"stop has {len(stop)} strings; at most {self.limits.max_stop} are allowed",
                            param="stop")  # fmt: skip
+        stop_ids = body.stop_token_ids or []
+        bad = next((t for t in stop_ids if not 0 <= t < self.engine.config.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"stop token id {bad} is outside the vocabulary [0, {self.engine.config.vocab_size})",
+                           param="stop_token_ids")  # fmt: skip
         try:
             return SamplingParams(
                 temperature=1.0 if body.temperature is None else body.temperature,
                 top_p=1.0 if body.top_p is None else body.top_p,
-                top_k=body.top_k, max_tokens=max_tokens, stop=stop, seed=body.seed, **kw,
+                top_k=body.top_k, max_tokens=max_tokens, stop=stop, seed=body.seed, stop_token_ids=stop_ids,
+                ignore_eos=body.ignore_eos, **kw,
             )  # fmt: skip
         except ValueError as e:
             raise APIError(400, str(e)) from e
@@ -257,17 +272,19 @@ class OpenAIServing:
         if message.tool_calls:
             msg["tool_calls"] = [c.to_openai() for c in message.tool_calls]
         choice = {"index": 0, "message": msg, "logprobs": {"content": lps} if body.logprobs else None,
-                  "finish_reason": state.finish_reason(last)}  # fmt: skip
+                  "finish_reason": state.finish_reason(last), "weight_version": last.weight_version}  # fmt: skip
         return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": body.model,
                 "choices": [choice], "usage": _usage(last)}  # fmt: skip
 
     async def _chat_stream(self, state: _ChatState, queue: asyncio.Queue, include_usage: bool, t0: float):
         def chunk(delta: dict, finish_reason=None, logprobs=None) -> str:
             choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+            if last is not None:
+                choice["weight_version"] = last.weight_version
             return sse(state.header("chat.completion.chunk") | {"choices": [choice]})
 
-        yield chunk({"role": "assistant", "content": ""})
         last = None
+        yield chunk({"role": "assistant", "content": ""})
         try:
             async with aclosing(self.outputs(queue, [state.request_id])) as outputs:
                 async for out in outputs:
@@ -307,7 +324,8 @@ class OpenAIServing:
                 params = self.sampling_params(body, len(ids_), body.max_tokens, logprobs=body.logprobs,
                                               prompt_logprobs=prompt_logprobs)  # fmt: skip
                 self.submit(request_id, ids_, params, queue, param="prompt")
-                states[request_id] = _CompletionState(self, i, ids_, params.stop, body.echo, body.logprobs)
+                states[request_id] = _CompletionState(self, i, ids_, params.stop, body.echo, body.logprobs,
+                                                      body.return_token_ids)  # fmt: skip
         except APIError:
             for request_id in states:
                 self.worker.cancel(request_id)
@@ -331,7 +349,7 @@ class OpenAIServing:
                 async for out in outputs:
                     s = states[out.request_id]
                     text = await s.update(out)
-                    if text or out.finished or s.unsent_logprobs:
+                    if text or out.finished or s.unsent_logprobs or s.unsent_token_ids:
                         yield sse(header | {"choices": [s.choice(text, delta=True)]})
             if include_usage:
                 yield sse(header | {"choices": [], "usage": _usage(*(s.last for s in states.values()))})
@@ -375,6 +393,40 @@ class OpenAIServing:
                 top.setdefault(next(texts), _json_logprob(v))
             entries.append((text, _json_logprob(lp.logprob), top))
         return entries
+
+    # ------------------------------------------------------------------ weights
+    async def update_weights(self, body: WeightUpdateRequest) -> dict:
+        """Load the weights in `body.path` as `body.version` (see the module docstring). 409 unless the version is
+        higher than the loaded one, 400 for a path that is not a safetensors model directory of this model."""
+        from .load import read_weights
+
+        if self.draining:
+            raise shutting_down()
+        async with self._weights_lock:
+            t0 = time.monotonic()
+            if body.version <= self.engine.weight_version:
+                raise APIError(409, f"weight version {body.version} is not newer than the loaded version "
+                                    f"{self.engine.weight_version}; versions must increase", param="version",
+                               code="stale_weight_version")  # fmt: skip
+
+            def read_and_check(path: str) -> dict:
+                state_dict = read_weights(path)
+                self.engine.check_weights(state_dict)  # reads only the model's names and shapes: safe beside a step
+                return state_dict
+
+            try:
+                state_dict = await asyncio.to_thread(read_and_check, body.path)
+            except ValueError as e:
+                raise APIError(400, str(e), param="path", code="invalid_weights") from None
+            try:
+                await asyncio.wrap_future(self.worker.load_weights(state_dict, body.version))
+            except ValueError as e:
+                raise APIError(400, str(e), param="path", code="invalid_weights") from None
+            except RuntimeError as e:
+                raise APIError(503, f"the weights were not loaded: {e}", "server_error", code="engine_stopped") from e
+            logger.info("loaded weight version %d from %s in %.2f s", body.version, body.path, time.monotonic() - t0)
+            return {"weight_version": self.engine.weight_version, "num_tensors": len(state_dict),
+                    "load_s": round(time.monotonic() - t0, 4)}  # fmt: skip
 
     # ------------------------------------------------------------------ tokenizer routes (vLLM's)
     def check_optional_model(self, model: str | None) -> None:
@@ -468,8 +520,11 @@ class _CompletionState:
     legacy `logprobs` lists (the prompt's tokens first, with echo; see the module docstring)."""
 
     def __init__(self, serving: OpenAIServing, index: int, prompt_ids: list[int], stop, echo: bool,
-                 logprobs: int | None):  # fmt: skip
+                 logprobs: int | None, return_token_ids: bool = False):  # fmt: skip
         self.serving, self.index, self.prompt_ids, self.echo, self.top_n = serving, index, prompt_ids, echo, logprobs
+        self.return_token_ids = return_token_ids
+        self.token_ids: list[int] = []  # every sampled token so far
+        self._sent_ids, self._sent_prompt = 0, False  # token ids already streamed; prompt_token_ids sent
         self.detok = IncrementalDetokenizer(serving.tokenizer, stop=stop)
         self.text = ""  # all of the choice's text so far
         self._echo = serving.tokenizer.decode(prompt_ids) if echo else ""  # sent before the first new text
@@ -482,9 +537,14 @@ class _CompletionState:
     def unsent_logprobs(self) -> bool:
         return len(self.logprobs["tokens"]) > self._sent
 
+    @property
+    def unsent_token_ids(self) -> bool:
+        return self.return_token_ids and len(self.token_ids) > self._sent_ids
+
     async def update(self, out: RequestOutput) -> str:
         self.serving.metrics.generation_tokens += len(out.new_token_ids)
         self.last = out
+        self.token_ids += out.new_token_ids
         if self.top_n is not None and self.echo and out.prompt_logprobs is not None:
             self._add(await self.serving.off_loop(self.serving.logprob_entries, self.prompt_ids, out.prompt_logprobs))
         text = self._echo + self.detok.add(self.serving._visible_ids(out))
@@ -514,7 +574,15 @@ class _CompletionState:
         finish = None
         if self.last is not None and self.last.finished:
             finish = "length" if self.last.finish_reason == "length" else "stop"
-        return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        version = self.last.weight_version if self.last is not None else None
+        out = {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish,
+               "weight_version": version}  # fmt: skip
+        if self.return_token_ids:
+            if not (delta and self._sent_prompt):
+                out["prompt_token_ids"] = self.prompt_ids
+            out["token_ids"] = self.token_ids[self._sent_ids if delta else 0 :]
+            self._sent_ids, self._sent_prompt = len(self.token_ids), True
+        return out
 
 
 _PRIVATE_TOKENIZER_KEYS = {"name_or_path", "is_local", "local_files_only"}  # where the server keeps its files

@@ -1,9 +1,9 @@
 """The OpenAI wire format: request models, the error body, server-sent events, and what a request may hold.
 
 Request fields and their meanings follow OpenAI's API reference (https://platform.openai.com/docs/api-reference/chat
-and /completions) with vLLM's extensions where users expect them (`top_k`, `chat_template_kwargs`,
-`reasoning_budget`, `max_tokens: 0` with `echo`, the `/tokenize` and `/detokenize` bodies). Fields we do not use
-(`user`, `metadata`, ...) are accepted and ignored.
+and /completions) with vLLM's extensions where users expect them (`top_k`, `stop_token_ids`, `ignore_eos`,
+`chat_template_kwargs`, `reasoning_budget`, `max_tokens: 0` with `echo`, `return_token_ids`, the `/tokenize` and
+`/detokenize` bodies). Fields we do not use (`user`, `metadata`, ...) are accepted and ignored.
 
 Bodies are read by `parse_body`, never by a framework's implicit parser, so that every malformed body is a 400 with
 OpenAI's error JSON: invalid UTF-8 or JSON, `NaN`/`Infinity` literals (not JSON), numbers with thousands of digits,
@@ -73,6 +73,8 @@ class _SamplingFields(_Body):
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # torch.Generator.manual_seed's range
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    stop_token_ids: list[int] | None = Field(None, max_length=64)  # vLLM's: token ids that also end the request
+    ignore_eos: bool = False  # vLLM's: the model's end tokens do not end the request (stop_token_ids still do)
 
 
 class ChatTemplateKwargs(_Body):
@@ -101,6 +103,9 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = Field(16, ge=0, le=MAX_INT)  # 0 only with echo: score the prompt (vLLM)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    # vLLM's: each choice also carries `prompt_token_ids` and the sampled `token_ids` (the stop token included), the
+    # exact tokens a trainer needs (no re-tokenized text)
+    return_token_ids: bool = False
 
 
 class TokenizeRequest(_Body):
@@ -121,6 +126,14 @@ class DetokenizeRequest(_Body):
 
     model: str | None = None
     tokens: list[int]
+
+
+class WeightUpdateRequest(_Body):
+    """`POST /v1/weights`: load new weights from `path` (a directory with model.safetensors, the served model's
+    tensor names and shapes) as `version` (higher than the loaded one)."""
+
+    path: str = Field(min_length=1, max_length=4096)
+    version: int = Field(ge=0, le=2**63 - 1)
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -15,6 +15,9 @@ file puts them behind the defences a server on a shared machine needs, and runs 
   * turns an unexpected exception into a 500 with OpenAI's error body on the same keep-alive connection (Starlette's
     own handler re-raises after responding, which makes uvicorn drop the connection);
   * counts every response in the metrics by route template and status.
+- Weight updates: `POST /v1/weights {"path": DIR, "version": N}` loads the safetensors a trainer wrote to DIR
+  (`OpenAIServing.update_weights`; `GET /v1/weights` says the loaded version). A server started without an API key
+  refuses it (403): a path on this machine chosen by whoever can reach the port must at least come with the key.
 - `_HeadTimeoutH11Protocol`: uvicorn's h11 protocol with a deadline for the request head, so a client that opens a
   connection and sends half a header is disconnected after `Limits.header_timeout_s` (uvicorn has no such timeout:
   its keep-alive timer only runs between requests, and stops on the first byte).
@@ -48,7 +51,7 @@ from starlette.staticfiles import StaticFiles
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .openai import OpenAIServing, add_routes
-from .protocol import APIError, Limits
+from .protocol import APIError, Limits, WeightUpdateRequest, parse_body
 
 logger = logging.getLogger("hybridmoe.serve")
 
@@ -117,6 +120,19 @@ def create_app(serving: OpenAIServing, api_key: str | None = None, allowed_hosts
         return FileResponse(_STATIC / "index.html", headers=_PAGE_HEADERS)
 
     app.mount("/static", StaticFiles(directory=_STATIC), name="static")
+
+    @app.get("/v1/weights")
+    async def weight_version():
+        return {"weight_version": serving.engine.weight_version}
+
+    schema = {"application/json": {"schema": WeightUpdateRequest.model_json_schema()}}
+
+    @app.post("/v1/weights", openapi_extra={"requestBody": {"required": True, "content": schema}})
+    async def update_weights(request: Request):
+        if api_key is None:  # with a key, _Guard already refused requests without it (401)
+            raise APIError(403, "weight updates are refused by a server without an API key; start it with --api-key "
+                                "(or HYBRIDMOE_API_KEY) and send the key", code="forbidden")  # fmt: skip
+        return await serving.update_weights(parse_body(await request.body(), WeightUpdateRequest))
 
     app.add_middleware(_Guard, serving=serving, api_key=api_key, allowed_hosts=allowed_hosts)
     return app
@@ -385,14 +401,17 @@ def serve(
     limits: Limits | None = None,
     api_key: str | None = None,
     allowed_hosts: list[str] | tuple[str, ...] = (),
+    weight_version: int = 0,
     **engine_kwargs,
 ) -> None:
     """`hybridmoe serve`: load the checkpoint into an Engine and serve it until SIGINT/SIGTERM. api_key: default
-    the HYBRIDMOE_API_KEY environment variable (none: no key required)."""
+    the HYBRIDMOE_API_KEY environment variable (none: no key required). weight_version: the version the
+    checkpoint's weights are reported as (a trainer's step when resuming)."""
     from .load import load_engine
 
     api_key = api_key or os.environ.get("HYBRIDMOE_API_KEY") or None
     engine, tokenizer = load_engine(checkpoint, **engine_kwargs)
+    engine.weight_version = weight_version
     name = model_name or os.path.basename(os.path.normpath(checkpoint))
     serving = OpenAIServing(engine, tokenizer, name, reasoning_budget, limits)
     server, sock = build_server(serving, host, port, grace_s, api_key=api_key, allowed_hosts=allowed_hosts)

@@ -7,6 +7,8 @@ and the server's metrics in Prometheus's text format.
 - Failures stay with the request that caused them: the engine ends such a request with finish_reason "error" and
   goes on (see `Engine.step`). Should a step still raise (a bug), the worker fails the requests that were open,
   resets the engine (every slot freed) and keeps serving; `/metrics` counts such failures.
+- Weight updates (`load_weights`) are applied by the same thread between two steps, so no forward ever sees half
+  of them; the caller gets a concurrent Future that is done once they are in.
 - Admission: at most `max_queue` requests wait for a slot; beyond that `add` raises a 503 with Retry-After.
 - `Metrics` counts requests by route template (`/v1/completions`, never the raw path, so unknown paths cannot grow
   the series) and status, tokens, and latency histograms (https://prometheus.io/docs/instrumenting/exposition_formats/).
@@ -18,7 +20,8 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import Future
 
 from .engine import AdmissionError, Engine
 from .protocol import APIError
@@ -35,6 +38,7 @@ class EngineWorker:
         self.num_failures = 0  # steps that raised (each reset the engine)
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
+        self._loads: deque[tuple[dict, int, Future]] = deque()  # weight updates waiting for the thread
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="hybridmoe-engine", daemon=True)
 
@@ -54,6 +58,29 @@ class EngineWorker:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        while self._loads:
+            self._loads.popleft()[2].set_exception(RuntimeError("the engine stopped before the weights were loaded"))
+
+    def load_weights(self, state_dict: dict, version: int) -> Future:
+        """Have the worker thread call `engine.load_weights(state_dict, version)` between two steps; the Future
+        holds None once they are in, or the engine's error (ValueError: they do not fit the model)."""
+        future: Future = Future()
+        if not self.alive or self._stop:
+            future.set_exception(RuntimeError("the engine is not running"))
+            return future
+        self._loads.append((state_dict, version, future))
+        self._wake.set()
+        return future
+
+    def _apply_loads(self) -> None:
+        while self._loads:
+            state_dict, version, future = self._loads.popleft()
+            try:
+                self.engine.load_weights(state_dict, version)
+            except Exception as e:
+                future.set_exception(e)
+            else:
+                future.set_result(None)
 
     def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, queue: asyncio.Queue) -> None:
         """Called on the event loop. Raises APIError(503) when the queue is full or the worker stopped, and the
@@ -84,6 +111,7 @@ class EngineWorker:
 
     def _run(self) -> None:
         while not self._stop:
+            self._apply_loads()
             if not self.engine.has_unfinished():
                 self._wake.wait(1.0)
                 self._wake.clear()
@@ -162,6 +190,7 @@ class Metrics:
             ("hybridmoe_num_requests_running", worker.engine.num_running, "gauge", "Requests holding a slot."),
             ("hybridmoe_num_requests_waiting", worker.engine.num_waiting, "gauge", "Requests waiting for a slot."),
             ("hybridmoe_engine_failures_total", worker.num_failures, "counter", "Engine steps that raised."),
+            ("hybridmoe_weight_version", worker.engine.weight_version, "gauge", "Version of the loaded weights."),
         ):
             lines += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}", f"{name} {value}"]
         for name, hist, doc in (

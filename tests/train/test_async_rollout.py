@@ -1,0 +1,181 @@
+"""Asynchronous rollouts (`hybridmoe.train.async_rollout`) against real `hybridmoe serve` worker processes.
+
+The agent loop is faked (`fake_run_episodes`, the signature of `hybridmoe.envs.agent.run_episodes`: one greedy turn
+per episode over the generator), so these tests check what AsyncRollouts owns: versions and the staleness bound
+with a trainer slow on purpose, weights published to the workers, and the workers' lifecycle. The "trained" weights
+alternate between two debug-preset models with different seeds, whose greedy outputs differ.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from test_server import make_checkpoint
+
+from hybridmoe import HybridMoEConfig, HybridMoEForCausalLM
+from hybridmoe.envs.base import Trajectory
+from hybridmoe.serve import Engine, SamplingParams
+from hybridmoe.train.async_rollout import AsyncRollouts, HTTPGenerator
+
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+STEP_S = 0.5  # the slow trainer's step
+
+
+def prompt_of(seed: int) -> list[int]:
+    return [5 + seed % 7, 6, 7]
+
+
+def fake_run_episodes(envs, requests, generator, tokenizer, *, group_size=1, params, difficulty=1, reasoning=True,
+                      max_new_tokens=256, group_offset=0) -> list[Trajectory]:  # fmt: skip
+    out = []
+    for i, (env, seed) in enumerate(requests):
+        prompt = prompt_of(seed)
+        for c in generator.generate([prompt] * group_size, params):
+            out.append(Trajectory(
+                env=env, seed=seed, group=group_offset + i, token_ids=prompt + c.token_ids,
+                loss_mask=[0] * len(prompt) + [1] * len(c.token_ids), logprobs=[0.0] * len(prompt) + c.logprobs,
+                reward=float(c.token_ids[0] % 2), weight_version=c.weight_version, finish_reason=c.finish_reason,
+            ))  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def models(checkpoint):
+    """The starting weights (version 0, even versions) and other weights (odd versions)."""
+    torch.manual_seed(1)
+    other = HybridMoEForCausalLM(HybridMoEConfig.from_pretrained(checkpoint))
+    return HybridMoEForCausalLM.from_pretrained(checkpoint), other
+
+
+def greedy_of(model, seeds) -> dict[int, list[int]]:
+    engine = Engine(model, max_num_seqs=4, max_model_len=64)
+    return {s: engine.generate([prompt_of(s)], GREEDY)[0].token_ids for s in seeds}
+
+
+def rollouts(checkpoint, **kw) -> AsyncRollouts:
+    kw = dict(group_size=2, prompts_per_step=2, params=GREEDY, max_new_tokens=6, max_model_len=64, max_num_seqs=4,
+              run_episodes=fake_run_episodes, startup_timeout_s=120, wait_timeout_s=60) | kw  # fmt: skip
+    prompts = kw.pop("prompts", (("fake", i) for i in itertools.count()))
+    return AsyncRollouts({}, prompts, None, checkpoint=checkpoint, **kw)
+
+
+def check_batch(batch, version, staleness, group_size=2, groups=2):
+    assert len(batch) == group_size * groups
+    by_group = {}
+    for t in batch:
+        by_group.setdefault(t.group, []).append(t)
+    assert len(by_group) == groups and all(len(g) == group_size for g in by_group.values())  # whole groups
+    assert all(version - staleness <= t.weight_version <= version for t in batch), [t.weight_version for t in batch]
+
+
+def test_staleness_one_with_a_slow_trainer(checkpoint, models):
+    with rollouts(checkpoint, max_staleness=1) as source:
+        versions = []
+        for step in range(4):
+            batch = source.next_batch(step)
+            check_batch(batch, step, staleness=1)
+            versions.append({t.weight_version for t in batch})
+            time.sleep(STEP_S)  # the trainer steps; generation goes on with the weights it has
+            source.publish(models[(step + 1) % 2], step + 1)
+        # Generation overlapped the steps: the batches after the first were sampled one version behind.
+        assert versions == [{0}, {0}, {1}, {2}]
+        assert source.stats["dropped_groups"] == 0 and source.metrics()["rollout_staleness"] == 0.75
+
+
+def test_staleness_zero_is_synchronous_and_new_weights_show(checkpoint, models):
+    expected = [greedy_of(m, range(8)) for m in models]
+    assert expected[0] != expected[1]  # else the test could not tell the weights apart
+    with rollouts(checkpoint, max_staleness=0) as source:
+        for step in range(3):
+            batch = source.next_batch(step)
+            check_batch(batch, step, staleness=0)
+            for t in batch:  # the tokens are the greedy output of exactly the weights of this version
+                assert t.token_ids[3:] == expected[step % 2][t.seed]
+            time.sleep(STEP_S)
+            assert not source._running and not source._ready  # nothing generated while the trainer steps
+            source.publish(models[(step + 1) % 2], step + 1)
+        with pytest.raises(ValueError, match="versions must increase"):
+            source.publish(models[0], 3)
+        with pytest.raises(ValueError, match="publish"):
+            source.next_batch(5)
+
+
+def test_prompts_running_out_and_the_generator(checkpoint):
+    with rollouts(checkpoint, max_staleness=1, prompts=iter([("fake", 0), ("fake", 1), ("fake", 2)])) as source:
+        assert len(source.next_batch(0)) == 4
+        assert len(source.next_batch(0)) == 2  # the last group
+        with pytest.raises(StopIteration):
+            source.next_batch(0)
+        worker = source.workers[0]
+        generator = HTTPGenerator(worker.url, worker.api_key)
+        (c,) = generator.generate([[5, 6, 7]], GREEDY)
+        assert len(c.token_ids) == len(c.logprobs) == 6 and c.finish_reason == "length" and c.weight_version == 0
+        (c,) = generator.generate([[5] * 60], GREEDY)  # no room left in max_model_len
+        assert c.token_ids == [] and c.finish_reason == "length"
+        with pytest.raises(RuntimeError, match="401"):
+            HTTPGenerator(worker.url, "wrong").generate([[5, 6, 7]], GREEDY)
+        generator.close()
+
+
+def test_workers_stop_on_close_on_errors_and_when_a_worker_dies(checkpoint):
+    with pytest.raises(KeyError), rollouts(checkpoint) as source:
+        processes = [w.process for w in source.workers]
+        raise KeyError("the trainer failed")
+    assert all(p.poll() is not None for p in processes)
+    assert source.workdir is None  # the weights directory is gone too
+
+    with rollouts(checkpoint) as source:
+        source.next_batch(0)
+        source.workers[0].process.kill()
+        with pytest.raises(RuntimeError, match="exited with code|a rollout failed"):
+            for _ in range(5):  # the groups finished before the kill may still come out
+                source.next_batch(0)
+
+
+def test_workers_die_with_the_trainer_process(checkpoint, tmp_path):
+    """A trainer killed outright (SIGKILL: no close, no atexit) leaves no worker behind (PR_SET_PDEATHSIG)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the parent-death signal is Linux's")
+    script = tmp_path / "trainer.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import sys, time
+        sys.path[:0] = [{os.path.dirname(__file__)!r}, {os.path.join(os.path.dirname(__file__), "..", "serve")!r}]
+        from test_async_rollout import rollouts
+        source = rollouts({checkpoint!r})
+        print(source.workers[0].process.pid, flush=True)
+        time.sleep(600)
+    """)
+    )
+    trainer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        worker_pid = int(trainer.stdout.readline())
+    finally:
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait(10)
+    deadline = time.monotonic() + 30
+    while _running(worker_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(worker_pid)
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
