@@ -5,6 +5,7 @@ import json
 import os
 
 import httpx
+import pytest
 import torch
 import transformers
 from test_server import MODEL, make_serving
@@ -18,7 +19,8 @@ from hybridmoe.train import session as loop_mod
 
 TOY = {"preset": "debug", "vocab_size": 512, "seq_len": 64, "batch_size": 4, "long_seq_len": 256,
        "short_batch_size": 4, "max_files": 40, "sft_seq_len": 512, "sft_per_domain": 6, "task_samples": 2,
-       "task_max_new_tokens": 8}  # fmt: skip
+       "task_max_new_tokens": 8, "rl_group_size": 2, "rl_prompts_per_step": 3, "rl_max_new_tokens": 8,
+       "rl_step_s": 1.0}  # fmt: skip
 
 
 def test_stdlib_sources_split_modules_from_tests():
@@ -42,12 +44,13 @@ def test_speedrun_runs_every_stage_and_reports(tmp_path, monkeypatch):
     for heading in ("# hybridmoe speedrun", "## Validation", "## Tasks", "## Loss", "## The chat model's answers"):
         assert heading in text
     assert (run / "loss.png").stat().st_size > 10_000 and (run / "tasks.png").stat().st_size > 10_000
+    assert (run / "rl-rewards.png").stat().st_size > 10_000 and "## RL rewards" in text
     evals = json.loads((run / "evals.json").read_text())
     assert [e["stage"] for e in evals] == ["initial (random init)", "after phase 1", "after phase 2",
-                                          "after long context", "after SFT"]  # fmt: skip
-    assert evals[-2]["val_loss_short"] < evals[0]["val_loss_short"] - 0.5
-    # Every domain evaluated before and after SFT, reasoning on and off.
-    for label in ("before-SFT", "after-SFT"):
+                                          "after long context", "after SFT", "after RL"]  # fmt: skip
+    assert evals[-3]["val_loss_short"] < evals[0]["val_loss_short"] - 0.5
+    # Every domain evaluated before and after SFT and after RL, reasoning on and off.
+    for label in ("before-SFT", "after-SFT", "after-RL"):
         result = json.loads((run / "tasks" / label / "tasks.json").read_text())
         assert {(r["domain"], r["reasoning"]) for r in result["summary"]} == {
             (d, m) for d in DOMAINS for m in ("on", "off")
@@ -56,6 +59,10 @@ def test_speedrun_runs_every_stage_and_reports(tmp_path, monkeypatch):
     steps = [r for r in sft_log if "loss" in r]
     assert steps and all(k in steps[0] for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "loss_tokens"))
     assert steps[-1]["loss"] < steps[0]["loss"]
+    rl_log = [json.loads(line) for line in (run / "rl" / "log.jsonl").read_text().splitlines()]
+    rl_steps = [r for r in rl_log if "loss" in r]
+    assert rl_steps and all(f"reward_{name}" in rl_steps[0] for name in plan.rl_envs)
+    assert rl_steps[0]["trajectories"] == plan.rl_group_size * plan.rl_prompts_per_step
     # The final checkpoint is a self-contained Hugging Face directory: transformers loads model and tokenizer, and
     # the tokenizer renders the chat format (reasoning on by default).
     final = evals[-1]["checkpoint"]
@@ -105,7 +112,7 @@ def test_a_slow_machine_stops_at_the_deadlines_and_the_report_says_so(tmp_path, 
     # stopped before a step that would have (1 s of slack for the real time of a debug step).
     assert max(step_ends) <= start + 60 - 15 + 1.0
     stages = json.loads((tmp_path / "run" / "stages.json").read_text())
-    assert [r["stage"] for r in stages] == ["pretrain phase 1", "pretrain phase 2", "long context", "sft"]
+    assert [r["stage"] for r in stages] == ["pretrain phase 1", "pretrain phase 2", "long context", "sft", "rl"]
     assert len(step_ends) == sum(r["ran"] for r in stages)
     phase1 = stages[0]
     assert phase1["ended"].startswith("cut short by the deadline at step") and 1 <= phase1["ran"] < phase1["planned"]
@@ -114,3 +121,15 @@ def test_a_slow_machine_stops_at_the_deadlines_and_the_report_says_so(tmp_path, 
     text = (tmp_path / "run" / "report.md").read_text()
     assert f"| pretrain phase 1 | {phase1['planned']} | {phase1['ran']} | cut short by the deadline" in text
     assert "Cut short or skipped by the deadline: pretrain phase 1" in text
+
+
+def test_stages_can_be_left_out_and_bad_ones_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(speedrun_mod, "measure_matmul_peak", lambda **kw: {"float32": 100.0})
+    plan = Plan(minutes=0.5, eval_reserve_s=10, **TOY)
+    speedrun(out_dir=str(tmp_path / "run"), plan=plan, stages=("pretrain", "sft"))
+    stages = json.loads((tmp_path / "run" / "stages.json").read_text())
+    assert [r["stage"] for r in stages] == ["pretrain phase 1", "pretrain phase 2", "sft"]
+    assert not (tmp_path / "run" / "long-context").exists() and not (tmp_path / "run" / "rl").exists()
+    for bad in (("sft",), ("pretrain", "distill")):
+        with pytest.raises(ValueError, match="pretrain included"):
+            speedrun(out_dir=str(tmp_path / "bad"), plan=Plan(**TOY), stages=bad)

@@ -201,7 +201,8 @@ def cmd_plan(args) -> int:
 def cmd_speedrun(args) -> int:
     from .speedrun import speedrun
 
-    speedrun(minutes=args.minutes, out_dir=args.out)
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip()) if args.stages else None
+    speedrun(minutes=args.minutes, out_dir=args.out, stages=stages)
     return 0
 
 
@@ -470,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("speedrun", help="the whole CPU pipeline on the embedded default (stdlib sources, tiny)")
     p.add_argument("--minutes", type=float, default=30.0, help="time budget; step counts are fitted to it")
     p.add_argument("--out", help="run directory (default: a new speedrun-<time> folder here)")
+    p.add_argument("--stages", help="comma-separated stages to run, pretrain included (default: "
+                                    "pretrain,long-context,sft,rl); the time of the others goes to these")  # fmt: skip
     p.set_defaults(func=cmd_speedrun)
 
     p = sub.add_parser(

@@ -11,11 +11,17 @@
               synthetic retrieval data (Nano's long-context blend), constant learning rate
 5. sft        supervised fine-tuning on conversations of the verifiable task domains (`hybridmoe.tasks`, training
               seeds): worked reasoning in `<think>` blocks, a share with reasoning off, assistant-only loss, packed
-6. evaluate   held-out tasks of every domain before and after SFT (reasoning on and off, through the batched
-              engine); validation loss and perplexity before and after each stage, at the pretraining length and
-              at the long length; the final model's answers to a few held-out tasks
-7. report     report.md, loss.png and tasks.png in the run directory; the SFT checkpoint is the chat model that
-              `hybridmoe serve` and `hybridmoe chat` answer with (reasoning in `reasoning_content`)
+6. rl         GRPO in verifiable environments (`hybridmoe.envs`: math, structured output, instruction following)
+              on the in-process engine, groups of 8, constant learning rate (`hybridmoe.train.rl`)
+7. evaluate   held-out tasks of every domain before and after SFT and after RL (reasoning on and off, through the
+              batched engine); validation loss and perplexity before and after each stage, at the pretraining
+              length and at the long length; the final model's answers to a few held-out tasks
+8. report     report.md, loss.png, tasks.png and rl-rewards.png in the run directory; the last checkpoint (RL's,
+              else SFT's) is the chat model that `hybridmoe serve` and `hybridmoe chat` answer with (reasoning in
+              `reasoning_content`)
+
+`stages` (`--stages`) leaves out stages after pretraining: each stage then starts from the last one that ran, and the
+time of the ones left out goes to the others in proportion to their shares.
 
 Step counts come from a timing calibration so that the run fits `minutes`; everything else is fixed, so two
 runs on the same machine differ only in how many steps fit. A machine slower than at calibration (a loaded one)
@@ -45,11 +51,15 @@ from .data.prepare import prepare
 from .data.sources import expand_inputs
 from .data.synthetic import write_retrieval_jsonl
 from .data.tokenizer import train_tokenizer
-from .train.config import Recipe, SFTRecipe
+from .train.config import Recipe, RLRecipe, SFTRecipe
 from .train.metrics import read_log
 from .train.pretrain import build_model, evaluate
 from .train.pretrain import pretrain as train
+from .train.rl import rl as train_rl
 from .train.sft import sft as train_sft
+
+
+STAGES = ("pretrain", "long-context", "sft", "rl")
 
 
 @dataclass
@@ -67,11 +77,13 @@ class Plan:
     lr: float = 3e-3
     min_lr: float = 3e-5
     long_lr: float = 1e-4
+    stages: tuple[str, ...] = STAGES  # pretraining always runs; the others can be left out
     # shares of the training time (what is left after data, calibration and the evaluation reserve)
-    pretrain_share: float = 0.55
-    long_share: float = 0.10
-    sft_share: float = 0.35
-    eval_reserve_s: float = 300.0  # task evaluation before and after SFT, validation of five checkpoints, report
+    pretrain_share: float = 0.50
+    long_share: float = 0.08
+    sft_share: float = 0.30
+    rl_share: float = 0.12
+    eval_reserve_s: float = 360.0  # task evaluations before/after SFT and after RL, validation of six checkpoints
     # SFT: conversations of every task domain (training seeds), packed at the pretraining shape by default
     sft_per_domain: int = 2000
     sft_seq_len: int | None = None  # None: seq_len
@@ -83,6 +95,15 @@ class Plan:
     task_samples: int = 20  # held-out tasks per domain, evaluated before and after SFT, reasoning on and off
     task_max_new_tokens: int = 96
     task_difficulty: int = 1
+    # RL: GRPO where the SFT model already earns some reward (an environment it never solves gives groups of zero
+    # variance, which teach nothing); the prompt pass-rate filter is off here (measuring it costs a share of the
+    # stage's few minutes); the learning rate is this model size's (the reference's 3e-6 is for 30B-550B models)
+    rl_envs: tuple[str, ...] = ("math", "structured", "instructions")
+    rl_lr: float = 2e-4
+    rl_group_size: int = 8
+    rl_prompts_per_step: int = 6
+    rl_max_new_tokens: int = 128
+    rl_step_s: float = 8.0  # a guess for planning (measured here: 5-8 s); the deadline is what holds
     max_files: int | None = None  # use only this many source files (quick runs, tests)
     seed: int = 0
 
@@ -106,8 +127,18 @@ def _is_test(rel: str) -> bool:
     return any(p in ("test", "tests", "idle_test") for p in parts[:-1]) or parts[-1].startswith("test_")
 
 
-def speedrun(minutes: float = 30.0, out_dir: str | None = None, plan: Plan | None = None) -> str:
+def speedrun(
+    minutes: float = 30.0, out_dir: str | None = None, plan: Plan | None = None, stages: tuple[str, ...] | None = None
+) -> str:
     plan = plan or Plan(minutes=minutes)
+    if stages is not None:
+        plan.stages = tuple(stages)
+    _check_stages(plan.stages)
+    shares = {
+        "pretrain": plan.pretrain_share, "long-context": plan.long_share, "sft": plan.sft_share, "rl": plan.rl_share
+    }  # fmt: skip
+    total_share = sum(shares[name] for name in plan.stages)
+    share = {name: (shares[name] / total_share if name in plan.stages else 0.0) for name in STAGES}
     t_start = time.monotonic()
     end = t_start + plan.minutes * 60  # everything, the report included, is done by then
     train_end = end - plan.eval_reserve_s  # the training stages' last deadline
@@ -147,13 +178,15 @@ def speedrun(minutes: float = 30.0, out_dir: str | None = None, plan: Plan | Non
     peak = measure_matmul_peak(dtypes=(torch.float32,), rounds=1)["float32"]  # once, for every stage's MFU
     print(f"matmul peak (fp32): {peak:.1f} GFLOP/s")
     budget = max(0.0, train_end - time.monotonic())
-    pre_steps = max(10, int(budget * plan.pretrain_share / step_s))
-    long_steps = max(4, int(budget * plan.long_share / long_step_s))
+    pre_steps = max(10, int(budget * share["pretrain"] / step_s))
+    long_steps = max(4, int(budget * share["long-context"] / long_step_s))
     sft_seq_len = plan.sft_seq_len or plan.seq_len
     sft_step_s = step_s if sft_seq_len == plan.seq_len else _calibrate(base, plan.batch_size, sft_seq_len)
-    sft_steps = max(4, int(budget * plan.sft_share / sft_step_s))
-    pre_end = time.monotonic() + budget * plan.pretrain_share  # the pretraining deadline
-    long_end = pre_end + budget * plan.long_share  # long context's; SFT's is train_end
+    sft_steps = max(4, int(budget * share["sft"] / sft_step_s))
+    rl_steps = max(2, int(budget * share["rl"] / plan.rl_step_s))
+    pre_end = time.monotonic() + budget * share["pretrain"]  # the pretraining deadline
+    long_end = pre_end + budget * share["long-context"]  # long context's
+    sft_end = train_end - budget * share["rl"]  # SFT's; RL's is train_end
     print(f"{budget:.0f}s left: {step_s:.2f}s per pretraining step -> {pre_steps} steps; "
           f"{long_step_s:.2f}s per long step -> {long_steps} steps; {sft_steps} SFT steps")  # fmt: skip
 
@@ -183,7 +216,9 @@ def speedrun(minutes: float = 30.0, out_dir: str | None = None, plan: Plan | Non
     lc = _long_recipe(plan, tok_dir, data, os.path.join(out, "long-context"), pre_summary["checkpoint"], long_steps)
     lc.train.peak_gflops = peak
     lc_summary = None
-    if time.monotonic() + long_step_s * slowdown > long_end:
+    if "long-context" not in plan.stages:
+        pass
+    elif time.monotonic() + long_step_s * slowdown > long_end:
         runs.append(_skipped("long context", long_steps))
     else:
         lc_summary = _train_until(lc, long_end)
@@ -201,21 +236,38 @@ def speedrun(minutes: float = 30.0, out_dir: str | None = None, plan: Plan | Non
     measured = _median(r["step_s"] for r in read_log(os.path.join(pre.train.out_dir, "log.jsonl")) if "step_s" in r)
     if measured is not None:
         sft_step_s = 1.05 * measured * sft_step_s / step_s
-        left = train_end - time.monotonic() - 0.003 * plan.sft_per_domain * len(DOMAINS)
+        left = sft_end - time.monotonic() - 0.003 * plan.sft_per_domain * len(DOMAINS)
         sft_steps = max(4, int(left / sft_step_s))
     sft_recipe = _sft_recipe(plan, tok_dir, sft_data, os.path.join(out, "sft"), base_ckpt, sft_steps)
     sft_recipe.train.peak_gflops = peak
     sft_summary = None
-    if time.monotonic() + sft_step_s * slowdown > train_end:
+    if "sft" not in plan.stages:
+        pass
+    elif time.monotonic() + sft_step_s * slowdown > sft_end:
         runs.append(_skipped("sft", sft_steps))
     else:
-        sft_summary = _train_until(sft_recipe, train_end)
+        sft_summary = _train_until(sft_recipe, sft_end)
         runs.append(_ran("sft", 0, sft_steps, sft_summary))
+
+    stage("rl")
+    rl_recipe = rl_summary = None
+    if "rl" not in plan.stages:
+        pass
+    elif sft_summary is None:
+        runs.append({"stage": "rl", "planned": rl_steps, "ran": 0, "ended": "skipped: no SFT model to start from"})
+    elif time.monotonic() + plan.rl_step_s > train_end:
+        runs.append(_skipped("rl", rl_steps))
+    else:
+        rl_recipe = _rl_recipe(plan, sft_summary["checkpoint"], os.path.join(out, "rl"), rl_steps)
+        rl_recipe.train.peak_gflops = peak
+        rl_summary = _train_until(rl_recipe, train_end)
+        runs.append(_ran("rl", 0, rl_steps, rl_summary))
 
     stage("evaluate")
     # Tasks first (what the SFT stage is for): the chat model, then the base model it started from.
     task_evals, not_evaluated = {}, []
     task_models = [("before SFT", base_ckpt)] + ([("after SFT", sft_summary["checkpoint"])] if sft_summary else [])
+    task_models += [("after RL", rl_summary["checkpoint"])] if rl_summary else []
     task_s = 0.0
     for label, ckpt in reversed(task_models):
         if task_evals and time.monotonic() + task_s > end:
@@ -233,6 +285,8 @@ def speedrun(minutes: float = 30.0, out_dir: str | None = None, plan: Plan | Non
         checkpoints.append(("after long context", lc_summary["checkpoint"]))
     if sft_summary is not None:
         checkpoints.append(("after SFT", sft_summary["checkpoint"]))
+    if rl_summary is not None:
+        checkpoints.append(("after RL", rl_summary["checkpoint"]))
     evals, row_s = {}, 0.0
     for i in [len(checkpoints) - 1, *range(len(checkpoints) - 1)]:  # the final model first, then in order
         name, ckpt = checkpoints[i]
@@ -250,22 +304,31 @@ def speedrun(minutes: float = 30.0, out_dir: str | None = None, plan: Plan | Non
         print(f"{name:24s} val loss @{plan.seq_len}: {row['val_loss_short']:.3f} (ppl {row['val_ppl_short']:.1f})"
               f"   @{plan.long_seq_len}: {row['val_loss_long']:.3f}")  # fmt: skip
     evals = [evals[i] for i in sorted(evals)]
-    final = task_evals.get("after SFT")
+    final = task_evals.get("after RL") or task_evals.get("after SFT")
     samples = _chat_samples(final) if final is not None else None
 
     stage("report")
     timings["end"] = time.monotonic()
-    path = _write_report(out, plan, t_start, timings, evals, samples, pre, lc, sft_recipe, runs, not_evaluated,
-                         task_evals, sft_summary)  # fmt: skip
+    path = _write_report(out, plan, t_start, timings, evals, samples, pre, lc, sft_recipe, rl_recipe, runs,
+                         not_evaluated, task_evals, rl_summary or sft_summary)  # fmt: skip
     print(f"\nreport: {path}")
     return path
 
 
-def _train_until(recipe: Recipe | SFTRecipe, deadline: float, **kwargs) -> dict:
-    """The recipe's stage (pretraining or SFT) with the time left until `deadline` (time.monotonic) as its limit;
-    it runs at least one step."""
+def _train_until(recipe: Recipe | SFTRecipe | RLRecipe, deadline: float, **kwargs) -> dict:
+    """The recipe's stage (pretraining, SFT or RL) with the time left until `deadline` (time.monotonic) as its
+    limit; it runs at least one step."""
     recipe.train.time_limit_s = max(deadline - time.monotonic(), 1e-3)
+    if isinstance(recipe, RLRecipe):
+        return train_rl(recipe, **kwargs)
     return (train_sft if isinstance(recipe, SFTRecipe) else train)(recipe, **kwargs)
+
+
+def _check_stages(stages) -> None:
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or "pretrain" not in stages:
+        raise ValueError(f"speedrun stages {list(stages)}: use some of {', '.join(STAGES)}, pretrain included "
+                         "(every later stage starts from its model)")  # fmt: skip
 
 
 def _ran(name: str, start: int, planned_end: int, summary: dict) -> dict:
@@ -383,6 +446,26 @@ def _sft_recipe(plan: Plan, tok_dir, sft_data, out_dir, init_from, steps) -> SFT
     )
 
 
+def _rl_recipe(plan: Plan, init_from: str, out_dir: str, steps: int) -> RLRecipe:
+    n = len(plan.rl_envs)
+    return RLRecipe.from_dict(
+        {
+            "model": {"init_from": init_from},
+            "envs": {"ratios": {name: 1.0 / n for name in plan.rl_envs}, "difficulty": plan.task_difficulty},
+            "rl": {
+                "group_size": plan.rl_group_size,
+                "prompts_per_step": plan.rl_prompts_per_step,
+                "max_new_tokens": plan.rl_max_new_tokens,
+                "temperature": 1.0,
+                "pass_rate_filter": {"samples": 0},
+                "max_model_len": 1024,
+            },
+            "optim": {"lr": plan.rl_lr, "min_lr": plan.rl_lr, "schedule": "constant", "weight_decay": 0.0},
+            "train": {"steps": steps, "out_dir": out_dir, "seed": plan.seed, "keep_last": 1, "tensorboard": False},
+        }
+    )
+
+
 def _evaluate_tasks(plan: Plan, ckpt: str, out_dir: str):
     """Held-out tasks of every domain, reasoning on and off, greedy, through the batched engine; tasks.md/json/png
     in out_dir."""
@@ -439,7 +522,8 @@ def _calibrate(recipe: Recipe, batch: int, seq_len: int, checkpointing: bool = F
 
 
 def _write_report(
-    out, plan, t_start, timings, evals, samples, pre, lc, sft_recipe, runs, not_evaluated, task_evals, sft_summary
+    out, plan, t_start, timings, evals, samples, pre, lc, sft_recipe, rl_recipe, runs, not_evaluated, task_evals,
+    chat_summary,
 ) -> str:
     from .utils import atomic_write_text
 
@@ -467,7 +551,8 @@ def _write_report(
         f"- total time: {total:.0f}s of a {plan.minutes:g}-minute budget ({within}); tokenizer "
         f"{stage_time('tokenizer', 'data')}, data {stage_time('data', 'calibration')}, calibration "
         f"{stage_time('calibration', 'pretrain')}, pretrain {stage_time('pretrain', 'long context')}, long context "
-        f"{stage_time('long context', 'sft')}, SFT {stage_time('sft', 'evaluate')}, evaluation and report "
+        f"{stage_time('long context', 'sft')}, SFT {stage_time('sft', 'rl')}, RL {stage_time('rl', 'evaluate')}, "
+        f"evaluation and report "
         f"{stage_time('evaluate', 'end')}",
         f"- model: `{plan.preset}` ({_param_line(lc)}), vocab {plan.vocab_size}",
         f"- pretraining: {_steps(steps_pre[-1]['step'])} x {plan.batch_size} x {plan.seq_len} tokens "
@@ -489,8 +574,21 @@ def _write_report(
             f"{sft_rate:.0f} tokens/s ({100 * sft_rate / pre_rate:.0f}% of pretraining's at the same shape), MFU "
             f"{100 * _mean(steps_sft, 'mfu'):.1f}%; loss {steps_sft[0]['loss']:.3f} -> {steps_sft[-1]['loss']:.3f}"
         )
-    if sft_summary is not None:
-        chat = sft_summary["checkpoint"]
+    rl_log = _read_log_if_any(rl_recipe.train.out_dir) if rl_recipe else []
+    steps_rl = [r for r in rl_log if "loss" in r]
+    rl_png = None
+    if steps_rl:
+        rl_png = _plot_rewards(out, steps_rl, rl_recipe)
+        r0, r1 = steps_rl[0], steps_rl[-1]
+        lines.append(
+            f"- RL: {_steps(r1['step'])} of GRPO ({rl_recipe.rl.prompts_per_step} prompts x {rl_recipe.rl.group_size} "
+            f"samples, environments {', '.join(sorted(rl_recipe.envs.ratios))}, lr {rl_recipe.optim.lr:g}), "
+            f"{sum(r['trajectories'] for r in steps_rl):,} trajectories, mean {_mean(steps_rl, 'step_s'):.1f}s per "
+            f"step; mean reward {_mean(steps_rl[:5], 'reward'):.3f} over the first 5 steps, "
+            f"{_mean(steps_rl[-5:], 'reward'):.3f} over the last 5"
+        )
+    if chat_summary is not None:
+        chat = chat_summary["checkpoint"]
         lines.append(f"- the chat model: `{chat}` (`hybridmoe serve {chat}`, `hybridmoe chat {chat}`)")
     cut = [r for r in runs if r["ended"] != "as planned"]
     lines += [
@@ -530,7 +628,11 @@ def _write_report(
             f"{r['val_ppl_long']:.1f} |"
         )
     lines += _task_section(out, plan, task_evals)
-    lines += ["", "## Loss", "", f"![loss curves]({os.path.basename(png)})", "", "## The chat model's answers", ""]
+    lines += ["", "## Loss", "", f"![loss curves]({os.path.basename(png)})"]
+    if rl_png:
+        lines += ["", "## RL rewards (training prompts, sampled at temperature 1)", "",
+                  f"![RL reward curves]({os.path.basename(rl_png)})"]  # fmt: skip
+    lines += ["", "## The chat model's answers", ""]
     if samples is None:
         lines += ["None: the SFT model was not evaluated (no time left before the deadline).", ""]
     for r in samples or []:
@@ -548,7 +650,7 @@ def _write_report(
     lines += [
         "## Files",
         "",
-        "- `tokenizer/`, `data/` (token shards and manifests, `sft.jsonl`), `pretrain/`, `long-context/` and `sft/`",
+        "- `tokenizer/`, `data/` (token shards and manifests, `sft.jsonl`), `pretrain/`, `long-context/`, `sft/`, `rl/`",
         "  (logs, checkpoints: each a Hugging Face model directory with its tokenizer and chat template);",
         "  `tasks/` (per-sample task evaluations); `evals.json` and `stages.json` (the tables above)",
         "",
@@ -563,7 +665,7 @@ def _write_report(
 def _task_section(out: str, plan: Plan, task_evals: dict) -> list[str]:
     """The table (per domain: accuracy before and after SFT, reasoning on and off; answer length after) and the
     chart of the held-out task evaluation."""
-    lines = ["", "## Tasks (held-out seeds, before and after SFT)", ""]
+    lines = ["", "## Tasks (held-out seeds, before and after SFT, after RL)", ""]
     if not task_evals:
         return lines + ["Not evaluated: no time left before the deadline.", ""]
     from .eval.tasks import plot_comparison
@@ -597,6 +699,30 @@ def _task_section(out: str, plan: Plan, task_evals: dict) -> list[str]:
         f"![task accuracy]({os.path.basename(png)})",
     ]
     return lines
+
+
+def _plot_rewards(out: str, steps: list[dict], recipe: RLRecipe) -> str:
+    """RL's mean reward per environment and step (the training batches' samples)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name in sorted(recipe.envs.ratios):
+        xs = [r["step"] for r in steps if f"reward_{name}" in r]
+        ax.plot(xs, [r[f"reward_{name}"] for r in steps if f"reward_{name}" in r], label=name, marker=".")
+    ax.plot([r["step"] for r in steps], [r["reward"] for r in steps], label="all", color="black", linewidth=2)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("mean reward of the step's samples")
+    ax.set_title("hybridmoe speedrun: GRPO rewards per environment")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    path = os.path.join(out, "rl-rewards.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _median(values) -> float | None:

@@ -305,6 +305,7 @@ class AsyncRollouts:
         startup_timeout_s: float = 300.0,
         wait_timeout_s: float | None = None,
         run_episodes: RunEpisodes | None = None,
+        distributed: bool = True,
     ):
         if group_size < 1 or prompts_per_step < 1 or workers < 1 or threads_per_worker < 1:
             raise ValueError(f"group_size, prompts_per_step, workers and threads_per_worker must be >= 1; got "
@@ -318,7 +319,8 @@ class AsyncRollouts:
         self.episode_kwargs = dict(group_size=group_size, params=params, difficulty=difficulty, reasoning=reasoning,
                                    max_new_tokens=max_new_tokens)  # fmt: skip
         self.wait_timeout_s = wait_timeout_s
-        self.rank, self.world_size = _rank_and_world()
+        # distributed=False: the caller alone (rank 0 of a trainer that shares the batches itself) uses this source
+        self.rank, self.world_size = _rank_and_world() if distributed else (0, 1)
         self.version = initial_version  # published and loaded by every worker
         self._last_taken = initial_version - 1  # the version of the last batch returned
         self._cond = threading.Condition()

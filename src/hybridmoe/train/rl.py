@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -138,7 +140,7 @@ class RLStage(Stage):
         return self._unsharded
 
     # ------------------------------------------------------------------ rollouts
-    def _make_rollouts(self, model):
+    def _make_rollouts(self, model, version: int):
         r, e = self.recipe.rl, self.recipe.envs
         common = dict(
             group_size=r.group_size, prompts_per_step=r.prompts_per_step, params=self.params,
@@ -148,8 +150,19 @@ class RLStage(Stage):
         if r.rollout == "async":
             from .async_rollout import AsyncRollouts
 
-            return AsyncRollouts(self.envs, self.prompts, self.tok, **common, max_staleness=r.max_staleness,
-                                 workers=r.workers)  # fmt: skip
+            # The workers start from the trainer's weights now (a resumed run's too), saved as a model directory.
+            start = os.path.join(self.recipe.train.out_dir, "rollout-start")
+            tmp = tempfile.mkdtemp(prefix=".rollout-start.", dir=self.recipe.train.out_dir)
+            model.save_pretrained(tmp)
+            self.tok.save_pretrained(tmp)
+            if os.path.exists(start):
+                shutil.rmtree(start)
+            os.replace(tmp, start)
+            common.pop("model")
+            common.pop("seed")
+            return AsyncRollouts(self.envs, self.prompts, self.tok, **common, checkpoint=start,
+                                 initial_version=version, max_staleness=r.max_staleness, workers=r.workers,
+                                 max_num_seqs=r.max_num_seqs, distributed=False)  # fmt: skip
         from .rollout import SyncRollouts
 
         return SyncRollouts(self.envs, self.prompts, self.tok, **common, max_num_seqs=r.max_num_seqs)
@@ -161,8 +174,9 @@ class RLStage(Stage):
             self.rollouts = False  # ranks other than 0 have none
             if self.main:
                 self.prompts.load_state_dict({"position": self.trained_prompts})
-                self.rollouts = self._make_rollouts(model)
-                self.rollouts.publish(model, version)
+                self.rollouts = self._make_rollouts(model, version)
+                if self.recipe.rl.rollout == "sync":
+                    self.rollouts.publish(model, version)
         batch = self.rollouts.next_batch(version) if self.main else None
         if self.par is not None:
             box = [batch]
