@@ -58,7 +58,6 @@ from .train.pretrain import pretrain as train
 from .train.rl import rl as train_rl
 from .train.sft import sft as train_sft
 
-
 STAGES = ("pretrain", "long-context", "sft", "rl")
 
 
@@ -522,7 +521,19 @@ def _calibrate(recipe: Recipe, batch: int, seq_len: int, checkpointing: bool = F
 
 
 def _write_report(
-    out, plan, t_start, timings, evals, samples, pre, lc, sft_recipe, rl_recipe, runs, not_evaluated, task_evals,
+    out,
+    plan,
+    t_start,
+    timings,
+    evals,
+    samples,
+    pre,
+    lc,
+    sft_recipe,
+    rl_recipe,
+    runs,
+    not_evaluated,
+    task_evals,
     chat_summary,
 ) -> str:
     from .utils import atomic_write_text
@@ -579,7 +590,7 @@ def _write_report(
     rl_png = None
     if steps_rl:
         rl_png = _plot_rewards(out, steps_rl, rl_recipe)
-        r0, r1 = steps_rl[0], steps_rl[-1]
+        r1 = steps_rl[-1]
         lines.append(
             f"- RL: {_steps(r1['step'])} of GRPO ({rl_recipe.rl.prompts_per_step} prompts x {rl_recipe.rl.group_size} "
             f"samples, environments {', '.join(sorted(rl_recipe.envs.ratios))}, lr {rl_recipe.optim.lr:g}), "
@@ -650,7 +661,8 @@ def _write_report(
     lines += [
         "## Files",
         "",
-        "- `tokenizer/`, `data/` (token shards and manifests, `sft.jsonl`), `pretrain/`, `long-context/`, `sft/`, `rl/`",
+        "- `tokenizer/`, `data/` (token shards and manifests, `sft.jsonl`), `pretrain/`, `long-context/`, `sft/`,"
+        " `rl/`",
         "  (logs, checkpoints: each a Hugging Face model directory with its tokenizer and chat template);",
         "  `tasks/` (per-sample task evaluations); `evals.json` and `stages.json` (the tables above)",
         "",

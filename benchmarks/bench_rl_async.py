@@ -1,0 +1,134 @@
+"""Synchronous against asynchronous GRPO rollouts at the same settings: trajectories per second and reward curves.
+
+Runs the RL stage (`hybridmoe.train.rl`) twice from the same SFT checkpoint, once with `rl.rollout=sync`
+(generation on the trainer's in-process engine, then the optimizer step: staleness 0) and once with
+`rl.rollout=async` and `rl.max_staleness=1` (a `hybridmoe serve` worker process generates the next batch while the
+trainer steps). Same environments, prompts, group size, learning rate and seed. Trajectories per second = the
+trajectories trained on / the wall time of the steps (the log's step_s, the first step, which starts the engine or
+the worker, left out). Writes benchmarks/results/rl-async.json and benchmarks/rl-async.png (both reward curves).
+
+    python benchmarks/bench_rl_async.py --init runs/speedrun/sft --steps 12
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+
+import torch
+
+from hybridmoe.train.config import RLRecipe
+from hybridmoe.train.metrics import read_log
+from hybridmoe.train.rl import rl
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def recipe(init: str, out_dir: str, a, rollout: str) -> RLRecipe:
+    return RLRecipe.from_dict(
+        {
+            "model": {"init_from": init},
+            "envs": {"ratios": {name: 1.0 for name in a.envs.split(",")}, "difficulty": 1},
+            "rl": {
+                "group_size": a.group_size,
+                "prompts_per_step": a.prompts_per_step,
+                "max_new_tokens": a.max_new_tokens,
+                "temperature": 1.0,
+                "pass_rate_filter": {"samples": 0},
+                "max_model_len": 1024,
+                "rollout": rollout,
+                "max_staleness": 1 if rollout == "async" else 0,
+                "workers": 1,
+            },  # fmt: skip
+            "optim": {"lr": a.lr, "min_lr": a.lr, "schedule": "constant", "weight_decay": 0.0},
+            "train": {
+                "steps": a.steps,
+                "out_dir": out_dir,
+                "seed": 0,
+                "keep_last": 1,
+                "tensorboard": False,
+                "progress": False,
+            },  # fmt: skip
+        }
+    )
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--init", required=True, help="the SFT model (a run directory or a model directory)")
+    p.add_argument("--envs", default="math,structured,instructions")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--prompts-per-step", type=int, default=6)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--out", default=os.path.join(HERE, "results", "rl-async.json"))
+    a = p.parse_args()
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    result = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "avx512_bf16": "avx512_bf16" in lscpu,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },  # fmt: skip
+        "settings": vars(a),
+        "runs": {},
+    }
+    tmp = tempfile.mkdtemp(prefix="bench-rl-async-")
+    try:
+        for mode in ("sync", "async"):
+            out_dir = os.path.join(tmp, mode)
+            t0 = time.perf_counter()
+            rl(recipe(a.init, out_dir, a, mode))
+            wall = time.perf_counter() - t0
+            steps = [r for r in read_log(os.path.join(out_dir, "log.jsonl")) if "loss" in r]
+            timed = steps[1:]
+            trajectories = sum(r["trajectories"] for r in timed)
+            seconds = sum(r["step_s"] for r in timed)
+            result["runs"][mode] = {
+                "trajectories_per_s": trajectories / seconds, "steps": len(steps), "wall_s": wall,
+                "mean_step_s": seconds / len(timed), "staleness_max": max(r["staleness_max"] for r in steps),
+                "staleness_mean": sum(r["staleness_mean"] for r in steps) / len(steps),
+                "reward": [r["reward"] for r in steps],
+            }  # fmt: skip
+            print(f"{mode:5s}: {trajectories / seconds:.2f} trajectories/s ({seconds / len(timed):.1f}s per step after "
+                  f"the first), staleness max {result['runs'][mode]['staleness_max']}", flush=True)  # fmt: skip
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    s, y = result["runs"]["sync"], result["runs"]["async"]
+    result["speedup"] = y["trajectories_per_s"] / s["trajectories_per_s"]
+    print(f"async / sync: {result['speedup']:.2f}x trajectories per second")
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as fh:
+        json.dump(result, fh, indent=1)
+    plot(result, os.path.join(HERE, "rl-async.png"))
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mode, run in result["runs"].items():
+        label = f"{mode} ({run['trajectories_per_s']:.2f} trajectories/s, staleness <= {run['staleness_max']})"
+        ax.plot(range(1, len(run["reward"]) + 1), run["reward"], marker=".", label=label)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("mean reward of the step's samples")
+    ax.set_title("GRPO rollouts: synchronous vs asynchronous (staleness 1)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
