@@ -66,6 +66,9 @@ def main():
     p.add_argument("--prompts-per-step", type=int, default=6)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--async-trainer-threads", type=int, default=None,
+                   help="torch threads of the trainer in the async run (default: as in the sync run); the worker "
+                        "has 1, so 1 here splits 2 cores between them")  # fmt: skip
     p.add_argument("--out", default=os.path.join(HERE, "results", "rl-async.json"))
     a = p.parse_args()
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -84,16 +87,22 @@ def main():
     try:
         for mode in ("sync", "async"):
             out_dir = os.path.join(tmp, mode)
+            threads = torch.get_num_threads()
+            if mode == "async" and a.async_trainer_threads:
+                torch.set_num_threads(a.async_trainer_threads)
             t0 = time.perf_counter()
             rl(recipe(a.init, out_dir, a, mode))
             wall = time.perf_counter() - t0
+            trainer_threads = torch.get_num_threads()
+            torch.set_num_threads(threads)
             steps = [r for r in read_log(os.path.join(out_dir, "log.jsonl")) if "loss" in r]
             timed = steps[1:]
             trajectories = sum(r["trajectories"] for r in timed)
             seconds = sum(r["step_s"] for r in timed)
             result["runs"][mode] = {
                 "trajectories_per_s": trajectories / seconds, "steps": len(steps), "wall_s": wall,
-                "mean_step_s": seconds / len(timed), "staleness_max": max(r["staleness_max"] for r in steps),
+                "mean_step_s": seconds / len(timed), "trainer_threads": trainer_threads,
+                "staleness_max": max(r["staleness_max"] for r in steps),
                 "staleness_mean": sum(r["staleness_mean"] for r in steps) / len(steps),
                 "reward": [r["reward"] for r in steps],
             }  # fmt: skip
@@ -107,7 +116,7 @@ def main():
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as fh:
         json.dump(result, fh, indent=1)
-    plot(result, os.path.join(HERE, "rl-async.png"))
+    plot(result, os.path.join(HERE, os.path.basename(a.out).replace(".json", ".png")))
 
 
 def plot(result: dict, path: str) -> None:

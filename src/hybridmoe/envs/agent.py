@@ -284,7 +284,7 @@ class _Loop:
             assistant["reasoning_content"] = message.reasoning_content
         calls = message.tool_calls
         if calls:
-            assistant["tool_calls"] = [_renderable(call.to_openai()) for call in calls]
+            assistant["tool_calls"] = [renderable_call(call.to_openai()) for call in calls]
             r.num_tool_calls += len(calls)
         out_of_room = finish != "stop" or r.generated >= self.max_new_tokens
         if calls and not out_of_room and r.tool_rounds < r.env.max_tool_calls:
@@ -324,7 +324,7 @@ class _Loop:
         r.tool_rounds += 1
 
 
-def _renderable(call: dict) -> dict:
+def renderable_call(call: dict) -> dict:
     """The chat template writes a call's arguments as parameters, so they must be a JSON object; a call whose
     arguments are not one goes into the conversation with none (its tool output is the error message)."""
     try:
@@ -334,12 +334,18 @@ def _renderable(call: dict) -> dict:
     return call if ok else {**call, "function": {**call["function"], "arguments": "{}"}}
 
 
-def _tool_output(env: Environment, episode: Episode, name: str, arguments: str) -> str:
-    """The tool's output; arguments that are not a JSON object get an error text for the model instead."""
+def tool_arguments(name: str, arguments: str) -> dict | str:
+    """A tool call's arguments as a dict, or the error text the model reads when they are not a JSON object."""
     try:
         args = json.loads(arguments) if arguments.strip() else {}
     except json.JSONDecodeError as e:
         return f"error: the arguments of {name} are not valid JSON ({e.msg}); pass a JSON object"
     if not isinstance(args, dict):
         return f"error: the arguments of {name} must be a JSON object, got {type(args).__name__}"
-    return str(env.call_tool(episode, name, args))
+    return args
+
+
+def _tool_output(env: Environment, episode: Episode, name: str, arguments: str) -> str:
+    """The tool's output; arguments that are not a JSON object get an error text for the model instead."""
+    args = tool_arguments(name, arguments)
+    return args if isinstance(args, str) else str(env.call_tool(episode, name, args))

@@ -38,6 +38,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
+from ..envs.agent import renderable_call, tool_arguments
 from ..tasks import DOMAINS, Domain, Task, get_domain, prompt_key, split_seeds
 from ..utils import atomic_write, atomic_write_text
 
@@ -253,7 +254,7 @@ class _Runner:
         if message.reasoning_content:
             assistant["reasoning_content"] = message.reasoning_content
         if message.tool_calls and tools and sample.tool_rounds < self.s.max_tool_rounds:
-            assistant["tool_calls"] = [_renderable_call(call.to_openai()) for call in message.tool_calls]
+            assistant["tool_calls"] = [renderable_call(call.to_openai()) for call in message.tool_calls]
             new = [assistant] + [
                 {"role": "tool", "tool_call_id": call.id, "name": call.name,
                  "content": _tool_output(sample.domain, sample.task, call.name, call.arguments)}
@@ -293,24 +294,11 @@ def _reasoning_tokens(ids: list[int], opened: bool, start_id: int | None, end_id
     return ids.index(end_id) if end_id in ids else len(ids)
 
 
-def _renderable_call(call: dict) -> dict:
-    """The chat template writes a call's arguments as parameters, so they must be a JSON object; a call whose
-    arguments are not one goes back into the conversation with none (its tool output is the error message)."""
-    try:
-        ok = isinstance(json.loads(call["function"]["arguments"] or "{}"), dict)
-    except json.JSONDecodeError:
-        ok = False
-    return call if ok else {**call, "function": {**call["function"], "arguments": "{}"}}
-
-
 def _tool_output(domain: Domain, task: Task, name: str, arguments: str) -> str:
     """What the tool returns to the model; a call that cannot run gets an error message, never an exception."""
-    try:
-        args = json.loads(arguments) if arguments.strip() else {}
-    except json.JSONDecodeError as e:
-        return f"error: the arguments of {name} are not valid JSON ({e.msg}); pass a JSON object"
-    if not isinstance(args, dict):
-        return f"error: the arguments of {name} must be a JSON object, got {type(args).__name__}"
+    args = tool_arguments(name, arguments)
+    if isinstance(args, str):
+        return args
     try:
         return str(domain.run_tool(task, name, args))
     except Exception as e:  # the interface says run_tool never raises; a domain that does still must not stop us
