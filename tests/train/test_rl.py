@@ -219,7 +219,7 @@ def test_stale_trajectories_are_refused(tmp_path, tokenizer_dir, agent, monkeypa
         def close(self):
             pass
 
-    monkeypatch.setattr(RLStage, "_make_rollouts", lambda self, model: Old())
+    monkeypatch.setattr(RLStage, "_make_rollouts", lambda self, model, version: Old())
     with pytest.raises(RuntimeError, match="staleness"):
         rl(rl_recipe(tmp_path / "run", tokenizer_dir, steps=1))
 
