@@ -615,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     limits = p.add_argument_group("limits (each refused with a clear error)")
     limits.add_argument("--max-body-mb", type=float, default=8.0, help="request body size (413 beyond)")
     limits.add_argument("--max-prompt-chars", type=int, default=1_000_000, help="prompt characters before tokenizing")
-    limits.add_argument("--max-prompts", type=int, default=64, help="prompts per /v1/completions request")
+    limits.add_argument("--max-prompts", type=int, default=64, help="choices per request (prompts times n)")
     limits.add_argument("--max-stop", type=int, default=4, help="stop strings per request (OpenAI's limit: 4)")
     limits.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot (503 beyond)")
     limits.add_argument(

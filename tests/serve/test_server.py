@@ -190,6 +190,21 @@ def test_completions_stream_echo_stop_and_logprobs(client, engine):
     assert sorted(c.index for c in batch.choices) == [0, 1]
 
 
+def test_n_choices_per_prompt(client, engine, live):
+    # Choice i of a seeded request samples with seed + i: choice 0 is the request with n=1; usage counts prompts once.
+    kw = dict(model=MODEL, max_tokens=6, temperature=1.0, seed=3)
+    alone = [client.completions.create(**kw, prompt=p).choices[0].text for p in ("The quick", "What is")]
+    r = client.completions.create(**kw, prompt=["The quick", "What is"], n=2)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3] and [r.choices[0].text, r.choices[2].text] == alone
+    assert r.usage.prompt_tokens == len(tokens(live, "The quick", end=False)) + len(tokens(live, "What is", end=False))
+    kw = dict(model=MODEL, messages=USER, max_tokens=4, temperature=0)
+    one, three = client.chat.completions.create(**kw), client.chat.completions.create(**kw, n=3)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert {c.message.content for c in three.choices} == {one.choices[0].message.content}  # greedy: all alike
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens
+    assert three.usage.completion_tokens == 3 * one.usage.completion_tokens
+
+
 # ------------------------------------------------------------------------------------------------ tools
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]  # fmt: skip
@@ -239,7 +254,8 @@ def test_bad_requests_get_openai_errors(client, live):
         (dict(temperature=3.5), "temperature"),
         (dict(top_p=0), "top_p"),
         (dict(max_tokens=0), "max_tokens"),
-        (dict(n=2), "n"),
+        (dict(n=0), "n"),
+        (dict(n=65), "n"),  # more choices than Limits.max_prompts
         (dict(tool_choice="required", tools=TOOLS), "tool_choice"),
     ):
         with pytest.raises(openai.BadRequestError) as e:

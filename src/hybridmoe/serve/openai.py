@@ -35,7 +35,10 @@ the loop and has the engine worker load it between two steps; its route and who 
 
 Reasoning is on unless the request says `reasoning_effort: "none"` or `chat_template_kwargs: {"enable_thinking":
 false}` (vLLM's switch); `reasoning_budget: N` (or `chat_template_kwargs.reasoning_budget`) forces `</think>` after N
-thinking tokens; the server's default budget applies otherwise. Requests accept only `n = 1`.
+thinking tokens; the server's default budget applies otherwise, to each of the `n` choices on its own.
+
+`n` choices per prompt are n engine requests (choice i of a seeded request samples with seed + i); a request may ask
+for at most `Limits.max_prompts` choices in all (prompts times n). Usage counts each prompt once, as OpenAI does.
 """
 
 from __future__ import annotations
@@ -131,9 +134,17 @@ class OpenAIServing:
                                 f"{self.limits.max_prompt_chars:,}; shorten it", param=param,
                            code="context_length_exceeded")  # fmt: skip
 
-    def sampling_params(self, body: _SamplingFields, prompt_len: int, max_tokens: int | None, **kw) -> SamplingParams:
-        if body.n != 1:
-            raise APIError(400, f"n={body.n} is not supported; only n=1", param="n")
+    def check_choices(self, num_prompts: int, n: int) -> None:
+        """A request generates num_prompts * n sequences; at most `Limits.max_prompts`."""
+        if num_prompts * n > self.limits.max_prompts:
+            what = f"n={n}" if num_prompts == 1 else f"{num_prompts} prompts x n={n}"
+            raise APIError(400, f"{what} asks for {num_prompts * n} choices; this server generates at most "
+                                f"{self.limits.max_prompts} per request", param="n")  # fmt: skip
+
+    def sampling_params(self, body: _SamplingFields, prompt_len: int, max_tokens: int | None, choice: int = 0,
+                        **kw) -> SamplingParams:  # fmt: skip
+        """The engine parameters of one choice. With a seed, choice i samples with seed + i (so the n choices of a
+        seeded request differ, and choice 0 is what the same request with n=1 gives)."""
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(body, name):
                 raise APIError(400, f"{name} is not supported; leave it at 0", param=name)
@@ -148,11 +159,12 @@ class OpenAIServing:
         if bad is not None:
             raise APIError(400, f"stop token id {bad} is outside the vocabulary [0, {self.engine.config.vocab_size})",
                            param="stop_token_ids")  # fmt: skip
+        seed = body.seed if body.seed is None or choice == 0 else (body.seed + choice) % 2**64  # torch's seed range
         try:
             return SamplingParams(
                 temperature=1.0 if body.temperature is None else body.temperature,
                 top_p=1.0 if body.top_p is None else body.top_p,
-                top_k=body.top_k, max_tokens=max_tokens, stop=stop, seed=body.seed, stop_token_ids=stop_ids,
+                top_k=body.top_k, max_tokens=max_tokens, stop=stop, seed=seed, stop_token_ids=stop_ids,
                 ignore_eos=body.ignore_eos, **kw,
             )  # fmt: skip
         except ValueError as e:
@@ -242,63 +254,90 @@ class OpenAIServing:
             prompt = await self.off_loop(render_chat, self.tokenizer, body.messages, body.tools, reasoning)
         except (ValueError, TemplateError) as e:
             raise APIError(400, str(e), param="messages") from e
-        processors = []
-        if prompt.reasoning and budget is not None and self.think_end_id is not None:
-            processors.append(ReasoningBudget(budget, self.think_end_id))
+        self.check_choices(1, body.n)
+        use_budget = prompt.reasoning and budget is not None and self.think_end_id is not None
         max_tokens = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = self.sampling_params(body, len(prompt.token_ids), max_tokens, logprobs=logprobs,
-                                      logits_processors=processors)  # fmt: skip
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        chat_id = f"chatcmpl-{uuid.uuid4().hex}"
+        request_ids = [chat_id] if body.n == 1 else [f"{chat_id}-{i}" for i in range(body.n)]
         queue: asyncio.Queue = asyncio.Queue()
-        self.submit(request_id, prompt.token_ids, params, queue, param="messages")
         parse_tools = bool(body.tools) and body.tool_choice != "none"
-        state = _ChatState(self, request_id, body.model, prompt.reasoning, parse_tools, params.stop, body.tools)
+        states = {}
+        try:
+            for i, request_id in enumerate(request_ids):
+                processors = [ReasoningBudget(budget, self.think_end_id)] if use_budget else []  # one per choice
+                params = self.sampling_params(body, len(prompt.token_ids), max_tokens, choice=i, logprobs=logprobs,
+                                              logits_processors=processors)  # fmt: skip
+                self.submit(request_id, prompt.token_ids, params, queue, param="messages")
+                states[request_id] = _ChatState(self, i, chat_id, body.model, prompt.reasoning, parse_tools,
+                                                params.stop, body.tools)  # fmt: skip
+        except APIError:
+            for request_id in states:
+                self.worker.cancel(request_id)
+            raise
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = self._chat_stream(state, queue, include_usage, t0)
+            stream = self._chat_stream(states, queue, include_usage, t0, body.n)
             return StreamingResponse(stream, media_type="text/event-stream")
-        message, lps, last = ChatDelta(), [], None
-        async with aclosing(self.outputs(queue, [request_id], request)) as outputs:
+        messages = {request_id: ChatDelta() for request_id in states}
+        lps = {request_id: [] for request_id in states}
+        started = False
+        async with aclosing(self.outputs(queue, request_ids, request)) as outputs:
             async for out in outputs:
-                if last is None:
+                if not started:
                     self.metrics.ttft.observe(time.monotonic() - t0)
-                message += state.update(out)
-                lps += [self._chat_logprob(lp) for lp in self._token_logprobs(out)]
-                last = out
-        self._finish_metrics(last, t0)
-        msg = {"role": "assistant", "content": message.content or (None if message.tool_calls else ""),
-               "reasoning_content": message.reasoning_content or None}  # fmt: skip
-        if message.tool_calls:
-            msg["tool_calls"] = [c.to_openai() for c in message.tool_calls]
-        choice = {"index": 0, "message": msg, "logprobs": {"content": lps} if body.logprobs else None,
-                  "finish_reason": state.finish_reason(last), "weight_version": last.weight_version}  # fmt: skip
-        return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": body.model,
-                "choices": [choice], "usage": _usage(last)}  # fmt: skip
+                    started = True
+                state = states[out.request_id]
+                messages[out.request_id] += state.update(out)
+                lps[out.request_id] += [self._chat_logprob(lp) for lp in self._token_logprobs(out)]
+        choices = []
+        for request_id, state in states.items():
+            self._finish_metrics(state.last, t0)
+            message = messages[request_id]
+            msg = {"role": "assistant", "content": message.content or (None if message.tool_calls else ""),
+                   "reasoning_content": message.reasoning_content or None}  # fmt: skip
+            if message.tool_calls:
+                msg["tool_calls"] = [c.to_openai() for c in message.tool_calls]
+            choices.append({"index": state.index, "message": msg,
+                            "logprobs": {"content": lps[request_id]} if body.logprobs else None,
+                            "finish_reason": state.finish_reason(state.last),
+                            "weight_version": state.last.weight_version})  # fmt: skip
+        return {"id": chat_id, "object": "chat.completion", "created": int(time.time()), "model": body.model,
+                "choices": choices, "usage": _usage([s.last for s in states.values()], body.n)}  # fmt: skip
 
-    async def _chat_stream(self, state: _ChatState, queue: asyncio.Queue, include_usage: bool, t0: float):
-        def chunk(delta: dict, finish_reason=None, logprobs=None) -> str:
-            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-            if last is not None:
-                choice["weight_version"] = last.weight_version
+    async def _chat_stream(self, states: dict[str, _ChatState], queue: asyncio.Queue, include_usage: bool, t0: float,
+                           n: int):  # fmt: skip
+        """Each choice's role chunk, its deltas as they come, and its finish chunk as soon as it ends (OpenAI's
+        order for n > 1: chunks of different choices interleave, each carrying its `index`)."""
+
+        def chunk(state: _ChatState, delta: dict, finish_reason=None, logprobs=None) -> str:
+            choice = {"index": state.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+            if state.last is not None:
+                choice["weight_version"] = state.last.weight_version
             return sse(state.header("chat.completion.chunk") | {"choices": [choice]})
 
-        last = None
-        yield chunk({"role": "assistant", "content": ""})
+        first = next(iter(states.values()))
+        for state in states.values():
+            yield chunk(state, {"role": "assistant", "content": ""})
         try:
-            async with aclosing(self.outputs(queue, [state.request_id])) as outputs:
+            started = False
+            async with aclosing(self.outputs(queue, list(states))) as outputs:
                 async for out in outputs:
-                    if last is None:
+                    if not started:
                         self.metrics.ttft.observe(time.monotonic() - t0)
+                        started = True
+                    state = states[out.request_id]
                     delta = state.update(out)
                     lps = [self._chat_logprob(lp) for lp in self._token_logprobs(out)] if out.new_logprobs else None
                     if delta or lps:
-                        yield chunk(_delta_json(delta), logprobs={"content": lps} if lps else None)
-                    last = out
-            yield chunk({}, finish_reason=state.finish_reason(last))
+                        yield chunk(state, _delta_json(delta), logprobs={"content": lps} if lps else None)
+                    if out.finished:
+                        yield chunk(state, {}, finish_reason=state.finish_reason(out))
             if include_usage:
-                yield sse(state.header("chat.completion.chunk") | {"choices": [], "usage": _usage(last)})
-            self._finish_metrics(last, t0)
+                usage = _usage([s.last for s in states.values()], n)
+                yield sse(first.header("chat.completion.chunk") | {"choices": [], "usage": usage})
+            for state in states.values():
+                self._finish_metrics(state.last, t0)
         except APIError as e:
             yield sse(e.body())
         yield SSE_DONE
@@ -315,14 +354,16 @@ class OpenAIServing:
         if body.max_tokens == 0 and prompt_logprobs is None:
             prompt_logprobs = 0
         prompts = await self._prompt_ids(body.prompt)
+        self.check_choices(len(prompts), body.n)
         cid = f"cmpl-{uuid.uuid4().hex}"
         queue: asyncio.Queue = asyncio.Queue()
-        ids = [f"{cid}-{i}" for i in range(len(prompts))]
+        ids = [f"{cid}-{i}" for i in range(len(prompts) * body.n)]  # choice i: prompt i // n, its (i % n)-th sample
         states = {}
         try:
-            for i, (request_id, ids_) in enumerate(zip(ids, prompts)):
-                params = self.sampling_params(body, len(ids_), body.max_tokens, logprobs=body.logprobs,
-                                              prompt_logprobs=prompt_logprobs)  # fmt: skip
+            for i, request_id in enumerate(ids):
+                ids_ = prompts[i // body.n]
+                params = self.sampling_params(body, len(ids_), body.max_tokens, choice=i % body.n,
+                                              logprobs=body.logprobs, prompt_logprobs=prompt_logprobs)  # fmt: skip
                 self.submit(request_id, ids_, params, queue, param="prompt")
                 states[request_id] = _CompletionState(self, i, ids_, params.stop, body.echo, body.logprobs,
                                                       body.return_token_ids)  # fmt: skip
@@ -333,7 +374,7 @@ class OpenAIServing:
         header = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": body.model}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._completion_stream(header, states, queue, include_usage, t0),
+            return StreamingResponse(self._completion_stream(header, states, queue, include_usage, t0, body.n),
                                      media_type="text/event-stream")  # fmt: skip
         async with aclosing(self.outputs(queue, ids, request)) as outputs:
             async for out in outputs:
@@ -341,9 +382,9 @@ class OpenAIServing:
         for s in states.values():
             self._finish_metrics(s.last, t0)
         choices = [s.choice(s.text) for s in states.values()]
-        return header | {"choices": choices, "usage": _usage(*(s.last for s in states.values()))}
+        return header | {"choices": choices, "usage": _usage([s.last for s in states.values()], body.n)}
 
-    async def _completion_stream(self, header, states, queue, include_usage, t0):
+    async def _completion_stream(self, header, states, queue, include_usage, t0, n):
         try:
             async with aclosing(self.outputs(queue, list(states))) as outputs:
                 async for out in outputs:
@@ -352,7 +393,7 @@ class OpenAIServing:
                     if text or out.finished or s.unsent_logprobs or s.unsent_token_ids:
                         yield sse(header | {"choices": [s.choice(text, delta=True)]})
             if include_usage:
-                yield sse(header | {"choices": [], "usage": _usage(*(s.last for s in states.values()))})
+                yield sse(header | {"choices": [], "usage": _usage([s.last for s in states.values()], n)})
             for s in states.values():
                 self._finish_metrics(s.last, t0)
         except APIError as e:
@@ -486,20 +527,22 @@ class OpenAIServing:
 
 
 class _ChatState:
-    """One chat request's detokenizer and parser."""
+    """One choice of a chat request: its detokenizer and parser, and its last engine output."""
 
-    def __init__(self, serving: OpenAIServing, request_id, model, reasoning, parse_tools, stop, tools=None):
-        self.serving, self.request_id, self.model = serving, request_id, model
+    def __init__(self, serving: OpenAIServing, index, chat_id, model, reasoning, parse_tools, stop, tools=None):
+        self.serving, self.index, self.chat_id, self.model = serving, index, chat_id, model
+        self.last: RequestOutput | None = None
         self.detok = IncrementalDetokenizer(serving.tokenizer, stop=stop)
         self.parser = ChatOutputParser(reasoning, parse_tools, tools)
         self.num_calls = 0
         self.created = int(time.time())
 
     def header(self, obj: str) -> dict:
-        return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model}
+        return {"id": self.chat_id, "object": obj, "created": self.created, "model": self.model}
 
     def update(self, out: RequestOutput) -> ChatDelta:
         self.serving.metrics.generation_tokens += len(out.new_token_ids)
+        self.last = out
         text = self.detok.add(self.serving._visible_ids(out))
         if out.finished:
             text += self.detok.finish()
@@ -614,8 +657,9 @@ def _delta_json(delta: ChatDelta) -> dict:
     return out
 
 
-def _usage(*outs: RequestOutput) -> dict:
-    prompt = sum(o.num_prompt_tokens for o in outs)
+def _usage(outs: list[RequestOutput], n: int = 1) -> dict:
+    """OpenAI's usage of the requests `outs`: n choices per prompt, each prompt counted once."""
+    prompt = sum(o.num_prompt_tokens for o in outs) // n
     completion = sum(o.num_generated_tokens for o in outs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 

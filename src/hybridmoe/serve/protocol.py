@@ -28,11 +28,11 @@ class Limits:
     """What one request may hold; the server answers anything beyond with a 400/413/503 that names the limit.
 
     max_body_bytes: HTTP body size (413). max_prompt_chars: characters of a prompt (or of all chat messages) before
-    tokenizing. max_prompts: prompts of one /v1/completions batch. max_stop: stop strings (OpenAI: 4). max_queue:
-    requests waiting for an engine slot (503 with Retry-After beyond). request_timeout_s: the longest a request may
-    run before it ends with a 504 (None: no limit). header_timeout_s / body_timeout_s: the longest a client may take
-    to send the request head / body before the connection is closed (408 for the body). max_connections: open HTTP
-    connections (uvicorn answers 503 beyond)."""
+    tokenizing. max_prompts: prompts of one /v1/completions batch, and choices of one request (prompts times n).
+    max_stop: stop strings (OpenAI: 4). max_queue: requests waiting for an engine slot (503 with Retry-After beyond).
+    request_timeout_s: the longest a request may run before it ends with a 504 (None: no limit). header_timeout_s /
+    body_timeout_s: the longest a client may take to send the request head / body before the connection is closed
+    (408 for the body). max_connections: open HTTP connections (uvicorn answers 503 beyond)."""
 
     max_body_bytes: int = 8 * 2**20
     max_prompt_chars: int = 1_000_000
@@ -66,7 +66,7 @@ class _SamplingFields(_Body):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, le=MAX_INT)  # not in OpenAI's API; vLLM's extension
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_INT)  # choices per prompt; the server's limit is Limits.max_prompts
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
