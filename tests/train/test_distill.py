@@ -89,6 +89,14 @@ def test_recipe_checks(tmp_path, tokenizer_dir):  # noqa: F811
         distill_recipe(tmp_path, tokenizer_dir, {"even": "a", "odd": "b"}, distill_keys={"logratio_clip": 0}).validate()
 
 
+def test_shipped_recipe_parses_and_validates():
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "tiny-distill.yaml")
+    r = DistillRecipe.from_yaml(path, ["distill.orm_weight=0.5", "rl.group_size=4"])
+    r.validate()
+    assert r.rl.group_size == 4 and r.distill.opd_weight == 1.0 and r.distill.default_teacher
+    assert set(r.distill.teachers) <= set(r.envs.ratios)
+
+
 def test_tokenizer_mismatch_is_refused(tmp_path, tokenizer_dir, agent):  # noqa: F811
     student = AutoTokenizer.from_pretrained(tokenizer_dir)
     same = save_model(tmp_path / "same", tokenizer_dir, seed=1)
