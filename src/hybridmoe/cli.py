@@ -111,6 +111,13 @@ def cmd_rl(args) -> int:
     return _run_stage(RLRecipe, rl, args)
 
 
+def cmd_distill(args) -> int:
+    from .train.config import DistillRecipe
+    from .train.distill import distill
+
+    return _run_stage(DistillRecipe, distill, args)
+
+
 def _run_stage(recipe_class, stage, args) -> int:
     """Read and check the recipe, print it, run the stage, say how it ended (under torchrun rank 0 alone talks)."""
     recipe = recipe_class.from_yaml(args.recipe, args.overrides)
@@ -441,6 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="recipe keys as section.key=value, e.g. rl.group_size=8")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
     p.set_defaults(func=cmd_rl)
+
+    p = sub.add_parser("distill", help="multi-teacher on-policy distillation (MOPD) from a YAML recipe")
+    p.add_argument("recipe", help="a YAML MOPD recipe, e.g. recipes/tiny-distill.yaml")
+    p.add_argument("overrides", nargs="*", help="recipe keys as section.key=value, e.g. distill.orm_weight=0.5")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("export", help="a distributed (torchrun) checkpoint -> a Hugging Face model directory")
     p.add_argument("checkpoint", help="a checkpoint directory with dcp/, or a run directory (its newest)")

@@ -24,6 +24,9 @@ and the two-stage loss normalization (a token mean over the global batch, then a
     envs:     environments with their share of every batch, difficulty, reasoning, the training-seed pools
     rl:       groups, batch, sampling, advantages, clipping, importance correction, KL, router freezing, the
               pass-rate filter, staleness and the rollout source (sync | async), packing
+`DistillRecipe` (multi-teacher on-policy distillation, `hybridmoe distill`) is RLRecipe plus
+    distill:  teachers per environment and a default, the advantage's weights (reverse KL and outcome reward), the
+              log-ratio clip, the optional warm-up SFT on teacher samples
 RL defaults follow the Nemotron 3 RLVR recipe (the Nemotron 3 Super technical report, NVIDIA, 2025, with NeMo-RL's
 GRPO): 16 samples per prompt, clip 0.2 / 0.28, TIS [0.2, 5], KL 0, router frozen, constant LR 3e-6.
 """
@@ -354,7 +357,8 @@ class RLRecipe(_RecipeFile):
             raise ValueError(f"envs.difficulty and envs.pool must be >= 1 and envs.offset >= 0, got {e.difficulty}, "
                              f"{e.pool}, {e.offset}")  # fmt: skip
         checks = [
-            (r.group_size >= 2, f"rl.group_size={r.group_size}: GRPO's leave-one-out baseline needs >= 2 samples"),
+            (r.group_size >= self._min_group_size(),
+             f"rl.group_size={r.group_size}: GRPO's leave-one-out baseline needs >= 2 samples"),
             (r.prompts_per_step >= 1, f"rl.prompts_per_step={r.prompts_per_step} must be >= 1"),
             (r.max_new_tokens >= 1, f"rl.max_new_tokens={r.max_new_tokens} must be >= 1"),
             (r.temperature > 0, f"rl.temperature={r.temperature}: GRPO samples; use a temperature > 0"),
@@ -376,6 +380,86 @@ class RLRecipe(_RecipeFile):
             (r.seq_len == 0 or r.seq_len >= 2, f"rl.seq_len={r.seq_len}: 0 (one trajectory per row) or >= 2"),
             (r.micro_batch_size >= 1, f"rl.micro_batch_size={r.micro_batch_size} must be >= 1"),
             (r.max_model_len >= 2 and r.max_num_seqs >= 1, "rl.max_model_len must be >= 2 and rl.max_num_seqs >= 1"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def _min_group_size(self) -> int:
+        return 2
+
+
+# ---------------------------------------------------------------------------------------------- MOPD
+
+
+@dataclass
+class WarmupSection:
+    """MOPD's optional first phase: SFT of the student on samples its teachers generate (`train.distill`)."""
+
+    samples: int = 0  # episodes per environment, each from the environment's teacher; 0: no warm-up
+    keep: str = "full_reward"  # full_reward: only episodes with reward 1 | all
+    steps: int = 20  # SFT optimizer steps
+    lr: float = 1e-5
+    seq_len: int = 1024  # tokens per packed SFT sample
+    batch_size: int = 4  # packed samples per step
+
+
+@dataclass
+class DistillSection:
+    teachers: dict[str, str] = field(default_factory=dict)  # environment -> teacher checkpoint (model or run dir)
+    default_teacher: str | None = None  # for the environments without their own; None: each needs one
+    opd_weight: float = 1.0  # A = opd_weight * clip(log p_teacher - log p_old) + orm_weight * A_grpo
+    orm_weight: float = 0.0  # the environment reward's group advantage (needs rl.group_size >= 2 when > 0)
+    logratio_clip: float = 10.0  # |log p_teacher - log p_old| per token is clipped to this
+    warmup: WarmupSection = field(default_factory=WarmupSection)
+
+
+def _distill_rl() -> RLSection:
+    return RLSection(group_size=1)
+
+
+@dataclass
+class DistillRecipe(RLRecipe):
+    """Multi-teacher on-policy distillation (`hybridmoe distill`): RLRecipe's sections (the student in model, the
+    rollouts, batch and loss in rl; one sample per prompt by default) and `distill` (the teachers, the advantage's
+    weights and clip, the optional warm-up)."""
+
+    rl: RLSection = field(default_factory=_distill_rl)
+    distill: DistillSection = field(default_factory=DistillSection)
+
+    def _min_group_size(self) -> int:
+        return 2 if self.distill.orm_weight > 0 else 1
+
+    def validate(self) -> None:
+        d, w = self.distill, self.distill.warmup
+        if d.orm_weight > 0 and self.rl.group_size < 2:
+            raise ValueError(f"rl.group_size={self.rl.group_size} with distill.orm_weight={d.orm_weight}: the "
+                             "outcome-reward advantage needs a group of >= 2 samples per prompt; raise rl.group_size "
+                             "or set distill.orm_weight=0")  # fmt: skip
+        super().validate()
+        if not isinstance(d.teachers, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in d.teachers.items()
+        ):
+            raise ValueError(f"distill.teachers must map environment names to checkpoint directories, got {d.teachers}")
+        unknown = sorted(set(d.teachers) - set(self.envs.ratios))
+        if unknown:
+            raise ValueError(f"distill.teachers names environment(s) {unknown} that are not in envs.ratios "
+                             f"({sorted(self.envs.ratios)}): add them to envs.ratios or drop their "
+                             "teachers")  # fmt: skip
+        if d.default_teacher is None:
+            orphans = sorted(set(self.envs.ratios) - set(d.teachers))
+            if orphans:
+                raise ValueError(f"environment(s) {orphans} have no teacher: give distill.teachers.<env> or "
+                                 "distill.default_teacher")  # fmt: skip
+        checks = [
+            (d.opd_weight >= 0 and d.orm_weight >= 0, f"distill.opd_weight={d.opd_weight} and distill.orm_weight="
+             f"{d.orm_weight} must be >= 0"),
+            (d.opd_weight + d.orm_weight > 0, "distill.opd_weight and distill.orm_weight are both 0: nothing to learn"),
+            (d.logratio_clip > 0, f"distill.logratio_clip={d.logratio_clip} must be > 0"),
+            (w.samples >= 0, f"distill.warmup.samples={w.samples} must be >= 0 (0: no warm-up)"),
+            (w.keep in ("full_reward", "all"), f"distill.warmup.keep={w.keep!r}: use full_reward or all"),
+            (w.steps >= 1 and w.lr > 0 and w.seq_len >= 2 and w.batch_size >= 1,
+             "distill.warmup.steps, batch_size must be >= 1, seq_len >= 2, lr > 0"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
@@ -467,4 +551,7 @@ _SECTIONS = {
     (RLRecipe, "train"): TrainSection,
     (RLRecipe, "parallel"): ParallelSection,
     (RLSection, "pass_rate_filter"): PassRateSection,
+    (DistillRecipe, "distill"): DistillSection,
+    (DistillSection, "warmup"): WarmupSection,
 }
+_SECTIONS.update({(DistillRecipe, name): sub for (cls, name), sub in list(_SECTIONS.items()) if cls is RLRecipe})

@@ -232,15 +232,13 @@ class RLStage(Stage):
                 f"step {step}: the rollout source gave {len(batch)} trajectories with staleness {sorted(set(stale))}; "
                 f"each must be between 0 and rl.max_staleness={r.max_staleness}"
             )
-        rewards = torch.tensor([t.reward for t in batch], dtype=torch.float64)
-        groups = torch.tensor([t.group for t in batch])
-        advantages = group_advantages(rewards, groups, r.advantage_std_norm, clip=r.advantage_clip)
-        rows = pack(batch, advantages.tolist(), r.seq_len)
+        rows = pack(batch, self._advantages(batch), r.seq_len)
         # every rank the same number of rows, hence of forwards (FSDP's gathers pair up across ranks)
         rows += [_empty_row()] * (-len(rows) % self.world)
         per = len(rows) // self.world
         rank = self.par.rank if self.par is not None else 0
         mine = rows[rank * per : (rank + 1) * per]
+        self._prepare_rows(batch, mine)
         micro = [collate(mine[i : i + r.micro_batch_size]) for i in range(0, len(mine), r.micro_batch_size)]
         local_tokens = sum(int(m["mask"].sum()) for m in micro)
         num_tokens = self.par.sum([local_tokens])[0] if self.par is not None else local_tokens
@@ -252,6 +250,24 @@ class RLStage(Stage):
         mean_len = max(2, round(tokens / max(1, len(rows))))
         return StepOutput(losses, tokens, flops_per_token(self.model.config, mean_len), extra)
 
+    # ------------------------------------------------------------------ advantages (what `train.distill` changes)
+    def _advantages(self, batch: list[Trajectory]) -> list[float]:
+        """One advantage per trajectory, against its group (`grpo.group_advantages`); `pack` spreads each over the
+        trajectory's tokens."""
+        r = self.recipe.rl
+        rewards = torch.tensor([t.reward for t in batch], dtype=torch.float64)
+        groups = torch.tensor([t.group for t in batch])
+        return group_advantages(rewards, groups, r.advantage_std_norm, clip=r.advantage_clip).tolist()
+
+    def _prepare_rows(self, batch: list[Trajectory], rows: list[dict]) -> None:
+        """This rank's packed rows before training, for per-token inputs of `_token_advantages` (RL: none)."""
+
+    def _token_advantages(self, m: dict, sel: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        """The advantage of every loss token of micro-batch m (sel: its loss targets; old: pi_old's log-probs of
+        them, detached): here the trajectory's group advantage on each of its tokens."""
+        return m["advantages"][:, 1:][sel]
+
+    # ------------------------------------------------------------------ forward and backward
     def _forward_backward(self, micro: list[dict], num_tokens: int) -> dict[str, float]:
         r = self.recipe.rl
         sums = dict.fromkeys(("loss", "pg", "kl", "clip_fraction_sum", "tokens", "abs_diff_sum", "kl_sum",
@@ -269,8 +285,8 @@ class RLStage(Stage):
             if self.reference is not None:
                 with torch.no_grad():
                     ref = self._token_logprobs(self.reference, m, sel)
-            loss, parts = policy_loss(logp, old, m["advantages"][:, 1:][sel], num_tokens, w, r.eps_low, r.eps_high,
-                                      ref, r.kl_coef)  # fmt: skip
+            advantages = self._token_advantages(m, sel, old)
+            loss, parts = policy_loss(logp, old, advantages, num_tokens, w, r.eps_low, r.eps_high, ref, r.kl_coef)
             # FSDP averages the ranks' gradients: each rank's part of the global sum counts world times
             (loss * self.world).backward()
             sums["loss"] += float(loss.detach())
