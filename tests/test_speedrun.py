@@ -20,7 +20,7 @@ from hybridmoe.train import session as loop_mod
 TOY = {"preset": "debug", "vocab_size": 512, "seq_len": 64, "batch_size": 4, "long_seq_len": 256,
        "short_batch_size": 4, "max_files": 40, "sft_seq_len": 512, "sft_per_domain": 6, "task_samples": 2,
        "task_max_new_tokens": 8, "rl_group_size": 2, "rl_prompts_per_step": 3, "rl_max_new_tokens": 8,
-       "rl_step_s": 1.0}  # fmt: skip
+       "rl_step_s": 1.0, "validation_reserve_s": 2.0}  # fmt: skip
 
 
 def test_stdlib_sources_split_modules_from_tests():

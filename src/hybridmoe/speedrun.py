@@ -83,6 +83,7 @@ class Plan:
     sft_share: float = 0.30
     rl_share: float = 0.12
     eval_reserve_s: float = 360.0  # task evaluations before/after SFT and after RL, validation of six checkpoints
+    validation_reserve_s: float = 45.0  # of which kept for the final model's validation and the report
     # SFT: conversations of every task domain (training seeds), packed at the pretraining shape by default
     sft_per_domain: int = 2000
     sft_seq_len: int | None = None  # None: seq_len
@@ -267,13 +268,16 @@ def speedrun(
     task_evals, not_evaluated = {}, []
     task_models = [("before SFT", base_ckpt)] + ([("after SFT", sft_summary["checkpoint"])] if sft_summary else [])
     task_models += [("after RL", rl_summary["checkpoint"])] if rl_summary else []
-    task_s = 0.0
+    # The task evaluations stop at their own deadline (answers left unfinished are left out), which keeps time for
+    # the final model's validation and the report on a machine slower than at calibration.
+    task_deadline, task_s = end - plan.validation_reserve_s, 0.0
     for label, ckpt in reversed(task_models):
-        if task_evals and time.monotonic() + task_s > end:
+        if time.monotonic() + task_s > task_deadline:
             not_evaluated.append(f"tasks {label}")
             continue
         t0 = time.monotonic()
-        task_evals[label] = _evaluate_tasks(plan, ckpt, os.path.join(out, "tasks", label.replace(" ", "-")))
+        task_evals[label] = _evaluate_tasks(plan, ckpt, os.path.join(out, "tasks", label.replace(" ", "-")),
+                                            deadline=task_deadline)  # fmt: skip
         task_s = max(task_s, time.monotonic() - t0)
     task_evals = {label: task_evals[label] for label, _ in task_models if label in task_evals}
     val_ds = [TokenDataset(data["modules"], val_fraction=pre.data.val_fraction)]
@@ -465,9 +469,9 @@ def _rl_recipe(plan: Plan, init_from: str, out_dir: str, steps: int) -> RLRecipe
     )
 
 
-def _evaluate_tasks(plan: Plan, ckpt: str, out_dir: str):
+def _evaluate_tasks(plan: Plan, ckpt: str, out_dir: str, deadline: float | None = None):
     """Held-out tasks of every domain, reasoning on and off, greedy, through the batched engine; tasks.md/json/png
-    in out_dir."""
+    in out_dir. The answers not finished by `deadline` (time.monotonic) are left out."""
     from .eval.tasks import evaluate_tasks, write_task_report
     from .serve.load import load_model
 
@@ -476,7 +480,7 @@ def _evaluate_tasks(plan: Plan, ckpt: str, out_dir: str):
         model, tok, None, plan.task_samples, max_num_seqs=32, checkpoint=ckpt,
         max_model_len=min(2048, model.config.max_position_embeddings),
         difficulty=plan.task_difficulty, max_new_tokens=plan.task_max_new_tokens, overlap_seeds=plan.sft_per_domain,
-        progress=False,
+        progress=False, deadline=deadline,
     )  # fmt: skip
     write_task_report(result, out_dir)
     overall = result.overall()
@@ -698,18 +702,29 @@ def _task_section(out: str, plan: Plan, task_evals: dict) -> list[str]:
         "|---|" + "---:|" * (2 * len(labels) + 2),
     ]
     last = task_evals[labels[-1]]
+
+    def pct(value, digits=0):
+        return "n/a" if value is None else f"{100 * value:.{digits}f}%"
+
+    def tokens(result, d, m):
+        return f"{result.row(d, m)['mean_tokens']:.0f}" if result.accuracy(d, m) is not None else "n/a"
+
     for d in first.domains:
-        cells = [f"{100 * task_evals[label].accuracy(d, m):.0f}%" for label in labels for m in ("on", "off")]
-        tokens = f"{last.row(d, 'on')['mean_tokens']:.0f} / {last.row(d, 'off')['mean_tokens']:.0f}"
+        cells = [pct(task_evals[label].accuracy(d, m)) for label in labels for m in ("on", "off")]
         overlap = first.domains[d]["train_overlap"]
-        lines.append(f"| {d} | " + " | ".join(cells) + f" | {tokens} | {overlap} of {plan.task_samples} |")
-    means = [f"**{100 * task_evals[label].overall()[m]['accuracy']:.1f}%**" for label in labels for m in ("on", "off")]
-    o = last.overall()
-    lines += [
-        "| **mean** | " + " | ".join(means) + f" | {o['on']['mean_tokens']:.0f} / {o['off']['mean_tokens']:.0f} | |",
-        "",
-        f"![task accuracy]({os.path.basename(png)})",
-    ]
+        lines.append(f"| {d} | " + " | ".join(cells) + f" | {tokens(last, d, 'on')} / {tokens(last, d, 'off')} "
+                     f"| {overlap} of {plan.task_samples} |")  # fmt: skip
+    overall = {label: task_evals[label].overall() for label in labels}
+    means = [f"**{pct(overall[label].get(m, {}).get('accuracy'), 1)}**" for label in labels for m in ("on", "off")]
+    o = overall[labels[-1]]
+    mean_tokens = " / ".join(f"{o[m]['mean_tokens']:.0f}" if m in o else "n/a" for m in ("on", "off"))
+    lines += ["| **mean** | " + " | ".join(means) + f" | {mean_tokens} | |", ""]
+    cut = {label: r.run.get("not_evaluated", 0) for label, r in task_evals.items() if r.run.get("not_evaluated")}
+    if cut:
+        total = 2 * len(first.domains) * plan.task_samples
+        left_out = ", ".join(f"{label} {n} of {total} answers" for label, n in cut.items())
+        lines += [f"Cut at the evaluation deadline (left out, not counted as wrong): {left_out}.", ""]
+    lines.append(f"![task accuracy]({os.path.basename(png)})")
     return lines
 
 

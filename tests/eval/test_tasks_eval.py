@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import time
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from test_server import Force, make_checkpoint
 from hybridmoe import HybridMoEForCausalLM
 from hybridmoe.cli import main
 from hybridmoe.data.tokenizer import load_tokenizer
+from hybridmoe.eval import tasks as tasks_eval
 from hybridmoe.eval.tasks import TaskEvalResult, evaluate_tasks, pass_at_k, plot_comparison, write_task_report
 from hybridmoe.serve import Engine
 from hybridmoe.serve.chat import render_chat
@@ -142,6 +144,35 @@ def test_batched_greedy_equals_each_prompt_alone(model_tok):
         ids = ids[:-1] if ids[-1] in stops else ids
         assert r["completion"] == tok.decode(ids, skip_special_tokens=False)
         assert r["generated_tokens"] == len(ids) and not r["failed"]
+
+
+def test_a_deadline_leaves_unfinished_answers_out(model_tok, monkeypatch):
+    model, tok = model_tok
+    kw = dict(samples=4, max_new_tokens=10, max_num_seqs=2, max_model_len=256, **QUIET)
+    full = evaluate_tasks(model, tok, [ToyAdd()], **kw)
+    assert full.run["not_evaluated"] == 0 and len(full.records) == 8
+    # A deadline already past: every answer is cut, none counted as wrong, the engine left empty.
+    none = evaluate_tasks(model, tok, [ToyAdd()], deadline=time.monotonic() - 1, **kw)
+    assert none.run["not_evaluated"] == 8 and none.records == [] and none.accuracy("toy_add") is None
+    # A deadline after a few engine steps: the finished answers are kept unchanged, the rest left out.
+    steps = iter(range(1000))
+    clock = {"now": 0.0}
+    monkeypatch.setattr(tasks_eval, "_now", lambda: clock["now"])
+    real_step = Engine.step
+
+    def step(self):
+        clock["now"] = float(next(steps))
+        return real_step(self)
+
+    monkeypatch.setattr(Engine, "step", step)
+    part = evaluate_tasks(model, tok, [ToyAdd()], deadline=12.0, **kw)
+    kept = {(r["seed"], r["reasoning"]): r for r in part.records}
+    assert 0 < len(kept) < 8 and part.run["not_evaluated"] == 8 - len(kept)
+    for r in full.records:
+        if (r["seed"], r["reasoning"]) in kept:
+            assert kept[(r["seed"], r["reasoning"])]["completion"] == r["completion"]
+    # the engine takes the tasks in order across modes: the first task was answered in both
+    assert {(1_000_000_000, "on"), (1_000_000_000, "off")} <= set(kept)
 
 
 def test_pass_at_k_estimator():

@@ -143,6 +143,7 @@ class _Sample:
     error: str | None = None
     reward: float = 0.0
     output_ids: list[int] = field(default_factory=list)  # of the turn being generated
+    cut: bool = False  # not finished by the deadline: left out of the results
 
     def record(self) -> dict:
         return {
@@ -154,6 +155,9 @@ class _Sample:
             "tool_calls": self.tool_calls, "tool_rounds": self.tool_rounds, "turns": self.turns,
             "finish_reason": self.finish_reason, "failed": self.error is not None, "error": self.error,
         }  # fmt: skip
+
+
+_now = time.monotonic  # the deadline's clock (tests replace it)
 
 
 class _Runner:
@@ -176,13 +180,21 @@ class _Runner:
         self._ids = 0
         self.bar = tqdm(total=0, desc="tasks", unit="request", disable=not progress or None)
 
-    def run(self, samples: list[_Sample]) -> None:
+    def run(self, samples: list[_Sample], deadline: float | None = None) -> None:
+        """Every sample to its end; with a deadline (time.monotonic), the samples not finished by then are cut
+        (`sample.cut`) and the engine left empty."""
         self.bar.total = len(samples)
         self.bar.refresh()
         try:
             for sample in samples:
                 self.submit(sample)
             while self.pending:
+                if deadline is not None and _now() > deadline:
+                    for sample, _ in self.pending.values():
+                        sample.cut = True
+                    self.engine.reset()
+                    self.pending.clear()
+                    break
                 if not self.engine.has_unfinished():  # only if something else reset the engine under us
                     raise RuntimeError(f"the engine dropped {len(self.pending)} task evaluation requests")
                 for out in self.engine.step():
@@ -328,6 +340,7 @@ def evaluate_tasks(
     max_model_len: int | None = None,
     checkpoint: str | None = None,
     progress: bool = True,
+    deadline: float | None = None,
     **settings,
 ) -> TaskEvalResult:
     """Evaluate on `samples` tasks of each domain (names, a comma-separated string or Domain objects; None: all).
@@ -335,7 +348,10 @@ def evaluate_tasks(
     model_or_engine: an Engine (with no requests of its own in flight), or a HybridMoEForCausalLM, for which an
     Engine of `max_num_seqs` slots of `max_model_len` tokens (default: the config's max_position_embeddings) is
     built. settings: the fields of `TaskEvalSettings` (difficulty, reasoning, reasoning_budget, temperature, top_p,
-    seed, pass_k, max_new_tokens, max_tool_rounds, split, offset, overlap_seeds). checkpoint: a label for reports."""
+    seed, pass_k, max_new_tokens, max_tool_rounds, split, offset, overlap_seeds). checkpoint: a label for reports.
+    deadline (time.monotonic): the samples not finished by then are left out (run["not_evaluated"] counts them);
+    the engine takes the samples task by task across domains and modes, so a cut leaves out the last tasks of every
+    domain alike."""
     from ..serve.engine import Engine
     from ..serve.load import stop_token_ids
 
@@ -359,15 +375,17 @@ def evaluate_tasks(
         _Sample(d, task, reasoning, k, list(task.messages))
         for reasoning in s.modes for d in domain_list for task in tasks[d.name] for k in range(s.pass_k)
     ]  # fmt: skip
+    order = sorted(range(len(runs)), key=lambda i: (runs[i].task.seed, runs[i].k))  # stable: modes, domains within
     t0 = time.perf_counter()
-    _Runner(engine, tokenizer, s, progress).run(runs)
+    _Runner(engine, tokenizer, s, progress).run([runs[i] for i in order], deadline)
     elapsed = time.perf_counter() - t0
-    records = [r.record() for r in runs]
+    records = [r.record() for r in runs if not r.cut]
     generated = sum(r["generated_tokens"] for r in records)
     run = {
         "format": FORMAT, "checkpoint": checkpoint, "domains": [d.name for d in domain_list],
         "max_num_seqs": engine.max_num_seqs, "max_model_len": engine.max_model_len, "elapsed_s": round(elapsed, 3),
         "generated_tokens": generated, "tokens_per_s": round(generated / elapsed, 2) if elapsed > 0 else None,
+        "not_evaluated": sum(r.cut for r in runs),
     }  # fmt: skip
     return TaskEvalResult(run | {"settings": asdict(s)}, info, _summarize(records, s), records)
 
@@ -420,9 +438,13 @@ class TaskEvalResult:
                 return r
         raise KeyError(f"no results for domain {domain!r} with reasoning {reasoning}")
 
-    def accuracy(self, domain: str, reasoning: str = "on") -> float:
-        """The mean reward (pass@1) of `domain` in a reasoning mode ("on" or "off")."""
-        return self.row(domain, reasoning)["accuracy"]
+    def accuracy(self, domain: str, reasoning: str = "on") -> float | None:
+        """The mean reward (pass@1) of `domain` in a reasoning mode ("on" or "off"); None when none of its samples
+        was evaluated (an evaluation cut at its deadline)."""
+        try:
+            return self.row(domain, reasoning)["accuracy"]
+        except KeyError:
+            return None
 
     def overall(self) -> dict[str, dict]:
         """Per reasoning mode: the mean over domains of accuracy, pass@k and tokens; failed and truncated summed."""
