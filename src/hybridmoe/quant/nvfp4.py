@@ -1,0 +1,209 @@
+"""NVFP4: 4-bit E2M1 elements, one E4M3 scale per block of 16, one FP32 scale per tensor.
+
+The arithmetic follows NVIDIA TransformerEngine's `NVFP4BlockScaling` recipe (`transformer_engine/common/recipe/
+__init__.py`; the scale chain of its `core_nvfp4.cuh`, transcribed in pytorch/ao's `nvfp4_reference.py`)
+and the NVFP4 paper (NVIDIA, "Pretraining Large Language Models with NVFP4", arXiv 2509.25149):
+
+    amax   = max |x| over the tensor
+    S_enc  = min(448 * 6 / amax, FLT_MAX), 1 when amax is 0            (fp32: the global encode scale)
+    S_dec  = e4m3(min(block_amax * (S_enc * (1/6)), 448))              (one per block, rounded once to E4M3)
+    q      = e2m1(x * (1 / (float(S_dec) * (1 / S_enc))))              (round to nearest, ties to even; |q| <= 6)
+    x     ~= q * float(S_dec) * global_scale,  global_scale = amax / 2688 (the decode scale a checkpoint stores)
+
+E2M1 holds +-{0, 0.5, 1, 1.5, 2, 3, 4, 6}. Rounding to nearest with ties to even gives 0.25 -> 0, 0.75 -> 1,
+1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4; values beyond 6 saturate. With stochastic rounding, a value between
+two neighbours lo < |v| < hi rounds up with probability (|v| - lo) / (hi - lo), so the rounding is unbiased.
+
+Blocks are 1x16 (16 neighbours along the last dimension: activations and gradients) or 16x16 tiles of the last two
+dimensions (weights: W and W^T then quantize identically). A block whose scale rounds to zero in E4M3 (its amax below
+2^-10 of the tensor's amax / 448) keeps zero codes: TransformerEngine applies no lower clamp there, so that block
+decodes to zero either way (torchao and ModelOpt clamp such scales instead; they differ only on these tiny blocks).
+
+Checkpoints pack two codes per byte as TensorRT Model Optimizer and vLLM store them: element 2k in the low nibble,
+element 2k+1 in the high nibble; bit 3 of a nibble is the sign, bits 0-2 index the magnitudes above.
+
+The random Hadamard transform (`hadamard16`) multiplies each group of 16 along the last dimension by
+diag(s) H16 / 4, with H16 the Sylvester Hadamard matrix and s TransformerEngine's fixed sign vector
+(`transformer_engine/pytorch/tensor/nvfp4_tensor.py::get_wgrad_sign_vector`). The matrix is orthonormal, so applying
+it to both operands of a GEMM along their shared reduction dimension leaves the product unchanged while spreading
+outliers over 16 elements before they are quantized (the recipe does this for the weight-gradient GEMM only).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+BLOCK = 16
+BLOCKS = ("1x16", "16x16")
+ROUNDINGS = ("nearest", "stochastic")
+WGRAD_SIGNS = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
+_FLT_MAX = torch.finfo(torch.float32).max
+
+
+@dataclass
+class NVFP4Tensor:
+    """A quantized tensor. `codes` packs two 4-bit codes per byte along the last dimension (zero-padded to a multiple
+    of 16 elements); `scales` holds one E4M3 decode scale per block ([..., n/16] for 1x16, [..., m/16, n/16] for
+    16x16); `global_scale` is the fp32 decode scale amax / 2688; `shape` is the unpadded shape."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    global_scale: torch.Tensor
+    shape: torch.Size
+    block: str = "1x16"
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self, dtype)
+
+
+def _check(x: torch.Tensor, block: str, rounding: str) -> None:
+    if block not in BLOCKS:
+        raise ValueError(f"block={block!r}: use one of {BLOCKS}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding={rounding!r}: use one of {ROUNDINGS}")
+    if not x.is_floating_point():
+        raise TypeError(f"NVFP4 quantizes floating-point tensors, got {x.dtype}")
+    if x.dim() < (2 if block == "16x16" else 1):
+        raise ValueError(f"block {block} needs a tensor of at least {2 if block == '16x16' else 1} dimensions")
+
+
+def _pad_to_blocks(x: torch.Tensor, block: str) -> torch.Tensor:
+    pad_cols = -x.shape[-1] % BLOCK
+    pad_rows = -x.shape[-2] % BLOCK if block == "16x16" else 0
+    if pad_cols or pad_rows:
+        x = torch.nn.functional.pad(x, (0, pad_cols, 0, pad_rows))
+    return x
+
+
+def _encode_scale(amax: torch.Tensor) -> torch.Tensor:
+    """S_enc = min(448 * 6 / amax, FLT_MAX), and 1 where amax is 0 (fp32)."""
+    s = torch.where(amax > 0, (E4M3_MAX * E2M1_MAX) / amax, torch.ones_like(amax))
+    return s.clamp(max=_FLT_MAX)
+
+
+def _block_amax(x: torch.Tensor, block: str) -> torch.Tensor:
+    """Per-block amax of the padded fp32 tensor: [..., n/16] (1x16) or [..., m/16, n/16] (16x16)."""
+    a = x.abs()
+    if block == "1x16":
+        return a.unflatten(-1, (-1, BLOCK)).amax(-1)
+    return a.unflatten(-1, (-1, BLOCK)).unflatten(-3, (-1, BLOCK)).amax(dim=(-3, -1))
+
+
+def _expand_blocks(s: torch.Tensor, block: str) -> torch.Tensor:
+    """One value per block -> one per element (of the padded shape)."""
+    s = s.repeat_interleave(BLOCK, dim=-1)
+    return s.repeat_interleave(BLOCK, dim=-2) if block == "16x16" else s
+
+
+def round_e2m1(v: torch.Tensor, rounding: str = "nearest", generator: torch.Generator | None = None) -> torch.Tensor:
+    """|v| rounded to an E2M1 magnitude {0, .5, 1, 1.5, 2, 3, 4, 6} (fp32), saturating at 6. The E2M1 grid has
+    spacing 0.5 below 2, 1 in [2, 4) and 2 in [4, 6], so rounding is torch.round (half to even) at that spacing:
+    exact, since every spacing is a power of two."""
+    a = v.abs().float()
+    step = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0))
+    if rounding == "nearest":
+        q = torch.round(a / step) * step
+    else:
+        lo = torch.floor(a / step) * step
+        u = torch.rand(a.shape, generator=generator, device=a.device)
+        q = lo + step * (u < (a - lo) / step)
+    return q.clamp(max=E2M1_MAX)
+
+
+def _magnitude_codes(q: torch.Tensor) -> torch.Tensor:
+    """E2M1 magnitude (fp32, on the grid) -> its 3-bit index 0..7."""
+    return torch.where(q < 2, q * 2, torch.where(q < 4, q + 2, q / 2 + 4)).to(torch.uint8)
+
+
+def _scaled(x: torch.Tensor, block: str):
+    """The padded fp32 tensor in units of its blocks' scales, the E4M3 block scales and the fp32 global decode
+    scale (amax / 2688)."""
+    x = _pad_to_blocks(x.float(), block)
+    amax = x.abs().amax() if x.numel() else torch.zeros((), device=x.device)
+    s_enc = _encode_scale(amax)
+    s_dec = (_block_amax(x, block) * (s_enc * (1.0 / E2M1_MAX))).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+    s_dec32 = s_dec.float()
+    denom = s_dec32 * (1.0 / s_enc)
+    factor = torch.where(denom > 0, 1.0 / denom, torch.zeros_like(denom))
+    return x * _expand_blocks(factor, block), s_dec, amax / (E4M3_MAX * E2M1_MAX)
+
+
+def quantize(
+    x: torch.Tensor, block: str = "1x16", rounding: str = "nearest", generator: torch.Generator | None = None
+) -> NVFP4Tensor:
+    """Quantize `x` to NVFP4 (module docstring): 1x16 blocks along the last dimension or 16x16 tiles of the last
+    two, rounding to nearest (ties to even) or stochastically (with `generator` for reproducible draws)."""
+    _check(x, block, rounding)
+    shape = x.shape
+    xs, s_dec, global_scale = _scaled(x, block)
+    mag = _magnitude_codes(round_e2m1(xs, rounding, generator))
+    codes = mag | (torch.signbit(xs).to(torch.uint8) << 3)
+    return NVFP4Tensor(pack(codes), s_dec, global_scale, shape, block)
+
+
+def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes (uint8 0..15) -> their E2M1 values in fp32 (code 8 is -0.0)."""
+    mag = E2M1_VALUES.to(codes.device)[(codes & 7).long()]
+    return torch.where((codes & 8) > 0, -mag, mag)
+
+
+def dequantize(t: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """e2m1(code) * float(block scale) * global_scale, cropped to the original shape."""
+    v = e2m1_decode(unpack(t.codes)) * _expand_blocks(t.scales.float(), t.block) * t.global_scale.float()
+    return _crop(v, t.shape, t.block).to(dtype)
+
+
+def _crop(v: torch.Tensor, shape: torch.Size, block: str) -> torch.Tensor:
+    v = v[..., : shape[-1]]
+    return v[..., : shape[-2], :] if block == "16x16" else v
+
+
+def quantize_dequantize(
+    x: torch.Tensor, block: str = "1x16", rounding: str = "nearest", generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v, global_scale) with v = e2m1 value * its block's E4M3 scale in fp32, shaped like x; the fake-quantized x is
+    v * global_scale. Each v has at most 6 significant bits, so v is exact in bf16 and a GEMM on v's in bf16 with
+    fp32 accumulation, scaled afterwards by the operands' global scales, computes what an NVFP4 GEMM computes.
+    Same codes and scales as `quantize`, without packing."""
+    _check(x, block, rounding)
+    xs, s_dec, global_scale = _scaled(x, block)
+    q = round_e2m1(xs, rounding, generator)
+    v = torch.where(torch.signbit(xs), -q, q) * _expand_blocks(s_dec.float(), block)
+    return _crop(v, x.shape, block), global_scale
+
+
+def pack(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes [..., n] (n even) -> bytes [..., n/2], element 2k in the low nibble."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"pack needs an even number of codes along the last dimension, got {codes.shape[-1]}")
+    codes = codes.to(torch.uint8)
+    return (codes[..., 0::2] & 15) | ((codes[..., 1::2] & 15) << 4)
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """Bytes [..., k] -> 4-bit codes [..., 2k] (uint8 0..15), the inverse of `pack`."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed NVFP4 codes are uint8, got {packed.dtype}")
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
+
+
+@functools.cache
+def _rht_matrix(device: torch.device) -> torch.Tensor:
+    h = torch.ones(1, 1)
+    while h.shape[0] < BLOCK:  # Sylvester's construction
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (torch.diag(torch.tensor(WGRAD_SIGNS, dtype=torch.float32)) @ h / 4).to(device)
+
+
+def hadamard16(x: torch.Tensor) -> torch.Tensor:
+    """Each group of 16 along the last dimension times diag(s) H16 / 4 (module docstring), computed in fp32."""
+    if x.shape[-1] % BLOCK:
+        raise ValueError(f"hadamard16 needs a last dimension divisible by 16, got {x.shape[-1]}: pad it with zeros")
+    y = x.float().unflatten(-1, (-1, BLOCK)) @ _rht_matrix(x.device)
+    return y.flatten(-2)

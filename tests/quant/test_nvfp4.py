@@ -1,0 +1,159 @@
+"""NVFP4 and MXFP8 formats: bit-exact against hand-computed codes and scales (no tolerance)."""
+
+import pytest
+import torch
+
+from hybridmoe.quant import mxfp8, nvfp4
+
+# A block whose amax is 6 as the tensor's amax: S_enc = 448, the block scale is 448 and the element factor 1, so the
+# elements are rounded as they are.
+TIES = [6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -0.0, 0.0, 0.5, 1.0, 1.5, 3.0, 4.0]
+TIES_CODES = [7, 0, 2, 2, 4, 4, 6, 6, 8, 8, 0, 1, 2, 3, 5, 6]  # ties to even; -0.25 -> -0 (sign kept)
+
+
+def codes_of(t):
+    return nvfp4.unpack(t.codes).tolist()
+
+
+def test_ties_round_to_even_and_scales():
+    t = nvfp4.quantize(torch.tensor(TIES))
+    assert codes_of(t) == TIES_CODES
+    assert t.scales.dtype == torch.float8_e4m3fn and t.scales.float().tolist() == [448.0]
+    assert t.global_scale.item() == torch.tensor(6.0 / 2688).item()
+    d = nvfp4.dequantize(t)
+    expected = nvfp4.e2m1_decode(torch.tensor(TIES_CODES, dtype=torch.uint8)) * 448.0 * t.global_scale
+    assert torch.equal(d, expected)
+    assert d[9].item() == 0.0 and torch.signbit(d[9]) and torch.signbit(d[8])  # negative zero survives
+
+
+def test_e2m1_rounding_table():
+    v = torch.tensor([0.25, 0.26, 0.74, 0.75, 1.25, 1.26, 1.75, 2.49, 2.5, 2.51, 3.5, 4.99, 5.0, 5.01, 6.0, 7.0, 1e9])
+    expected = [0.0, 0.5, 0.5, 1.0, 1.0, 1.5, 2.0, 2.0, 2.0, 3.0, 4.0, 4.0, 4.0, 6.0, 6.0, 6.0, 6.0]
+    assert nvfp4.round_e2m1(v).tolist() == expected
+    assert nvfp4.round_e2m1(-v).tolist() == expected  # magnitudes; the sign travels in bit 3
+
+
+def test_block_scale_rounded_down_saturates_elements():
+    # Global amax 6 (first block); the second block's amax 5.3 gives 5.3 * 448 / 6 = 395.7 -> E4M3 384, so its
+    # largest element scales to 5.3 * 448 / 384 = 6.18 and saturates to 6.
+    x = torch.zeros(32)
+    x[0], x[16], x[17] = 6.0, 5.3, -5.3
+    t = nvfp4.quantize(x)
+    assert t.scales.float().tolist() == [448.0, 384.0]
+    assert codes_of(t)[16:18] == [7, 15]
+    assert nvfp4.dequantize(t)[16].item() == pytest.approx(6 * 384 * 6 / 2688, rel=1e-7)
+
+
+def test_scales_match_torch_float8_conversion():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 64, generator=g) * torch.logspace(-6, 2, 64)  # blocks from tiny to large
+    t = nvfp4.quantize(x)
+    amax = x.abs().amax()
+    s_enc = torch.tensor(2688.0) / amax
+    block_amax = x.abs().view(8, 4, 16).amax(-1)
+    expected = (block_amax * (s_enc * (1.0 / 6))).clamp(max=448).to(torch.float8_e4m3fn)
+    assert torch.equal(t.scales.view(torch.uint8), expected.view(torch.uint8))
+    assert (t.scales.float() < 2**-6).any()  # some scales are E4M3 subnormals
+
+
+def test_all_zero_and_tiny_blocks():
+    t = nvfp4.quantize(torch.zeros(2, 16))
+    assert codes_of(t) == [[0] * 16] * 2 and t.scales.float().tolist() == [[0.0], [0.0]]
+    assert t.global_scale.item() == 0.0 and torch.equal(nvfp4.dequantize(t), torch.zeros(2, 16))
+    # A block whose scale rounds to zero in E4M3 (1e-6 * 448 / 6 = 7.5e-5 < 2^-10) keeps zero codes, sign kept.
+    x = torch.zeros(32)
+    x[0], x[16], x[17] = 6.0, 1e-6, -1e-6
+    t = nvfp4.quantize(x)
+    assert t.scales.float()[1].item() == 0.0
+    assert codes_of(t)[16:18] == [0, 8]
+    assert nvfp4.dequantize(t)[16:].abs().max().item() == 0.0
+
+
+def test_stochastic_rounding_is_unbiased_and_reproducible():
+    # amax 6 makes the factor 1: 0.3 lies between 0 and 0.5 and rounds up with probability 0.6, 2.2 between 2 and 3
+    # (up with probability 0.2).
+    x = torch.tensor([6.0] + [0.3] * 7 + [2.2] * 8).repeat(4000)
+    g = torch.Generator().manual_seed(1)
+    v, scale = nvfp4.quantize_dequantize(x, rounding="stochastic", generator=g)
+    v = v / 448  # the E2M1 values (the block scale is 448 and the factor 1)
+    small, large = v.view(-1, 16)[:, 1:8].flatten(), v.view(-1, 16)[:, 8:].flatten()
+    assert set(small.unique().tolist()) == {0.0, 0.5} and set(large.unique().tolist()) == {2.0, 3.0}
+    n = small.numel()
+    for got, mean, step in ((small.mean(), 0.3, 0.5), (large.mean(), 2.2, 1.0)):
+        assert abs(got.item() - mean) < 4 * step * 0.5 / n**0.5  # within 4 standard errors (std <= step / 2)
+    again, _ = nvfp4.quantize_dequantize(x, rounding="stochastic", generator=torch.Generator().manual_seed(1))
+    assert torch.equal(again / 448, v)
+    near = nvfp4.quantize(x)
+    assert codes_of(near)[1:3] == [1, 1]  # nearest: 0.3 -> 0.5
+
+
+def test_pack_layout_low_nibble_first():
+    codes = torch.tensor([1, 2, 15, 8, 0, 7], dtype=torch.uint8)
+    packed = nvfp4.pack(codes)
+    assert packed.tolist() == [0x21, 0x8F, 0x70]
+    assert torch.equal(nvfp4.unpack(packed), codes)
+    with pytest.raises(ValueError, match="even"):
+        nvfp4.pack(codes[:5])
+
+
+def test_2d_blocks_quantize_w_and_w_transposed_identically():
+    w = torch.randn(48, 80, generator=torch.Generator().manual_seed(2))
+    a, b = nvfp4.quantize(w, "16x16"), nvfp4.quantize(w.T.contiguous(), "16x16")
+    assert a.scales.shape == (3, 5) and a.codes.shape == (48, 40)
+    assert torch.equal(nvfp4.dequantize(a).T, nvfp4.dequantize(b))
+    rows = nvfp4.quantize(w, "1x16")
+    assert rows.scales.shape == (48, 5)
+    assert not torch.equal(nvfp4.dequantize(rows).T, nvfp4.dequantize(nvfp4.quantize(w.T.contiguous())))
+
+
+def test_padding_and_quantize_dequantize_agree():
+    x = torch.randn(3, 5, 37, generator=torch.Generator().manual_seed(3))
+    for block in nvfp4.BLOCKS:
+        t = nvfp4.quantize(x, block)
+        d = nvfp4.dequantize(t, torch.float32)
+        assert d.shape == x.shape and t.codes.shape[-1] == 24
+        v, scale = nvfp4.quantize_dequantize(x, block)
+        assert torch.equal(v * scale, d)
+        assert torch.equal(v.bfloat16().float(), v)  # exact in bf16
+        assert (d - x).norm() / x.norm() < 0.2
+
+
+def test_hadamard16_matrix_and_invariance():
+    eye = torch.eye(16)
+    m = nvfp4.hadamard16(eye)  # row i: e_i times the matrix
+    assert torch.equal(m[0], torch.full((16,), 0.25))
+    assert m[3].tolist() == [-0.25, 0.25, 0.25, -0.25] * 4  # sign -1 times Sylvester row 3, (-1)^popcount(3 & j)
+    assert torch.equal(m @ m.T, eye)  # orthonormal, exactly
+    assert torch.equal(m.abs(), torch.full((16, 16), 0.25))
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(5, 64, generator=g), torch.randn(7, 64, generator=g)
+    assert torch.allclose(nvfp4.hadamard16(a) @ nvfp4.hadamard16(b).T, a @ b.T, atol=1e-5)
+    with pytest.raises(ValueError, match="divisible by 16"):
+        nvfp4.hadamard16(torch.ones(3, 20))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="block"):
+        nvfp4.quantize(torch.ones(16), block="2x8")
+    with pytest.raises(ValueError, match="rounding"):
+        nvfp4.quantize(torch.ones(16), rounding="up")
+    with pytest.raises(TypeError, match="floating"):
+        nvfp4.quantize(torch.ones(16, dtype=torch.int32))
+    with pytest.raises(ValueError, match="16x16"):
+        nvfp4.quantize(torch.ones(16), block="16x16")
+
+
+def test_mxfp8_scales_and_elements():
+    x = torch.zeros(96)
+    x[0] = 448.0  # scale 2^0: biased 127
+    x[32], x[33] = 449.0, 1.0  # 449 / 448 > 1: scale 2^1 (rounded up so nothing saturates); 1 / 2 = 0.5
+    x[64:] = 0.0  # a zero block: the smallest scale
+    t = mxfp8.quantize(x)
+    assert t.scales.tolist() == [127, 128, 0]
+    assert t.data.float()[[0, 32, 33]].tolist() == [448.0, 224.0, 0.5]  # 449 / 2 = 224.5 -> 224 (E4M3 step 16)
+    d = mxfp8.dequantize(t)
+    assert d[[0, 32, 33]].tolist() == [448.0, 448.0, 1.0] and torch.equal(d[64:], torch.zeros(32))
+    y = torch.randn(4, 70, generator=torch.Generator().manual_seed(5))
+    q = mxfp8.quantize_dequantize(y)
+    assert q.shape == y.shape and torch.equal(q.bfloat16().float(), q)
+    assert ((q - y).abs() <= y.abs() * 2**-4 + 1e-30).all()  # E4M3 keeps 3 mantissa bits: error <= 1/16
