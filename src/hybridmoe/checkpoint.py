@@ -8,7 +8,12 @@ writes (`transformers/models/nemotron_h/`):
 `config.json`, one `model.safetensors` or several shards with `model.safetensors.index.json`, keys under
 `backbone.` and `lm_head.`, MTP layers under `mtp.layers.`, and routed experts stored one tensor per expert
 (`...mixer.experts.{e}.up_proj.weight`). Our module names are the checkpoint's, except that the experts of a
-layer live in one 3D parameter; `_expert_key` maps between the two.
+layer live in one 3D parameter; `_EXPERT_KEY` maps between the two.
+
+NVFP4 checkpoints (TensorRT Model Optimizer layout: `hf_quant_config.json` and/or config.json's
+`quantization_config`; `hybridmoe.quant.layout`) load into a model whose quantized linear layers and experts stay
+packed (`hybridmoe.quant.modules`): their `weight` (uint8), `weight_scale` (float8_e4m3fn), `weight_scale_2` and
+`input_scale` (fp32) are read as stored, dtypes checked, and a packed model saves back to the same layout.
 
 Loading builds the model on the meta device, allocates it once in the requested dtype, and copies each tensor
 from the safetensors files straight into its parameter, so no second copy of the weights is ever held.
@@ -18,6 +23,7 @@ A missing, unexpected or mis-shaped tensor is an error naming the key (and both 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 
@@ -28,11 +34,20 @@ from safetensors.torch import save_file
 from .config import HybridMoEConfig
 from .dtypes import resolve_dtype
 from .modeling import HybridMoEForCausalLM
+from .quant.layout import QUANT_CONFIG_NAME, hf_quant_config, pack_for_loading, read_quantization
+from .quant.modules import PACKED_DTYPES, packed_modules
 from .utils import atomic_write, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-_EXPERT_KEY = re.compile(r"^(.*\.experts)\.(\d+)\.(up_proj|down_proj)\.weight$")
+# experts.{e}.{proj}.{tensor} in the checkpoint <-> experts.{proj}[e] (weight) or experts.{proj}_{tensor}[e] in memory
+_SCALES = "weight_scale|weight_scale_2|input_scale"
+_EXPERT_KEY = re.compile(rf"^(.*\.experts)\.(\d+)\.(up_proj|down_proj)\.(weight|{_SCALES})$")
+_EXPERT_STATE = re.compile(rf"^(.*\.experts)\.(up_proj|down_proj)(?:_({_SCALES}))?$")
+# ModelOpt's FP8 KV-cache scales (kv_cache_quant_algo FP8): not used, the cache keeps the activation dtype.
+_KV_SCALE_KEY = re.compile(r"^.*\.(k_proj\.k_scale|v_proj\.v_scale|k_scale|v_scale)$")
 # Names older checkpoints used for the same tensor.
 _LEGACY_NAMES = {"backbone.embedding.weight": "backbone.embeddings.weight"}
 
@@ -60,8 +75,15 @@ def load_pretrained(
     if not os.path.isdir(path):
         raise ValueError(f"{path} is not a directory. Fix: pass a Hugging Face checkpoint directory.")
     config = HybridMoEConfig.from_pretrained(path)
+    quant = read_quantization(path, config.extra)
     dtype = resolve_dtype(dtype)
     model = HybridMoEForCausalLM(config, device="meta")
+    if quant is not None:
+        config.extra["quantization_config"] = quant  # normalized; save_pretrained writes it back
+        pack_for_loading(model, quant)
+    packed_dtypes = {  # packed tensors are read as stored: their dtype must be the layout's
+        f"{name}.{b}": buffer.dtype for name, m in packed_modules(model).items() for b, buffer in m.named_buffers()
+    }
     if dtype is not None:
         model.to(dtype)  # on meta: free; the router stays fp32
     model.to_empty(device=device)
@@ -76,13 +98,26 @@ def load_pretrained(
         name for name, b in model.named_buffers() if name in model.state_dict()
     }
     filled: dict[str, set[int] | bool] = {}
+    kv_scales = 0
     with torch.no_grad():
         for file in _checkpoint_files(path):
             with safe_open(file, framework="pt", device="cpu") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     name = _LEGACY_NAMES.get(key, key)
                     m = _EXPERT_KEY.match(name)
-                    target = f"{m.group(1)}.{m.group(3)}" if m else name
+                    if m:
+                        target = f"{m.group(1)}.{m.group(3)}" + ("" if m.group(4) == "weight" else f"_{m.group(4)}")
+                    else:
+                        target = name
+                    if quant is not None and quant["kv_cache_quant_algo"] and _KV_SCALE_KEY.match(name):
+                        kv_scales += 1
+                        continue
+                    if target not in expected and quant is None and name.rsplit(".", 1)[-1] in PACKED_DTYPES:
+                        raise ValueError(
+                            f"{file}: tensor {key!r} belongs to a quantized checkpoint, but {path} has neither "
+                            f"{QUANT_CONFIG_NAME} nor a quantization_config in config.json. Fix: restore the "
+                            "quantization config the checkpoint was exported with."
+                        )
                     if target not in expected:
                         raise ValueError(
                             f"{file}: unexpected tensor {key!r}: the model built from config.json has no such "
@@ -91,6 +126,15 @@ def load_pretrained(
                     param = params[target]
                     tensor = f.get_tensor(key)
                     want = tuple(param.shape[1:]) if m else tuple(param.shape)
+                    if target in packed_dtypes:
+                        if tensor.dtype != packed_dtypes[target]:
+                            raise ValueError(
+                                f"{file}: tensor {key!r} is {tensor.dtype} but the NVFP4 layout stores it as "
+                                f"{packed_dtypes[target]}. Fix: export the checkpoint again with `hybridmoe quantize`"
+                                " (or ModelOpt), or exclude the module in the quantization config."
+                            )
+                        if want == () and tensor.numel() == 1:  # scalar scales: () or (1,) in published files
+                            tensor = tensor.reshape(())
                     if m and int(m.group(2)) >= param.shape[0]:
                         raise ValueError(
                             f"{file}: {key!r} is expert {m.group(2)} but config.json has "
@@ -117,22 +161,32 @@ def load_pretrained(
             absent = sorted(set(range(params[name].shape[0])) - got)
             missing.append(f"{name} (experts {absent[:8]}{'...' if len(absent) > 8 else ''})")
     if missing:
+        quantized = [n for n in missing if n.split(" ")[0] in packed_dtypes]
+        hint = (
+            f" The quantization config quantizes these modules, but {quantized[:3]} are not in the files: the "
+            "checkpoint must hold weight, weight_scale, weight_scale_2 and input_scale for each (or exclude them)."
+            if quantized
+            else ""
+        )
         raise ValueError(
             f"{path}: the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:5]}. "
-            "Fix: check that config.json matches the weights (layer pattern, MTP layers, expert count)."
+            "Fix: check that config.json matches the weights (layer pattern, MTP layers, expert count)." + hint
         )
+    if kv_scales:
+        log.warning("%s: %d FP8 KV-cache scales (k_scale / v_scale) not used", path, kv_scales)
     model.eval()
     return model
 
 
 def checkpoint_tensors(model: HybridMoEForCausalLM) -> dict[str, torch.Tensor]:
-    """The state dict in the published layout: 3D expert weights split into one tensor per expert."""
+    """The state dict in the published layout: 3D expert weights (and packed experts' scales) split into one tensor
+    per expert."""
     out = {}
     for name, tensor in model.state_dict().items():
-        if name.endswith((".experts.up_proj", ".experts.down_proj")):
-            prefix, proj = name.rsplit(".", 1)
+        m = _EXPERT_STATE.match(name)
+        if m:
             for e in range(tensor.shape[0]):
-                out[f"{prefix}.{e}.{proj}.weight"] = tensor[e]
+                out[f"{m.group(1)}.{e}.{m.group(2)}.{m.group(3) or 'weight'}"] = tensor[e]
         else:
             out[name] = tensor
     return out
@@ -166,7 +220,19 @@ def save_pretrained(model: HybridMoEForCausalLM, path: str | os.PathLike, max_sh
         shards[-1][key] = tensor
         size += nbytes
     dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
-    model.config.save_pretrained(path, dtype=dtype)
+    config = model.config
+    quant_path = os.path.join(path, QUANT_CONFIG_NAME)
+    if packed_modules(model):  # a packed NVFP4 model saves back to its layout, with both config files
+        spec = config.extra.get("quantization_config")
+        if spec is None:
+            raise ValueError("the model holds packed NVFP4 modules but its config has no quantization_config")
+        atomic_write_text(quant_path, json.dumps(hf_quant_config(spec), indent=2) + "\n")
+    else:  # (a model dequantized from an NVFP4 checkpoint is an ordinary one again)
+        if "quantization_config" in config.extra:
+            config = config.replace(extra={k: v for k, v in config.extra.items() if k != "quantization_config"})
+        if os.path.exists(quant_path):
+            os.unlink(quant_path)
+    config.save_pretrained(path, dtype=dtype)
     names = [WEIGHTS_NAME] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
     ]  # fmt: skip

@@ -150,6 +150,29 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from .quant.export import quantize_checkpoint
+
+    r = quantize_checkpoint(
+        _model_dir(args.checkpoint), args.output, format=args.format, calibration=args.calibration,
+        exclude=args.exclude, max_tokens=args.calibration_tokens, seq_len=args.seq_len, field=args.field,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(r, indent=1))
+        return 0
+    mib = 2**20
+    print(f"wrote {r['output']} ({r['format']}): {r['quantized_linears']} linear layers and "
+          f"{r['quantized_expert_layers']} expert layers quantized, calibrated on {r['calibration_tokens']:,} tokens "
+          f"of {r['calibration'] if isinstance(r['calibration'], str) else ', '.join(r['calibration'])}; weights "
+          f"{r['weight_bytes'] / mib:.1f} MiB ({r['quantized_weight_bytes'] / mib:.1f} MiB packed) in "
+          f"{r['seconds']}s")  # fmt: skip
+    if r["uncalibrated_experts"]:
+        print(f"  {r['uncalibrated_experts']} expert(s) got no calibration token: input_scale from their layer's max")
+    if r["skipped_directories"]:
+        print(f"  not copied (directories): {', '.join(r['skipped_directories'])}")
+    return 0
+
+
 def cmd_plan(args) -> int:
     from dataclasses import replace
 
@@ -459,6 +482,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a checkpoint directory with dcp/, or a run directory (its newest)")
     p.add_argument("output", help="directory for config.json, safetensors and the tokenizer")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("quantize", help="post-training quantization to an NVFP4 checkpoint (ModelOpt layout)")
+    p.add_argument("checkpoint", help="a Hugging Face model directory with its tokenizer (or a run directory)")
+    p.add_argument("--format", default="nvfp4", choices=("nvfp4",))
+    p.add_argument("--output", required=True, help="the new checkpoint directory (must not exist or be empty)")
+    p.add_argument("--calibration", nargs="+", metavar="DATA", help="text/.jsonl/.parquet files or folders, or a "
+                   "folder written by `hybridmoe prepare` (default: hybridmoe's own Python sources)")  # fmt: skip
+    p.add_argument("--calibration-tokens", type=int, default=16384, help="calibration tokens at most")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--field", default="text", help="the text field of .jsonl records / column of .parquet files")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN", help="fnmatch patterns of module names "
+                   "to keep in BF16, besides the defaults (LM head, attention, the Mamba layers feeding attention, "
+                   "MTP, latent projections)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("plan", help="per-GPU memory and FLOPs of a training layout, or the layouts that fit")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
