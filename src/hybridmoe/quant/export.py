@@ -133,6 +133,18 @@ def quantize_model(model, exclude: list[str], amax: dict[str, torch.Tensor]) -> 
     return {"linears": linears, "experts": experts, "uncalibrated_experts": filled}
 
 
+def to_bf16(model) -> None:
+    """Cast the parameters that are neither packed nor the router's to BF16, in place. (`model.to` would round the
+    router's FP32 weights to BF16 values as well, though it keeps their dtype.)"""
+    from ..modeling import TopkRouter
+
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, TopkRouter):
+                for p in module.parameters(recurse=False):
+                    p.data = p.data.to(torch.bfloat16)
+
+
 def quantize_checkpoint(
     checkpoint: str,
     output: str,
@@ -170,7 +182,7 @@ def quantize_checkpoint(
     windows = calibration_windows(tokenizer, calibration, seq_len, max_tokens, field)
     amax = calibrate(model, linears, experts, windows)
     done = quantize_model(model, exclude, amax)
-    model.to(torch.bfloat16)  # everything not packed is stored in BF16 (the router stays FP32)
+    to_bf16(model)
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.", suffix=".tmp", dir=parent)
