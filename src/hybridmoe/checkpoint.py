@@ -112,11 +112,17 @@ def load_pretrained(
                     if quant is not None and quant["kv_cache_quant_algo"] and _KV_SCALE_KEY.match(name):
                         kv_scales += 1
                         continue
-                    if target not in expected and quant is None and name.rsplit(".", 1)[-1] in PACKED_DTYPES:
+                    if target not in expected and name.rsplit(".", 1)[-1] in PACKED_DTYPES:
+                        if quant is None:
+                            raise ValueError(
+                                f"{file}: tensor {key!r} belongs to a quantized checkpoint, but {path} has neither "
+                                f"{QUANT_CONFIG_NAME} nor a quantization_config in config.json. Fix: restore the "
+                                "quantization config the checkpoint was exported with."
+                            )
                         raise ValueError(
-                            f"{file}: tensor {key!r} belongs to a quantized checkpoint, but {path} has neither "
-                            f"{QUANT_CONFIG_NAME} nor a quantization_config in config.json. Fix: restore the "
-                            "quantization config the checkpoint was exported with."
+                            f"{file}: tensor {key!r} is an NVFP4 tensor of a module that exclude_modules "
+                            f"{quant['exclude_modules']} keeps unquantized. Fix: make the quantization config list "
+                            "exactly the modules the files hold in BF16."
                         )
                     if target not in expected:
                         raise ValueError(

@@ -298,6 +298,11 @@ def test_unknown_or_inconsistent_quantization_config(quantized, tmp_path):
     os.unlink(hf_file)  # config.json's quantization_config alone is enough
     assert isinstance(HybridMoEForCausalLM.from_pretrained(path).backbone.layers[3].mixer.in_proj, NVFP4Linear)
     config = read_json(path / "config.json")
+    excludes = config["quantization_config"]["exclude_modules"] + ["backbone.layers.3.mixer.*"]
+    config["quantization_config"].update(exclude_modules=excludes, ignore=excludes)
+    write_json(path / "config.json", config)
+    with pytest.raises(ValueError, match=r"layers\.3\.mixer\.in_proj\.\w+' is an NVFP4 tensor .* keeps unquantized"):
+        HybridMoEForCausalLM.from_pretrained(path)
     del config["quantization_config"]
     write_json(path / "config.json", config)
     with pytest.raises(ValueError, match="belongs to a quantized checkpoint"):
