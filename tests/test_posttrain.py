@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 from test_distill import save_model
@@ -141,3 +142,22 @@ def test_posttrain_end_to_end_resumes_and_reruns_nothing(tmp_path, tokenizer_dir
     monkeypatch.setattr(posttrain_mod, "_evaluate", refuse)
     posttrain(str(out), toy_plan(sft))
     assert json.loads((out / "posttrain.json").read_text())["domains"] == record["domains"]
+
+
+def test_without_an_sft_model_the_speedrun_base_runs_once(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_speedrun(out_dir, plan, minutes, stages):
+        calls.append((minutes, stages))
+        if len(calls) > 1:  # a base run that left no SFT model
+            return
+        os.makedirs(os.path.join(out_dir, "sft", "checkpoints", "step-0000003"))
+
+    monkeypatch.setattr(speedrun_mod, "speedrun", fake_speedrun)
+    plan = PostPlan(minutes=60)
+    ckpt = posttrain_mod._base(str(tmp_path), plan, until=time.monotonic() + 1800)
+    assert ckpt == str(tmp_path / "base" / "sft" / "checkpoints" / "step-0000003")
+    assert calls[0][1] == ("pretrain", "long-context", "sft") and 29 < calls[0][0] <= 30
+    assert posttrain_mod._base(str(tmp_path), plan, until=time.monotonic() + 1800) == ckpt and len(calls) == 1
+    with pytest.raises(RuntimeError, match="no SFT model"):
+        posttrain_mod._base(str(tmp_path / "other"), plan, until=time.monotonic() + 60)
