@@ -31,10 +31,10 @@ times measured so far, and a budget larger than the recipes need leaves the time
 deadline too (its share of the evaluation time by domains; answers not finished by then are left out and counted).
 
 Resuming: every stage writes `<stage>/stage.json` when it ends (all its steps, or its deadline); a stage with one is
-never run again, and an evaluation whose `tasks.json` exists is read back. Run the same command (same `--out`) again
-after a crash or Ctrl-C: a stage that was interrupted resumes from its newest checkpoint with the step count it first
-planned (`planned.json`), and the stages and evaluations left share the new invocation's budget. A resumed run must
-start from the same SFT model (`run.json` records it).
+never run again, and an evaluation whose `tasks.json` holds every answer is read back (one cut at its deadline
+runs again). Run the same command (same `--out`) again after a crash or Ctrl-C: a stage that was interrupted resumes
+from its newest checkpoint with the step count it first planned (`planned.json`), and the stages and evaluations left
+share the new invocation's budget. A resumed run must start from the same SFT model (`run.json` records it).
 """
 
 from __future__ import annotations
@@ -228,14 +228,15 @@ def posttrain(out_dir: str | None = None, plan: PostPlan | None = None, command:
     if plan.compare:
         models.append(("RL student, continued", "rl-continued", stages["rl-continued"]["checkpoint"], list(domains)))
     results = {}
+    finished = {slug: _read_eval(os.path.join(out, "eval", slug)) for _, slug, _, _ in models}
     for i, (label, slug, ckpt, doms) in enumerate(models):
         path = os.path.join(out, "eval", slug)
         if not doms:
             continue
-        if os.path.exists(os.path.join(path, "tasks.json")):
-            results[label] = _read_eval(path)
+        if finished[slug] is not None:
+            results[label] = finished[slug]
             continue
-        weight = sum(len(m[3]) for m in models[i:] if not os.path.exists(os.path.join(out, "eval", m[1], "tasks.json")))
+        weight = sum(len(m[3]) for m in models[i:] if finished[m[1]] is None)
         until = time.monotonic() + max(0.0, eval_end - time.monotonic()) * len(doms) / max(1, weight)
         print(f"\n== evaluate {label} ({time.monotonic() - t_start:.0f}s elapsed) ==", flush=True)
         results[label] = _evaluate(plan, ckpt, doms, path, until)
@@ -390,10 +391,15 @@ def _evaluate(plan: PostPlan, ckpt: str, domains: list[str], out_dir: str, deadl
 
 
 def _read_eval(path: str):
+    """A finished evaluation (tasks.json with every answer), else None (none yet, or one cut at its deadline: run
+    again)."""
     from .eval.tasks import TaskEvalResult
 
+    if not os.path.exists(os.path.join(path, "tasks.json")):
+        return None
     with open(os.path.join(path, "tasks.json")) as fh:
-        return TaskEvalResult.from_dict(json.load(fh))
+        result = TaskEvalResult.from_dict(json.load(fh))
+    return None if result.run.get("not_evaluated") else result
 
 
 # ---------------------------------------------------------------------------------------------- the report
