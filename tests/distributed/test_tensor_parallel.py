@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
+import test_distributed
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_distributed import _assert_same_trajectory, _torchrun
+from test_pretrain import step_records
 
 from hybridmoe import HybridMoEConfig, HybridMoEForCausalLM
+from hybridmoe.cli import main as cli_main
+
+dist_setup = test_distributed.dist_setup  # the debug recipe and its single-process run (a module-scoped fixture)
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -84,3 +92,30 @@ def test_tensor_parallel_matches_single_process(tmp_path, world, tp):
     r = json.loads((tmp_path / "tp.json").read_text())
     assert r["losses"] == pytest.approx(r["ref"], rel=1e-4), r
     assert max(r["grad_errors"]) < 1e-4, r
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+def test_torchrun_tensor_parallel_matches_single_process(dist_setup, tmp_path):
+    """`hybridmoe pretrain ... parallel.tp=2` on 4 processes (dp 2 x tp 2): the single-process losses and gradient
+    norms, step by step; the consolidated checkpoint (Mamba rows back in the Hugging Face order) and the export
+    equal the single-process model; resuming with another tp degree is refused."""
+    root, path, reference, single = dist_setup
+    out = tmp_path / "tp"
+    _torchrun(4, path, "parallel.tp=2", f"train.out_dir={out}", "train.steps=10")
+    _assert_same_trajectory(step_records(out), reference, list(range(1, 11)))
+    expected = single["model"].state_dict()
+    exported = tmp_path / "exported"
+    assert cli_main(["export", str(out), str(exported)]) == 0
+    for model_dir in (out / "checkpoints" / "step-0000010", exported):
+        model = HybridMoEForCausalLM.from_pretrained(str(model_dir))
+        for name, tensor in model.state_dict().items():
+            if not name.endswith("tokens_per_expert"):
+                torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-5, msg=f"{model_dir}: {name}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "hybridmoe.cli",
+         "pretrain", str(path), f"train.out_dir={out}", "train.steps=12", "--resume"],
+        capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "written with parallel.tp=2" in proc.stderr + proc.stdout
