@@ -13,11 +13,14 @@ import test_distributed
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 from test_distributed import _assert_same_trajectory, _torchrun
 from test_pretrain import step_records
 
 from hybridmoe import HybridMoEConfig, HybridMoEForCausalLM
 from hybridmoe.cli import main as cli_main
+from hybridmoe.train.config import Recipe
+from hybridmoe.train.pretrain import pretrain as train
 
 dist_setup = test_distributed.dist_setup  # the debug recipe and its single-process run (a module-scoped fixture)
 
@@ -119,3 +122,22 @@ def test_torchrun_tensor_parallel_matches_single_process(dist_setup, tmp_path):
         capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=600,
     )  # fmt: skip
     assert proc.returncode != 0 and "written with parallel.tp=2" in proc.stderr + proc.stdout
+
+
+def test_torchrun_mixed_precision_matches_autocast(dist_setup, tmp_path):
+    """parallel.mixed_precision=bf16 (FSDP2: bf16 compute copies of fp32 master weights, fp32 gradient reduction)
+    on 2 processes follows the single-process bf16-autocast run; the checkpoint holds fp32 weights."""
+    root, path, _, _ = dist_setup
+    steps = ["train.steps=4", "train.save_every=0"]
+    autocast = tmp_path / "autocast"
+    train(Recipe.from_yaml(str(path), ["train.precision=autocast-bf16", f"train.out_dir={autocast}", *steps]))
+    out = tmp_path / "mixed"
+    _torchrun(2, path, "parallel.mixed_precision=bf16", f"train.out_dir={out}", *steps)
+    records, reference = step_records(out), step_records(autocast)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r, ref in zip(records, reference):
+        assert r["loss"] == pytest.approx(ref["loss"], rel=5e-3), (r["step"], r["loss"], ref["loss"])
+    weights = load_file(str(out / "checkpoints" / "step-0000004" / "model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in weights.values())
+    with pytest.raises(ValueError, match="train.precision=fp32"):
+        Recipe.from_yaml(str(path), ["parallel.mixed_precision=bf16", "train.precision=bf16"]).validate()
