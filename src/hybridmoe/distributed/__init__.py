@@ -32,8 +32,16 @@ import torch.distributed as dist
 
 from .mesh import Parallel, ParallelDims, launched_with_torchrun, setup, teardown
 
-__all__ = ["Parallel", "ParallelDims", "clip_grad_norm_", "launched_with_torchrun", "parallelize", "reduce_partial_grads", "setup",
-           "teardown"]
+__all__ = [
+    "Parallel",
+    "ParallelDims",
+    "clip_grad_norm_",
+    "launched_with_torchrun",
+    "parallelize",
+    "reduce_partial_grads",
+    "setup",
+    "teardown",
+]
 
 
 def parallelize(model, par: Parallel, reshard_after_forward: bool = True):
