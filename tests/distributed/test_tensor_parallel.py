@@ -41,7 +41,7 @@ def _batch(rows: int, t: int, vocab: int):
     return ids, labels, docs
 
 
-def _tp_worker(rank, world, store, out_dir, tp, steps):
+def _tp_worker(rank, world, store, out_dir, tp, steps, ep=1):
     from hybridmoe.distributed import clip_grad_norm_, parallelize, reduce_partial_grads, setup
     from hybridmoe.distributed.tp import reference_order
 
@@ -49,7 +49,7 @@ def _tp_worker(rank, world, store, out_dir, tp, steps):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank))
     try:
-        par = setup(tp=tp, backend="gloo")
+        par = setup(tp=tp, ep=ep, backend="gloo")
         torch.manual_seed(0)
         config = _config()
         ref = HybridMoEForCausalLM(config).train()
@@ -88,9 +88,9 @@ def _tp_worker(rank, world, store, out_dir, tp, steps):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world,tp", [(2, 2), (4, 2)], ids=["tp2", "dp2xtp2"])
-def test_tensor_parallel_matches_single_process(tmp_path, world, tp):
-    mp.start_processes(_tp_worker, args=(world, str(tmp_path / "store"), str(tmp_path), tp, 3), nprocs=world,
+@pytest.mark.parametrize("world,tp,ep", [(2, 2, 1), (4, 2, 1), (4, 2, 2)], ids=["tp2", "dp2xtp2", "dp2xtp2xep2"])
+def test_tensor_parallel_matches_single_process(tmp_path, world, tp, ep):
+    mp.start_processes(_tp_worker, args=(world, str(tmp_path / "store"), str(tmp_path), tp, 3, ep), nprocs=world,
                        start_method="spawn")  # fmt: skip
     r = json.loads((tmp_path / "tp.json").read_text())
     assert r["losses"] == pytest.approx(r["ref"], rel=1e-4), r
