@@ -236,6 +236,16 @@ def cmd_speedrun(args) -> int:
     return 0
 
 
+def cmd_posttrain(args) -> int:
+    from .posttrain import PostPlan, posttrain
+
+    plan = PostPlan(minutes=args.minutes, init_from=args.init_from, size=args.size, overrides=tuple(args.overrides),
+                    compare=not args.no_compare, task_samples=args.samples, **({"recipes": args.recipes} if
+                    args.recipes else {}))  # fmt: skip
+    posttrain(out_dir=args.out, plan=plan, command=" ".join(["hybridmoe", *sys.argv[1:]]))
+    return 0
+
+
 def cmd_finetune(args) -> int:
     """The alias of `hybridmoe sft` for a transformers model, with its own flags."""
     from .train.sft import finetune_recipe, sft
@@ -509,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     for dim in ("dp", "tp", "pp", "cp", "ep"):
         p.add_argument(f"--{dim}", type=int, help=f"{dim} degree (give any of dp/tp/pp/cp/ep for one layout)")
     p.add_argument("--checkpointing", action="store_true", help="full activation recomputation")
-    p.add_argument("--implemented", action="store_true", help="search only layouts hybridmoe runs today (dp x ep)")
+    p.add_argument("--implemented", action="store_true", help="search only layouts hybridmoe runs today (dp x tp x ep)")
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--overhead-gib", type=float, default=4.0, help="reserve for CUDA context, NCCL, fragmentation")
     p.add_argument("--moe-imbalance", type=float, default=1.0, help="max/mean tokens per EP rank")
@@ -525,6 +535,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", help="comma-separated stages to run, pretrain included (default: "
                                     "pretrain,long-context,sft,rl); the time of the others goes to these")  # fmt: skip
     p.set_defaults(func=cmd_speedrun)
+
+    p = sub.add_parser("posttrain", help="RL teachers, RL student, MOPD and evaluation from an SFT model (resumable)")
+    p.add_argument("--init-from", help="the SFT model (model or run directory); default: the speedrun's pretraining, "
+                                       "long context and SFT first, in half the budget")  # fmt: skip
+    p.add_argument("--minutes", type=float, default=60.0, help="time budget of the whole command")
+    p.add_argument("--out", help="run directory (default: a new posttrain-<time> folder); again to resume")
+    p.add_argument("--size", default="tiny", help="recipes/SIZE-rl.yaml, SIZE-rl-teacher-*.yaml, SIZE-distill.yaml")
+    p.add_argument("--recipes", help="the recipes directory (default: the repository's recipes/)")
+    p.add_argument("--samples", type=int, default=40, help="held-out tasks per domain in the evaluations")
+    p.add_argument("--no-compare", action="store_true", help="skip continuing RL for MOPD's student-sampled tokens")
+    p.add_argument("overrides", nargs="*", help="recipe keys for every stage, e.g. rl.max_new_tokens=96 (distill.* "
+                                                "for MOPD only)")  # fmt: skip
+    p.set_defaults(func=cmd_posttrain)
 
     p = sub.add_parser(
         "finetune",

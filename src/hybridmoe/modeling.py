@@ -101,7 +101,7 @@ class GatedRMSNorm(nn.Module):
         h = y.float() * F.silu(z.float())
         g = h.view(*h.shape[:-1], -1, self.group_size)
         g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight.float() * g.view(h.shape)
+        return _local(self.weight).float() * g.view(h.shape)
 
 
 # ---------------------------------------------------------------------------------------------- Mamba-2
@@ -140,15 +140,17 @@ class Mamba2Mixer(nn.Module):
         if ctx.pad_mask is not None:  # padding contributes nothing to the conv window or the state
             x_btd = x_btd * ctx.pad_mask[..., None].to(x_btd.dtype)
         z, xBC, dt = self.in_proj(x_btd).split([self.intermediate_size, self.conv_dim, H], dim=-1)
-        A = -torch.exp(self.A_log.float())
-        conv_w = self.conv1d.weight.squeeze(1)  # (conv_dim, k)
+        # under tensor parallelism these are this rank's heads and channels (`distributed.tp`)
+        A = -torch.exp(_local(self.A_log).float())
+        conv_w, conv_b = _local(self.conv1d.weight).squeeze(1), _local(self.conv1d.bias)  # (conv_dim, k)
+        D, dt_bias = _local(self.D), _local(self.dt_bias)
 
         if state is not None and ctx.start > 0 and t == 1:  # decode: one recurrent step
-            xBC = F.silu(causal_conv1d_step(state.conv, xBC[:, 0], conv_w, self.conv1d.bias))
+            xBC = F.silu(causal_conv1d_step(state.conv, xBC[:, 0], conv_w, conv_b))
             xs, Bs, Cs = xBC.split([self.intermediate_size, G * N, G * N], dim=-1)
             y = ssd_step(
-                state.ssm, xs.view(b, H, P), dt[:, 0], A, Bs.view(b, G, N), Cs.view(b, G, N), self.D,
-                dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
+                state.ssm, xs.view(b, H, P), dt[:, 0], A, Bs.view(b, G, N), Cs.view(b, G, N), D,
+                dt_bias=dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
             )  # fmt: skip
             y = y.view(b, 1, self.intermediate_size)
         else:
@@ -156,16 +158,16 @@ class Mamba2Mixer(nn.Module):
             conv_init = state.conv if resume else None
             if state is not None:  # the window the next step starts from (read before the conv uses conv_init)
                 next_window = conv_window(conv_init, xBC, state.conv.shape[1])
-            xBC = causal_conv1d(xBC, conv_w, self.conv1d.bias, ctx.document_ids, conv_init, activation="silu")
+            xBC = causal_conv1d(xBC, conv_w, conv_b, ctx.document_ids, conv_init, activation="silu")
             if state is not None:
                 state.conv.copy_(next_window)
             if ctx.pad_mask is not None:
                 xBC = xBC * ctx.pad_mask[..., None]
             xs, Bs, Cs = xBC.split([self.intermediate_size, G * N, G * N], dim=-1)
             y, final_state = ssd_chunked(
-                xs.view(b, t, H, P), dt, A, Bs.view(b, t, G, N), Cs.view(b, t, G, N), self.D,
+                xs.view(b, t, H, P), dt, A, Bs.view(b, t, G, N), Cs.view(b, t, G, N), D,
                 chunk_size=self.chunk_size, initial_state=state.ssm if resume else None, seq_idx=ctx.document_ids,
-                dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
+                dt_bias=dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
             )  # fmt: skip
             if state is not None:
                 state.ssm.copy_(final_state)
@@ -277,6 +279,21 @@ class Experts(nn.Module):
         return experts_grouped(x_TD, up, down, topk_idx_TK, topk_w_TK, ep_group=self.ep_group)
 
 
+class _SequenceSum(torch.autograd.Function):
+    """Sum over the ranks holding the other tokens of the same sequences. Every rank then computes the same loss
+    and backpropagates it through its own tokens only, so the gradient passes through unchanged."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone()
+        torch.distributed.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
 class _ScaleGrad(torch.autograd.Function):
     """Identity forward; the gradient is multiplied by `scale`."""
 
@@ -305,6 +322,8 @@ class LatentMoE(nn.Module):
             self.fc1_latent_proj = Linear(c.hidden_size, c.moe_latent_size, bias=c.mlp_bias)
             self.fc2_latent_proj = Linear(c.moe_latent_size, c.hidden_size, bias=c.mlp_bias)
         self.aux_loss_coef = c.router_aux_loss_coef
+        # Tensor parallelism (`distributed.tp`): the group whose ranks hold the other tokens of the same sequences
+        self.sequence_group = None
         # Tokens routed to each expert since the trainer last read them, for the aux-loss-free bias update
         # (int64, so casting the model to bf16 leaves the counts exact).
         self.register_buffer("tokens_per_expert", torch.zeros(c.n_routed_experts, dtype=torch.long), persistent=False)
@@ -331,8 +350,14 @@ class LatentMoE(nn.Module):
         counts = torch.zeros(b, e, device=scores_bte.device).scatter_add_(
             1, topk_idx_btk.reshape(b, -1), torch.ones(b, t * k, device=scores_bte.device)
         )
+        normalized = scores_bte / scores_bte.sum(-1, keepdim=True)
+        if self.sequence_group is None:
+            P = normalized.mean(1)
+        else:  # this rank holds t of each sequence's tokens: sum over the ranks holding the others
+            t = t * torch.distributed.get_world_size(self.sequence_group)
+            counts = _SequenceSum.apply(counts, self.sequence_group)
+            P = _SequenceSum.apply(normalized.sum(1), self.sequence_group) / t
         f = counts / (t * k)
-        P = (scores_bte / scores_bte.sum(-1, keepdim=True)).mean(1)
         return e * (f * P).sum(-1).mean()
 
 
@@ -400,6 +425,8 @@ class HybridMoEForCausalLM(nn.Module):
     def __init__(self, config: HybridMoEConfig, device: torch.device | str | None = None, dtype=None):
         super().__init__()
         self.config = config
+        # Tensor parallelism (`distributed.tp.VocabParallelLoss`): the sequence gather and the vocab-parallel loss
+        self.tensor_parallel = None
         with torch.device(device or "cpu"):
             self.backbone = HybridMoEModel(config)
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -498,6 +525,8 @@ class HybridMoEForCausalLM(nn.Module):
             )
         h = self.backbone(input_ids, ctx)
         out = CausalLMOutput(cache=cache, hidden_states=h)
+        if self.tensor_parallel is not None and (return_logits or labels is None):
+            raise ValueError("a tensor-parallel model computes the loss only: pass labels and return_logits=False")
         if return_logits or labels is None:
             h_kept = h[:, -logits_to_keep:] if logits_to_keep else h
             out.logits = self.lm_head(h_kept).float()
@@ -558,10 +587,14 @@ class HybridMoEForCausalLM(nn.Module):
         y = _shift_left(labels, shift, fill=IGNORE_INDEX)
         if document_ids is not None:  # no target from another packed document
             y = torch.where(_shift_left(document_ids, shift, fill=-1) == document_ids, y, IGNORE_INDEX)
+        loss_fn = linear_cross_entropy
+        if self.tensor_parallel is not None:  # h holds this rank's tokens, lm_head this rank's vocabulary slice
+            h, loss_fn = self.tensor_parallel.gather_sequence(h), self.tensor_parallel.linear_cross_entropy
         h, y = h.reshape(-1, h.shape[-1]), y.reshape(-1)
         if weights is not None:
-            return _weighted_linear_cross_entropy(h, self.lm_head.weight, y, _shift_left(weights, shift, fill=0))
-        total = linear_cross_entropy(h, self.lm_head.weight, y)
+            w = _shift_left(weights, shift, fill=0)
+            return _weighted_linear_cross_entropy(h, self.lm_head.weight, y, w, loss_fn)
+        total = loss_fn(h, self.lm_head.weight, y)
         return total / (y != IGNORE_INDEX).sum().clamp(min=1)
 
     def _context(self, input_ids, labels, document_ids, cache, attention_mask) -> ForwardContext:
@@ -651,7 +684,7 @@ class HybridMoEForCausalLM(nn.Module):
         return {"total": total, "total_with_mtp": total + mtp, "active": total - inactive, "mtp": mtp}
 
 
-def _weighted_linear_cross_entropy(h_nd, weight_vd, y_n, w) -> torch.Tensor:
+def _weighted_linear_cross_entropy(h_nd, weight_vd, y_n, w, loss_fn=linear_cross_entropy) -> torch.Tensor:
     """sum_j w_j * CE(h_j @ W^T, y_j) over the targets (y != -100), through the chunked fused kernel: the rows are
     grouped by weight value (one group in a token mean, one per conversation in a per-conversation mean) and each
     group's summed loss is scaled, so no [tokens x vocab] tensor is formed."""
@@ -660,12 +693,17 @@ def _weighted_linear_cross_entropy(h_nd, weight_vd, y_n, w) -> torch.Tensor:
     values = torch.unique(w[valid])
     if len(values) <= 1:  # every target weighs the same: one pass over all rows, no gather
         scale = values[0] if len(values) else w.new_zeros(())
-        return scale * linear_cross_entropy(h_nd, weight_vd, y_n)
+        return scale * loss_fn(h_nd, weight_vd, y_n)
     total = w.new_zeros(())
     for value in values[values != 0]:
         rows = (valid & (w == value)).nonzero().squeeze(1)
-        total = total + value * linear_cross_entropy(h_nd.index_select(0, rows), weight_vd, y_n.index_select(0, rows))
+        total = total + value * loss_fn(h_nd.index_select(0, rows), weight_vd, y_n.index_select(0, rows))
     return total
+
+
+def _local(t: torch.Tensor | None) -> torch.Tensor | None:
+    """This rank's part of a parameter split by tensor parallelism (a DTensor), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _shift_left(x: torch.Tensor, shift: int, fill: int) -> torch.Tensor:

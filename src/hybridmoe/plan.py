@@ -22,8 +22,9 @@ The model is this repository's own trainer, written out as formulas in the confi
 Layout rules (Megatron-style): gpus = dp x tp x pp x cp; expert parallelism borrows from dp x cp x tp within a
 pipeline stage; tensor parallelism uses sequence parallelism, so every activation is divided by tp, and context
 parallelism divides the tokens by cp; a 1F1B pipeline keeps (pp - stage) micro-batches of activations in flight.
-hybridmoe implements dp x ep today (`hybridmoe.distributed`); tp, pp and cp are planned, as the published recipes
-use them. FLOPs per step follow `accounting.flops_per_token` (MTP and recomputation excluded).
+hybridmoe implements dp x tp x ep (`hybridmoe.distributed`: FSDP2, tensor + sequence parallelism, expert parallelism
+borrowing from dp) and bf16 mixed precision over fp32 master weights; pp and cp are planned, as the published
+recipes use them. FLOPs per step follow `accounting.flops_per_token` (MTP and recomputation excluded).
 
 What is not modeled: the CUDA context, NCCL and cuBLAS workspaces and allocator fragmentation (`overhead_gib`, a
 stated reserve), routing imbalance beyond `moe_imbalance`, and pipeline bubbles.
@@ -325,8 +326,15 @@ def plan(
         if best is None or p.total > best.total:
             best = p
     best.flops_per_step = (flops_per_tok or flops_per_token(c, seq)) * seq * global_batch
-    if L.tp > 1 or L.pp > 1 or L.cp > 1:
-        best.notes.append("tp, pp and cp are planned only: hybridmoe's trainer implements dp x ep (FSDP2 + EP)")
+    if L.pp > 1 or L.cp > 1:
+        best.notes.append("pp and cp are planned only: hybridmoe's trainer implements dp x tp x ep (FSDP2, TP, EP)")
+    elif L.dp % L.ep:
+        best.notes.append(f"ep {L.ep} borrows from tp here: hybridmoe's trainer needs ep to divide dp ({L.dp})")
+    if L.tp > 1:
+        best.notes.append(
+            "hybridmoe's tensor parallelism keeps the routed experts whole on each tp rank (sharded over dp only): "
+            "their weights, gradients and optimizer state take tp times the bytes counted here"
+        )
     return best
 
 
@@ -345,10 +353,10 @@ def feasible_layouts(
     """Layouts of `gpus` GPUs that fit `gpu_memory_gib`, best first: no recomputation before recomputation, then
     the least model parallelism (tp within a node, then pp, then cp). For each (tp, pp, cp) the smallest expert
     parallelism that fits is kept (fewer ranks in each all-to-all). pp and cp are searched up to 16 and 32;
-    implemented_only: only what hybridmoe's trainer runs today (dp x ep, tp = pp = cp = 1)."""
+    implemented_only: only what hybridmoe's trainer runs today (dp x tp x ep with ep dividing dp; pp = cp = 1)."""
     most = 1 if implemented_only else None
     found, params, flops = [], block_parameters(c), flops_per_token(c, seq)
-    for tp in [x for x in (1, 2, 4, 8) if x <= (most or gpus_per_node)]:
+    for tp in [x for x in (1, 2, 4, 8) if x <= gpus_per_node and (not implemented_only or _splits(c, x))]:
         for pp in [x for x in _divisors(gpus // tp) if x <= (most or 16)]:
             cps = [x for x in _divisors(gpus // (tp * pp)) if x <= (most or 32) and seq % x == 0 and seq // x >= 1024]
             for cp in cps or [1]:
@@ -358,7 +366,8 @@ def feasible_layouts(
                 if global_batch and global_batch % dp:
                     continue
                 for ckpt in (False, True):
-                    for ep in [x for x in _divisors(c.n_routed_experts) if (dp * cp * tp) % x == 0]:
+                    eps = [x for x in _divisors(c.n_routed_experts) if (dp * cp * tp) % x == 0]
+                    for ep in [x for x in eps if not implemented_only or dp % x == 0]:
                         layout = Layout(dp=dp, tp=tp, pp=pp, cp=cp, ep=ep, checkpointing=ckpt)
                         try:
                             p = plan(c, layout, seq, global_batch, "bf16", overhead_gib, moe_imbalance, params, flops)
@@ -370,6 +379,17 @@ def feasible_layouts(
     found.sort(key=lambda p: (p.layout.checkpointing, p.layout.tp * p.layout.pp * p.layout.cp, p.layout.pp,
                               p.layout.cp, p.total))  # fmt: skip
     return found[:limit]
+
+
+def _splits(c: HybridMoEConfig, tp: int) -> bool:
+    """Whether hybridmoe's tensor parallelism can split the model over tp ranks (`distributed.tp`)."""
+    from .distributed.tp import check_divisible
+
+    try:
+        check_divisible(c, tp)
+    except ValueError:
+        return False
+    return True
 
 
 def _divisors(n: int) -> list[int]:

@@ -51,7 +51,8 @@ from .data.prepare import prepare
 from .data.sources import expand_inputs
 from .data.synthetic import write_retrieval_jsonl
 from .data.tokenizer import train_tokenizer
-from .train.config import Recipe, RLRecipe, SFTRecipe
+from .train.config import DistillRecipe, Recipe, RLRecipe, SFTRecipe
+from .train.distill import distill as train_distill
 from .train.metrics import read_log
 from .train.pretrain import build_model, evaluate
 from .train.pretrain import pretrain as train
@@ -318,10 +319,12 @@ def speedrun(
     return path
 
 
-def _train_until(recipe: Recipe | SFTRecipe | RLRecipe, deadline: float, **kwargs) -> dict:
-    """The recipe's stage (pretraining, SFT or RL) with the time left until `deadline` (time.monotonic) as its
+def _train_until(recipe: Recipe | SFTRecipe | RLRecipe | DistillRecipe, deadline: float, **kwargs) -> dict:
+    """The recipe's stage (pretraining, SFT, RL or MOPD) with the time left until `deadline` (time.monotonic) as its
     limit; it runs at least one step."""
     recipe.train.time_limit_s = max(deadline - time.monotonic(), 1e-3)
+    if isinstance(recipe, DistillRecipe):
+        return train_distill(recipe, **kwargs)
     if isinstance(recipe, RLRecipe):
         return train_rl(recipe, **kwargs)
     return (train_sft if isinstance(recipe, SFTRecipe) else train)(recipe, **kwargs)

@@ -2,14 +2,14 @@
 
 The same layout as `hybridmoe.distributed` (torchtitan's for MoE models: pytorch/torchtitan,
 `torchtitan/distributed/expert_parallel.py` and `torchtitan/models/deepseek_v3/infra/parallelize.py`) on the
-("dp_shard", "ep") mesh of `hybridmoe.distributed.setup`:
+mesh of `hybridmoe.distributed.setup`, with the same functions (`hybridmoe.distributed.ep` and `.fsdp`):
   - every experts module found by `find_moe_experts` has each parameter whose first dimension is the expert
     dimension (the 3D weights, GPT-OSS's (e, out) biases, the grouped LoRA factors of `apply_lora`, which must come
     first) split in contiguous blocks over "ep" (a DTensor sharded on dim 0); its patched forward then sends the
     token copies to the ranks that own their experts and back with all-to-alls
     (`kernels.moe.expert_parallel_segments`), and divides the experts' gradients by ep (they sum the tokens of all
-    ep peers, while FSDP averages over "dp_shard" only);
-  - the experts modules are `fully_shard`-ed over "dp_shard" (or left out of FSDP when ep is the whole world:
+    ep peers, while FSDP averages over "dp_mod_ep" only);
+  - the experts modules are `fully_shard`-ed over "dp_mod_ep" (or left out of FSDP when ep is the whole world:
     each expert then lives on one rank, so there is nothing to gather or reduce), every decoder layer over all
     ranks ("dp"), and the root last; a module whose own parameters have another dtype than its layer's (an fp32
     router in a bf16 model) becomes its own FSDP unit, since one unit holds one dtype;
@@ -21,9 +21,6 @@ NeMo AutoModel gives HF-native MoE models (Mixtral, OLMoE, ...) no expert parall
 
 from __future__ import annotations
 
-from collections import Counter
-
-import torch
 from torch import nn
 
 from .patch import EP_GROUP_ATTR, PATCHED_ATTR, find_moe_experts
@@ -44,12 +41,19 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def parallelize(model: nn.Module, par, reshard_after_forward: bool = True) -> nn.Module:
-    """Expert parallelism over par.ep ranks, then FSDP2, in place. par: `hybridmoe.distributed.Parallel`."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    """Expert parallelism over par.ep ranks, then FSDP2, in place. par: `hybridmoe.distributed.Parallel`. What is
+    specific to transformers models is only where the experts and the decoder layers are; the rest is
+    `hybridmoe.distributed`'s (`ep`, `fsdp`)."""
+    from torch.distributed.fsdp import fully_shard
 
-    mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)  # fp32 gradient reduction whatever the parameter dtype
-    dp_mesh = par.dp_mesh
+    from ..distributed import ep as expert_parallel
+    from ..distributed import fsdp
+
+    if par.tp > 1:
+        raise ValueError(
+            f"parallel.tp={par.tp}: tensor parallelism is implemented for hybridmoe's native model only; "
+            "fine-tune transformers models with parallel.tp=1 (FSDP2 and parallel.ep)"
+        )
     found = find_moe_experts(model)
     ignored: set[nn.Parameter] = set()
     if par.ep > 1:
@@ -62,51 +66,18 @@ def parallelize(model: nn.Module, par, reshard_after_forward: bool = True) -> nn
                     "all-to-all dispatch; load the model with hybridmoe.automodel or use ep=1"
                 )
             n_experts = next(p.shape[0] for p in experts.parameters(recurse=False) if p.dim() == 3)
-            if n_experts % par.ep:
-                raise ValueError(f"ep={par.ep} must divide the {n_experts} experts of {name}")
-            for pname, p in list(experts.named_parameters(recurse=False)):
-                if p.dim() >= 2 and p.shape[0] == n_experts:
-                    sharded = distribute_tensor(p.data, par.mesh["ep"], [Shard(0)], src_data_rank=None)
-                    setattr(experts, pname, nn.Parameter(sharded, requires_grad=p.requires_grad))
+            expert_parallel.check_divides(par.ep, n_experts, name)
             weight_dtype = next(p.dtype for p in experts.parameters(recurse=False) if p.dim() == 3)
+            expert_parallel.split_by_expert(experts, n_experts, par)
             for adapters in (getattr(experts, "lora_A", None), getattr(experts, "lora_B", None)):
                 if isinstance(adapters, nn.ParameterDict):  # grouped expert LoRA: A, B split with their experts
-                    for pname, p in list(adapters.items()):
-                        sharded = distribute_tensor(p.data, par.mesh["ep"], [Shard(0)], src_data_rank=None)
-                        adapters[pname] = nn.Parameter(sharded, requires_grad=p.requires_grad)
+                    expert_parallel.split_by_expert(adapters, n_experts, par)
                     if par.experts_unreplicated:
                         ignored.update(adapters.parameters())
                     elif any(p.dtype != weight_dtype for p in adapters.parameters()):  # fp32 adapters, bf16 experts
-                        fully_shard(adapters, mesh=par.mesh["dp_shard"], reshard_after_forward=reshard_after_forward,
-                                    mp_policy=mp)  # fmt: skip
+                        fully_shard(adapters, mesh=par.experts_dp_mesh, reshard_after_forward=reshard_after_forward,
+                                    mp_policy=fsdp.mp_policy(par.mixed_precision))  # fmt: skip
             setattr(experts, EP_GROUP_ATTR, par.ep_group)
-            if par.experts_unreplicated:  # the parameters split over ep; any other stays in its layer's FSDP unit
-                ignored.update(p for p in experts.parameters(recurse=False) if isinstance(p, DTensor))
-            else:
-                fully_shard(experts, mesh=par.mesh["dp_shard"], reshard_after_forward=reshard_after_forward,
-                            mp_policy=mp)  # fmt: skip
-    for layer in decoder_layers(model):
-        _shard_other_dtypes(layer, dp_mesh, reshard_after_forward, mp)
-        fully_shard(layer, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp,
-                    ignored_params=ignored)  # fmt: skip
-    _shard_other_dtypes(model, dp_mesh, False, mp)
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, mp_policy=mp, ignored_params=ignored)
-    return model
-
-
-def _shard_other_dtypes(root: nn.Module, mesh, reshard_after_forward: bool, mp) -> None:
-    """fully_shard the submodules of `root` whose own parameters are not in root's most common dtype."""
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
-
-    def unsharded(m, recurse):
-        return [p for p in m.parameters(recurse=recurse) if not isinstance(p, DTensor)]
-
-    dtypes = Counter(p.dtype for p in unsharded(root, True))
-    if len(dtypes) < 2:
-        return
-    main = dtypes.most_common(1)[0][0]
-    for sub in root.modules():
-        own = unsharded(sub, False)
-        if sub is not root and own and any(p.dtype != main for p in own):
-            fully_shard(sub, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+            # the parameters split over ep; any other stays in its layer's FSDP unit
+            expert_parallel.shard_experts(experts, par, reshard_after_forward, ignored)
+    return fsdp.shard_model(model, decoder_layers(model), par, reshard_after_forward, ignored)

@@ -182,6 +182,12 @@ def is_distributed_checkpoint(ckpt_dir) -> bool:
     return os.path.isdir(os.path.join(ckpt_dir, "dcp"))
 
 
+def reference_order(state_dict: dict, config, tp: int) -> dict:
+    from ..distributed.tp import reference_order
+
+    return reference_order(state_dict, config, tp)
+
+
 def save_distributed_checkpoint(
     out_dir, step, model, optimizer, state: dict, recipe_yaml: str, tokenizer_dir, par, keep_last=2, consolidate=True
 ):
@@ -201,8 +207,10 @@ def save_distributed_checkpoint(
     rng_path = os.path.join(tmp, "trainer_state", f"rng-{par.rank}.pt")
     atomic_write(rng_path, lambda p: torch.save({"torch_rng": torch.get_rng_state()}, p))
     full = None
+    tp = getattr(model, "tp_degree", 1)  # the DCP shards hold the Mamba rows in tensor parallelism's order
     if consolidate:
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = reference_order(full, model.config, tp)
     par.barrier()  # every rank's files are in place before rank 0 renames the directory
     if par.is_main:
         if full is not None:
@@ -212,7 +220,8 @@ def save_distributed_checkpoint(
         if tokenizer_dir:
             _copy_present(tokenizer_dir, tmp, TOKENIZER_FILES)
         atomic_write_text(os.path.join(tmp, "recipe.yaml"), recipe_yaml)
-        atomic_write_text(os.path.join(tmp, "trainer_state", "state.json"), json.dumps({"step": step, **state}))
+        record = json.dumps({"step": step, "tp": tp, **state})
+        atomic_write_text(os.path.join(tmp, "trainer_state", "state.json"), record)
         _publish(out_dir, tmp, name, keep_last)
     par.barrier()
     return os.path.join(root, name)
@@ -224,6 +233,15 @@ def load_distributed_checkpoint(ckpt_dir, model, optimizer, par) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    with open(os.path.join(ckpt_dir, "trainer_state", "state.json")) as fh:
+        state = json.load(fh)
+    saved_tp, tp = state.get("tp", 1), getattr(model, "tp_degree", 1)
+    if saved_tp != tp and "M" in model.config.hybrid_override_pattern:
+        raise ValueError(
+            f"{ckpt_dir} was written with parallel.tp={saved_tp}, which orders the Mamba in_proj rows for that "
+            f"degree: resume it with parallel.tp={saved_tp}, or export it (hybridmoe export) and start from its "
+            f"weights with model.init_from"
+        )
     model_sd, optim_sd = get_state_dict(model, optimizer)
     sd = {"model": model_sd, "optimizer": optim_sd}
     dcp.load(sd, checkpoint_id=os.path.join(ckpt_dir, "dcp"), no_dist=par is None)
@@ -233,8 +251,7 @@ def load_distributed_checkpoint(ckpt_dir, model, optimizer, par) -> dict:
     if not os.path.exists(rng):  # resumed on more ranks than saved: the new ranks take rank 0's state
         rng = os.path.join(ckpt_dir, "trainer_state", "rng-0.pt")
     torch.set_rng_state(load_plain(rng, {"torch_rng": torch.Tensor})["torch_rng"])
-    with open(os.path.join(ckpt_dir, "trainer_state", "state.json")) as fh:
-        return json.load(fh)
+    return state
 
 
 def save_state_dict_pretrained(config, state_dict: dict, path: str) -> None:
@@ -260,7 +277,9 @@ def export_distributed_checkpoint(ckpt_dir, out_dir) -> str:
     model.to_empty(device="cpu")
     sd = {"model": model.state_dict()}
     dcp.load(sd, checkpoint_id=os.path.join(ckpt_dir, "dcp"), no_dist=True)
-    model.load_state_dict(sd["model"])
+    with open(os.path.join(ckpt_dir, "trainer_state", "state.json")) as fh:
+        tp = json.load(fh).get("tp", 1)
+    model.load_state_dict(reference_order(sd["model"], config, tp))
     model.save_pretrained(out_dir)
     _copy_present(ckpt_dir, out_dir, (*TOKENIZER_FILES, "recipe.yaml"))
     return out_dir

@@ -6,7 +6,7 @@
     optim:    AdamW and the learning-rate schedule (warmup-stable-decay with minus-sqrt decay by default)
     balance:  MoE load balancing (aux-loss-free bias update rate, sequence-level aux loss coefficient)
     train:    steps, a time limit, precision, checkpointing, logging, validation, where to write
-    parallel: under torchrun: expert-parallel degree, FSDP2 resharding, consolidated checkpoints
+    parallel: under torchrun: tensor- and expert-parallel degrees, mixed precision, FSDP2 resharding, consolidation
 
 `SFTRecipe` (supervised fine-tuning, `hybridmoe sft`) shares optim, balance, train and parallel, and has
     model:    source native (a preset, or init_from a checkpoint / run directory) or transformers (init_from a
@@ -120,10 +120,12 @@ class TrainSection:
 
 @dataclass
 class ParallelSection:
-    """Used only under torchrun (`hybridmoe.distributed`): data parallel with FSDP2 over all processes, routed
-    experts split over `ep` of them."""
+    """Used only under torchrun (`hybridmoe.distributed`): tensor parallel over `tp` processes, data parallel with
+    FSDP2 over the processes / tp, routed experts split over `ep` of those."""
 
-    ep: int = 1  # expert-parallel degree; must divide the number of processes and of routed experts
+    ep: int = 1  # expert-parallel degree; must divide the processes / tp and the number of routed experts
+    tp: int = 1  # tensor (+ sequence) parallel degree, native models; must divide the processes and the heads
+    mixed_precision: str | None = None  # bf16: fp32 master weights, bf16 compute (FSDP2); needs train.precision fp32
     reshard_after_forward: bool = True  # FSDP2: free gathered weights after forward (ZeRO-3) or keep them (ZeRO-2)
     consolidate: bool = True  # also write the full model in the HF layout (gathered on rank 0) in each checkpoint
 
@@ -165,10 +167,21 @@ class Recipe(_RecipeFile):
     def validate(self) -> None:
         d = self.data
         _validate_common(self.optim, self.train, d)
+        _validate_parallel(self.parallel, self.train)
         if not d.phases and not any(m.phases for m in d.seq_mix):
             raise ValueError("data.phases is empty: give at least one phase with a blend of prepared datasets")
         if d.seq_mix and abs(sum(m.fraction for m in d.seq_mix) - 1) > 1e-6:
             raise ValueError("data.seq_mix fractions must sum to 1")
+
+
+def _validate_parallel(p: ParallelSection, t: TrainSection) -> None:
+    if p.mixed_precision not in (None, "bf16"):
+        raise ValueError(f"parallel.mixed_precision={p.mixed_precision!r}: use bf16, or null for none")
+    if p.mixed_precision is not None and t.precision != "fp32":
+        raise ValueError(
+            f"parallel.mixed_precision={p.mixed_precision} keeps fp32 master weights and computes in bf16: set "
+            f"train.precision=fp32 (got {t.precision!r})"
+        )
 
 
 def _validate_common(o: OptimSection, t: TrainSection, d=None) -> None:
@@ -248,6 +261,7 @@ class SFTRecipe(_RecipeFile):
     def validate(self) -> None:
         m, d, s, t = self.model, self.data, self.sft, self.train
         _validate_common(self.optim, t, d)
+        _validate_parallel(self.parallel, t)
         if m.source not in ("native", "transformers"):
             raise ValueError(f"model.source={m.source!r}: use native or transformers")
         if m.source == "transformers":
@@ -347,6 +361,7 @@ class RLRecipe(_RecipeFile):
     def validate(self) -> None:
         m, e, r = self.model, self.envs, self.rl
         _validate_common(self.optim, self.train)
+        _validate_parallel(self.parallel, self.train)
         if not (m.tokenizer or m.init_from):
             raise ValueError("model.tokenizer: give a tokenizer directory with a chat template (or model.init_from)")
         if not e.ratios:

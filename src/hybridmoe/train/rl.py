@@ -68,6 +68,8 @@ class RLStage(Stage):
         from ..envs.agent import make_envs
 
         self.recipe, self.par = recipe, par
+        if par is not None and par.tp > 1:  # its batches split over all ranks; tensor parallelism is pretraining's
+            raise ValueError(f"parallel.tp={par.tp}: the RL stage runs with parallel.tp=1 so far")
         self.world = par.world_size if par is not None else 1
         self.main = par is None or par.is_main
         r, e = recipe.rl, recipe.envs

@@ -93,7 +93,8 @@ def run(recipe, make_stage, resume: bool = False, stop_after: int | None = None,
     last step it holds `interrupted` and `stopped`: "signal", "deadline" (train.time_limit_s) or "stop_after"."""
     recipe.validate()
     owns_group = not torch.distributed.is_initialized()
-    par = distributed.setup(recipe.parallel.ep)
+    p = recipe.parallel
+    par = distributed.setup(p.ep, tp=p.tp, mixed_precision=p.mixed_precision)
     try:
         return _run(recipe, make_stage, par, resume, stop_after, peak_gflops)
     finally:
@@ -177,6 +178,7 @@ def train_step(stage: Stage, optimizer, step: int, grad_clip: float, par=None):
     """One optimizer step: the stage's forward and backward, clipping, AdamW, then the stage's after-step work.
     Returns (the stage's output with its losses averaged over ranks, the gradient norm, the after-step keys)."""
     out = stage.train_step(step)
+    distributed.reduce_partial_grads(stage.model, par)  # tensor parallelism: what ran on each rank's own tokens
     params = [p for p in stage.model.parameters() if p.grad is not None]
     grad_norm = distributed.clip_grad_norm_(params, grad_clip or math.inf, par)
     optimizer.step()

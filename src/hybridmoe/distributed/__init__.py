@@ -1,0 +1,111 @@
+"""torch.distributed for everything that trains: one device mesh (`mesh`), one set of parallelize functions
+(`fsdp`, `ep`, `tp`) for the native model and for transformers models (`automodel.parallel`), gradient clipping
+across meshes, and distributed checkpoints (DCP, in `train.checkpoint`).
+
+Faithful to torchtitan's layout for MoE models (pytorch/torchtitan, `torchtitan/models/deepseek_v3/infra/
+parallelize.py`, `torchtitan/distributed/expert_parallel.py`). The W ranks of a `torchrun` job form the mesh
+("dp_mod_ep", "ep", "tp") of `mesh.ParallelDims` with dp x tp = W:
+  - data: the dp = W / tp data-parallel ranks take their own rows of the global batch; the tp ranks of a
+    tensor-parallel group take the same rows (expert parallelism borrows its ranks from data parallelism);
+  - tensor parallelism (`tp`, parallel.tp > 1): attention heads, Mamba-2 heads and groups, MLPs, shared experts and
+    the LM head split over "tp", the residual stream and norms sequence-parallel, the loss vocab-parallel;
+  - FSDP2 (`fsdp`): every block is `fully_shard`-ed over the dp ranks (the flattened mesh "dp"), and so are the
+    embeddings, final norm and LM head (the root);
+  - expert parallelism (`ep`): each MoE layer's routed experts are split over "ep", tokens travel to their experts
+    and back with all-to-alls (`kernels.moe`), and the experts are `fully_shard`-ed over "dp_mod_ep";
+  - gradients: every data-parallel rank's loss is the mean over its own tokens, so a parameter's gradient is
+    averaged over the dp ranks; FSDP divides by the size of its mesh; the experts' gradients sum the contributions
+    of all ep peers' tokens, so the experts divide them by ep first (`modeling.Experts`);
+  - MoE balancing: token counts per expert are summed over all ranks before the bias update (`train.balance`).
+
+The same code runs on gloo (CPU) and NCCL (GPU); launch with `torchrun --nproc-per-node N -m hybridmoe.cli
+pretrain RECIPE parallel.tp=T parallel.ep=E`. Without torchrun (no WORLD_SIZE in the environment) nothing here is
+used and the trainer runs in one process.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from .mesh import Parallel, ParallelDims, launched_with_torchrun, setup, teardown
+
+__all__ = [
+    "Parallel",
+    "ParallelDims",
+    "clip_grad_norm_",
+    "launched_with_torchrun",
+    "parallelize",
+    "reduce_partial_grads",
+    "setup",
+    "teardown",
+]
+
+
+def parallelize(model, par: Parallel, reshard_after_forward: bool = True):
+    """Tensor parallelism, expert parallelism, then FSDP2 per block and at the root, in place, for
+    `HybridMoEForCausalLM`. The model must hold the full weights (every rank the same: built from the same seed or
+    loaded from the same checkpoint)."""
+    from ..modeling import LatentMoE
+    from . import ep, fsdp
+
+    moes = [m for m in model.modules() if isinstance(m, LatentMoE)]
+    if par.tp > 1:
+        from .tp import parallelize_native
+
+        parallelize_native(model, par)
+    ignored: set[torch.nn.Parameter] = set()
+    for moe in moes:
+        experts = moe.experts
+        if par.ep > 1:
+            ep.check_divides(par.ep, experts.up_proj.shape[0])
+            ep.split_by_expert(experts, experts.up_proj.shape[0], par)
+            experts.ep_group = par.ep_group
+            ep.shard_experts(experts, par, reshard_after_forward, ignored)
+    # The router stays fp32 in a bf16 model and under mixed precision: it gets a unit of its own. The MTP blocks
+    # stay in the root unit: forward_mtp uses their enorm/hnorm/eh_proj/final_layernorm outside the blocks' own
+    # forward, where a per-block unit would not have gathered them.
+    return fsdp.shard_model(
+        model, model.backbone.layers, par, reshard_after_forward, ignored, own_units=[(m.gate, True) for m in moes]
+    )
+
+
+def reduce_partial_grads(model, par: Parallel | None) -> None:
+    """After backward, before clipping: under tensor parallelism, sum over the tp ranks the gradients of what ran
+    on each rank's own tokens (`tp.reduce_partial_grads`); a no-op otherwise."""
+    if par is not None and par.tp > 1:
+        from .tp import reduce_partial_grads as reduce
+
+        reduce(model, par)
+
+
+@torch.no_grad()
+def clip_grad_norm_(params, max_norm: float, par: Parallel | None) -> torch.Tensor:
+    """Clip the global gradient norm. Under FSDP/EP/TP a gradient lives as DTensor shards on meshes that differ
+    between parameters, some of them replicated over ranks (what tensor parallelism leaves whole), so each local
+    shard's squared norm is divided by the number of ranks holding a copy of it and the sum is taken over all ranks
+    (torch's clip_grad_norm_ expects a single mesh)."""
+    if par is None:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    from torch.distributed.tensor import DTensor, Partial
+
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.zeros((), dtype=torch.float64, device=par.device)
+    for g in grads:
+        shards = 1
+        if isinstance(g, DTensor):
+            if any(isinstance(p, Partial) for p in g.placements):
+                raise RuntimeError("clip_grad_norm_: a gradient is still a partial sum (not reduced over its mesh)")
+            # the mesh dimensions that split it (Shard, or FSDP's _StridedShard over a tensor-parallel Shard)
+            shards = math.prod(g.device_mesh.size(i) for i, p in enumerate(g.placements) if not p.is_replicate())
+            g = g.to_local()
+        total += g.detach().double().pow(2).sum() * (shards / par.world_size)
+    dist.all_reduce(total)
+    norm = total.sqrt().float()
+    if max_norm and math.isfinite(max_norm):
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for g in grads:
+            (g.to_local() if isinstance(g, DTensor) else g).mul_(scale.to(g.dtype))
+    return norm

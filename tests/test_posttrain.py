@@ -1,0 +1,163 @@
+"""`hybridmoe posttrain` on a `debug` model with the repository's recipes cut to two steps per stage and a few tasks:
+end to end with the report and charts, an interrupted MOPD stage resumed from its checkpoint, a third run that
+reruns nothing; the recovery arithmetic on hand numbers; the recipes' domain groups and the checks on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+from test_distill import save_model
+from test_finetune import tokenizer_dir  # noqa: F401 (fixture)
+
+from hybridmoe import posttrain as posttrain_mod
+from hybridmoe import speedrun as speedrun_mod
+from hybridmoe.posttrain import PostPlan, accuracy_table, load_recipes, posttrain, recovery
+
+TOY = ("train.steps=2", "rl.group_size=2", "rl.prompts_per_step=4", "rl.max_new_tokens=6", "rl.max_num_seqs=8",
+       "envs.pool=8", "rl.micro_batch_size=4", "train.peak_gflops=100", "train.progress=false",
+       "train.save_every=1")  # fmt: skip
+
+
+def toy_plan(sft: str) -> PostPlan:
+    # every stage runs its recipe's 2 steps (10 minutes: no deadline cuts one)
+    return PostPlan(minutes=10, init_from=sft, overrides=TOY, task_samples=2,
+                    task_max_new_tokens=6, overlap_seeds=0, eval_max_num_seqs=8)  # fmt: skip
+
+
+def test_recovery_on_hand_numbers():
+    assert recovery(0.10, 0.30, 0.35) == pytest.approx(0.8)  # 0.20 of a 0.25 gain
+    assert recovery(0.10, 0.05, 0.30) == pytest.approx(-0.25)  # the student lost
+    assert recovery(0.10, 0.50, 0.30) == pytest.approx(2.0)  # the student passed the teacher
+    assert recovery(0.20, 0.25, 0.20) is None  # the teacher did not gain
+    assert recovery(0.20, 0.25, 0.10) is None  # ... or lost
+    assert recovery(None, 0.25, 0.30) is None and recovery(0.1, None, 0.3) is None
+
+
+class Result:
+    def __init__(self, acc: dict[str, float]):
+        self.acc = acc
+
+    def accuracy(self, domain, reasoning="on"):
+        assert reasoning == "on"
+        return self.acc.get(domain)
+
+
+def test_accuracy_table_recovery_per_domain():
+    domains = {"arithmetic": "math", "calculator": "tools", "json_schema": "instructions", "orphan": None}
+    results = {
+        "SFT": Result({"arithmetic": 0.2, "calculator": 0.5, "json_schema": 0.4, "orphan": 0.1}),
+        "teacher math": Result({"arithmetic": 0.6}),
+        "teacher tools": Result({"calculator": 0.4}),  # did not gain
+        "teacher instructions": Result({"json_schema": 0.6}),
+        "RL student": Result({"arithmetic": 0.3, "calculator": 0.5, "json_schema": 0.5, "orphan": 0.1}),
+        "MOPD student": Result({"arithmetic": 0.5, "calculator": 0.6, "json_schema": 0.35, "orphan": 0.2}),
+    }
+    rows = accuracy_table(domains, results)
+    assert rows["arithmetic"]["recovery"] == pytest.approx(0.75)  # (0.5 - 0.2) / (0.6 - 0.2)
+    assert rows["arithmetic"]["recovery_from_rl"] == pytest.approx(2 / 3)  # (0.5 - 0.3) / (0.6 - 0.3)
+    assert rows["calculator"]["recovery"] is None and rows["calculator"]["teacher"] == 0.4
+    assert rows["json_schema"]["recovery"] == pytest.approx(-0.25)  # (0.35 - 0.4) / (0.6 - 0.4)
+    assert rows["orphan"]["teacher"] is None and rows["orphan"]["recovery"] is None
+    assert rows["arithmetic"]["rl_continued"] is None  # not evaluated
+
+
+def test_recipe_groups_and_domains():
+    recipes = load_recipes(PostPlan())
+    assert sorted(recipes.teachers) == ["instructions", "math", "tools"]
+    assert recipes.domains() == {
+        "arithmetic": "math", "word_problems": "math", "unit_conversion": "math", "calculator": "tools",
+        "json_schema": "instructions", "instructions": "instructions",
+    }  # fmt: skip
+
+
+def test_bad_input_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="tiny-rl.yaml.*--recipes"):
+        load_recipes(PostPlan(recipes=str(tmp_path)))
+    with pytest.raises(ValueError, match="unknown key"):
+        load_recipes(PostPlan(overrides=("rl.no_such_key=1",)))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"init_from": "/somewhere/else", "size": "tiny"}))
+    with pytest.raises(ValueError, match="same\n?.*--init-from"):
+        posttrain(str(out), PostPlan(init_from=str(tmp_path)))
+
+
+def test_posttrain_end_to_end_resumes_and_reruns_nothing(tmp_path, tokenizer_dir, monkeypatch):  # noqa: F811
+    sft = save_model(tmp_path / "sft", tokenizer_dir, seed=0)
+    out = tmp_path / "run"
+    real_rl, real_distill = speedrun_mod.train_rl, speedrun_mod.train_distill
+
+    def killed_after_one_step(recipe, **kw):  # MOPD is stopped by a signal after its first step's checkpoint
+        summary = real_distill(recipe, stop_after=1, **kw)
+        return summary | {"stopped": "signal", "interrupted": True}
+
+    monkeypatch.setattr(speedrun_mod, "train_distill", killed_after_one_step)
+    with pytest.raises(KeyboardInterrupt, match="mopd interrupted at step 1"):
+        posttrain(str(out), toy_plan(sft))
+    done = {n for n in os.listdir(out) if (out / n / "stage.json").exists()}
+    assert done == {"teacher-math", "teacher-tools", "teacher-instructions", "rl-student"}
+    assert (out / "mopd" / "checkpoints" / "step-0000001").is_dir()
+
+    # The second run: the finished stages are not run again, MOPD resumes at step 1, the rest runs.
+    calls = []
+    monkeypatch.setattr(speedrun_mod, "train_rl", lambda r, **kw: calls.append(r.train.out_dir) or real_rl(r, **kw))
+    monkeypatch.setattr(speedrun_mod, "train_distill", real_distill)
+    report = posttrain(str(out), toy_plan(sft), command="hybridmoe posttrain (test)")
+    assert calls == [str(out / "rl-continued")]
+    mopd = json.loads((out / "mopd" / "stage.json").read_text())
+    assert mopd["start_step"] == 1 and mopd["resumed_from"].endswith("step-0000001") and mopd["step"] == 2
+    assert mopd["init_from"] == json.loads((out / "rl-student" / "stage.json").read_text())["checkpoint"]
+    cont = json.loads((out / "rl-continued" / "stage.json").read_text())
+    assert cont["start_step"] == 2 and cont["step"] >= 4 and cont["sampled_tokens"] > 0
+
+    # The report: every stage, the accuracy table of every domain, recovery, the charts and posttrain.json.
+    with open(report) as fh:
+        text = fh.read()
+    for name in ("teacher-math", "teacher-tools", "teacher-instructions", "rl-student", "mopd", "rl-continued"):
+        assert f"| {name} |" in text
+    record = json.loads((out / "posttrain.json").read_text())
+    assert list(record["domains"]) == ["arithmetic", "word_problems", "unit_conversion", "calculator", "json_schema",
+                                       "instructions"]  # fmt: skip
+    for d, row in record["domains"].items():
+        assert f"| {d} | {row['group']} |" in text
+        assert all(row[k] is not None for k in ("sft", "teacher", "rl_student", "mopd", "rl_continued"))
+        if row["teacher"] <= row["sft"]:
+            assert row["recovery"] is None
+    if any(r["recovery"] is None for r in record["domains"].values()):
+        assert "n/a: teacher did not gain" in text
+    teacher_eval = json.loads((out / "eval" / "teacher-tools" / "tasks.json").read_text())
+    assert teacher_eval["run"]["domains"] == ["calculator"]  # a teacher on its own domains only
+    assert record["comparison"]["mopd_sampled_tokens"] == mopd["sampled_tokens"] > 0
+    assert (out / "posttrain.png").stat().st_size > 10_000 and (out / "mopd-vs-rl.png").stat().st_size > 10_000
+
+    # A third run reruns nothing: no training, no evaluation, the same table.
+    def refuse(*a, **kw):
+        raise AssertionError("ran again")
+
+    for name in ("train_rl", "train_distill"):
+        monkeypatch.setattr(speedrun_mod, name, refuse)
+    monkeypatch.setattr(posttrain_mod, "_evaluate", refuse)
+    posttrain(str(out), toy_plan(sft))
+    assert json.loads((out / "posttrain.json").read_text())["domains"] == record["domains"]
+
+
+def test_without_an_sft_model_the_speedrun_base_runs_once(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_speedrun(out_dir, plan, minutes, stages):
+        calls.append((minutes, stages))
+        if len(calls) > 1:  # a base run that left no SFT model
+            return
+        os.makedirs(os.path.join(out_dir, "sft", "checkpoints", "step-0000003"))
+
+    monkeypatch.setattr(speedrun_mod, "speedrun", fake_speedrun)
+    plan = PostPlan(minutes=60)
+    ckpt = posttrain_mod._base(str(tmp_path), plan, until=time.monotonic() + 1800)
+    assert ckpt == str(tmp_path / "base" / "sft" / "checkpoints" / "step-0000003")
+    assert calls[0][1] == ("pretrain", "long-context", "sft") and 29 < calls[0][0] <= 30
+    assert posttrain_mod._base(str(tmp_path), plan, until=time.monotonic() + 1800) == ckpt and len(calls) == 1
+    with pytest.raises(RuntimeError, match="no SFT model"):
+        posttrain_mod._base(str(tmp_path / "other"), plan, until=time.monotonic() + 60)
