@@ -141,6 +141,55 @@ def train_one(a, name, train_stream, val_batches) -> dict:
     }
 
 
+def interleaved_cost(a, rounds: int = 3, steps: int = 4) -> dict:
+    """Step time of BF16 against NVFP4 on one model, alternating the two every few steps (so a shared machine's
+    changing load hits both alike), and the part of an NVFP4 step spent in quantize_dequantize and the RHT."""
+    from hybridmoe.quant import mxfp8, nvfp4
+    from hybridmoe.quant.training import PrecisionPolicy, apply_precision
+
+    spent = {"quantize_dequantize": 0.0, "hadamard16": 0.0}
+
+    def timed(module, name, key):
+        fn = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            spent[key] += time.perf_counter() - t0
+            return out
+
+        return wrapper
+
+    patches = [(nvfp4, "quantize_dequantize"), (mxfp8, "quantize_dequantize"), (nvfp4, "hadamard16")]
+    originals = [getattr(m, n) for m, n in patches]
+    for (module, name), key in zip(patches, ["quantize_dequantize", "quantize_dequantize", "hadamard16"]):
+        setattr(module, name, timed(module, name, key))
+    try:
+        torch.manual_seed(a.seed)
+        model = build_model(make_recipe(a, "bf16"), None)
+        ids = torch.randint(0, 256, (a.batch, a.seq_len))
+        times = {"bf16": [], "nvfp4": []}
+        for _ in range(rounds):
+            for name in times:
+                apply_precision(model, PrecisionPolicy(**RUNS[name]))
+                for i in range(steps + 1):
+                    for key in spent:
+                        spent[key] = 0.0
+                    t0 = time.perf_counter()
+                    with autocast(model, "autocast-bf16"):
+                        model(ids, labels=ids, return_logits=False).loss.backward()
+                    model.zero_grad(set_to_none=True)
+                    if i:  # the first step after a switch is a warm-up
+                        times[name].append((time.perf_counter() - t0, dict(spent)))
+    finally:
+        for (module, name), fn in zip(patches, originals):
+            setattr(module, name, fn)
+    med = {name: statistics.median(t for t, _ in v) for name, v in times.items()}
+    parts = {key: statistics.median(s[key] for _, s in times["nvfp4"]) for key in spent}
+    return {"step_s_median": med, "ratio": med["nvfp4"] / med["bf16"], "nvfp4_step_parts_s": parts,
+            "rounds": rounds, "steps_per_round": steps, "note": "forward + backward, no optimizer step"}  # fmt: skip
+
+
 def last10(values) -> float:
     return sum(values[-10:]) / len(values[-10:])
 
@@ -189,12 +238,21 @@ def main():
     p.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
     p.add_argument("--out", default=os.path.join(HERE, "results", "nvfp4_ablations.json"))
     p.add_argument("--chart", default=os.path.join(HERE, "nvfp4-ablations.png"))
+    p.add_argument("--cost-only", action="store_true", help="only the interleaved step-time comparison (--cost-out)")
+    p.add_argument("--cost-out", default=os.path.join(HERE, "results", "nvfp4_cost.json"))
     a = p.parse_args()
     names = a.runs.split(",")
     unknown = [n for n in names if n not in RUNS]
     if unknown or "bf16" not in names:
         p.error(f"--runs: unknown {unknown}; known {list(RUNS)}, and bf16 (the baseline) is required")
     torch.set_num_threads(a.threads)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores ({a.threads} thread), torch "
+    machine += torch.__version__
+    if a.cost_only:
+        cost = interleaved_cost(a)
+        atomic_write_text(a.cost_out, json.dumps({"args": vars(a), "machine": machine, **cost}, indent=1) + "\n")
+        print(json.dumps(cost, indent=1))
+        return
     train_stream, val_stream = byte_streams()
     val_starts = torch.arange(a.val_batches * a.batch) * ((len(val_stream) - a.seq_len) // (a.val_batches * a.batch))
     val_batches = windows(val_stream, val_starts, a.seq_len).split(a.batch)
@@ -222,8 +280,7 @@ def main():
               f"({summary[name]['cost_vs_bf16']:.2f}x)")  # fmt: skip
     record = {
         "args": vars(a),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores ({a.threads} thread), torch "
-        f"{torch.__version__}",
+        "machine": machine,
         "total_wall_s": time.time() - t_start,
         "summary": summary,
         "runs": results,
