@@ -268,6 +268,9 @@ class Experts(nn.Module):
         # Expert parallelism (`hybridmoe.distributed.parallelize`): the weights become DTensors sharded over the
         # ranks of this group by expert, and the tokens travel to their experts with all-to-alls.
         self.ep_group = None
+        # Emulated low-precision GEMMs (`hybridmoe.quant.training.apply_precision`): None, or a callable
+        # quant(x, weight, bias) each expert's up and down GEMM goes through.
+        self.quant = None
 
     def forward(self, x_TD, topk_idx_TK, topk_w_TK):
         up, down = self.up_proj, self.down_proj
@@ -276,7 +279,7 @@ class Experts(nn.Module):
             # averages over ranks, so it is divided by the ep degree here and by the FSDP group size there.
             scale = 1.0 / torch.distributed.get_world_size(self.ep_group)
             up, down = _ScaleGrad.apply(up.to_local(), scale), _ScaleGrad.apply(down.to_local(), scale)
-        return experts_grouped(x_TD, up, down, topk_idx_TK, topk_w_TK, ep_group=self.ep_group)
+        return experts_grouped(x_TD, up, down, topk_idx_TK, topk_w_TK, ep_group=self.ep_group, quant=self.quant)
 
 
 class _SequenceSum(torch.autograd.Function):

@@ -85,7 +85,13 @@ class _WidenedLinear(torch.autograd.Function):
 
 
 class Linear(torch.nn.Linear):
-    """nn.Linear whose matmul goes through `linear` (same parameters, same state_dict)."""
+    """nn.Linear whose matmul goes through `linear` (same parameters, same state_dict). `quant`, when set (by
+    `hybridmoe.quant.training.apply_precision`), computes the layer instead: quant(x, weight, bias), e.g. with
+    emulated NVFP4 GEMMs."""
+
+    quant = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            return self.quant(x, self.weight, self.bias)
         return linear(x, self.weight, self.bias)

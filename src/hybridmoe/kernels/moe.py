@@ -202,6 +202,7 @@ def experts_grouped(
     b_up_EU=None,
     b_down_ED=None,
     lora=None,
+    quant=None,
 ):
     """Sort token copies by expert, run the experts on contiguous segments, scatter-add the weighted results.
     w_up (e, u, d) and w_down (e, d, i) as (out, in) per expert (transposed views are fine); `activation`, the
@@ -210,11 +211,16 @@ def experts_grouped(
 
     With `ep_group` (expert parallelism), the weights are this rank's slice of the experts (rank r of the group
     holds experts [r*e_local, (r+1)*e_local)) while topk_idx_TK holds global expert ids: the sorted token copies
-    travel to the ranks that own their experts and back with two all-to-alls (`expert_parallel_segments`)."""
+    travel to the ranks that own their experts and back with two all-to-alls (`expert_parallel_segments`).
+
+    `quant` (e.g. a `hybridmoe.quant.training.NVFP4Recipe`): each expert's up and down GEMM is computed by
+    quant(x, weight, bias) on its own segment (`_quantized_experts`), with or without expert parallelism."""
     act = _activation(activation)
     _check_experts(w_up_EID, w_down_EDI, act, b_up_EU, b_down_ED)
     if lora is not None:
         _check_lora(lora, w_up_EID, w_down_EDI)
+        if quant is not None:
+            raise ValueError("experts: LoRA updates with emulated low-precision GEMMs (quant) are not supported")
     t, k = topk_idx_TK.shape
     ep = 1 if ep_group is None else dist.get_world_size(ep_group)
     e = w_up_EID.shape[0] * ep
@@ -223,10 +229,14 @@ def experts_grouped(
     counts_E = torch.bincount(flat_M, minlength=e)
     token_M = order_M // k
     if ep_group is None:  # the experts gather their rows of x_TD themselves (`rows_of`)
-        y_MD = _run_experts(x_TD, w_up_EID, w_down_EDI, counts_E, act, b_up_EU, b_down_ED, lora, rows_of=token_M)
+        y_MD = _run_experts(
+            x_TD, w_up_EID, w_down_EDI, counts_E, act, b_up_EU, b_down_ED, lora, rows_of=token_M, quant=quant
+        )
     else:
         x_MD = x_TD.index_select(0, token_M)
-        y_MD = expert_parallel_segments(x_MD, w_up_EID, w_down_EDI, counts_E, ep_group, act, b_up_EU, b_down_ED, lora)
+        y_MD = expert_parallel_segments(
+            x_MD, w_up_EID, w_down_EDI, counts_E, ep_group, act, b_up_EU, b_down_ED, lora, quant=quant
+        )
     w_M = topk_w_TK.reshape(-1).index_select(0, order_M)
     return _WeightedCombine.apply(y_MD, w_M, token_M, t).to(x_TD.dtype)
 
@@ -266,10 +276,12 @@ class _WeightedCombine(torch.autograd.Function):
 
 def _run_experts(
     x_MD, w_up_EID, w_down_EDI, counts_E, act=ACTIVATIONS["relu2"], b_up_EU=None, b_down_ED=None, lora=None,
-    rows_of=None,
+    rows_of=None, quant=None,
 ):  # fmt: skip
     """The experts on rows sorted by expert (counts_E rows each): the rows of x_MD, or with `rows_of` (m,) the rows
     x_MD[rows_of] (gathered segment by segment, so that the sorted copy of the inputs is never saved)."""
+    if quant is not None:
+        return _quantized_experts(x_MD, w_up_EID, w_down_EDI, counts_E, act, b_up_EU, b_down_ED, rows_of, quant)
     if experts_backend(x_MD) == "grouped_mm" and x_MD.is_cuda:
         if rows_of is not None:
             x_MD = x_MD.index_select(0, rows_of)
@@ -293,6 +305,23 @@ def _run_experts(
     )
 
 
+def _quantized_experts(x_MD, w_up_EUD, w_down_EDI, counts_E, act, b_up_EU, b_down_ED, rows_of, quant):
+    """Each expert's segment through quant(x, weight, bias): up GEMM, activation, down GEMM, with plain autograd
+    around them. Every segment is its own tensor with its own per-tensor scale, as TransformerEngine's grouped
+    GEMMs quantize each group (`transformer_engine/pytorch/module/grouped_linear.py`)."""
+    if rows_of is not None:
+        x_MD = x_MD.index_select(0, rows_of)
+    ups, downs = w_up_EUD.unbind(0), w_down_EDI.unbind(0)  # unbind's backward stacks the per-expert gradients
+    out = []
+    for e, x in enumerate(x_MD.split(counts_E.tolist())):
+        if x.shape[0]:
+            u = quant(x, ups[e], None if b_up_EU is None else b_up_EU[e])
+            out.append(quant(act.reference(u), downs[e], None if b_down_ED is None else b_down_ED[e]))
+    if not out:
+        return x_MD.new_zeros((0, w_down_EDI.shape[1]))
+    return torch.cat(out)
+
+
 def _grouped_low_rank(v_MI, a_ERI, b_EOR, scaling, offs):
     """scaling * v A[e]^T B[e]^T per expert segment with torch._grouped_mm (autograd); the rank is zero-padded to a
     multiple of 8 so that the rows of the (m, r) intermediate are 16-byte aligned, as _grouped_mm requires."""
@@ -304,8 +333,9 @@ def _grouped_low_rank(v_MI, a_ERI, b_EOR, scaling, offs):
 
 
 def expert_parallel_segments(
-    x_MD, w_up_LID, w_down_LDI, counts_E, ep_group, act=ACTIVATIONS["relu2"], b_up_LU=None, b_down_LD=None, lora=None
-):
+    x_MD, w_up_LID, w_down_LDI, counts_E, ep_group, act=ACTIVATIONS["relu2"], b_up_LU=None, b_down_LD=None, lora=None,
+    quant=None,
+):  # fmt: skip
     """Expert-parallel dispatch and combine (torchtitan's all-to-all token dispatcher, written out).
 
     x_MD: this rank's token copies sorted by global expert, counts_E (e,) of them per expert. Since experts are
@@ -327,7 +357,7 @@ def expert_parallel_segments(
     )
     order_R = torch.argsort(local_expert_R, stable=True)
     y_sorted = _run_experts(
-        x_RD, w_up_LID, w_down_LDI, recv_counts.sum(0), act, b_up_LU, b_down_LD, lora, rows_of=order_R
+        x_RD, w_up_LID, w_down_LDI, recv_counts.sum(0), act, b_up_LU, b_down_LD, lora, rows_of=order_R, quant=quant
     )
     y_RD = _unpermute(y_sorted, order_R)
     return _AllToAll.apply(y_RD, send_splits, recv_splits, ep_group)

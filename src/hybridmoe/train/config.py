@@ -7,8 +7,10 @@
     balance:  MoE load balancing (aux-loss-free bias update rate, sequence-level aux loss coefficient)
     train:    steps, a time limit, precision, checkpointing, logging, validation, where to write
     parallel: under torchrun: tensor- and expert-parallel degrees, mixed precision, FSDP2 resharding, consolidation
+    precision: low-precision GEMMs on top of train.precision: recipe none | nvfp4 (the Nemotron 3 NVFP4 recipe,
+              emulated, `hybridmoe.quant.training`) with its ablation switches and precision policy
 
-`SFTRecipe` (supervised fine-tuning, `hybridmoe sft`) shares optim, balance, train and parallel, and has
+`SFTRecipe` (supervised fine-tuning, `hybridmoe sft`) shares optim, balance, train, parallel and precision, and has
     model:    source native (a preset, or init_from a checkpoint / run directory) or transformers (init_from a
               Hugging Face MoE model directory, loaded through `hybridmoe.automodel`, optionally with `lora`)
     data:     conversation files with blend weights, tokenizer, packed sequence length, batch size
@@ -19,7 +21,7 @@ AdamW (0.9, 0.95), eps 1e-8, weight decay 0.1, grad clip 1.0, WSD with minus-sqr
 aux loss 1e-4. SFT defaults follow Super's SFT: LR 1e-5, AdamW (0.9, 0.95), weight decay 0.1, MTP loss weight 0.3,
 and the two-stage loss normalization (a token mean over the global batch, then a per-conversation mean).
 
-`RLRecipe` (GRPO, `hybridmoe rl`) shares optim, balance, train and parallel, and has
+`RLRecipe` (GRPO, `hybridmoe rl`) shares optim, balance, train, parallel and precision, and has
     model:    init_from (the SFT checkpoint or run directory) and the tokenizer
     envs:     environments with their share of every batch, difficulty, reasoning, the training-seed pools
     rl:       groups, batch, sampling, advantages, clipping, importance correction, KL, router freezing, the
@@ -130,6 +132,26 @@ class ParallelSection:
     consolidate: bool = True  # also write the full model in the HF layout (gathered on rank 0) in each checkpoint
 
 
+@dataclass
+class PrecisionSection:
+    """Emulated low-precision GEMMs (`hybridmoe.quant.training`), on top of train.precision (the reference trains
+    NVFP4 with fp32 master weights and bf16 elsewhere: autocast-bf16). recipe none changes nothing; nvfp4 runs the
+    Nemotron 3 NVFP4 recipe with its precision policy. Native models only."""
+
+    recipe: str = "none"  # none | nvfp4
+    rht: bool = True  # random Hadamard transform on the weight-gradient GEMM's operands
+    stochastic_rounding: bool = True  # gradients rounded stochastically
+    weight_2d: bool = True  # weights in 16x16 blocks (off: 1x16 along each GEMM's reduction dim)
+    bf16_tail_fraction: float = 0.15  # the last round(fraction * layers) layers stay at the base precision
+    mamba_out_proj: str = "mxfp8"  # mxfp8 | nvfp4 | bf16
+
+    def policy(self):
+        """The `hybridmoe.quant.training.PrecisionPolicy` of this section (ValueError on a bad value)."""
+        from ..quant.training import PrecisionPolicy
+
+        return PrecisionPolicy(**dataclasses.asdict(self))
+
+
 class _RecipeFile:
     """Reading and writing a recipe class (a dataclass of sections)."""
 
@@ -163,11 +185,13 @@ class Recipe(_RecipeFile):
     balance: BalanceSection = field(default_factory=BalanceSection)
     train: TrainSection = field(default_factory=TrainSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    precision: PrecisionSection = field(default_factory=PrecisionSection)
 
     def validate(self) -> None:
         d = self.data
         _validate_common(self.optim, self.train, d)
         _validate_parallel(self.parallel, self.train)
+        self.precision.policy()
         if not d.phases and not any(m.phases for m in d.seq_mix):
             raise ValueError("data.phases is empty: give at least one phase with a blend of prepared datasets")
         if d.seq_mix and abs(sum(m.fraction for m in d.seq_mix) - 1) > 1e-6:
@@ -257,11 +281,15 @@ class SFTRecipe(_RecipeFile):
     balance: BalanceSection = field(default_factory=BalanceSection)
     train: TrainSection = field(default_factory=TrainSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    precision: PrecisionSection = field(default_factory=PrecisionSection)
 
     def validate(self) -> None:
         m, d, s, t = self.model, self.data, self.sft, self.train
         _validate_common(self.optim, t, d)
         _validate_parallel(self.parallel, t)
+        if self.precision.policy().recipe != "none" and m.source != "native":
+            raise ValueError(f"precision.recipe={self.precision.recipe} is for native models (model.source=native); "
+                             "a transformers model trains at train.precision")  # fmt: skip
         if m.source not in ("native", "transformers"):
             raise ValueError(f"model.source={m.source!r}: use native or transformers")
         if m.source == "transformers":
@@ -357,11 +385,13 @@ class RLRecipe(_RecipeFile):
     balance: BalanceSection = field(default_factory=BalanceSection)
     train: TrainSection = field(default_factory=TrainSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    precision: PrecisionSection = field(default_factory=PrecisionSection)
 
     def validate(self) -> None:
         m, e, r = self.model, self.envs, self.rl
         _validate_common(self.optim, self.train)
         _validate_parallel(self.parallel, self.train)
+        self.precision.policy()
         if not (m.tokenizer or m.init_from):
             raise ValueError("model.tokenizer: give a tokenizer directory with a chat template (or model.init_from)")
         if not e.ratios:
@@ -547,6 +577,7 @@ _SECTIONS = {
     (Recipe, "balance"): BalanceSection,
     (Recipe, "train"): TrainSection,
     (Recipe, "parallel"): ParallelSection,
+    (Recipe, "precision"): PrecisionSection,
     (DataSection, "phases"): PhaseSection,
     (DataSection, "seq_mix"): SeqMixSection,
     (SeqMixSection, "phases"): PhaseSection,
@@ -557,6 +588,7 @@ _SECTIONS = {
     (SFTRecipe, "balance"): BalanceSection,
     (SFTRecipe, "train"): TrainSection,
     (SFTRecipe, "parallel"): ParallelSection,
+    (SFTRecipe, "precision"): PrecisionSection,
     (SFTModelSection, "lora"): LoraSection,
     (RLRecipe, "model"): RLModelSection,
     (RLRecipe, "envs"): EnvsSection,
@@ -565,6 +597,7 @@ _SECTIONS = {
     (RLRecipe, "balance"): BalanceSection,
     (RLRecipe, "train"): TrainSection,
     (RLRecipe, "parallel"): ParallelSection,
+    (RLRecipe, "precision"): PrecisionSection,
     (RLSection, "pass_rate_filter"): PassRateSection,
     (DistillRecipe, "distill"): DistillSection,
     (DistillSection, "warmup"): WarmupSection,

@@ -23,6 +23,7 @@ import torch
 from .. import distributed
 from ..config import HybridMoEConfig
 from ..modeling import HybridMoEForCausalLM
+from ..quant.training import apply_precision
 from .checkpoint import is_distributed_checkpoint, latest_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "autocast-bf16": torch.float32}
@@ -54,7 +55,8 @@ def load_model(recipe, ckpt: str | None, par):
 
 def build_model(recipe, ckpt: str | None) -> HybridMoEForCausalLM:
     """Native: from a checkpoint being resumed, else from `model.init_from`, else a fresh init of the preset. An SFT
-    recipe's `sft.mtp_loss_weight` replaces the config's."""
+    recipe's `sft.mtp_loss_weight` replaces the config's. The recipe's `precision` section (emulated NVFP4 GEMMs)
+    is applied to the model and its summary printed."""
     m = recipe.model
     overrides = dict(m.overrides)
     if hasattr(recipe, "sft"):
@@ -76,6 +78,11 @@ def build_model(recipe, ckpt: str | None) -> HybridMoEForCausalLM:
             config = config.replace(router_aux_loss_coef=recipe.balance.aux_loss_coef)
         model = HybridMoEForCausalLM(config, dtype=dtype)
     model.backbone.gradient_checkpointing = recipe.train.activation_checkpointing
+    precision = getattr(recipe, "precision", None)
+    if precision is not None and precision.recipe != "none":
+        summary = apply_precision(model, precision.policy())
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print(summary, flush=True)
     model.train()
     return model
 
