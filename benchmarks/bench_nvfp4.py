@@ -160,7 +160,7 @@ def interleaved_cost(a, rounds: int = 3, steps: int = 4) -> dict:
 
         return wrapper
 
-    patches = [(nvfp4, "quantize_dequantize"), (mxfp8, "quantize_dequantize"), (nvfp4, "hadamard16")]
+    patches = [(nvfp4, "fast_quantize_dequantize"), (mxfp8, "fast_quantize_dequantize"), (nvfp4, "hadamard16")]
     originals = [getattr(m, n) for m, n in patches]
     for (module, name), key in zip(patches, ["quantize_dequantize", "quantize_dequantize", "hadamard16"]):
         setattr(module, name, timed(module, name, key))

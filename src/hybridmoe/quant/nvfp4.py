@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels import compiled
+
 E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
@@ -81,37 +83,37 @@ def _pad_to_blocks(x: torch.Tensor, block: str) -> torch.Tensor:
     return x
 
 
-def _encode_scale(amax: torch.Tensor) -> torch.Tensor:
-    """S_enc = min(448 * 6 / amax, FLT_MAX), and 1 where amax is 0 (fp32)."""
-    s = torch.where(amax > 0, (E4M3_MAX * E2M1_MAX) / amax, torch.ones_like(amax))
-    return s.clamp(max=_FLT_MAX)
+def _blocks(x: torch.Tensor, block: str) -> torch.Tensor:
+    """The padded fp32 tensor viewed as blocks: [..., n/16, 16] (1x16) or [..., m/16, 16, n/16, 16] (16x16)."""
+    x = _pad_to_blocks(x.float(), block).unflatten(-1, (-1, BLOCK))
+    return x.unflatten(-3, (-1, BLOCK)) if block == "16x16" else x
 
 
-def _block_amax(x: torch.Tensor, block: str) -> torch.Tensor:
-    """Per-block amax of the padded fp32 tensor: [..., n/16] (1x16) or [..., m/16, n/16] (16x16)."""
-    a = x.abs()
-    if block == "1x16":
-        return a.unflatten(-1, (-1, BLOCK)).amax(-1)
-    return a.unflatten(-1, (-1, BLOCK)).unflatten(-3, (-1, BLOCK)).amax(dim=(-3, -1))
+def _per_block(s: torch.Tensor, block: str) -> torch.Tensor:
+    """One value per block ([..., n/16] or [..., m/16, n/16]) broadcastable against `_blocks`."""
+    return s[..., None] if block == "1x16" else s[..., :, None, :, None]
 
 
-def _expand_blocks(s: torch.Tensor, block: str) -> torch.Tensor:
-    """One value per block -> one per element (of the padded shape)."""
-    s = s.repeat_interleave(BLOCK, dim=-1)
-    return s.repeat_interleave(BLOCK, dim=-2) if block == "16x16" else s
+def _unblock(v: torch.Tensor, shape: torch.Size | None, block: str) -> torch.Tensor:
+    """`_blocks`' inverse, cropped to `shape` (None: left padded)."""
+    v = v.flatten(-2)
+    if block == "16x16":
+        v = v.flatten(-3, -2)
+    if shape is None:
+        return v
+    return v[..., : shape[-2], : shape[-1]] if block == "16x16" else v[..., : shape[-1]]
 
 
-def round_e2m1(v: torch.Tensor, rounding: str = "nearest", generator: torch.Generator | None = None) -> torch.Tensor:
-    """|v| rounded to an E2M1 magnitude {0, .5, 1, 1.5, 2, 3, 4, 6} (fp32), saturating at 6. The E2M1 grid has
-    spacing 0.5 below 2, 1 in [2, 4) and 2 in [4, 6], so rounding is torch.round (half to even) at that spacing:
-    exact, since every spacing is a power of two."""
-    a = v.abs().float()
+def round_e2m1(a: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+    """Magnitudes a >= 0 (fp32) rounded to E2M1 {0, .5, 1, 1.5, 2, 3, 4, 6}, saturating at 6: to nearest with ties
+    to even, or, given uniform draws `u` shaped like a, stochastically (up with probability (a - lo) / (hi - lo)).
+    The E2M1 grid has spacing 0.5 below 2, 1 in [2, 4) and 2 in [4, 6], so nearest rounding is torch.round (half to
+    even) at that spacing: exact, since every spacing is a power of two."""
     step = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0))
-    if rounding == "nearest":
+    if u is None:
         q = torch.round(a / step) * step
     else:
         lo = torch.floor(a / step) * step
-        u = torch.rand(a.shape, generator=generator, device=a.device)
         q = lo + step * (u < (a - lo) / step)
     return q.clamp(max=E2M1_MAX)
 
@@ -121,17 +123,26 @@ def _magnitude_codes(q: torch.Tensor) -> torch.Tensor:
     return torch.where(q < 2, q * 2, torch.where(q < 4, q + 2, q / 2 + 4)).to(torch.uint8)
 
 
-def _scaled(x: torch.Tensor, block: str):
-    """The padded fp32 tensor in units of its blocks' scales, the E4M3 block scales and the fp32 global decode
-    scale (amax / 2688)."""
-    x = _pad_to_blocks(x.float(), block)
-    amax = x.abs().amax() if x.numel() else torch.zeros((), device=x.device)
-    s_enc = _encode_scale(amax)
-    s_dec = (_block_amax(x, block) * (s_enc * (1.0 / E2M1_MAX))).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
-    s_dec32 = s_dec.float()
-    denom = s_dec32 * (1.0 / s_enc)
+def _round_blocks(xb: torch.Tensor, block: str, u: torch.Tensor | None):
+    """Blocked fp32 x (`_blocks`) -> (E2M1 magnitudes, E4M3 block scales, fp32 global decode scale amax / 2688),
+    with the module docstring's scale chain in fp32."""
+    a = xb.abs()
+    block_amax = a.amax(-1) if block == "1x16" else a.amax(dim=(-3, -1))
+    amax = block_amax.max() if block_amax.numel() else torch.zeros((), device=xb.device)
+    s_enc = torch.where(amax > 0, (E4M3_MAX * E2M1_MAX) / amax, torch.ones_like(amax)).clamp(max=_FLT_MAX)
+    s_dec = (block_amax * (s_enc * (1.0 / E2M1_MAX))).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+    denom = s_dec.float() * (1.0 / s_enc)
     factor = torch.where(denom > 0, 1.0 / denom, torch.zeros_like(denom))
-    return x * _expand_blocks(factor, block), s_dec, amax / (E4M3_MAX * E2M1_MAX)
+    return round_e2m1(a * _per_block(factor, block), u), s_dec, amax / (E4M3_MAX * E2M1_MAX)
+
+
+def _qdq_blocks(xb: torch.Tensor, block: str, u: torch.Tensor | None):
+    q, s_dec, global_scale = _round_blocks(xb, block, u)
+    return torch.copysign(q * _per_block(s_dec.float(), block), xb), global_scale
+
+
+def _draws(xb: torch.Tensor, rounding: str, generator: torch.Generator | None) -> torch.Tensor | None:
+    return None if rounding == "nearest" else torch.rand(xb.shape, generator=generator, device=xb.device)
 
 
 def quantize(
@@ -140,11 +151,10 @@ def quantize(
     """Quantize `x` to NVFP4 (module docstring): 1x16 blocks along the last dimension or 16x16 tiles of the last
     two, rounding to nearest (ties to even) or stochastically (with `generator` for reproducible draws)."""
     _check(x, block, rounding)
-    shape = x.shape
-    xs, s_dec, global_scale = _scaled(x, block)
-    mag = _magnitude_codes(round_e2m1(xs, rounding, generator))
-    codes = mag | (torch.signbit(xs).to(torch.uint8) << 3)
-    return NVFP4Tensor(pack(codes), s_dec, global_scale, shape, block)
+    xb = _blocks(x, block)
+    q, s_dec, global_scale = _round_blocks(xb, block, _draws(xb, rounding, generator))
+    codes = _magnitude_codes(q) | (torch.signbit(xb).to(torch.uint8) << 3)
+    return NVFP4Tensor(pack(_unblock(codes, None, block)), s_dec, global_scale, x.shape, block)
 
 
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
@@ -155,13 +165,9 @@ def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
 
 def dequantize(t: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """e2m1(code) * float(block scale) * global_scale, cropped to the original shape."""
-    v = e2m1_decode(unpack(t.codes)) * _expand_blocks(t.scales.float(), t.block) * t.global_scale.float()
-    return _crop(v, t.shape, t.block).to(dtype)
-
-
-def _crop(v: torch.Tensor, shape: torch.Size, block: str) -> torch.Tensor:
-    v = v[..., : shape[-1]]
-    return v[..., : shape[-2], :] if block == "16x16" else v
+    values = _blocks(e2m1_decode(unpack(t.codes)), t.block)  # (the codes are already padded)
+    v = values * _per_block(t.scales.float(), t.block) * t.global_scale.float()
+    return _unblock(v, t.shape, t.block).to(dtype)
 
 
 def quantize_dequantize(
@@ -172,10 +178,49 @@ def quantize_dequantize(
     fp32 accumulation, scaled afterwards by the operands' global scales, computes what an NVFP4 GEMM computes.
     Same codes and scales as `quantize`, without packing."""
     _check(x, block, rounding)
-    xs, s_dec, global_scale = _scaled(x, block)
-    q = round_e2m1(xs, rounding, generator)
-    v = torch.where(torch.signbit(xs), -q, q) * _expand_blocks(s_dec.float(), block)
-    return _crop(v, x.shape, block), global_scale
+    xb = _blocks(x, block)
+    v, global_scale = _qdq_blocks(xb, block, _draws(xb, rounding, generator))
+    return _unblock(v, x.shape, block), global_scale
+
+
+def _qdq_rows_nearest(xb):
+    return _qdq_blocks(xb, "1x16", None)
+
+
+def _qdq_rows_stochastic(xb, u):
+    return _qdq_blocks(xb, "1x16", u)
+
+
+def _qdq_tiles_nearest(xb):
+    return _qdq_blocks(xb, "16x16", None)
+
+
+def _qdq_tiles_stochastic(xb, u):
+    return _qdq_blocks(xb, "16x16", u)
+
+
+# One function per variant, so that each is compiled once with dynamic shapes (a single function taking the variant
+# as an argument would be recompiled per variant and reach torch.compile's recompilation limit).
+_VARIANTS = {
+    ("1x16", "nearest"): _qdq_rows_nearest,
+    ("1x16", "stochastic"): _qdq_rows_stochastic,
+    ("16x16", "nearest"): _qdq_tiles_nearest,
+    ("16x16", "stochastic"): _qdq_tiles_stochastic,
+}
+
+
+def fast_quantize_dequantize(
+    x: torch.Tensor, block: str = "1x16", rounding: str = "nearest", generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_dequantize` through `torch.compile` where it works (`hybridmoe.quant.kernels`), the same bits: the
+    eager version makes a dozen passes over memory where the compiled one makes two (about 15x faster on a CPU)."""
+    _check(x, block, rounding)
+    if x.numel() == 0:
+        return quantize_dequantize(x, block, rounding, generator)
+    xb = _blocks(x, block)
+    u = _draws(xb, rounding, generator)
+    v, global_scale = compiled(_VARIANTS[block, rounding])(xb, *(() if u is None else (u,)))
+    return _unblock(v, x.shape, block), global_scale
 
 
 def pack(codes: torch.Tensor) -> torch.Tensor:

@@ -87,7 +87,7 @@ class _NVFP4Operands:
         if qdq is None or hadamard is None:
             from . import nvfp4
 
-            qdq, hadamard = qdq or nvfp4.quantize_dequantize, hadamard or nvfp4.hadamard16
+            qdq, hadamard = qdq or nvfp4.fast_quantize_dequantize, hadamard or nvfp4.hadamard16
         self.recipe, self.qdq, self.hadamard = recipe, qdq, hadamard
         self.grad_rounding = "stochastic" if recipe.stochastic_rounding else "nearest"
 
@@ -126,7 +126,7 @@ class _MXFP8Operands:
         if qdq is None:
             from . import mxfp8
 
-            qdq = mxfp8.quantize_dequantize
+            qdq = mxfp8.fast_quantize_dequantize
         self.qdq = qdq
         self.one = torch.ones((), dtype=torch.float32)
 
