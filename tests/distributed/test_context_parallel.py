@@ -8,11 +8,16 @@ import json
 import os
 
 import pytest
+import test_distributed
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_distributed import _assert_same_trajectory, _torchrun
+from test_pretrain import step_records
 
 from hybridmoe import HybridMoEConfig, HybridMoEForCausalLM
+
+dist_setup = test_distributed.dist_setup  # the debug recipe and its single-process run (a module-scoped fixture)
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -105,3 +110,34 @@ def test_context_parallel_matches_single_process(tmp_path, world, cp, packed):
     r = json.loads((tmp_path / "cp.json").read_text())
     assert r["losses"] == pytest.approx(r["ref"], rel=1e-4), r
     assert max(r["grad_errors"]) < 1e-4, r
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+def test_torchrun_context_parallel_matches_single_process(dist_setup, tmp_path):
+    """`hybridmoe pretrain ... parallel.cp=2 parallel.ep=2` on 4 processes (dp 2 x cp 2, the experts split over the
+    data-parallel ranks): the single-process losses, aux loss and gradient norms, step by step, packed documents
+    masked; the consolidated checkpoint equals the single-process model."""
+    root, path, reference, single = dist_setup
+    out = tmp_path / "cp"
+    _torchrun(4, path, "parallel.cp=2", "parallel.ep=2", f"train.out_dir={out}", "train.steps=10")
+    _assert_same_trajectory(step_records(out), reference, list(range(1, 11)))
+    model = HybridMoEForCausalLM.from_pretrained(str(out / "checkpoints" / "step-0000010"))
+    expected = single["model"].state_dict()
+    for name, tensor in model.state_dict().items():
+        if not name.endswith("tokens_per_expert"):
+            torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_context_parallel_refuses_what_it_does_not_run():
+    from hybridmoe.distributed.mesh import ParallelDims
+
+    with pytest.raises(ValueError, match="parallel.cp=2 must divide the sequence length"):
+        from hybridmoe.distributed.cp import ContextParallel
+        from hybridmoe.modeling import ForwardContext
+
+        ContextParallel(None, 0, 2).begin(ForwardContext(), 7, 4)
+    with pytest.raises(ValueError, match="parallel.tp=1 x parallel.cp=2 must divide the number of processes"):
+        ParallelDims(3, cp=2).resolved()
+    assert ParallelDims(8, cp=2, tp=2, ep=2).resolved().dp_shard == 2
