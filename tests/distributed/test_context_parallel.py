@@ -47,14 +47,15 @@ def _batch(vocab: int):
     return ids, labels, docs
 
 
-def _cp_worker(rank, world, store, out_dir, cp, steps, packed):
-    from hybridmoe.distributed import clip_grad_norm_, parallelize, setup
+def _cp_worker(rank, world, store, out_dir, cp, steps, packed, tp=1):
+    from hybridmoe.distributed import clip_grad_norm_, parallelize, reduce_partial_grads, setup
+    from hybridmoe.distributed.tp import reference_order
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank))
     try:
-        par = setup(cp=cp, backend="gloo")
+        par = setup(cp=cp, tp=tp, backend="gloo")
         torch.manual_seed(0)
         config = _config()
         ref = HybridMoEForCausalLM(config).train()
@@ -76,14 +77,15 @@ def _cp_worker(rank, world, store, out_dir, cp, steps, packed):
             out = ref(ids, labels=labels, document_ids=docs, return_logits=False)
             out.loss.backward()
             ref_losses.append(float(out.loss.detach()))
-            weights = {n: p.full_tensor() for n, p in model.named_parameters()}
+            weights = reference_order({n: p.full_tensor() for n, p in model.named_parameters()}, config, tp)
             probe.load_state_dict(weights, strict=False)
             probe(ids, labels=labels, document_ids=docs, return_logits=False).loss.backward()
             rows = par.local_rows({"ids": ids, "labels": labels, "docs": docs})
             out = model(rows["ids"], labels=rows["labels"], document_ids=rows["docs"], return_logits=False)
             out.loss.backward()
+            reduce_partial_grads(model, par)
             losses.append(par.sum([float(out.loss.detach())])[0] / world)  # what the session logs
-            grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+            grads = reference_order({n: p.grad.full_tensor() for n, p in model.named_parameters()}, config, tp)
             err = max(
                 float((grads[n] - p.grad).abs().max() / p.grad.abs().max().clamp(min=1e-12))
                 for n, p in probe.named_parameters()
@@ -102,11 +104,13 @@ def _cp_worker(rank, world, store, out_dir, cp, steps, packed):
 
 
 @pytest.mark.parametrize(
-    "world,cp,packed", [(2, 2, True), (2, 2, False), (4, 2, True)], ids=["cp2-packed", "cp2", "dp2xcp2-packed"]
+    "world,cp,packed,tp",
+    [(2, 2, True, 1), (2, 2, False, 1), (4, 2, True, 1), (4, 2, True, 2)],
+    ids=["cp2-packed", "cp2", "dp2xcp2-packed", "cp2xtp2-packed"],
 )
-def test_context_parallel_matches_single_process(tmp_path, world, cp, packed):
-    mp.start_processes(_cp_worker, args=(world, str(tmp_path / "store"), str(tmp_path), cp, 3, packed), nprocs=world,
-                       start_method="spawn")  # fmt: skip
+def test_context_parallel_matches_single_process(tmp_path, world, cp, packed, tp):
+    mp.start_processes(_cp_worker, args=(world, str(tmp_path / "store"), str(tmp_path), cp, 3, packed, tp),
+                       nprocs=world, start_method="spawn")  # fmt: skip
     r = json.loads((tmp_path / "cp.json").read_text())
     assert r["losses"] == pytest.approx(r["ref"], rel=1e-4), r
     assert max(r["grad_errors"]) < 1e-4, r
