@@ -145,7 +145,10 @@ def test_feasible_layouts_fit_and_respect_the_rules():
         assert config.n_routed_experts % L.ep == 0 and (L.dp * L.cp * L.tp) % L.ep == 0
     assert [p.layout.checkpointing for p in found] == sorted(p.layout.checkpointing for p in found)
     only = feasible_layouts(config, gpus=16, gpu_memory_gib=80, seq=4096, implemented_only=True)
-    assert only and all(p.layout.pp == p.layout.cp == 1 and p.layout.dp % p.layout.ep == 0 for p in only)
+    assert only and all(p.layout.pp == 1 and p.layout.dp % p.layout.ep == 0 for p in only)
+    # context parallelism runs: a long sequence that fits only split over cp ranks is found
+    long = feasible_layouts(config, gpus=16, gpu_memory_gib=80, seq=262144, implemented_only=True, limit=99)
+    assert any(p.layout.cp > 1 for p in long)
     # the Nano shape has 2 KV heads: the trainer's tensor parallelism goes up to tp 2
     assert {p.layout.tp for p in feasible_layouts(config, 16, 40, 4096, implemented_only=True, limit=99)} <= {1, 2}
     assert feasible_layouts(config, gpus=1, gpu_memory_gib=80, seq=4096) == []

@@ -49,10 +49,12 @@ class ForwardContext:
         pad_mask: torch.Tensor | None = None,  # (b, t) True for real tokens of this forward (left padding)
         key_valid: torch.Tensor | None = None,  # (b, start + t) True for real tokens among all keys
         aux_losses: list[torch.Tensor] | None = None,  # filled by MoE layers in training
+        cp=None,  # context parallelism (`distributed.cp.Shard`): this rank's shard of the sequences
     ):
         self.start, self.cache, self.document_ids = start, cache, document_ids
         self.pad_mask, self.key_valid = pad_mask, key_valid
         self.aux_losses = [] if aux_losses is None else aux_losses
+        self.cp = cp
 
 
 @dataclass
@@ -158,16 +160,20 @@ class Mamba2Mixer(nn.Module):
             conv_init = state.conv if resume else None
             if state is not None:  # the window the next step starts from (read before the conv uses conv_init)
                 next_window = conv_window(conv_init, xBC, state.conv.shape[1])
-            xBC = causal_conv1d(xBC, conv_w, conv_b, ctx.document_ids, conv_init, activation="silu")
+            if ctx.cp is not None:  # the previous shard's last inputs come first (`distributed.cp`)
+                xBC = ctx.cp.causal_conv(xBC, conv_w, conv_b, ctx.document_ids)
+            else:
+                xBC = causal_conv1d(xBC, conv_w, conv_b, ctx.document_ids, conv_init, activation="silu")
             if state is not None:
                 state.conv.copy_(next_window)
             if ctx.pad_mask is not None:
                 xBC = xBC * ctx.pad_mask[..., None]
             xs, Bs, Cs = xBC.split([self.intermediate_size, G * N, G * N], dim=-1)
-            y, final_state = ssd_chunked(
-                xs.view(b, t, H, P), dt, A, Bs.view(b, t, G, N), Cs.view(b, t, G, N), D,
-                chunk_size=self.chunk_size, initial_state=state.ssm if resume else None, seq_idx=ctx.document_ids,
-                dt_bias=dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
+            scan = {"initial_state": state.ssm if resume else None} if ctx.cp is None else {}
+            y, final_state = (ssd_chunked if ctx.cp is None else ctx.cp.ssd)(
+                xs.reshape(b, t, H, P), dt, A, Bs.reshape(b, t, G, N), Cs.reshape(b, t, G, N), D,
+                chunk_size=self.chunk_size, seq_idx=ctx.document_ids, dt_bias=dt_bias, dt_softplus=True,
+                dt_limit=self.dt_limit, **scan,
             )  # fmt: skip
             if state is not None:
                 state.ssm.copy_(final_state)
@@ -198,9 +204,13 @@ class Attention(nn.Module):
             state: KVState = ctx.cache.layers[self.layer_idx]
             k, v = state.update(ctx.start, k, v)
         cdt = matmul_dtype(q)
-        o = attention(
-            q.to(cdt), k.to(cdt), v.to(cdt), q_offset=ctx.start, document_ids=ctx.document_ids, key_valid=ctx.key_valid
-        )
+        if ctx.cp is not None:  # the keys of the whole context-parallel group (`distributed.cp`)
+            o = ctx.cp.attention(q.to(cdt), k.to(cdt), v.to(cdt))
+        else:
+            o = attention(
+                q.to(cdt), k.to(cdt), v.to(cdt), q_offset=ctx.start, document_ids=ctx.document_ids,
+                key_valid=ctx.key_valid,
+            )  # fmt: skip
         return self.o_proj(o.to(x_btd.dtype).transpose(1, 2).reshape(b, t, -1))
 
 
@@ -339,13 +349,15 @@ class LatentMoE(nn.Module):
             with torch.no_grad():
                 self.tokens_per_expert += torch.bincount(topk_idx_TK.flatten(), minlength=scores_TE.shape[1])
             if self.aux_loss_coef > 0 and ctx is not None:
-                ctx.aux_losses.append(self._sequence_aux_loss(scores_TE.view(b, t, -1), topk_idx_TK.view(b, t, -1)))
+                ctx.aux_losses.append(
+                    self._sequence_aux_loss(scores_TE.view(b, t, -1), topk_idx_TK.view(b, t, -1), ctx.cp)
+                )
         h = self.fc1_latent_proj(x_TD) if self.fc1_latent_proj is not None else x_TD
         h = self.experts(h, topk_idx_TK, topk_w_TK)
         h = self.fc2_latent_proj(h) if self.fc2_latent_proj is not None else h
         return h.view(b, t, d) + self.shared_experts(x_btd)
 
-    def _sequence_aux_loss(self, scores_bte, topk_idx_btk):
+    def _sequence_aux_loss(self, scores_bte, topk_idx_btk, cp=None):
         """E * sum_i f_i P_i per sequence, averaged over sequences: f_i the fraction of the sequence's token
         copies sent to expert i, P_i its mean normalized score (DeepSeek-V3's sequence-wise balance loss)."""
         b, t, e = scores_bte.shape
@@ -354,12 +366,17 @@ class LatentMoE(nn.Module):
             1, topk_idx_btk.reshape(b, -1), torch.ones(b, t * k, device=scores_bte.device)
         )
         normalized = scores_bte / scores_bte.sum(-1, keepdim=True)
-        if self.sequence_group is None:
+        if self.sequence_group is None and cp is None:
             P = normalized.mean(1)
         else:  # this rank holds t of each sequence's tokens: sum over the ranks holding the others
-            t = t * torch.distributed.get_world_size(self.sequence_group)
-            counts = _SequenceSum.apply(counts, self.sequence_group)
-            P = _SequenceSum.apply(normalized.sum(1), self.sequence_group) / t
+            P = normalized.sum(1)
+            if self.sequence_group is not None:
+                t = t * torch.distributed.get_world_size(self.sequence_group)
+                counts, P = _SequenceSum.apply(counts, self.sequence_group), _SequenceSum.apply(P, self.sequence_group)
+            if cp is not None:  # context parallelism: every rank's loss is backpropagated (`distributed.cp`)
+                t = t * cp.size
+                counts, P = cp.sum(counts), cp.sum(P)
+            P = P / t
         f = counts / (t * k)
         return e * (f * P).sum(-1).mean()
 
@@ -430,6 +447,8 @@ class HybridMoEForCausalLM(nn.Module):
         self.config = config
         # Tensor parallelism (`distributed.tp.VocabParallelLoss`): the sequence gather and the vocab-parallel loss
         self.tensor_parallel = None
+        # Context parallelism (`distributed.cp.ContextParallel`): this rank's shard of every sequence
+        self.context_parallel = None
         with torch.device(device or "cpu"):
             self.backbone = HybridMoEModel(config)
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -526,10 +545,16 @@ class HybridMoEForCausalLM(nn.Module):
                 f"loss_weights must be floats of shape {tuple(input_ids.shape)} (one per label), got "
                 f"{tuple(loss_weights.shape)} {loss_weights.dtype}"
             )
-        h = self.backbone(input_ids, ctx)
+        sharded = self.tensor_parallel is not None or self.context_parallel is not None
+        if sharded and (return_logits or labels is None):
+            raise ValueError("a tensor- or context-parallel model computes the loss only: pass labels and "
+                             "return_logits=False")  # fmt: skip
+        full_document_ids = ctx.document_ids
+        if self.context_parallel is not None:  # this rank's shard; the loss shifts the full labels
+            ctx.cp = self.context_parallel.begin(ctx, input_ids.shape[1], self.config.conv_kernel)
+            ctx.document_ids = ctx.cp.local(ctx.document_ids)
+        h = self.backbone(ctx.cp.local(input_ids) if ctx.cp is not None else input_ids, ctx)
         out = CausalLMOutput(cache=cache, hidden_states=h)
-        if self.tensor_parallel is not None and (return_logits or labels is None):
-            raise ValueError("a tensor-parallel model computes the loss only: pass labels and return_logits=False")
         if return_logits or labels is None:
             h_kept = h[:, -logits_to_keep:] if logits_to_keep else h
             out.logits = self.lm_head(h_kept).float()
@@ -537,12 +562,14 @@ class HybridMoEForCausalLM(nn.Module):
             if out.logits is not None and not logits_to_keep:
                 out.lm_loss = self._loss_from_logits(out.logits, labels, shift=1, weights=loss_weights)
             else:
-                out.lm_loss = self._loss_from_hidden(h, labels, shift=1, weights=loss_weights)
+                out.lm_loss = self._loss_from_hidden(h, labels, shift=1, weights=loss_weights, cp=ctx.cp)
             out.loss = out.lm_loss
             if self.mtp is not None and self.config.mtp_loss_weight > 0:
                 out.mtp_hidden_states = self.forward_mtp(h, input_ids, ctx)
                 depth_losses = [
-                    self._loss_from_hidden(hk, labels, shift=k + 2, document_ids=ctx.document_ids, weights=loss_weights)
+                    self._loss_from_hidden(
+                        hk, labels, shift=k + 2, document_ids=full_document_ids, weights=loss_weights, cp=ctx.cp
+                    )  # fmt: skip
                     for k, hk in enumerate(out.mtp_hidden_states)
                 ]
                 out.mtp_loss = torch.stack(depth_losses).mean()
@@ -563,11 +590,17 @@ class HybridMoEForCausalLM(nn.Module):
         n = len(c.mtp_hybrid_override_pattern)
         outs = []
         mtp_ctx = ForwardContext(
-            document_ids=ctx.document_ids, pad_mask=ctx.pad_mask, key_valid=ctx.key_valid, aux_losses=ctx.aux_losses
+            document_ids=ctx.document_ids,
+            pad_mask=ctx.pad_mask,
+            key_valid=ctx.key_valid,
+            aux_losses=ctx.aux_losses,
+            cp=ctx.cp,
         )
         for depth in range(c.mtp_num_depths):
             blocks = self.mtp.layers[(depth % c.num_nextn_predict_layers) * n :][:n]
             ids = _shift_left(input_ids, depth + 1, fill=0)
+            if ctx.cp is not None:
+                ids = ctx.cp.local(ids)
             first = blocks[0]
             x = first.mtp_input(self.backbone.embeddings(ids), h_btd)
             for block in blocks:
@@ -586,18 +619,25 @@ class HybridMoEForCausalLM(nn.Module):
                                 reduction="sum")  # fmt: skip
         return total / (y != IGNORE_INDEX).sum().clamp(min=1)
 
-    def _loss_from_hidden(self, h, labels, shift, document_ids=None, weights=None):
+    def _loss_from_hidden(self, h, labels, shift, document_ids=None, weights=None, cp=None):
         y = _shift_left(labels, shift, fill=IGNORE_INDEX)
         if document_ids is not None:  # no target from another packed document
             y = torch.where(_shift_left(document_ids, shift, fill=-1) == document_ids, y, IGNORE_INDEX)
+        if cp is not None:  # h holds this rank's shard of the sequences
+            y = cp.local(y)
+            weights = cp.local(_shift_left(weights, shift, fill=0)) if weights is not None else None
+            shift = 0
         loss_fn = linear_cross_entropy
         if self.tensor_parallel is not None:  # h holds this rank's tokens, lm_head this rank's vocabulary slice
             h, loss_fn = self.tensor_parallel.gather_sequence(h), self.tensor_parallel.linear_cross_entropy
         h, y = h.reshape(-1, h.shape[-1]), y.reshape(-1)
         if weights is not None:
             w = _shift_left(weights, shift, fill=0)
-            return _weighted_linear_cross_entropy(h, self.lm_head.weight, y, w, loss_fn)
+            total = _weighted_linear_cross_entropy(h, self.lm_head.weight, y, w, loss_fn)
+            return total * cp.size if cp is not None else total
         total = loss_fn(h, self.lm_head.weight, y)
+        if cp is not None:
+            return cp.normalize(total, (y != IGNORE_INDEX).sum())
         return total / (y != IGNORE_INDEX).sum().clamp(min=1)
 
     def _context(self, input_ids, labels, document_ids, cache, attention_mask) -> ForwardContext:

@@ -54,6 +54,8 @@ def parallelize(model: nn.Module, par, reshard_after_forward: bool = True) -> nn
             f"parallel.tp={par.tp}: tensor parallelism is implemented for hybridmoe's native model only; "
             "fine-tune transformers models with parallel.tp=1 (FSDP2 and parallel.ep)"
         )
+    if par.cp > 1:
+        raise ValueError(f"parallel.cp={par.cp}: context parallelism is implemented for hybridmoe's native model only")
     found = find_moe_experts(model)
     ignored: set[nn.Parameter] = set()
     if par.ep > 1:

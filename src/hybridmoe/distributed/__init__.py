@@ -1,12 +1,12 @@
 """torch.distributed for everything that trains: one device mesh (`mesh`), one set of parallelize functions
-(`fsdp`, `ep`, `tp`) for the native model and for transformers models (`automodel.parallel`), gradient clipping
+(`fsdp`, `ep`, `tp`, `cp`) for the native model and for transformers models (`automodel.parallel`), gradient clipping
 across meshes, and distributed checkpoints (DCP, in `train.checkpoint`).
 
 Faithful to torchtitan's layout for MoE models (pytorch/torchtitan, `torchtitan/models/deepseek_v3/infra/
 parallelize.py`, `torchtitan/distributed/expert_parallel.py`). The W ranks of a `torchrun` job form the mesh
-("dp_mod_ep", "ep", "tp") of `mesh.ParallelDims` with dp x tp = W:
-  - data: the dp = W / tp data-parallel ranks take their own rows of the global batch; the tp ranks of a
-    tensor-parallel group take the same rows (expert parallelism borrows its ranks from data parallelism);
+("dp_mod_ep", "ep", "cp", "tp") of `mesh.ParallelDims` with dp x cp x tp = W:
+  - data: the dp = W / (cp tp) data-parallel ranks take their own rows of the global batch; the ranks of a
+    tensor- or context-parallel group take the same rows (expert parallelism borrows its ranks from data parallelism);
   - tensor parallelism (`tp`, parallel.tp > 1): attention heads, Mamba-2 heads and groups, MLPs, shared experts and
     the LM head split over "tp", the residual stream and norms sequence-parallel, the loss vocab-parallel;
   - FSDP2 (`fsdp`): every block is `fully_shard`-ed over the dp ranks (the flattened mesh "dp"), and so are the
@@ -16,11 +16,14 @@ parallelize.py`, `torchtitan/distributed/expert_parallel.py`). The W ranks of a 
   - gradients: every data-parallel rank's loss is the mean over its own tokens, so a parameter's gradient is
     averaged over the dp ranks; FSDP divides by the size of its mesh; the experts' gradients sum the contributions
     of all ep peers' tokens, so the experts divide them by ep first (`modeling.Experts`);
+  - context parallelism (`cp`, parallel.cp > 1): the ranks of a cp group take the same rows and each runs one
+    contiguous shard of every sequence; attention gathers the group's keys and values, Mamba-2 passes the conv
+    inputs and SSM states between shards, the loss is cp x each rank's share; FSDP shards over dp x cp;
   - MoE balancing: token counts per expert are summed over all ranks before the bias update (`train.balance`).
 
 The same code runs on gloo (CPU) and NCCL (GPU); launch with `torchrun --nproc-per-node N -m hybridmoe.cli
-pretrain RECIPE parallel.tp=T parallel.ep=E`. Without torchrun (no WORLD_SIZE in the environment) nothing here is
-used and the trainer runs in one process.
+pretrain RECIPE parallel.tp=T parallel.cp=C parallel.ep=E`. Without torchrun (no WORLD_SIZE in the environment)
+nothing here is used and the trainer runs in one process.
 """
 
 from __future__ import annotations
@@ -56,6 +59,10 @@ def parallelize(model, par: Parallel, reshard_after_forward: bool = True):
         from .tp import parallelize_native
 
         parallelize_native(model, par)
+    if par.cp > 1:
+        from .cp import ContextParallel
+
+        model.context_parallel = ContextParallel(par.cp_group, par.cp_rank, par.cp)
     ignored: set[torch.nn.Parameter] = set()
     for moe in moes:
         experts = moe.experts

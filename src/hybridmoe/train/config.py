@@ -127,6 +127,7 @@ class ParallelSection:
 
     ep: int = 1  # expert-parallel degree; must divide the processes / tp and the number of routed experts
     tp: int = 1  # tensor (+ sequence) parallel degree, native models; must divide the processes and the heads
+    cp: int = 1  # context parallel degree (each rank one shard of every sequence), native pretraining; divides seq_len
     mixed_precision: str | None = None  # bf16: fp32 master weights, bf16 compute (FSDP2); needs train.precision fp32
     reshard_after_forward: bool = True  # FSDP2: free gathered weights after forward (ZeRO-3) or keep them (ZeRO-2)
     consolidate: bool = True  # also write the full model in the HF layout (gathered on rank 0) in each checkpoint

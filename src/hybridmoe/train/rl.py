@@ -70,6 +70,8 @@ class RLStage(Stage):
         self.recipe, self.par = recipe, par
         if par is not None and par.tp > 1:  # its batches split over all ranks; tensor parallelism is pretraining's
             raise ValueError(f"parallel.tp={par.tp}: the RL stage runs with parallel.tp=1 so far")
+        if par is not None and par.cp > 1:
+            raise ValueError(f"parallel.cp={par.cp}: the RL stage runs with parallel.cp=1 so far")
         self.world = par.world_size if par is not None else 1
         self.main = par is None or par.is_main
         r, e = recipe.rl, recipe.envs

@@ -56,6 +56,8 @@ class SFTStage(Stage):
         self.recipe, self.par = recipe, par
         if par is not None and par.tp > 1:  # its batches split over all ranks; tensor parallelism is pretraining's
             raise ValueError(f"parallel.tp={par.tp}: the SFT stage runs with parallel.tp=1 so far")
+        if par is not None and par.cp > 1:
+            raise ValueError(f"parallel.cp={par.cp}: the SFT stage runs with parallel.cp=1 so far")
         self.world = par.world_size if par is not None else 1
         if d.batch_size % self.world:
             raise ValueError(
