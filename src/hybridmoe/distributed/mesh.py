@@ -2,13 +2,16 @@
 
 As torchtitan's `ParallelDims` (pytorch/torchtitan, `torchtitan/distributed/parallel_dims.py`) the layout names
 every dimension, dp_replicate x dp_shard x cp x tp x pp = world, with expert parallelism borrowing its ranks from
-data parallelism. hybridmoe runs dp_shard (FSDP2), tp (tensor + sequence parallel) and ep today; dp_replicate, cp and
-pp are named here so that a layout asking for them fails at start with a clear error rather than later.
+data parallelism. hybridmoe runs dp_shard (FSDP2), tp (tensor + sequence parallel), pp (pipeline stages) and ep
+today; dp_replicate and cp are named here so that a layout asking for them fails at start with a clear error rather
+than later.
 
-The mesh built has the dimensions ("dp_mod_ep", "ep", "tp"), outermost first: "tp" innermost (on GPUs the ranks of
-a tensor-parallel group share a node), "ep" the data-parallel ranks that split the routed experts among them, and
-"dp_mod_ep" the ranks that hold the same experts (FSDP shards the experts over it). "dp" flattens ("dp_mod_ep",
-"ep"): every data-parallel rank, the FSDP mesh of everything but the routed experts.
+The mesh built has the dimensions ("pp", "dp_mod_ep", "ep", "tp"), outermost first: "pp" outermost (as torchtitan
+orders it: the stages exchange one activation per micro-batch, the least traffic, so they may span nodes), "tp"
+innermost (on GPUs the ranks of a tensor-parallel group share a node), "ep" the data-parallel ranks that split the
+routed experts among them, and "dp_mod_ep" the ranks that hold the same experts (FSDP shards the experts over it).
+"dp" flattens ("dp_mod_ep", "ep"): every data-parallel rank of this rank's pipeline stage, the FSDP mesh of
+everything but the routed experts.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-IMPLEMENTED = ("dp_shard", "tp", "ep")  # the dimensions hybridmoe runs today
+IMPLEMENTED = ("dp_shard", "tp", "pp", "ep")  # the dimensions hybridmoe runs today
 
 
 @dataclass(frozen=True)
@@ -40,27 +43,28 @@ class ParallelDims:
         for name in ("dp_replicate", "cp", "tp", "pp", "ep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name}={getattr(self, name)} must be >= 1")
-        for name in ("dp_replicate", "cp", "pp"):
+        for name in ("dp_replicate", "cp"):
             if getattr(self, name) != 1:
                 raise ValueError(
                     f"parallel.{name}={getattr(self, name)}: hybridmoe runs {' x '.join(IMPLEMENTED)} so far "
-                    f"(FSDP2 data parallel, tensor parallel, expert parallel); set parallel.{name}=1"
+                    f"(FSDP2 data parallel, tensor parallel, pipeline parallel, expert parallel); set parallel.{name}=1"
                 )
         other = self.dp_replicate * self.cp * self.tp * self.pp
         if self.world_size % other:
             raise ValueError(
-                f"parallel.tp={self.tp} must divide the number of processes ({self.world_size}): "
-                f"launch torchrun with a multiple of {other} processes"
+                f"parallel.tp={self.tp} x parallel.pp={self.pp} must divide the number of processes "
+                f"({self.world_size}): launch torchrun with a multiple of {other} processes"
             )
         dp_shard = self.world_size // other if self.dp_shard == -1 else self.dp_shard
         if dp_shard * other != self.world_size:
             raise ValueError(
-                f"dp_shard {dp_shard} x tp {self.tp} = {dp_shard * other} is not the {self.world_size} processes"
+                f"dp_shard {dp_shard} x tp {self.tp} x pp {self.pp} = {dp_shard * other} is not the "
+                f"{self.world_size} processes"
             )
         if dp_shard % self.ep:
             raise ValueError(
-                f"parallel.ep={self.ep} must divide the data-parallel degree (processes / tp = {dp_shard}): expert "
-                "parallelism borrows its ranks from data parallelism"
+                f"parallel.ep={self.ep} must divide the data-parallel degree (processes / (tp x pp) = {dp_shard}): "
+                "expert parallelism borrows its ranks from data parallelism"
             )
         return ParallelDims(self.world_size, self.dp_replicate, dp_shard, self.cp, self.tp, self.pp, self.ep)
 
@@ -69,27 +73,28 @@ class ParallelDims:
         return self.dp_replicate * self.dp_shard
 
     def build_mesh(self, device_type: str):
-        """The ("dp_mod_ep", "ep", "tp") mesh and the flattened "dp" mesh (see the module docstring)."""
+        """The ("pp", "dp_mod_ep", "ep", "tp") mesh and the flattened "dp" mesh (see the module docstring)."""
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh(
-            device_type, (self.dp_shard // self.ep, self.ep, self.tp), mesh_dim_names=("dp_mod_ep", "ep", "tp")
-        )
+        shape = (self.pp, self.dp_shard // self.ep, self.ep, self.tp)
+        mesh = init_device_mesh(device_type, shape, mesh_dim_names=("pp", "dp_mod_ep", "ep", "tp"))
         dp_mesh = mesh["dp_mod_ep", "ep"]._flatten("dp")
         return mesh, dp_mesh
 
 
 @dataclass
 class Parallel:
-    """This process's place in the job: `mesh` ("dp_mod_ep", "ep", "tp"), `dp_mesh` its data-parallel ranks."""
+    """This process's place in the job: `mesh` ("pp", "dp_mod_ep", "ep", "tp"), `dp_mesh` its data-parallel ranks
+    (of its pipeline stage)."""
 
     rank: int
     world_size: int
     ep: int
     device: torch.device
-    mesh: object  # DeviceMesh ("dp_mod_ep", "ep", "tp")
+    mesh: object  # DeviceMesh ("pp", "dp_mod_ep", "ep", "tp")
     dp_mesh: object  # the data-parallel ranks as one dimension, "dp"
     tp: int = 1
+    pp: int = 1  # pipeline stages (`distributed.pp`)
     mixed_precision: str | None = None  # "bf16": FSDP2 gathers bf16 copies of fp32 weights (parallel.mixed_precision)
 
     @property
@@ -105,13 +110,27 @@ class Parallel:
         return self.mesh["tp"].get_group() if self.tp > 1 else None
 
     @property
+    def pp_group(self):
+        return self.mesh["pp"].get_group()
+
+    @property
+    def pp_rank(self) -> int:
+        """This rank's pipeline stage."""
+        return self.mesh["pp"].get_local_rank()
+
+    @property
     def experts_dp_mesh(self):
         """The data-parallel ranks that hold the same routed experts (FSDP shards the experts over them)."""
         return self.mesh["dp_mod_ep"]
 
     @property
     def dp_size(self) -> int:
-        return self.world_size // self.tp
+        return self.world_size // (self.tp * self.pp)
+
+    @property
+    def stage_size(self) -> int:
+        """The ranks of one pipeline stage (all of them without pipeline parallelism)."""
+        return self.world_size // self.pp
 
     @property
     def dp_rank(self) -> int:
@@ -135,7 +154,7 @@ class Parallel:
             raise ValueError(
                 f"the global batch has {rows} sequences, which {self.dp_size} data-parallel ranks cannot split "
                 f"evenly: make data.batch_size (and each data.seq_mix batch_size) a multiple of the number of "
-                f"processes / parallel.tp"
+                f"processes / (parallel.tp x parallel.pp)"
             )
         per, r = rows // self.dp_size, self.dp_rank
         return {k: (v[r * per : (r + 1) * per] if v is not None else None) for k, v in batch.items()}
@@ -153,12 +172,14 @@ def launched_with_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def setup(ep: int = 1, backend: str | None = None, tp: int = 1, mixed_precision: str | None = None) -> Parallel | None:
+def setup(
+    ep: int = 1, backend: str | None = None, tp: int = 1, mixed_precision: str | None = None, pp: int = 1
+) -> Parallel | None:
     """Join the torchrun job (process group + mesh), or return None when not launched with torchrun."""
     if mixed_precision not in (None, "bf16"):
         raise ValueError(f"parallel.mixed_precision={mixed_precision!r}: use bf16 or null")
     if not launched_with_torchrun():
-        for name, value in (("ep", ep), ("tp", tp)):
+        for name, value in (("ep", ep), ("tp", tp), ("pp", pp)):
             if value != 1:
                 raise ValueError(
                     f"parallel.{name}={value} needs several processes: launch with torchrun --nproc-per-node N"
@@ -169,7 +190,7 @@ def setup(ep: int = 1, backend: str | None = None, tp: int = 1, mixed_precision:
             )
         return None
     world = int(os.environ["WORLD_SIZE"])
-    dims = ParallelDims(world, tp=tp, ep=ep).resolved()
+    dims = ParallelDims(world, tp=tp, pp=pp, ep=ep).resolved()
     use_cuda = torch.cuda.is_available() and backend != "gloo"
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -180,7 +201,7 @@ def setup(ep: int = 1, backend: str | None = None, tp: int = 1, mixed_precision:
         dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), timeout=datetime.timedelta(minutes=30))
     mesh, dp_mesh = dims.build_mesh(device.type)
     return Parallel(
-        rank=dist.get_rank(), world_size=world, ep=ep, device=device, mesh=mesh, dp_mesh=dp_mesh, tp=tp,
+        rank=dist.get_rank(), world_size=world, ep=ep, device=device, mesh=mesh, dp_mesh=dp_mesh, tp=tp, pp=pp,
         mixed_precision=mixed_precision,
     )  # fmt: skip
 
