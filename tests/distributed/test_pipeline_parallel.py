@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import test_distributed
@@ -17,6 +18,8 @@ from test_pretrain import step_records
 from hybridmoe import HybridMoEConfig, HybridMoEForCausalLM
 from hybridmoe.cli import main as cli_main
 from hybridmoe.distributed.pp import split_points
+from hybridmoe.train.config import _validate_parallel
+from hybridmoe.train.metrics import read_log
 
 dist_setup = test_distributed.dist_setup  # the debug recipe and its single-process run (a module-scoped fixture)
 
@@ -119,3 +122,53 @@ def test_split_points():
         split_points(6, 3, [4, 2])
     with pytest.raises(ValueError, match="more than the model's 6 layers"):
         split_points(6, 8)
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+def test_torchrun_pipeline_parallel_matches_single_process(dist_setup, tmp_path):
+    """`hybridmoe pretrain ... parallel.pp=2` on 4 processes (dp 2 x pp 2, 2 micro-batches of one sequence per
+    data-parallel rank): the single-process losses (LM, MTP, aux), gradient norms and validation loss, step by step;
+    the consolidated checkpoint (gathered stage by stage) and the export equal the single-process model; its step-5
+    checkpoint resumes without pipelining (dp 2) and logs steps 6-10 as the single-process run (the stages save
+    their layers under the whole model's names)."""
+    root, path, reference, single = dist_setup
+    out = tmp_path / "pp"
+    _torchrun(4, path, "parallel.pp=2", f"train.out_dir={out}", "train.steps=10")
+    _assert_same_trajectory(step_records(out), reference, list(range(1, 11)))
+    val, val_ref = (
+        [(r["step"], r["val_loss"]) for r in read_log(os.path.join(d, "log.jsonl")) if "val_loss" in r]
+        for d in (out, root / "single")
+    )
+    assert [s for s, _ in val] == [s for s, _ in val_ref] == [0, 10]
+    assert [v for _, v in val] == pytest.approx([v for _, v in val_ref], rel=1e-4)
+    expected = single["model"].state_dict()
+    exported = tmp_path / "exported"
+    assert cli_main(["export", str(out), str(exported)]) == 0
+    for model_dir in (out / "checkpoints" / "step-0000010", exported):
+        model = HybridMoEForCausalLM.from_pretrained(str(model_dir))
+        for name, tensor in model.state_dict().items():
+            if not name.endswith("tokens_per_expert"):
+                torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-5, msg=f"{model_dir}: {name}")
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(out / "checkpoints" / "step-0000005", resumed / "checkpoints" / "step-0000005")
+    shutil.copy(out / "log.jsonl", resumed / "log.jsonl")
+    _torchrun(2, path, f"train.out_dir={resumed}", "train.steps=10", "parallel.consolidate=false", "--resume")
+    _assert_same_trajectory(step_records(resumed), reference, list(range(1, 11)))
+
+
+def test_pipeline_settings_are_checked(tmp_path):
+    from types import SimpleNamespace
+
+    from hybridmoe.distributed import setup
+    from hybridmoe.train.config import SFTRecipe
+    from hybridmoe.train.model import load_model
+
+    with pytest.raises(ValueError, match="parallel.pp=2 needs several processes"):
+        setup(pp=2)
+    with pytest.raises(ValueError, match="at least pp micro-batches"):
+        _validate_parallel(SFTRecipe().parallel.__class__(pp=4, microbatches=2), SFTRecipe().train)
+    with pytest.raises(ValueError, match="runs pretraining"):
+        load_model(SFTRecipe(), None, SimpleNamespace(pp=2))

@@ -143,7 +143,7 @@ class PipelineStageModel(HybridMoEForCausalLM):
             t = h.shape[1]
             loss = self._loss_from_hidden(h, labels, shift=1, weights=loss_scales[:, :1].expand_as(labels))
             if self.training:
-                self.loss_parts[0] += float(loss)
+                self.loss_parts[0] += float(loss.detach())
             if carry:
                 depths = self.forward_mtp(h, None, ctx, shifted_embeddings=lambda s: emb[:, s : s + t])
                 mtp = sum(
@@ -151,11 +151,11 @@ class PipelineStageModel(HybridMoEForCausalLM):
                                            weights=loss_scales[:, 2 + k : 3 + k].expand_as(labels))
                     for k, hk in enumerate(depths)
                 )  # fmt: skip
-                self.loss_parts[1] += float(mtp)
+                self.loss_parts[1] += float(mtp.detach())
                 loss = loss + c.mtp_loss_weight * mtp
         if ctx.aux_losses:  # training with router_aux_loss_coef > 0: this stage's MoE layers
             aux = torch.stack(ctx.aux_losses).sum() * (loss_scales[0, 1] / self.aux_count)
-            self.loss_parts[2] += float(aux)
+            self.loss_parts[2] += float(aux.detach())
             aux = c.router_aux_loss_coef * aux
             if self.is_last:
                 loss = loss + aux
@@ -291,7 +291,8 @@ def evaluate_batch(model: PipelineStageModel, batch: dict, par) -> tuple[float, 
     schedule = model.schedule(par, n, rows // n, t, _activation_dtype(model, par))
     scales = torch.ones(rows, 2, dtype=torch.float32, device=ids.device)
     losses = []
-    schedule.eval(*((ids,) if model.is_first else ()), target=labels, losses=losses, labels=labels, loss_scales=scales)
+    inputs = (ids,) if model.is_first else ()
+    schedule.eval(*inputs, target=labels, losses=losses, return_outputs=False, labels=labels, loss_scales=scales)
     if not model.is_last:
         return 0.0, 0
     return float(sum(losses)), int((labels[:, 1:] != IGNORE_INDEX).sum())
