@@ -481,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     for dim in ("dp", "tp", "pp", "cp", "ep"):
         p.add_argument(f"--{dim}", type=int, help=f"{dim} degree (give any of dp/tp/pp/cp/ep for one layout)")
     p.add_argument("--checkpointing", action="store_true", help="full activation recomputation")
-    p.add_argument("--implemented", action="store_true", help="search only layouts hybridmoe runs today (dp x tp x ep)")
+    p.add_argument("--implemented", action="store_true", help="only layouts hybridmoe runs today (dp x tp|pp x ep)")
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--overhead-gib", type=float, default=4.0, help="reserve for CUDA context, NCCL, fragmentation")
     p.add_argument("--moe-imbalance", type=float, default=1.0, help="max/mean tokens per EP rank")
