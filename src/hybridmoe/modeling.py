@@ -581,11 +581,13 @@ class HybridMoEForCausalLM(nn.Module):
             cache.seq_len += input_ids.shape[1]
         return out
 
-    def forward_mtp(self, h_btd, input_ids, ctx: ForwardContext) -> list[torch.Tensor]:
+    def forward_mtp(self, h_btd, input_ids, ctx: ForwardContext, shifted_embeddings=None) -> list[torch.Tensor]:
         """Multi-token prediction. Depth k (0-based) sees the hidden state of depth k-1 (the backbone's output for
         k = 0) and the embedding of token i+k+1, and predicts token i+k+2. MTP layer k % num_nextn_predict_layers
         serves depth k (Super/Ultra: one layer, two depths, shared weights). Returns each depth's final-normed
-        hidden states (b, t, d); positions past the end see token 0 and their labels are ignored."""
+        hidden states (b, t, d); positions past the end see token 0 and their labels are ignored.
+        shifted_embeddings(s): the embeddings of input_ids shifted left by s, for a caller without the embedding
+        table (the last pipeline stage, `distributed.pp`); by default they are looked up here."""
         c = self.config
         n = len(c.mtp_hybrid_override_pattern)
         outs = []
@@ -598,11 +600,14 @@ class HybridMoEForCausalLM(nn.Module):
         )
         for depth in range(c.mtp_num_depths):
             blocks = self.mtp.layers[(depth % c.num_nextn_predict_layers) * n :][:n]
-            ids = _shift_left(input_ids, depth + 1, fill=0)
-            if ctx.cp is not None:
-                ids = ctx.cp.local(ids)
-            first = blocks[0]
-            x = first.mtp_input(self.backbone.embeddings(ids), h_btd)
+            if shifted_embeddings is None:
+                ids = _shift_left(input_ids, depth + 1, fill=0)
+                if ctx.cp is not None:
+                    ids = ctx.cp.local(ids)
+                emb = self.backbone.embeddings(ids)
+            else:
+                emb = shifted_embeddings(depth + 1)
+            x = blocks[0].mtp_input(emb, h_btd)
             for block in blocks:
                 x = block(x, mtp_ctx)
             h_btd = x

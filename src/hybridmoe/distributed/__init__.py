@@ -1,12 +1,16 @@
 """torch.distributed for everything that trains: one device mesh (`mesh`), one set of parallelize functions
-(`fsdp`, `ep`, `tp`, `cp`) for the native model and for transformers models (`automodel.parallel`), gradient clipping
-across meshes, and distributed checkpoints (DCP, in `train.checkpoint`).
+(`fsdp`, `ep`, `tp`, `cp`, `pp`) for the native model and for transformers models (`automodel.parallel`), gradient
+clipping across meshes, and distributed checkpoints (DCP, in `train.checkpoint`).
 
 Faithful to torchtitan's layout for MoE models (pytorch/torchtitan, `torchtitan/models/deepseek_v3/infra/
 parallelize.py`, `torchtitan/distributed/expert_parallel.py`). The W ranks of a `torchrun` job form the mesh
-("dp_mod_ep", "ep", "cp", "tp") of `mesh.ParallelDims` with dp x cp x tp = W:
-  - data: the dp = W / (cp tp) data-parallel ranks take their own rows of the global batch; the ranks of a
-    tensor- or context-parallel group take the same rows (expert parallelism borrows its ranks from data parallelism);
+("pp", "dp_mod_ep", "ep", "cp", "tp") of `mesh.ParallelDims` with pp x dp x cp x tp = W:
+  - data: the dp = W / (pp cp tp) data-parallel ranks take their own rows of the global batch; the ranks of a
+    tensor- or context-parallel group and the pp stages of a pipeline take the same rows (expert parallelism borrows
+    its ranks from data parallelism);
+  - pipeline parallelism (`pp`, parallel.pp > 1): each rank holds one stage of the layers (the embedding on the
+    first, the LM head, loss and MTP on the last) and runs a 1F1B schedule over micro-batches; everything below
+    applies within a stage (its dp ranks, its tp groups); pp runs with cp = tp = 1 so far;
   - tensor parallelism (`tp`, parallel.tp > 1): attention heads, Mamba-2 heads and groups, MLPs, shared experts and
     the LM head split over "tp", the residual stream and norms sequence-parallel, the loss vocab-parallel;
   - FSDP2 (`fsdp`): every block is `fully_shard`-ed over the dp ranks (the flattened mesh "dp"), and so are the
@@ -22,8 +26,8 @@ parallelize.py`, `torchtitan/distributed/expert_parallel.py`). The W ranks of a 
   - MoE balancing: token counts per expert are summed over all ranks before the bias update (`train.balance`).
 
 The same code runs on gloo (CPU) and NCCL (GPU); launch with `torchrun --nproc-per-node N -m hybridmoe.cli
-pretrain RECIPE parallel.tp=T parallel.cp=C parallel.ep=E`. Without torchrun (no WORLD_SIZE in the environment)
-nothing here is used and the trainer runs in one process.
+pretrain RECIPE parallel.tp=T parallel.cp=C parallel.pp=P parallel.ep=E`. Without torchrun (no WORLD_SIZE in the
+environment) nothing here is used and the trainer runs in one process.
 """
 
 from __future__ import annotations
@@ -47,13 +51,18 @@ __all__ = [
 ]
 
 
-def parallelize(model, par: Parallel, reshard_after_forward: bool = True):
-    """Tensor parallelism, expert parallelism, then FSDP2 per block and at the root, in place, for
-    `HybridMoEForCausalLM`. The model must hold the full weights (every rank the same: built from the same seed or
-    loaded from the same checkpoint)."""
+def parallelize(model, par: Parallel, reshard_after_forward: bool = True, pp_split_points: list[int] | None = None):
+    """Pipeline stages, tensor parallelism, expert parallelism, then FSDP2 per block and at the root, for
+    `HybridMoEForCausalLM`; returns the model to train (under pipeline parallelism this rank's stage, a
+    `pp.PipelineStageModel`, else `model` sharded in place). The model must hold the full weights (every rank the
+    same: built from the same seed or loaded from the same checkpoint)."""
     from ..modeling import LatentMoE
     from . import ep, fsdp
 
+    if par.pp > 1:
+        from .pp import pipeline_stage
+
+        model = pipeline_stage(model, par, pp_split_points)
     moes = [m for m in model.modules() if isinstance(m, LatentMoE)]
     if par.tp > 1:
         from .tp import parallelize_native
@@ -92,8 +101,8 @@ def reduce_partial_grads(model, par: Parallel | None) -> None:
 def clip_grad_norm_(params, max_norm: float, par: Parallel | None) -> torch.Tensor:
     """Clip the global gradient norm. Under FSDP/EP/TP a gradient lives as DTensor shards on meshes that differ
     between parameters, some of them replicated over ranks (what tensor parallelism leaves whole), so each local
-    shard's squared norm is divided by the number of ranks holding a copy of it and the sum is taken over all ranks
-    (torch's clip_grad_norm_ expects a single mesh)."""
+    shard's squared norm is divided by the number of ranks of its pipeline stage holding a copy of it and the sum is
+    taken over all ranks (torch's clip_grad_norm_ expects a single mesh)."""
     if par is None:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     from torch.distributed.tensor import DTensor, Partial
@@ -108,7 +117,7 @@ def clip_grad_norm_(params, max_norm: float, par: Parallel | None) -> torch.Tens
             # the mesh dimensions that split it (Shard, or FSDP's _StridedShard over a tensor-parallel Shard)
             shards = math.prod(g.device_mesh.size(i) for i, p in enumerate(g.placements) if not p.is_replicate())
             g = g.to_local()
-        total += g.detach().double().pow(2).sum() * (shards / par.world_size)
+        total += g.detach().double().pow(2).sum() * (shards / par.stage_size)  # (a stage's parameters: its ranks)
     dist.all_reduce(total)
     norm = total.sqrt().float()
     if max_norm and math.isfinite(max_norm):

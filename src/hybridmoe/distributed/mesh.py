@@ -2,16 +2,18 @@
 
 As torchtitan's `ParallelDims` (pytorch/torchtitan, `torchtitan/distributed/parallel_dims.py`) the layout names
 every dimension, dp_replicate x dp_shard x cp x tp x pp = world, with expert parallelism borrowing its ranks from
-data parallelism. hybridmoe runs dp_shard (FSDP2), cp (context parallel), tp (tensor + sequence parallel) and ep
-today; dp_replicate and pp are named here so that a layout asking for them fails at start with a clear error rather
-than later.
+data parallelism. hybridmoe runs dp_shard (FSDP2), cp (context parallel), tp (tensor + sequence parallel), pp
+(pipeline stages) and ep today, pp without cp or tp so far; dp_replicate is named here so that a layout asking for it
+fails at start with a clear error rather than later.
 
-The mesh built has the dimensions ("dp_mod_ep", "ep", "cp", "tp"), outermost first: "tp" innermost (on GPUs the
-ranks of a tensor-parallel group share a node), "cp" the ranks holding the shards of the same sequences, "ep" the
-data-parallel ranks that split the routed experts among them, and "dp_mod_ep" the ranks that hold the same experts.
-"dp" flattens ("dp_mod_ep", "ep"): every data-parallel rank (its own rows of the batch). FSDP shards over the ranks
-holding the same parameters: "dp" when cp = 1, else "dp_cp" = ("dp_mod_ep", "ep", "cp") flattened (torchtitan's
-dp_shard_cp), and the routed experts over "dp_mod_ep" (x "cp").
+The mesh built has the dimensions ("pp", "dp_mod_ep", "ep", "cp", "tp"), outermost first: "pp" outermost (as
+torchtitan orders it: the stages exchange one activation per micro-batch, the least traffic, so they may span
+nodes), "tp" innermost (on GPUs the ranks of a tensor-parallel group share a node), "cp" the ranks holding the shards
+of the same sequences, "ep" the data-parallel ranks that split the routed experts among them, and "dp_mod_ep" the
+ranks that hold the same experts. Everything below is within this rank's pipeline stage. "dp" flattens ("dp_mod_ep",
+"ep"): every data-parallel rank (its own rows of the batch). FSDP shards over the ranks holding the same parameters:
+"dp" when cp = 1, else "dp_cp" = ("dp_mod_ep", "ep", "cp") flattened (torchtitan's dp_shard_cp), and the routed
+experts over "dp_mod_ep" (x "cp": "dp_mod_ep_cp").
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-IMPLEMENTED = ("dp_shard", "cp", "tp", "ep")  # the dimensions hybridmoe runs today
+IMPLEMENTED = ("dp_shard", "cp", "tp", "pp", "ep")  # the dimensions hybridmoe runs today
 
 
 @dataclass(frozen=True)
@@ -43,31 +45,32 @@ class ParallelDims:
         for name in ("dp_replicate", "cp", "tp", "pp", "ep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name}={getattr(self, name)} must be >= 1")
-        for name in ("dp_replicate", "pp"):
-            if getattr(self, name) != 1:
-                raise ValueError(
-                    f"parallel.{name}={getattr(self, name)}: hybridmoe runs {' x '.join(IMPLEMENTED)} so far "
-                    f"(FSDP2 data parallel, context parallel, tensor parallel, expert parallel); set "
-                    f"parallel.{name}=1"
-                )
+        if self.dp_replicate != 1:
+            raise ValueError(
+                f"parallel.dp_replicate={self.dp_replicate}: hybridmoe runs {' x '.join(IMPLEMENTED)} so far "
+                "(FSDP2 data parallel, context, tensor, pipeline and expert parallel); set parallel.dp_replicate=1"
+            )
+        if self.pp > 1 and self.cp > 1:
+            raise ValueError(
+                f"parallel.pp={self.pp} with parallel.cp={self.cp} is not supported yet (the pipeline stages run "
+                "whole sequences): use one of them, parallel.cp=1 to pipeline or parallel.pp=1 to split the sequences"
+            )
         other = self.dp_replicate * self.cp * self.tp * self.pp
         if self.world_size % other:
             raise ValueError(
-                f"parallel.tp={self.tp} x parallel.cp={self.cp} must divide the number of processes "
-                f"({self.world_size}): "
-                f"launch torchrun with a multiple of {other} processes"
+                f"parallel.pp={self.pp} x parallel.tp={self.tp} x parallel.cp={self.cp} must divide the number of "
+                f"processes ({self.world_size}): launch torchrun with a multiple of {other} processes"
             )
         dp_shard = self.world_size // other if self.dp_shard == -1 else self.dp_shard
         if dp_shard * other != self.world_size:
             raise ValueError(
-                f"dp_shard {dp_shard} x cp {self.cp} x tp {self.tp} = {dp_shard * other} is not the "
+                f"dp_shard {dp_shard} x cp {self.cp} x tp {self.tp} x pp {self.pp} = {dp_shard * other} is not the "
                 f"{self.world_size} processes"
             )
         if dp_shard % self.ep:
             raise ValueError(
-                f"parallel.ep={self.ep} must divide the data-parallel degree (processes / tp / cp = {dp_shard}): "
-                "expert "
-                "parallelism borrows its ranks from data parallelism"
+                f"parallel.ep={self.ep} must divide the data-parallel degree (processes / (pp x cp x tp) = "
+                f"{dp_shard}): expert parallelism borrows its ranks from data parallelism"
             )
         return ParallelDims(self.world_size, self.dp_replicate, dp_shard, self.cp, self.tp, self.pp, self.ep)
 
@@ -76,13 +79,11 @@ class ParallelDims:
         return self.dp_replicate * self.dp_shard
 
     def build_mesh(self, device_type: str):
-        """The ("dp_mod_ep", "ep", "cp", "tp") mesh and the flattened FSDP mesh (see the module docstring)."""
+        """The ("pp", "dp_mod_ep", "ep", "cp", "tp") mesh and the flattened FSDP mesh (see the module docstring)."""
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh(
-            device_type, (self.dp_shard // self.ep, self.ep, self.cp, self.tp),
-            mesh_dim_names=("dp_mod_ep", "ep", "cp", "tp"),
-        )  # fmt: skip
+        shape = (self.pp, self.dp_shard // self.ep, self.ep, self.cp, self.tp)
+        mesh = init_device_mesh(device_type, shape, mesh_dim_names=("pp", "dp_mod_ep", "ep", "cp", "tp"))
         dp_mesh = mesh["dp_mod_ep", "ep"]._flatten("dp")
         if self.cp > 1:
             dp_mesh = mesh["dp_mod_ep", "ep", "cp"]._flatten("dp_cp")
@@ -92,17 +93,18 @@ class ParallelDims:
 
 @dataclass
 class Parallel:
-    """This process's place in the job: `mesh` ("dp_mod_ep", "ep", "cp", "tp"), `dp_mesh` the ranks FSDP shards
-    over (the data-parallel ranks, x cp)."""
+    """This process's place in the job: `mesh` ("pp", "dp_mod_ep", "ep", "cp", "tp"), `dp_mesh` the ranks FSDP
+    shards over (the data-parallel ranks of its pipeline stage, x cp)."""
 
     rank: int
     world_size: int
     ep: int
     device: torch.device
-    mesh: object  # DeviceMesh ("dp_mod_ep", "ep", "cp", "tp")
+    mesh: object  # DeviceMesh ("pp", "dp_mod_ep", "ep", "cp", "tp")
     dp_mesh: object  # FSDP's ranks as one dimension: "dp" (the data-parallel ranks), or "dp_cp" under cp
     tp: int = 1
     cp: int = 1
+    pp: int = 1  # pipeline stages (`distributed.pp`)
     mixed_precision: str | None = None  # "bf16": FSDP2 gathers bf16 copies of fp32 weights (parallel.mixed_precision)
 
     @property
@@ -126,6 +128,15 @@ class Parallel:
         return self.mesh.get_local_rank("cp")
 
     @property
+    def pp_group(self):
+        return self.mesh["pp"].get_group()
+
+    @property
+    def pp_rank(self) -> int:
+        """This rank's pipeline stage."""
+        return self.mesh["pp"].get_local_rank()
+
+    @property
     def experts_dp_mesh(self):
         """The ranks that hold the same routed experts (FSDP shards the experts over them): data-parallel ranks of
         the same ep slot, x cp."""
@@ -133,7 +144,12 @@ class Parallel:
 
     @property
     def dp_size(self) -> int:
-        return self.world_size // (self.tp * self.cp)
+        return self.world_size // (self.tp * self.cp * self.pp)
+
+    @property
+    def stage_size(self) -> int:
+        """The ranks of one pipeline stage (all of them without pipeline parallelism)."""
+        return self.world_size // self.pp
 
     @property
     def dp_rank(self) -> int:
@@ -157,7 +173,7 @@ class Parallel:
             raise ValueError(
                 f"the global batch has {rows} sequences, which {self.dp_size} data-parallel ranks cannot split "
                 f"evenly: make data.batch_size (and each data.seq_mix batch_size) a multiple of the number of "
-                f"processes / (parallel.tp x parallel.cp)"
+                f"processes / (parallel.tp x parallel.cp x parallel.pp)"
             )
         per, r = rows // self.dp_size, self.dp_rank
         return {k: (v[r * per : (r + 1) * per] if v is not None else None) for k, v in batch.items()}
@@ -176,13 +192,18 @@ def launched_with_torchrun() -> bool:
 
 
 def setup(
-    ep: int = 1, backend: str | None = None, tp: int = 1, mixed_precision: str | None = None, cp: int = 1
+    ep: int = 1,
+    backend: str | None = None,
+    tp: int = 1,
+    mixed_precision: str | None = None,
+    cp: int = 1,
+    pp: int = 1,
 ) -> Parallel | None:
     """Join the torchrun job (process group + mesh), or return None when not launched with torchrun."""
     if mixed_precision not in (None, "bf16"):
         raise ValueError(f"parallel.mixed_precision={mixed_precision!r}: use bf16 or null")
     if not launched_with_torchrun():
-        for name, value in (("ep", ep), ("tp", tp), ("cp", cp)):
+        for name, value in (("ep", ep), ("tp", tp), ("cp", cp), ("pp", pp)):
             if value != 1:
                 raise ValueError(
                     f"parallel.{name}={value} needs several processes: launch with torchrun --nproc-per-node N"
@@ -193,7 +214,7 @@ def setup(
             )
         return None
     world = int(os.environ["WORLD_SIZE"])
-    dims = ParallelDims(world, tp=tp, ep=ep, cp=cp).resolved()
+    dims = ParallelDims(world, tp=tp, ep=ep, cp=cp, pp=pp).resolved()
     use_cuda = torch.cuda.is_available() and backend != "gloo"
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -205,7 +226,7 @@ def setup(
     mesh, dp_mesh = dims.build_mesh(device.type)
     return Parallel(
         rank=dist.get_rank(), world_size=world, ep=ep, device=device, mesh=mesh, dp_mesh=dp_mesh, tp=tp,
-        mixed_precision=mixed_precision, cp=cp,
+        mixed_precision=mixed_precision, cp=cp, pp=pp,
     )  # fmt: skip
 
 

@@ -23,9 +23,22 @@ def balance_experts(model, rate: float) -> float | None:
     """Apply the bias update (when rate > 0), reset the counts, and return the expert-load imbalance
     max/mean averaged over MoE layers (None without MoE layers or routed tokens)."""
     layers = moe_layers(model)
-    if not layers:
+    # A pipeline stage (`distributed.pp`) holds some of the layers: its counts go to their rows among all the
+    # model's MoE layers (zeros elsewhere), so the sum over all ranks is each layer's over its stage's ranks.
+    names = getattr(model, "all_moe_layer_names", None)
+    if names is not None:
+        own = {n: m for n, m in model.named_modules() if isinstance(m, LatentMoE)}
+        slots = [names.index(n) for n in own]
+        layers = list(own.values())
+    if not (names or layers):
         return None
-    counts = torch.stack([m.tokens_per_expert for m in layers]).float()  # (layers, experts)
+    if names is None:
+        counts = torch.stack([m.tokens_per_expert for m in layers]).float()  # (layers, experts)
+    else:
+        device = next(model.parameters()).device
+        counts = torch.zeros(len(names), model.config.n_routed_experts, device=device)
+        for slot, m in zip(slots, layers):
+            counts[slot] = m.tokens_per_expert
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts)
     imbalance = None
@@ -33,6 +46,8 @@ def balance_experts(model, rate: float) -> float | None:
     if bool(routed.any()):
         mean = counts.mean(1, keepdim=True)
         imbalance = float((counts.max(1).values / mean.squeeze(1))[routed].mean())
+        if names is not None:
+            counts, mean, routed = counts[slots], mean[slots], routed[slots]
         if rate > 0:
             for m, c, mu, active in zip(layers, counts, mean, routed):
                 if active:

@@ -209,7 +209,12 @@ def save_distributed_checkpoint(
     full = None
     tp = getattr(model, "tp_degree", 1)  # the DCP shards hold the Mamba rows in tensor parallelism's order
     if consolidate:
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if par.pp > 1:  # each stage holds its own layers: gathered stage by stage (`distributed.pp`)
+            from ..distributed.pp import full_state_dict
+
+            full = full_state_dict(model, par)
+        else:
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         full = reference_order(full, model.config, tp)
     par.barrier()  # every rank's files are in place before rank 0 renames the directory
     if par.is_main:
@@ -220,7 +225,7 @@ def save_distributed_checkpoint(
         if tokenizer_dir:
             _copy_present(tokenizer_dir, tmp, TOKENIZER_FILES)
         atomic_write_text(os.path.join(tmp, "recipe.yaml"), recipe_yaml)
-        record = json.dumps({"step": step, "tp": tp, **state})
+        record = json.dumps({"step": step, "tp": tp, "pp": par.pp, **state})
         atomic_write_text(os.path.join(tmp, "trainer_state", "state.json"), record)
         _publish(out_dir, tmp, name, keep_last)
     par.barrier()

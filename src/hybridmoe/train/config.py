@@ -128,6 +128,9 @@ class ParallelSection:
     ep: int = 1  # expert-parallel degree; must divide the processes / tp and the number of routed experts
     tp: int = 1  # tensor (+ sequence) parallel degree, native models; must divide the processes and the heads
     cp: int = 1  # context parallel degree (each rank one shard of every sequence), native pretraining; divides seq_len
+    pp: int = 1  # pipeline stages (pretraining): the layers split by count, a 1F1B schedule over micro-batches
+    microbatches: int | None = None  # pipeline micro-batches per batch (>= pp; None: pp); must divide rows / dp
+    pp_split_points: list[int] | None = None  # the first layer of each stage after the first; None: even split
     mixed_precision: str | None = None  # bf16: fp32 master weights, bf16 compute (FSDP2); needs train.precision fp32
     reshard_after_forward: bool = True  # FSDP2: free gathered weights after forward (ZeRO-3) or keep them (ZeRO-2)
     consolidate: bool = True  # also write the full model in the HF layout (gathered on rank 0) in each checkpoint
@@ -200,6 +203,11 @@ class Recipe(_RecipeFile):
 
 
 def _validate_parallel(p: ParallelSection, t: TrainSection) -> None:
+    if p.pp < 1 or (p.microbatches is not None and p.microbatches < p.pp):
+        raise ValueError(
+            f"parallel.pp={p.pp}, parallel.microbatches={p.microbatches}: pp must be >= 1 and the 1F1B schedule needs "
+            f"at least pp micro-batches"
+        )
     if p.mixed_precision not in (None, "bf16"):
         raise ValueError(f"parallel.mixed_precision={p.mixed_precision!r}: use bf16, or null for none")
     if p.mixed_precision is not None and t.precision != "fp32":

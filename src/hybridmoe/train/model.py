@@ -34,9 +34,15 @@ def is_transformers(recipe) -> bool:
     return getattr(recipe.model, "source", "native") == "transformers"
 
 
-def load_model(recipe, ckpt: str | None, par):
+def load_model(recipe, ckpt: str | None, par, pipeline: bool = False):
     """The stage's model in training mode, on this rank's device and sharded under torchrun (FSDP2 + expert
-    parallelism). ckpt: the run checkpoint being resumed (a distributed one's weights are loaded after sharding)."""
+    parallelism; with parallel.pp > 1, this rank's pipeline stage, which only a stage that says it runs pipelines
+    (`pipeline`: pretraining) accepts). ckpt: the run checkpoint being resumed (a distributed one's weights are
+    loaded after sharding)."""
+    if par is not None and par.pp > 1 and not pipeline:
+        raise ValueError(
+            f"parallel.pp={par.pp}: pipeline parallelism runs pretraining (hybridmoe pretrain) only; set parallel.pp=1"
+        )
     if is_transformers(recipe):
         model = load_transformers_model(recipe, ckpt)
     else:
@@ -48,7 +54,8 @@ def load_model(recipe, ckpt: str | None, par):
 
             parallelize(model, par, recipe.parallel.reshard_after_forward)
         else:
-            distributed.parallelize(model, par, recipe.parallel.reshard_after_forward)
+            p = recipe.parallel
+            model = distributed.parallelize(model, par, p.reshard_after_forward, p.pp_split_points)
     model.train()
     return model
 

@@ -4,7 +4,8 @@ Per step: take the step's stream (its sequence length; curriculum phases inside 
 gradients of `data.grad_accum` micro-batches, and after the optimizer step move the MoE expert biases
 (aux-loss-free balancing, `train.balance`). Validation is the token-weighted loss on the loaders' held-out
 documents. Everything else (torchrun, resume, stop, clip and step, logging, checkpoints) is the session's
-(`train.session`). Under torchrun every rank trains on its rows of the same global batch.
+(`train.session`). Under torchrun every rank trains on its rows of the same global batch; with parallel.pp > 1 the
+step runs through the pipeline stages (`distributed.pp`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..accounting import flops_per_token
+from ..distributed import pp
 from .balance import balance_experts
 from .config import Recipe
 from .data import Streams
@@ -29,7 +31,7 @@ def pretrain(recipe: Recipe, resume: bool = False, stop_after: int | None = None
 class PretrainStage(Stage):
     def __init__(self, recipe: Recipe, ckpt: str | None, par):
         self.recipe, self.par = recipe, par
-        self.model = load_model(recipe, ckpt, par)
+        self.model = load_model(recipe, ckpt, par, pipeline=True)
         self.streams = Streams(recipe, self.model.config)
         self.steps, self.tokenizer = recipe.train.steps, recipe.data.tokenizer
         self.consolidate = recipe.parallel.consolidate
@@ -44,7 +46,12 @@ class PretrainStage(Stage):
             if self.par is not None:
                 batch = _to(self.par.local_rows(batch), self.par.device)
             batches.append({**batch, "document_ids": batch["document_ids"] if masking else None})
-        losses = native_forward_backward(self.model, batches, self.recipe.train.precision)
+        precision = self.recipe.train.precision
+        if self.par is not None and self.par.pp > 1:
+            microbatches = self.recipe.parallel.microbatches or self.par.pp
+            losses = pp.forward_backward(self.model, batches, precision, self.par, microbatches)
+        else:
+            losses = native_forward_backward(self.model, batches, precision)
         if stream.seq_len not in self._flops:
             self._flops[stream.seq_len] = flops_per_token(self.model.config, stream.seq_len)
         extra = {"seq_len": stream.seq_len, "phase": stream.phase}
@@ -75,6 +82,10 @@ def evaluate(model, batches, par=None) -> float:
         for batch in batches:
             if par is not None:
                 batch = _to(par.local_rows(_pad_rows(batch, par.world_size)), par.device)
+            if par is not None and par.pp > 1:
+                part, n = pp.evaluate_batch(model, batch, par)
+                total, count = total + part, count + n
+                continue
             out = model(batch["input_ids"], labels=batch["labels"], return_logits=False)
             n = int((batch["labels"][:, 1:] != -100).sum())
             if n:

@@ -120,6 +120,8 @@ class RLStage(Stage):
             for layer in moe_layers(model):
                 layer.gate.weight.requires_grad_(False)
         if self.par is not None:
+            if self.par.pp > 1:
+                raise ValueError("parallel.pp > 1: pipeline parallelism runs pretraining only; set parallel.pp=1")
             model.to(self.par.device)
             distributed.parallelize(model, self.par, self.recipe.parallel.reshard_after_forward)
         return model.eval() if frozen else model.train()

@@ -94,7 +94,7 @@ def run(recipe, make_stage, resume: bool = False, stop_after: int | None = None,
     recipe.validate()
     owns_group = not torch.distributed.is_initialized()
     p = recipe.parallel
-    par = distributed.setup(p.ep, tp=p.tp, mixed_precision=p.mixed_precision, cp=p.cp)
+    par = distributed.setup(p.ep, tp=p.tp, mixed_precision=p.mixed_precision, cp=p.cp, pp=p.pp)
     try:
         return _run(recipe, make_stage, par, resume, stop_after, peak_gflops)
     finally:
