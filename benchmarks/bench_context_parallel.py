@@ -91,6 +91,11 @@ def _cp_rank(rank, args, out_dir):
         dist.destroy_process_group()
 
 
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq", type=int, default=16384, help="tokens of the one sequence")
@@ -101,9 +106,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(_single, args=(args, tmp), nprocs=1, start_method="spawn")
-        single = json.load(open(os.path.join(tmp, "single.json")))
+        single = _read_json(os.path.join(tmp, "single.json"))
         mp.start_processes(_cp_rank, args=(args, tmp), nprocs=args.cp, start_method="spawn")
-        ranks = [json.load(open(os.path.join(tmp, f"cp-{r}.json"))) for r in range(args.cp)]
+        ranks = [_read_json(os.path.join(tmp, f"cp-{r}.json")) for r in range(args.cp)]
     run = {
         "seq": args.seq, "cp": args.cp, "packed": args.packed, "preset": "tiny", "dtype": "fp32",
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (2-core AMD EPYC with "
@@ -124,7 +129,7 @@ def main(argv=None) -> int:
     )
     runs = []
     if os.path.exists(args.out):
-        runs = [r for r in json.load(open(args.out))["runs"] if (r["seq"], r["cp"], r["packed"]) !=
+        runs = [r for r in _read_json(args.out)["runs"] if (r["seq"], r["cp"], r["packed"]) !=
                 (args.seq, args.cp, args.packed)]  # fmt: skip
     runs.append(run)
     from hybridmoe.utils import atomic_write_text
