@@ -4,11 +4,14 @@ Trains a freshly initialized model on nothing but copy data (each row: random to
 span shown twice) and prints, every 25 steps, the loss on a held-out probe of 64 random tokens shown twice: a model
 that copies (an induction head, Olsson et al. 2022, arXiv 2209.11895) predicts the second showing far better than
 the first. `--alphabet` draws the random tokens from that many ids only; `--pattern` replaces the layer pattern
-(e.g. `M*-M*-`: no MoE). The default speedrun runs about 350 pretraining + 380 SFT steps of 8 x 512 tokens.
+(e.g. `M*-M*-`: no MoE); `--lag N` makes every span N tokens long, a
+copy at a fixed distance (N = 1: each token repeated once, which the Mamba conv window alone can predict).
+The default speedrun runs about 350 pretraining + 380 SFT steps of 8 x 512 tokens.
 
     python benchmarks/bench_induction.py --steps 200                    # 7,900 token ids
     python benchmarks/bench_induction.py --steps 150 --alphabet 50      # 50 token ids
     python benchmarks/bench_induction.py --steps 150 --alphabet 50 --pattern 'M*-M*-'
+    python benchmarks/bench_induction.py --steps 150 --alphabet 50 --lag 20 --batch 4 --lr 1e-3   # fixed lag
 """
 
 import argparse
@@ -32,6 +35,7 @@ def main():
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--alphabet", type=int, default=7900, help="random tokens are ids 100 .. 100 + alphabet")
     p.add_argument("--pattern", default=None, help="hybrid_override_pattern instead of the preset's")
+    p.add_argument("--lag", type=int, default=None, help="spans of exactly this many tokens: a copy at a fixed lag")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "induction.jsonl"))
     a = p.parse_args()
@@ -46,7 +50,7 @@ def main():
     def row():
         out = []
         while len(out) < a.seq_len:
-            span = [rng.randrange(100, 100 + a.alphabet) for _ in range(rng.randint(8, 64))]
+            span = [rng.randrange(100, 100 + a.alphabet) for _ in range(a.lag or rng.randint(8, 64))]
             out += span + span
         return out[: a.seq_len]
 
