@@ -10,7 +10,7 @@ parallelize.py`, `torchtitan/distributed/expert_parallel.py`). The W ranks of a 
     its ranks from data parallelism);
   - pipeline parallelism (`pp`, parallel.pp > 1): each rank holds one stage of the layers (the embedding on the
     first, the LM head, loss and MTP on the last) and runs a 1F1B schedule over micro-batches; everything below
-    applies within a stage (its dp ranks, its tp groups); pp runs with cp = tp = 1 so far;
+    applies within a stage (its dp ranks, its cp and tp groups: the stages pass each rank's sequence shard);
   - tensor parallelism (`tp`, parallel.tp > 1): attention heads, Mamba-2 heads and groups, MLPs, shared experts and
     the LM head split over "tp", the residual stream and norms sequence-parallel, the loss vocab-parallel;
   - FSDP2 (`fsdp`): every block is `fully_shard`-ed over the dp ranks (the flattened mesh "dp"), and so are the

@@ -3,8 +3,8 @@
 As torchtitan's `ParallelDims` (pytorch/torchtitan, `torchtitan/distributed/parallel_dims.py`) the layout names
 every dimension, dp_replicate x dp_shard x cp x tp x pp = world, with expert parallelism borrowing its ranks from
 data parallelism. hybridmoe runs dp_shard (FSDP2), cp (context parallel), tp (tensor + sequence parallel), pp
-(pipeline stages) and ep today, pp without cp or tp so far; dp_replicate is named here so that a layout asking for it
-fails at start with a clear error rather than later.
+(pipeline stages) and ep today, composed; dp_replicate is named here so that a layout asking for it fails at start
+with a clear error rather than later.
 
 The mesh built has the dimensions ("pp", "dp_mod_ep", "ep", "cp", "tp"), outermost first: "pp" outermost (as
 torchtitan orders it: the stages exchange one activation per micro-batch, the least traffic, so they may span
@@ -49,11 +49,6 @@ class ParallelDims:
             raise ValueError(
                 f"parallel.dp_replicate={self.dp_replicate}: hybridmoe runs {' x '.join(IMPLEMENTED)} so far "
                 "(FSDP2 data parallel, context, tensor, pipeline and expert parallel); set parallel.dp_replicate=1"
-            )
-        if self.pp > 1 and self.cp > 1:
-            raise ValueError(
-                f"parallel.pp={self.pp} with parallel.cp={self.cp} is not supported yet (the pipeline stages run "
-                "whole sequences): use one of them, parallel.cp=1 to pipeline or parallel.pp=1 to split the sequences"
             )
         other = self.dp_replicate * self.cp * self.tp * self.pp
         if self.world_size % other:

@@ -12,13 +12,20 @@ backward micro-batch once the pipeline is full, so at most pp micro-batches' act
 the step's `data.grad_accum` batches cut into `parallel.microbatches` micro-batches each. What crosses the stages:
   - forward: the hidden states; with MTP, also the embeddings of the tokens and of `mtp_num_depths` padding tokens
     (b, t + depths, d), from which the last stage takes each depth's shifted input (`forward_mtp`), so the
-    embedding table exists on the first stage only and its gradient is exact; backward: their gradients;
+    embedding table exists on the first stage only and its gradient is exact; backward: their gradients. Under
+    tensor and context parallelism (within each stage, as without pipelining: `distributed.tp`, `distributed.cp`)
+    each rank holds one shard of every sequence, t / (cp tp) tokens from `shard_start`, and what it sends is that
+    shard, (b, t / (cp tp), d), and the embeddings of the shard and the `mtp_num_depths` tokens after it; the "pp"
+    mesh dimension links the ranks of the same (dp, ep, cp, tp) coordinates, so shard r of a stage goes to shard r
+    of the next;
   - labels, document ids (every Mamba and attention layer needs them) and the loss scales go to every stage as
     keyword arguments that the schedule cuts into micro-batches with the inputs;
   - the loss: the last stage returns each micro-batch's share of the step loss, so that the gradients are those of
     the whole batch exactly (the schedule does not rescale them): the token sums of the LM loss and of each MTP
     depth are divided by the target counts of the micro-batch's whole batch (not of the micro-batch: MTP targets
     differ per row with packed documents), the per-sequence MoE balancing loss by the number of micro-batches;
+    the counts are of the whole sequences, so under tensor parallelism every rank of a group computes the same
+    loss and under context parallelism each rank's is cp x its share (as `HybridMoEForCausalLM.forward`'s);
   - MoE aux losses: each stage adds its layers' sequence-level balancing losses to the backward through its output
     (an identity whose backward seeds the loss with gradient 1, as Megatron-LM's `MoEAuxLossAutoScaler`); the
     token counts for the bias update stay on their stage and are summed over all ranks by global layer
@@ -84,8 +91,8 @@ class PipelineStageModel(HybridMoEForCausalLM):
     def __init__(self, model: HybridMoEForCausalLM, stage: int, num_stages: int, layers: range):
         nn.Module.__init__(self)
         c = self.config = model.config
-        self.tensor_parallel = model.tensor_parallel
-        self.context_parallel = None  # the stages run whole sequences (`pipeline_stage` refuses parallel.cp > 1)
+        # set by `distributed.parallelize` on the stage after it is built (tensor and context parallelism)
+        self.tensor_parallel, self.context_parallel = model.tensor_parallel, model.context_parallel
         self.stage, self.num_stages = stage, num_stages
         self.is_first, self.is_last = stage == 0, stage == num_stages - 1
         # every MoE layer of the whole model, in order; MTP layers count once per depth they serve
@@ -117,6 +124,20 @@ class PipelineStageModel(HybridMoEForCausalLM):
         """Whether the embeddings travel with the hidden states (training with MTP)."""
         return self.training and self.mtp_depths > 0
 
+    def shard_start(self, t: int) -> tuple[int, int]:
+        """(first token, number of tokens) of this rank's shard of sequences of t tokens: the context-parallel
+        shard (`cp.Shard`), and within it the tensor-parallel rank's tokens (the sequence-parallel layout that
+        `tp._SequenceShard` cuts from the embedding output); (0, t) without either."""
+        cp, tp = self.context_parallel, self.tensor_parallel
+        cp_size, tp_size = (cp.size if cp else 1), (tp.tp if tp else 1)
+        if t % (cp_size * tp_size):
+            raise ValueError(
+                f"parallel.cp={cp_size} x parallel.tp={tp_size} must divide the sequence length ({t}): change "
+                f"data.seq_len"
+            )
+        per = t // (cp_size * tp_size)
+        return ((cp.rank if cp else 0) * tp_size + (tp.rank if tp else 0)) * per, per
+
     def forward(self, x, emb=None, *, labels, loss_scales, document_ids=None):
         """x: the token ids (first stage) or the previous stage's hidden states; emb: the padded embeddings (with
         MTP). labels (b, t); loss_scales (b, 2 + depths): per row, what turns the LM loss's token sum, the summed
@@ -125,12 +146,18 @@ class PipelineStageModel(HybridMoEForCausalLM):
         share of the loss (training) or its scaled LM loss sum (evaluation)."""
         c, carry = self.config, self.carries_embeddings()
         ctx = ForwardContext(document_ids=document_ids)
+        if self.context_parallel is not None:  # this rank's shard (`distributed.cp`); the loss shifts the full labels
+            ctx.cp = self.context_parallel.begin(ctx, labels.shape[1], c.conv_kernel)
+            ctx.document_ids = ctx.cp.local(document_ids)
         if self.is_first:
-            if carry:
-                emb = self.backbone.embeddings(F.pad(x, (0, self.mtp_depths), value=0))
-                h = emb[:, : x.shape[1]]
-            else:
-                h = self.backbone.embeddings(x)
+            # this rank's shard of the tokens and, with MTP, the depths' tokens after it (padding past the end)
+            start, per = self.shard_start(x.shape[1])
+            extra = self.mtp_depths if carry else 0
+            window = F.pad(x, (0, extra), value=0)[:, start : start + per + extra]
+            # the module's forward, not its call: the window is already this rank's (under tensor parallelism the
+            # call's hook, `tp._SequenceShard`, would cut it again)
+            emb = self.backbone.embeddings.forward(window)
+            h = emb[:, :per]
         else:
             h = x
         for layer in self.backbone.layers:
@@ -142,14 +169,14 @@ class PipelineStageModel(HybridMoEForCausalLM):
         if self.is_last:
             h = self.backbone.norm_f(h)
             t = h.shape[1]
-            loss = self._loss_from_hidden(h, labels, shift=1, weights=loss_scales[:, :1].expand_as(labels))
+            loss = self._loss_from_hidden(h, labels, shift=1, weights=loss_scales[:, :1].expand_as(labels), cp=ctx.cp)
             if self.training:
                 self.loss_parts[0] += float(loss.detach())
             if carry:
                 depths = self.forward_mtp(h, None, ctx, shifted_embeddings=lambda s: emb[:, s : s + t])
                 mtp = sum(
                     self._loss_from_hidden(hk, labels, shift=k + 2, document_ids=document_ids,
-                                           weights=loss_scales[:, 2 + k : 3 + k].expand_as(labels))
+                                           weights=loss_scales[:, 2 + k : 3 + k].expand_as(labels), cp=ctx.cp)
                     for k, hk in enumerate(depths)
                 )  # fmt: skip
                 self.loss_parts[1] += float(mtp.detach())
@@ -170,7 +197,8 @@ class PipelineStageModel(HybridMoEForCausalLM):
 
     def schedule(self, par, microbatches: int, rows: int, t: int, dtype: torch.dtype):
         """The 1F1B schedule of this stage for micro-batches of `rows` sequences of t tokens (built once per shape
-        and mode; the tensor shapes are given, so no metadata forward runs)."""
+        and mode; the tensor shapes are given, so no metadata forward runs). Between the stages travel this rank's
+        shard of the hidden states (rows, t / (cp tp), d) and, with MTP, of the embeddings (+ depths tokens)."""
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
         key = (self.training, microbatches, rows, t, dtype)
@@ -180,11 +208,12 @@ class PipelineStageModel(HybridMoEForCausalLM):
             def hidden(length):
                 return torch.empty(rows, length, d, dtype=dtype, device="meta", requires_grad=grad)
 
-            carry = (hidden(t + self.mtp_depths),) if self.carries_embeddings() else ()
+            per = self.shard_start(t)[1]
+            carry = (hidden(per + self.mtp_depths),) if self.carries_embeddings() else ()
             ids = torch.empty(rows, t, dtype=torch.long, device="meta")
-            inputs = (ids,) if self.is_first else (hidden(t), *carry)
+            inputs = (ids,) if self.is_first else (hidden(per), *carry)
             scalar = torch.empty((), dtype=torch.float32, device="meta", requires_grad=grad)
-            outputs = scalar if self.is_last else (hidden(t), *carry)
+            outputs = scalar if self.is_last else (hidden(per), *carry)
             stage = PipelineStage(self, self.stage, self.num_stages, par.device, input_args=inputs,
                                   output_args=outputs, group=par.pp_group)  # fmt: skip
             self.schedules[key] = Schedule1F1B(stage, microbatches, loss_fn=_own_loss, scale_grads=False)
@@ -197,11 +226,8 @@ def _own_loss(output, target):
 
 
 def pipeline_stage(model: HybridMoEForCausalLM, par, points: list[int] | None = None) -> PipelineStageModel:
-    """This rank's stage of `model` (which holds the whole model; the other stages' modules are dropped)."""
-    if par.tp > 1:
-        raise ValueError("parallel.pp > 1 with parallel.tp > 1 is not supported yet: use one of them")
-    if par.cp > 1:
-        raise ValueError("parallel.pp > 1 with parallel.cp > 1 is not supported yet: use one of them")
+    """This rank's stage of `model` (which holds the whole model; the other stages' modules are dropped). Tensor
+    and context parallelism are applied to the stage afterwards (`distributed.parallelize`)."""
     bounds = split_points(model.config.num_hidden_layers, par.pp, points)
     s = par.pp_rank
     return PipelineStageModel(model, s, par.pp, range(bounds[s], bounds[s + 1]))
@@ -285,7 +311,8 @@ def _activation_dtype(model, par) -> torch.dtype:
 def evaluate_batch(model: PipelineStageModel, batch: dict, par) -> tuple[float, int]:
     """(LM loss summed over the targets, number of targets) of this data-parallel rank's rows of a validation
     batch, run through the stages forward only; (0, 0) on the stages before the last, so that summing over all
-    ranks counts each data-parallel rank once per tensor-parallel rank, as without pipelining."""
+    ranks counts each data-parallel rank once per tensor- and context-parallel rank, as without pipelining (a cp
+    rank's sum is cp x its share of the targets' losses, with the count of all of them)."""
     ids, labels = batch["input_ids"], batch["labels"]
     rows, t = ids.shape
     n = model.num_stages

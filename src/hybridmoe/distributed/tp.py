@@ -165,10 +165,14 @@ def parallelize_native(model, par) -> None:
         else:  # MLP
             parallelize_module(mixer, mesh, {"up_proj": ColwiseParallel(), "down_proj": out_rows})
             parallelize_module(block, mesh, {"mixer": gather_input})
-    parallelize_module(model.backbone, mesh, {"norm_f": sp})
-    model.backbone.embeddings.register_forward_hook(_SequenceShard(rank, tp))
-    partial.append("backbone.embeddings.weight")
-    split_rows(model.lm_head, "weight")  # the vocabulary in tp slices, read by VocabParallelLoss
+    # (a pipeline stage, `distributed.pp`, holds the embedding on the first stage, norm and head on the last)
+    if model.backbone.norm_f is not None:
+        parallelize_module(model.backbone, mesh, {"norm_f": sp})
+    if model.backbone.embeddings is not None:
+        model.backbone.embeddings.register_forward_hook(_SequenceShard(rank, tp))
+        partial.append("backbone.embeddings.weight")
+    if model.lm_head is not None:
+        split_rows(model.lm_head, "weight")  # the vocabulary in tp slices, read by VocabParallelLoss
     model.tensor_parallel = VocabParallelLoss(par.tp_group, rank, tp)
     model.tp_partial_grads = frozenset(partial)
     model.tp_degree = tp
