@@ -520,7 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{dim}", type=int, help=f"{dim} degree (give any of dp/tp/pp/cp/ep for one layout)")
     p.add_argument("--checkpointing", action="store_true", help="full activation recomputation")
     p.add_argument(
-        "--implemented", action="store_true", help="only layouts hybridmoe runs today (dp x cp x tp x ep, dp x pp x ep)"
+        "--implemented",
+        action="store_true",
+        help="only layouts hybridmoe runs today (dp x pp x cp x tp x ep, ep dividing dp)",
     )
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--overhead-gib", type=float, default=4.0, help="reserve for CUDA context, NCCL, fragmentation")

@@ -22,9 +22,9 @@ The model is this repository's own trainer, written out as formulas in the confi
 Layout rules (Megatron-style): gpus = dp x tp x pp x cp; expert parallelism borrows from dp x cp x tp within a
 pipeline stage; tensor parallelism uses sequence parallelism, so every activation is divided by tp, and context
 parallelism divides the tokens by cp; a 1F1B pipeline keeps (pp - stage) micro-batches of activations in flight.
-hybridmoe implements dp x cp x tp x ep and dp x pp x ep (`hybridmoe.distributed`: FSDP2, context parallelism,
-tensor + sequence parallelism, 1F1B pipeline stages, expert parallelism borrowing from dp) and bf16 mixed precision
-over fp32 master weights; pp with tp or cp is planned, as the published recipes use it. FLOPs per step follow
+hybridmoe implements dp x pp x cp x tp x ep (`hybridmoe.distributed`: FSDP2, 1F1B pipeline stages, context
+parallelism, tensor + sequence parallelism, expert parallelism borrowing from dp) and bf16 mixed precision over fp32
+master weights, as the published recipes compose them. FLOPs per step follow
 `accounting.flops_per_token` (MTP and recomputation excluded).
 
 What is not modeled: the CUDA context, NCCL and cuBLAS workspaces and allocator fragmentation (`overhead_gib`, a
@@ -327,12 +327,7 @@ def plan(
         if best is None or p.total > best.total:
             best = p
     best.flops_per_step = (flops_per_tok or flops_per_token(c, seq)) * seq * global_batch
-    if L.pp > 1 and (L.tp > 1 or L.cp > 1):
-        best.notes.append(
-            "pp with tp or cp is planned only: hybridmoe's trainer implements dp x cp x tp x ep and dp x pp x ep "
-            "(FSDP2, CP, TP, PP, EP)"
-        )
-    elif L.dp % L.ep:
+    if L.dp % L.ep:
         best.notes.append(f"ep {L.ep} borrows from tp here: hybridmoe's trainer needs ep to divide dp ({L.dp})")
     if L.tp > 1:
         best.notes.append(
@@ -357,17 +352,15 @@ def feasible_layouts(
     """Layouts of `gpus` GPUs that fit `gpu_memory_gib`, best first: no recomputation before recomputation, then
     the least model parallelism (tp within a node, then pp, then cp). For each (tp, pp, cp) the smallest expert
     parallelism that fits is kept (fewer ranks in each all-to-all). pp and cp are searched up to 16 and 32;
-    implemented_only: only what hybridmoe's trainer runs today (dp x cp x tp x ep or dp x pp x ep, ep dividing
-    dp; pp at most the layers)."""
+    implemented_only: only what hybridmoe's trainer runs today (dp x pp x cp x tp x ep, ep dividing dp; tp
+    splitting the model's heads; pp at most the layers)."""
     found, params, flops = [], block_parameters(c), flops_per_token(c, seq)
     for tp in [x for x in (1, 2, 4, 8) if x <= gpus_per_node and (not implemented_only or _splits(c, x))]:
         pps = [x for x in _divisors(gpus // tp) if x <= 16]
-        if implemented_only:  # pipeline stages (`distributed.pp`) without tensor parallelism so far
-            pps = [x for x in pps if x == 1 or (tp == 1 and x <= c.num_hidden_layers)]
+        if implemented_only:  # pipeline stages (`distributed.pp`): at least one layer each
+            pps = [x for x in pps if x <= c.num_hidden_layers]
         for pp in pps:
             cps = [x for x in _divisors(gpus // (tp * pp)) if x <= 32 and seq % x == 0 and seq // x >= 1024]
-            if implemented_only and pp > 1:  # pipeline stages without context parallelism so far
-                cps = []
             for cp in cps or [1]:
                 dp = gpus // (tp * pp * cp)
                 if dp * tp * pp * cp != gpus:
