@@ -233,23 +233,27 @@ def save_distributed_checkpoint(
 
 
 def load_distributed_checkpoint(ckpt_dir, model, optimizer, par) -> dict:
-    """Load model and optimizer shards (resharded to this job's layout, whatever the saving job's) and this
-    rank's RNG state; returns state.json. Works in one process without torchrun too (par None)."""
+    """Load model and optimizer shards (resharded to this job's layout, whatever the saving job's: its number of
+    ranks, pp stages and tp degree) and this rank's RNG state; returns state.json. Works in one process without
+    torchrun too (par None)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     with open(os.path.join(ckpt_dir, "trainer_state", "state.json")) as fh:
         state = json.load(fh)
-    saved_tp, tp = state.get("tp", 1), getattr(model, "tp_degree", 1)
-    if saved_tp != tp and "M" in model.config.hybrid_override_pattern:
-        raise ValueError(
-            f"{ckpt_dir} was written with parallel.tp={saved_tp}, which orders the Mamba in_proj rows for that "
-            f"degree: resume it with parallel.tp={saved_tp}, or export it (hybridmoe export) and start from its "
-            f"weights with model.init_from"
-        )
     model_sd, optim_sd = get_state_dict(model, optimizer)
     sd = {"model": model_sd, "optimizer": optim_sd}
+    saved_tp, tp = state.get("tp", 1), getattr(model, "tp_degree", 1)
+    rows = _tp_ordered(sd, model.config) if saved_tp != tp else {}
+    live = {name: {path: _pop(sd, path) for path in paths} for name, paths in rows.items()}
     dcp.load(sd, checkpoint_id=os.path.join(ckpt_dir, "dcp"), no_dist=par is None)
+    for name, tensors in live.items():  # one parameter (and its moments) at a time, read whole
+        whole: dict = {}
+        for path, t in tensors.items():
+            _put(whole, path, torch.empty(t.shape, dtype=t.dtype))
+        dcp.load(whole, checkpoint_id=os.path.join(ckpt_dir, "dcp"), no_dist=par is None)
+        for path, t in tensors.items():
+            _put(sd, path, _reorder_into(t, _get(whole, path), name, model.config, saved_tp, tp))
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
     rank = par.rank if par is not None else 0
     rng = os.path.join(ckpt_dir, "trainer_state", f"rng-{rank}.pt")
@@ -257,6 +261,49 @@ def load_distributed_checkpoint(ckpt_dir, model, optimizer, par) -> dict:
         rng = os.path.join(ckpt_dir, "trainer_state", "rng-0.pt")
     torch.set_rng_state(load_plain(rng, {"torch_rng": torch.Tensor})["torch_rng"])
     return state
+
+
+def _tp_ordered(sd: dict, config) -> dict[str, list[tuple]]:
+    """Where in {"model": ..., "optimizer": ...} (`get_state_dict`'s) tensor parallelism orders the rows for its
+    degree: per parameter (the Mamba in_proj and conv1d weights and biases), the paths of the parameter and of its
+    per-row optimizer states (AdamW's exp_avg and exp_avg_sq; not its scalar step)."""
+    from ..distributed.tp import row_order
+
+    out = {n: [("model", n)] for n in sd["model"] if row_order(n, config, 2) is not None}  # the same for every tp
+    for n, entries in sd["optimizer"]["state"].items():
+        if n in out:
+            out[n] += [("optimizer", "state", n, k) for k, t in entries.items() if torch.is_tensor(t) and t.dim() > 0]
+    return out
+
+
+def _get(sd: dict, path: tuple):
+    for key in path:
+        sd = sd[key]
+    return sd
+
+
+def _pop(sd: dict, path: tuple):
+    return _get(sd, path[:-1]).pop(path[-1])
+
+
+def _put(sd: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        sd = sd.setdefault(key, {})
+    sd[path[-1]] = value
+
+
+def _reorder_into(live, full: torch.Tensor, name: str, config, saved_tp: int, tp: int) -> torch.Tensor:
+    """`full`, a tensor of parameter `name` in tp degree saved_tp's row order, in this model's row order and laid out
+    as `live` (this rank's shard of a DTensor: FSDP's dp shard, possibly 2-D over dp x tp with a strided shard; or a
+    plain tensor). Each rank holds it whole for a moment (Nano's largest: a Mamba in_proj, 28M values)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from ..distributed.tp import convert_rows
+
+    full = convert_rows(name, full.to(live.device), config, saved_tp, tp)
+    if isinstance(live, DTensor):
+        return distribute_tensor(full, live.device_mesh, live.placements, src_data_rank=None)
+    return full
 
 
 def save_state_dict_pretrained(config, state_dict: dict, path: str) -> None:
