@@ -22,7 +22,8 @@ weights_only=True)`: a checkpoint may come from someone else, and unpickling arb
 (https://pytorch.org/docs/stable/notes/serialization.html#weights-only).
 
 Runs under torchrun write distributed checkpoints instead: every rank saves its own shards of the model and
-optimizer with torch.distributed.checkpoint (DCP), which can be loaded back on any number of ranks:
+optimizer with torch.distributed.checkpoint (DCP), which can be loaded back on any number of ranks and with any
+layout (another tp degree: `load_distributed_checkpoint` converts the rows tensor parallelism orders per degree):
 
     out_dir/checkpoints/step-0000100/
         config.json, tokenizer files, recipe.yaml
@@ -243,17 +244,10 @@ def load_distributed_checkpoint(ckpt_dir, model, optimizer, par) -> dict:
         state = json.load(fh)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     sd = {"model": model_sd, "optimizer": optim_sd}
-    saved_tp, tp = state.get("tp", 1), getattr(model, "tp_degree", 1)
-    rows = _tp_ordered(sd, model.config) if saved_tp != tp else {}
-    live = {name: {path: _pop(sd, path) for path in paths} for name, paths in rows.items()}
     dcp.load(sd, checkpoint_id=os.path.join(ckpt_dir, "dcp"), no_dist=par is None)
-    for name, tensors in live.items():  # one parameter (and its moments) at a time, read whole
-        whole: dict = {}
-        for path, t in tensors.items():
-            _put(whole, path, torch.empty(t.shape, dtype=t.dtype))
-        dcp.load(whole, checkpoint_id=os.path.join(ckpt_dir, "dcp"), no_dist=par is None)
-        for path, t in tensors.items():
-            _put(sd, path, _reorder_into(t, _get(whole, path), name, model.config, saved_tp, tp))
+    saved_tp, tp = state.get("tp", 1), getattr(model, "tp_degree", 1)
+    if saved_tp != tp:  # the Mamba rows just read are in the saved degree's order
+        _reload_tp_rows(sd, os.path.join(ckpt_dir, "dcp"), model.config, saved_tp, tp, no_dist=par is None)
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
     rank = par.rank if par is not None else 0
     rng = os.path.join(ckpt_dir, "trainer_state", f"rng-{rank}.pt")
@@ -263,47 +257,35 @@ def load_distributed_checkpoint(ckpt_dir, model, optimizer, par) -> dict:
     return state
 
 
-def _tp_ordered(sd: dict, config) -> dict[str, list[tuple]]:
-    """Where in {"model": ..., "optimizer": ...} (`get_state_dict`'s) tensor parallelism orders the rows for its
-    degree: per parameter (the Mamba in_proj and conv1d weights and biases), the paths of the parameter and of its
-    per-row optimizer states (AdamW's exp_avg and exp_avg_sq; not its scalar step)."""
-    from ..distributed.tp import row_order
-
-    out = {n: [("model", n)] for n in sd["model"] if row_order(n, config, 2) is not None}  # the same for every tp
-    for n, entries in sd["optimizer"]["state"].items():
-        if n in out:
-            out[n] += [("optimizer", "state", n, k) for k, t in entries.items() if torch.is_tensor(t) and t.dim() > 0]
-    return out
-
-
-def _get(sd: dict, path: tuple):
-    for key in path:
-        sd = sd[key]
-    return sd
-
-
-def _pop(sd: dict, path: tuple):
-    return _get(sd, path[:-1]).pop(path[-1])
-
-
-def _put(sd: dict, path: tuple, value) -> None:
-    for key in path[:-1]:
-        sd = sd.setdefault(key, {})
-    sd[path[-1]] = value
-
-
-def _reorder_into(live, full: torch.Tensor, name: str, config, saved_tp: int, tp: int) -> torch.Tensor:
-    """`full`, a tensor of parameter `name` in tp degree saved_tp's row order, in this model's row order and laid out
-    as `live` (this rank's shard of a DTensor: FSDP's dp shard, possibly 2-D over dp x tp with a strided shard; or a
-    plain tensor). Each rank holds it whole for a moment (Nano's largest: a Mamba in_proj, 28M values)."""
+def _reload_tp_rows(sd: dict, dcp_dir: str, config, saved_tp: int, tp: int, no_dist: bool) -> None:
+    """Replace in sd (`get_state_dict`'s {"model", "optimizer"}) what tensor parallelism stores in an order of its
+    degree's (`distributed.tp.row_order`: the Mamba in_proj and conv1d parameters, and their per-row optimizer
+    states, AdamW's exp_avg and exp_avg_sq) by the checkpoint's, read whole, converted from tp degree saved_tp's row
+    order to tp's, and laid out as the live tensor (this rank's shard of a DTensor: FSDP's dp shard, 2-D over dp x tp
+    with a strided shard under tp; or a plain tensor). One parameter at a time: each rank holds it and its moments
+    whole for a moment (at Nano's size an in_proj is 28M values)."""
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    from ..distributed.tp import convert_rows
+    from ..distributed.tp import convert_rows, row_order
 
-    full = convert_rows(name, full.to(live.device), config, saved_tp, tp)
-    if isinstance(live, DTensor):
-        return distribute_tensor(full, live.device_mesh, live.placements, src_data_rank=None)
-    return full
+    def shard_like(live, full: torch.Tensor, name: str):
+        full = convert_rows(name, full.to(live.device), config, saved_tp, tp)
+        if isinstance(live, DTensor):
+            return distribute_tensor(full, live.device_mesh, live.placements, src_data_rank=None)
+        return full
+
+    for name in [n for n in sd["model"] if row_order(n, config, 2) is not None]:  # the same for every degree > 1
+        state = sd["optimizer"]["state"].get(name, {})
+        moments = [k for k, t in state.items() if torch.is_tensor(t) and t.dim() > 0]  # not AdamW's scalar step
+        whole = {
+            "model": {name: torch.empty(sd["model"][name].shape, dtype=sd["model"][name].dtype)},
+            "optimizer": {"state": {name: {k: torch.empty(state[k].shape, dtype=state[k].dtype) for k in moments}}},
+        }
+        dcp.load(whole, checkpoint_id=dcp_dir, no_dist=no_dist)
+        sd["model"][name] = shard_like(sd["model"][name], whole["model"][name], name)
+        for k in moments:
+            state[k] = shard_like(state[k], whole["optimizer"]["state"][name][k], name)
 
 
 def save_state_dict_pretrained(config, state_dict: dict, path: str) -> None:
