@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import test_distributed
@@ -103,7 +101,7 @@ def test_tensor_parallel_matches_single_process(tmp_path, world, tp, ep):
 def test_torchrun_tensor_parallel_matches_single_process(dist_setup, tmp_path):
     """`hybridmoe pretrain ... parallel.tp=2` on 4 processes (dp 2 x tp 2): the single-process losses and gradient
     norms, step by step; the consolidated checkpoint (Mamba rows back in the Hugging Face order) and the export
-    equal the single-process model; resuming with another tp degree is refused."""
+    equal the single-process model (resuming with another tp degree: `test_resume_layouts`)."""
     root, path, reference, single = dist_setup
     out = tmp_path / "tp"
     _torchrun(4, path, "parallel.tp=2", f"train.out_dir={out}", "train.steps=10")
@@ -116,12 +114,6 @@ def test_torchrun_tensor_parallel_matches_single_process(dist_setup, tmp_path):
         for name, tensor in model.state_dict().items():
             if not name.endswith("tokens_per_expert"):
                 torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-5, msg=f"{model_dir}: {name}")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "hybridmoe.cli",
-         "pretrain", str(path), f"train.out_dir={out}", "train.steps=12", "--resume"],
-        capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode != 0 and "written with parallel.tp=2" in proc.stderr + proc.stdout
 
 
 def test_torchrun_mixed_precision_matches_autocast(dist_setup, tmp_path):

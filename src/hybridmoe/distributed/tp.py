@@ -26,7 +26,8 @@ split over its heads (or hidden units), and reduce-scatters its output back to s
 Every rank of a tp group computes the same loss; FSDP2 (`distributed.fsdp`) then shards every parameter over the
 data-parallel ranks (2-D dp x tp for the split ones). Checkpoints: the Mamba in_proj / conv rows are stored in the
 rank-major order of the run's tp degree; consolidated and exported checkpoints are converted back to the Hugging
-Face order (`reference_order`), and a distributed checkpoint resumes only with the tp degree that wrote it.
+Face order (`reference_order`), and a distributed checkpoint written with one tp degree resumes with any other
+(`train.checkpoint.load_distributed_checkpoint` converts those rows with `convert_rows`).
 """
 
 from __future__ import annotations
@@ -73,18 +74,30 @@ def mamba_orders(config, tp: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(rows), torch.cat(conv)
 
 
+def row_order(name: str, config, tp: int) -> torch.Tensor | None:
+    """The row order tensor parallelism over tp ranks gives parameter `name` (row i is row order[i] of the Hugging
+    Face one), or None where it keeps the Hugging Face order: the Mamba in_proj rows and conv1d channels (weight and
+    bias) are permuted; everything else is split in order or left whole."""
+    if tp == 1 or not (".mixer.in_proj." in name or ".mixer.conv1d." in name):
+        return None
+    rows, conv = mamba_orders(config, tp)
+    return rows if ".mixer.in_proj." in name else conv
+
+
+def convert_rows(name: str, t: torch.Tensor, config, from_tp: int, to_tp: int) -> torch.Tensor:
+    """A full tensor stored per row of parameter `name` (the parameter itself, or an optimizer moment of it), from
+    the row order of tp degree from_tp to that of to_tp (1: the Hugging Face order)."""
+    src, dst = row_order(name, config, from_tp), row_order(name, config, to_tp)
+    if src is not None:
+        t = torch.empty_like(t).index_copy_(0, src.to(t.device), t)
+    if dst is not None:
+        t = t.index_select(0, dst.to(t.device))
+    return t
+
+
 def reference_order(state_dict: dict, config, tp: int) -> dict:
     """A full state dict of a model trained with tensor parallelism, its Mamba rows back in the Hugging Face order."""
-    if tp == 1:
-        return state_dict
-    rows, conv = mamba_orders(config, tp)
-    out = dict(state_dict)
-    for name, t in state_dict.items():
-        if ".mixer.in_proj." in name:
-            out[name] = torch.empty_like(t).index_copy_(0, rows.to(t.device), t)
-        elif ".mixer.conv1d." in name:
-            out[name] = torch.empty_like(t).index_copy_(0, conv.to(t.device), t)
-    return out
+    return {name: convert_rows(name, t, config, tp, 1) for name, t in state_dict.items()}
 
 
 # ---------------------------------------------------------------------------------------------- parallelize

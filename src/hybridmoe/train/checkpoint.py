@@ -22,7 +22,8 @@ weights_only=True)`: a checkpoint may come from someone else, and unpickling arb
 (https://pytorch.org/docs/stable/notes/serialization.html#weights-only).
 
 Runs under torchrun write distributed checkpoints instead: every rank saves its own shards of the model and
-optimizer with torch.distributed.checkpoint (DCP), which can be loaded back on any number of ranks:
+optimizer with torch.distributed.checkpoint (DCP), which can be loaded back on any number of ranks and with any
+layout (another tp degree: `load_distributed_checkpoint` converts the rows tensor parallelism orders per degree):
 
     out_dir/checkpoints/step-0000100/
         config.json, tokenizer files, recipe.yaml
@@ -233,23 +234,20 @@ def save_distributed_checkpoint(
 
 
 def load_distributed_checkpoint(ckpt_dir, model, optimizer, par) -> dict:
-    """Load model and optimizer shards (resharded to this job's layout, whatever the saving job's) and this
-    rank's RNG state; returns state.json. Works in one process without torchrun too (par None)."""
+    """Load model and optimizer shards (resharded to this job's layout, whatever the saving job's: its number of
+    ranks, pp stages and tp degree) and this rank's RNG state; returns state.json. Works in one process without
+    torchrun too (par None)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     with open(os.path.join(ckpt_dir, "trainer_state", "state.json")) as fh:
         state = json.load(fh)
-    saved_tp, tp = state.get("tp", 1), getattr(model, "tp_degree", 1)
-    if saved_tp != tp and "M" in model.config.hybrid_override_pattern:
-        raise ValueError(
-            f"{ckpt_dir} was written with parallel.tp={saved_tp}, which orders the Mamba in_proj rows for that "
-            f"degree: resume it with parallel.tp={saved_tp}, or export it (hybridmoe export) and start from its "
-            f"weights with model.init_from"
-        )
     model_sd, optim_sd = get_state_dict(model, optimizer)
     sd = {"model": model_sd, "optimizer": optim_sd}
     dcp.load(sd, checkpoint_id=os.path.join(ckpt_dir, "dcp"), no_dist=par is None)
+    saved_tp, tp = state.get("tp", 1), getattr(model, "tp_degree", 1)
+    if saved_tp != tp:  # the Mamba rows just read are in the saved degree's order
+        _reload_tp_rows(sd, os.path.join(ckpt_dir, "dcp"), model.config, saved_tp, tp, no_dist=par is None)
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
     rank = par.rank if par is not None else 0
     rng = os.path.join(ckpt_dir, "trainer_state", f"rng-{rank}.pt")
@@ -257,6 +255,37 @@ def load_distributed_checkpoint(ckpt_dir, model, optimizer, par) -> dict:
         rng = os.path.join(ckpt_dir, "trainer_state", "rng-0.pt")
     torch.set_rng_state(load_plain(rng, {"torch_rng": torch.Tensor})["torch_rng"])
     return state
+
+
+def _reload_tp_rows(sd: dict, dcp_dir: str, config, saved_tp: int, tp: int, no_dist: bool) -> None:
+    """Replace in sd (`get_state_dict`'s {"model", "optimizer"}) what tensor parallelism stores in an order of its
+    degree's (`distributed.tp.row_order`: the Mamba in_proj and conv1d parameters, and their per-row optimizer
+    states, AdamW's exp_avg and exp_avg_sq) by the checkpoint's, read whole, converted from tp degree saved_tp's row
+    order to tp's, and laid out as the live tensor (this rank's shard of a DTensor: FSDP's dp shard, 2-D over dp x tp
+    with a strided shard under tp; or a plain tensor). One parameter at a time: each rank holds it and its moments
+    whole for a moment (at Nano's size an in_proj is 28M values)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from ..distributed.tp import convert_rows, row_order
+
+    def shard_like(live, full: torch.Tensor, name: str):
+        full = convert_rows(name, full.to(live.device), config, saved_tp, tp)
+        if isinstance(live, DTensor):
+            return distribute_tensor(full, live.device_mesh, live.placements, src_data_rank=None)
+        return full
+
+    for name in [n for n in sd["model"] if row_order(n, config, 2) is not None]:  # the same for every degree > 1
+        state = sd["optimizer"]["state"].get(name, {})
+        moments = [k for k, t in state.items() if torch.is_tensor(t) and t.dim() > 0]  # not AdamW's scalar step
+        whole = {
+            "model": {name: torch.empty(sd["model"][name].shape, dtype=sd["model"][name].dtype)},
+            "optimizer": {"state": {name: {k: torch.empty(state[k].shape, dtype=state[k].dtype) for k in moments}}},
+        }
+        dcp.load(whole, checkpoint_id=dcp_dir, no_dist=no_dist)
+        sd["model"][name] = shard_like(sd["model"][name], whole["model"][name], name)
+        for k in moments:
+            state[k] = shard_like(state[k], whole["optimizer"]["state"][name][k], name)
 
 
 def save_state_dict_pretrained(config, state_dict: dict, path: str) -> None:
