@@ -112,7 +112,7 @@ def test_sharding_and_checkpointing_scale_as_they_should():
     tp = plan(config, Layout(dp=4, tp=2, ep=4), 4096, params=params)
     assert tp.activations == pytest.approx(one.activations / 2, rel=0.01)
     assert not any("planned" in n for n in tp.notes)  # tp is implemented
-    assert plan(config, Layout(dp=4, tp=2, ep=8), 4096, params=params).notes  # ep borrowing from tp is not
+    assert not plan(config, Layout(dp=4, tp=2, ep=8), 4096, params=params).notes  # ep borrows from tp too
     assert not any("planned" in n for n in plan(config, Layout(dp=4, pp=2, ep=4), 4096, params=params).notes)
     for composed in (Layout(dp=2, tp=2, pp=2, ep=2), Layout(dp=2, cp=2, pp=2, ep=2)):  # pp with tp or cp runs
         assert not any("planned" in n for n in plan(config, composed, 4096, params=params).notes), composed
@@ -148,7 +148,7 @@ def test_feasible_layouts_fit_and_respect_the_rules():
         assert config.n_routed_experts % L.ep == 0 and (L.dp * L.cp * L.tp) % L.ep == 0
     assert [p.layout.checkpointing for p in found] == sorted(p.layout.checkpointing for p in found)
     only = feasible_layouts(config, gpus=16, gpu_memory_gib=80, seq=4096, implemented_only=True)
-    assert only and all(p.layout.dp % p.layout.ep == 0 for p in only)
+    assert only and all((p.layout.dp * p.layout.cp * p.layout.tp) % p.layout.ep == 0 for p in only)
     # context parallelism runs: a long sequence that fits only split over cp ranks is found
     long = feasible_layouts(config, gpus=16, gpu_memory_gib=80, seq=262144, implemented_only=True, limit=99)
     assert any(p.layout.cp > 1 for p in long)

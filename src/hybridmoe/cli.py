@@ -522,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--implemented",
         action="store_true",
-        help="only layouts hybridmoe runs today (dp x pp x cp x tp x ep, ep dividing dp)",
+        help="only layouts hybridmoe runs today (dp x pp x cp x tp x ep, tp splitting the heads)",
     )
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--overhead-gib", type=float, default=4.0, help="reserve for CUDA context, NCCL, fragmentation")

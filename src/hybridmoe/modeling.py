@@ -276,8 +276,11 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(e, i, d))
         self.down_proj = nn.Parameter(torch.empty(e, d, i))
         # Expert parallelism (`hybridmoe.distributed.parallelize`): the weights become DTensors sharded over the
-        # ranks of this group by expert, and the tokens travel to their experts with all-to-alls.
+        # ranks of this group by expert, and the tokens travel to their experts with all-to-alls. A local expert's
+        # gradient then sums the contributions of the tokens of all ep ranks, while data parallelism averages over
+        # ranks: it is multiplied by grad_scale here (`Parallel.expert_grad_scale`) and averaged by FSDP there.
         self.ep_group = None
+        self.grad_scale = 1.0
         # Emulated low-precision GEMMs (`hybridmoe.quant.training.apply_precision`): None, or a callable
         # quant(x, weight, bias) each expert's up and down GEMM goes through.
         self.quant = None
@@ -285,10 +288,9 @@ class Experts(nn.Module):
     def forward(self, x_TD, topk_idx_TK, topk_w_TK):
         up, down = self.up_proj, self.down_proj
         if self.ep_group is not None:
-            # A local expert's gradient sums the contributions of the tokens of all ep ranks; data parallelism
-            # averages over ranks, so it is divided by the ep degree here and by the FSDP group size there.
-            scale = 1.0 / torch.distributed.get_world_size(self.ep_group)
-            up, down = _ScaleGrad.apply(up.to_local(), scale), _ScaleGrad.apply(down.to_local(), scale)
+            up, down = up.to_local(), down.to_local()
+        if self.grad_scale != 1.0:
+            up, down = _ScaleGrad.apply(up, self.grad_scale), _ScaleGrad.apply(down, self.grad_scale)
         return experts_grouped(x_TD, up, down, topk_idx_TK, topk_w_TK, ep_group=self.ep_group, quant=self.quant)
 
 

@@ -23,8 +23,8 @@ Layout rules (Megatron-style): gpus = dp x tp x pp x cp; expert parallelism borr
 pipeline stage; tensor parallelism uses sequence parallelism, so every activation is divided by tp, and context
 parallelism divides the tokens by cp; a 1F1B pipeline keeps (pp - stage) micro-batches of activations in flight.
 hybridmoe implements dp x pp x cp x tp x ep (`hybridmoe.distributed`: FSDP2, 1F1B pipeline stages, context
-parallelism, tensor + sequence parallelism, expert parallelism borrowing from dp) and bf16 mixed precision over fp32
-master weights, as the published recipes compose them. FLOPs per step follow
+parallelism, tensor + sequence parallelism, expert parallelism borrowing from dp x cp x tp) and bf16 mixed precision
+over fp32 master weights, as the published recipes compose them. FLOPs per step follow
 `accounting.flops_per_token` (MTP and recomputation excluded).
 
 What is not modeled: the CUDA context, NCCL and cuBLAS workspaces and allocator fragmentation (`overhead_gib`, a
@@ -327,13 +327,6 @@ def plan(
         if best is None or p.total > best.total:
             best = p
     best.flops_per_step = (flops_per_tok or flops_per_token(c, seq)) * seq * global_batch
-    if L.dp % L.ep:
-        best.notes.append(f"ep {L.ep} borrows from tp here: hybridmoe's trainer needs ep to divide dp ({L.dp})")
-    if L.tp > 1:
-        best.notes.append(
-            "hybridmoe's tensor parallelism keeps the routed experts whole on each tp rank (sharded over dp only): "
-            "their weights, gradients and optimizer state take tp times the bytes counted here"
-        )
     return best
 
 
@@ -352,8 +345,8 @@ def feasible_layouts(
     """Layouts of `gpus` GPUs that fit `gpu_memory_gib`, best first: no recomputation before recomputation, then
     the least model parallelism (tp within a node, then pp, then cp). For each (tp, pp, cp) the smallest expert
     parallelism that fits is kept (fewer ranks in each all-to-all). pp and cp are searched up to 16 and 32;
-    implemented_only: only what hybridmoe's trainer runs today (dp x pp x cp x tp x ep, ep dividing dp; tp
-    splitting the model's heads; pp at most the layers)."""
+    implemented_only: only what hybridmoe's trainer runs today (dp x pp x cp x tp x ep; tp splitting the model's
+    heads; pp at most the layers)."""
     found, params, flops = [], block_parameters(c), flops_per_token(c, seq)
     for tp in [x for x in (1, 2, 4, 8) if x <= gpus_per_node and (not implemented_only or _splits(c, x))]:
         pps = [x for x in _divisors(gpus // tp) if x <= 16]
@@ -369,7 +362,7 @@ def feasible_layouts(
                     continue
                 for ckpt in (False, True):
                     eps = [x for x in _divisors(c.n_routed_experts) if (dp * cp * tp) % x == 0]
-                    for ep in [x for x in eps if not implemented_only or dp % x == 0]:
+                    for ep in eps:
                         layout = Layout(dp=dp, tp=tp, pp=pp, cp=cp, ep=ep, checkpointing=ckpt)
                         try:
                             p = plan(c, layout, seq, global_batch, "bf16", overhead_gib, moe_imbalance, params, flops)

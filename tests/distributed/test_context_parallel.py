@@ -47,7 +47,7 @@ def _batch(vocab: int):
     return ids, labels, docs
 
 
-def _cp_worker(rank, world, store, out_dir, cp, steps, packed, tp=1):
+def _cp_worker(rank, world, store, out_dir, cp, steps, packed, tp=1, ep=1):
     from hybridmoe.distributed import clip_grad_norm_, parallelize, reduce_partial_grads, setup
     from hybridmoe.distributed.tp import reference_order
 
@@ -55,7 +55,7 @@ def _cp_worker(rank, world, store, out_dir, cp, steps, packed, tp=1):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank))
     try:
-        par = setup(cp=cp, tp=tp, backend="gloo")
+        par = setup(cp=cp, tp=tp, ep=ep, backend="gloo")
         torch.manual_seed(0)
         config = _config()
         ref = HybridMoEForCausalLM(config).train()
@@ -104,12 +104,14 @@ def _cp_worker(rank, world, store, out_dir, cp, steps, packed, tp=1):
 
 
 @pytest.mark.parametrize(
-    "world,cp,packed,tp",
-    [(2, 2, True, 1), (2, 2, False, 1), (4, 2, True, 1), (4, 2, True, 2)],
-    ids=["cp2-packed", "cp2", "dp2xcp2-packed", "cp2xtp2-packed"],
-)
-def test_context_parallel_matches_single_process(tmp_path, world, cp, packed, tp):
-    mp.start_processes(_cp_worker, args=(world, str(tmp_path / "store"), str(tmp_path), cp, 3, packed, tp),
+    "world,cp,packed,tp,ep",
+    [(2, 2, True, 1, 1), (2, 2, False, 1, 1), (4, 2, True, 1, 1), (4, 2, True, 2, 1), (2, 2, True, 1, 2),
+     (4, 2, True, 2, 2), (4, 2, True, 2, 4)],
+    ids=["cp2-packed", "cp2", "dp2xcp2-packed", "cp2xtp2-packed", "cp2xep2", "cp2xtp2xep2", "cp2xtp2xep4"],
+)  # fmt: skip
+def test_context_parallel_matches_single_process(tmp_path, world, cp, packed, tp, ep):
+    # ep borrows its ranks from cp and tp too (the experts' mesh folds every rank of the stage: `distributed.mesh`)
+    mp.start_processes(_cp_worker, args=(world, str(tmp_path / "store"), str(tmp_path), cp, 3, packed, tp, ep),
                        nprocs=world, start_method="spawn")  # fmt: skip
     r = json.loads((tmp_path / "cp.json").read_text())
     assert r["losses"] == pytest.approx(r["ref"], rel=1e-4), r

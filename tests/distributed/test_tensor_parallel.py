@@ -86,7 +86,10 @@ def _tp_worker(rank, world, store, out_dir, tp, steps, ep=1):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world,tp,ep", [(2, 2, 1), (4, 2, 1), (4, 2, 2)], ids=["tp2", "dp2xtp2", "dp2xtp2xep2"])
+@pytest.mark.parametrize(
+    "world,tp,ep", [(2, 2, 1), (4, 2, 1), (4, 2, 2), (2, 2, 2), (4, 2, 4)], ids=["tp2", "dp2xtp2", "dp2xtp2xep2",
+    "tp2xep2", "dp2xtp2xep4"]
+)  # fmt: skip
 def test_tensor_parallel_matches_single_process(tmp_path, world, tp, ep):
     mp.start_processes(_tp_worker, args=(world, str(tmp_path / "store"), str(tmp_path), tp, 3, ep), nprocs=world,
                        start_method="spawn")  # fmt: skip

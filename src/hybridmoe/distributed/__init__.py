@@ -4,22 +4,24 @@ clipping across meshes, and distributed checkpoints (DCP, in `train.checkpoint`)
 
 Faithful to torchtitan's layout for MoE models (pytorch/torchtitan, `torchtitan/models/deepseek_v3/infra/
 parallelize.py`, `torchtitan/distributed/expert_parallel.py`). The W ranks of a `torchrun` job form the mesh
-("pp", "dp_mod_ep", "ep", "cp", "tp") of `mesh.ParallelDims` with pp x dp x cp x tp = W:
+("pp", "dp", "cp", "tp") of `mesh.ParallelDims` with pp x dp x cp x tp = W, and the routed experts see the same ranks
+as ("pp", "edp", "ep") (MoE parallel folding, `mesh`):
   - data: the dp = W / (pp cp tp) data-parallel ranks take their own rows of the global batch; the ranks of a
     tensor- or context-parallel group and the pp stages of a pipeline take the same rows (expert parallelism borrows
-    its ranks from data parallelism);
+    its ranks from the ranks of a stage);
   - pipeline parallelism (`pp`, parallel.pp > 1): each rank holds one stage of the layers (the embedding on the
     first, the LM head, loss and MTP on the last) and runs a 1F1B schedule over micro-batches; everything below
     applies within a stage (its dp ranks, its cp and tp groups: the stages pass each rank's sequence shard);
   - tensor parallelism (`tp`, parallel.tp > 1): attention heads, Mamba-2 heads and groups, MLPs, shared experts and
     the LM head split over "tp", the residual stream and norms sequence-parallel, the loss vocab-parallel;
-  - FSDP2 (`fsdp`): every block is `fully_shard`-ed over the dp ranks (the flattened mesh "dp"), and so are the
+  - FSDP2 (`fsdp`): every block is `fully_shard`-ed over the dp ranks (the mesh "dp"), and so are the
     embeddings, final norm and LM head (the root);
-  - expert parallelism (`ep`): each MoE layer's routed experts are split over "ep", tokens travel to their experts
-    and back with all-to-alls (`kernels.moe`), and the experts are `fully_shard`-ed over "dp_mod_ep";
+  - expert parallelism (`ep`): each MoE layer's routed experts are split over "ep" (any ranks of the stage: under
+    sequence and context parallelism every rank routes its own tokens), tokens travel to their experts and back
+    with all-to-alls (`kernels.moe`), and the experts are `fully_shard`-ed over "edp";
   - gradients: every data-parallel rank's loss is the mean over its own tokens, so a parameter's gradient is
     averaged over the dp ranks; FSDP divides by the size of its mesh; the experts' gradients sum the contributions
-    of all ep peers' tokens, so the experts divide them by ep first (`modeling.Experts`);
+    of all ep peers' tokens, so the experts scale them by tp / ep first (`Parallel.expert_grad_scale`);
   - context parallelism (`cp`, parallel.cp > 1): the ranks of a cp group take the same rows and each runs one
     contiguous shard of every sequence; attention gathers the group's keys and values, Mamba-2 passes the conv
     inputs and SSM states between shards, the loss is cp x each rank's share; FSDP shards over dp x cp;
@@ -75,10 +77,12 @@ def parallelize(model, par: Parallel, reshard_after_forward: bool = True, pp_spl
     ignored: set[torch.nn.Parameter] = set()
     for moe in moes:
         experts = moe.experts
-        if par.ep > 1:
-            ep.check_divides(par.ep, experts.up_proj.shape[0])
-            ep.split_by_expert(experts, experts.up_proj.shape[0], par)
-            experts.ep_group = par.ep_group
+        if par.ep > 1 or par.tp > 1:  # the experts' mesh: split over "ep", FSDP over "edp" (`mesh`)
+            if par.ep > 1:
+                ep.check_divides(par.ep, experts.up_proj.shape[0])
+                ep.split_by_expert(experts, experts.up_proj.shape[0], par)
+                experts.ep_group = par.ep_group
+            experts.grad_scale = par.expert_grad_scale
             ep.shard_experts(experts, par, reshard_after_forward, ignored)
     # The router stays fp32 in a bf16 model and under mixed precision: it gets a unit of its own. The MTP blocks
     # stay in the root unit: forward_mtp uses their enorm/hnorm/eh_proj/final_layernorm outside the blocks' own

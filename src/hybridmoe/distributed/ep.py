@@ -1,11 +1,12 @@
 """Expert parallelism: the routed experts split in contiguous blocks over the "ep" mesh dimension.
 
 As torchtitan's (pytorch/torchtitan, `torchtitan/distributed/expert_parallel.py`): each parameter whose first
-dimension is the expert dimension becomes a DTensor sharded on dim 0 over "ep"; the experts' forward sends the token
-copies to the ranks that own their experts and back with all-to-alls (`kernels.moe`) and divides the experts'
-gradients by ep (they sum the tokens of all ep peers, while FSDP averages over "dp_mod_ep" only). The experts are
-then `fully_shard`-ed over "dp_mod_ep", or left out of FSDP when ep spans every data-parallel rank (nothing to gather
-or reduce, and no copies).
+dimension is the expert dimension becomes a DTensor sharded on dim 0 over "ep" of the experts' mesh (`mesh`: ep
+folded into the ranks of a pipeline stage, borrowed from tp, cp and dp); the experts' forward sends the token copies
+to the ranks that own their experts and back with all-to-alls (`kernels.moe`) and scales the experts' gradients by
+tp / ep (`Parallel.expert_grad_scale`: they sum the tokens of all ep peers, while FSDP averages over "edp"). The
+experts are then `fully_shard`-ed over "edp", or left out of FSDP when ep spans every rank of the stage (nothing to
+gather or reduce, and no copies).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def check_divides(ep: int, n_experts: int, name: str = "the model") -> None:
 
 def split_by_expert(params: nn.Module | nn.ParameterDict, n_experts: int, par) -> list[nn.Parameter]:
     """Replace each own parameter of `params` whose first dimension is n_experts (2-D or more) by its DTensor
-    sharded on dim 0 over par.mesh["ep"]; returns the new parameters."""
+    sharded on dim 0 over par.ep_mesh; returns the new parameters."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
     out = []
@@ -28,7 +29,7 @@ def split_by_expert(params: nn.Module | nn.ParameterDict, n_experts: int, par) -
     for name, p in list(items):
         if p.dim() >= 2 and p.shape[0] == n_experts:
             sharded = nn.Parameter(
-                distribute_tensor(p.data, par.mesh["ep"], [Shard(0)], src_data_rank=None), requires_grad=p.requires_grad
+                distribute_tensor(p.data, par.ep_mesh, [Shard(0)], src_data_rank=None), requires_grad=p.requires_grad
             )
             if isinstance(params, nn.ParameterDict):
                 params[name] = sharded
@@ -40,7 +41,7 @@ def split_by_expert(params: nn.Module | nn.ParameterDict, n_experts: int, par) -
 
 def shard_experts(experts: nn.Module, par, reshard_after_forward: bool, ignored: set) -> None:
     """After `split_by_expert`: FSDP over the ranks holding the same experts, or (ep spanning every data-parallel
-    rank) the split parameters added to `ignored` for the enclosing units."""
+    stage) the split parameters added to `ignored` for the enclosing units."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 

@@ -1,19 +1,22 @@
 """The one device mesh of a torchrun job, and this process's place in it.
 
 As torchtitan's `ParallelDims` (pytorch/torchtitan, `torchtitan/distributed/parallel_dims.py`) the layout names
-every dimension, dp_replicate x dp_shard x cp x tp x pp = world, with expert parallelism borrowing its ranks from
-data parallelism. hybridmoe runs dp_shard (FSDP2), cp (context parallel), tp (tensor + sequence parallel), pp
-(pipeline stages) and ep today, composed; dp_replicate is named here so that a layout asking for it fails at start
-with a clear error rather than later.
+every dimension, dp_replicate x dp_shard x cp x tp x pp = world. hybridmoe runs dp_shard (FSDP2), cp (context
+parallel), tp (tensor + sequence parallel), pp (pipeline stages) and ep today, composed; dp_replicate is named here so
+that a layout asking for it fails at start with a clear error rather than later.
 
-The mesh built has the dimensions ("pp", "dp_mod_ep", "ep", "cp", "tp"), outermost first: "pp" outermost (as
-torchtitan orders it: the stages exchange one activation per micro-batch, the least traffic, so they may span
-nodes), "tp" innermost (on GPUs the ranks of a tensor-parallel group share a node), "cp" the ranks holding the shards
-of the same sequences, "ep" the data-parallel ranks that split the routed experts among them, and "dp_mod_ep" the
-ranks that hold the same experts. Everything below is within this rank's pipeline stage. "dp" flattens ("dp_mod_ep",
-"ep"): every data-parallel rank (its own rows of the batch). FSDP shards over the ranks holding the same parameters:
-"dp" when cp = 1, else "dp_cp" = ("dp_mod_ep", "ep", "cp") flattened (torchtitan's dp_shard_cp), and the routed
-experts over "dp_mod_ep" (x "cp": "dp_mod_ep_cp").
+Two meshes over the same ranks, as Megatron-LM's MoE parallel folding lays them out (Liu et al., "MoE Parallel
+Folding", 2025, arXiv:2504.14960): the dense layers see ("pp", "dp", "cp", "tp"), outermost first, and the routed
+experts see ("pp", "edp", "ep"), the ranks of each pipeline stage folded into edp x ep with ep innermost.
+  - "pp" outermost in both (as torchtitan orders it: the stages exchange one activation per micro-batch, the least
+    traffic, so they may span nodes); everything below is within this rank's pipeline stage;
+  - "tp" innermost (on GPUs the ranks of a tensor-parallel group share a node), "cp" the ranks holding the shards of
+    the same sequences, "dp" the data-parallel ranks (their own rows of the batch);
+  - "ep": the ranks that split the routed experts among them. Under sequence parallelism and context parallelism
+    every rank of a stage routes its own tokens, so ep may borrow ranks from tp, cp and dp alike (in that order:
+    consecutive ranks) and only has to divide dp x cp x tp; "edp" the ranks holding the same experts.
+FSDP shards the dense parameters over the ranks holding the same ones: "dp" when cp = 1, else "dp_cp" = ("dp", "cp")
+flattened (torchtitan's dp_shard_cp), and the routed experts over "edp".
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import torch
 import torch.distributed as dist
 
 IMPLEMENTED = ("dp_shard", "cp", "tp", "pp", "ep")  # the dimensions hybridmoe runs today
+DENSE_DIMS = ("pp", "dp", "cp", "tp")
+EXPERT_DIMS = ("pp", "edp", "ep")
 
 
 @dataclass(frozen=True)
@@ -62,10 +67,11 @@ class ParallelDims:
                 f"dp_shard {dp_shard} x cp {self.cp} x tp {self.tp} x pp {self.pp} = {dp_shard * other} is not the "
                 f"{self.world_size} processes"
             )
-        if dp_shard % self.ep:
+        if (dp_shard * self.cp * self.tp) % self.ep:
             raise ValueError(
-                f"parallel.ep={self.ep} must divide the data-parallel degree (processes / (pp x cp x tp) = "
-                f"{dp_shard}): expert parallelism borrows its ranks from data parallelism"
+                f"parallel.ep={self.ep} must divide the ranks of a pipeline stage (processes / pp = dp {dp_shard} x cp "
+                f"{self.cp} x tp {self.tp} = {dp_shard * self.cp * self.tp}): expert parallelism borrows its ranks "
+                "from data, context and tensor parallelism"
             )
         return ParallelDims(self.world_size, self.dp_replicate, dp_shard, self.cp, self.tp, self.pp, self.ep)
 
@@ -74,37 +80,49 @@ class ParallelDims:
         return self.dp_replicate * self.dp_shard
 
     def build_mesh(self, device_type: str):
-        """The ("pp", "dp_mod_ep", "ep", "cp", "tp") mesh and the flattened FSDP mesh (see the module docstring)."""
-        from torch.distributed.device_mesh import init_device_mesh
+        """The dense ("pp", "dp", "cp", "tp") mesh, the flattened FSDP mesh and the experts' ("pp", "edp", "ep") mesh
+        over the same ranks (see the module docstring)."""
+        from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-        shape = (self.pp, self.dp_shard // self.ep, self.ep, self.cp, self.tp)
-        mesh = init_device_mesh(device_type, shape, mesh_dim_names=("pp", "dp_mod_ep", "ep", "cp", "tp"))
-        dp_mesh = mesh["dp_mod_ep", "ep"]._flatten("dp")
-        if self.cp > 1:
-            dp_mesh = mesh["dp_mod_ep", "ep", "cp"]._flatten("dp_cp")
-            mesh["dp_mod_ep", "cp"]._flatten("dp_mod_ep_cp")
-        return mesh, dp_mesh
+        mesh = init_device_mesh(device_type, (self.pp, self.dp_shard, self.cp, self.tp), mesh_dim_names=DENSE_DIMS)
+        dp_mesh = mesh["dp", "cp"]._flatten("dp_cp") if self.cp > 1 else mesh["dp"]
+        stage = self.dp_shard * self.cp * self.tp
+        ranks = torch.arange(self.world_size).view(self.pp, stage // self.ep, self.ep)
+        expert_mesh = DeviceMesh(device_type, ranks, mesh_dim_names=EXPERT_DIMS)
+        return mesh, dp_mesh, expert_mesh
 
 
 @dataclass
 class Parallel:
-    """This process's place in the job: `mesh` ("pp", "dp_mod_ep", "ep", "cp", "tp"), `dp_mesh` the ranks FSDP
-    shards over (the data-parallel ranks of its pipeline stage, x cp)."""
+    """This process's place in the job: `mesh` ("pp", "dp", "cp", "tp"), `dp_mesh` the ranks FSDP shards the dense
+    parameters over (the data-parallel ranks of its pipeline stage, x cp), `expert_mesh` ("pp", "edp", "ep")."""
 
     rank: int
     world_size: int
     ep: int
     device: torch.device
-    mesh: object  # DeviceMesh ("pp", "dp_mod_ep", "ep", "cp", "tp")
+    mesh: object  # DeviceMesh ("pp", "dp", "cp", "tp")
     dp_mesh: object  # FSDP's ranks as one dimension: "dp" (the data-parallel ranks), or "dp_cp" under cp
+    expert_mesh: object = None  # DeviceMesh ("pp", "edp", "ep"): the same ranks as the routed experts see them
     tp: int = 1
     cp: int = 1
     pp: int = 1  # pipeline stages (`distributed.pp`)
     mixed_precision: str | None = None  # "bf16": FSDP2 gathers bf16 copies of fp32 weights (parallel.mixed_precision)
 
     @property
+    def ep_mesh(self):
+        return self.expert_mesh["ep"]
+
+    @property
     def ep_group(self):
-        return self.mesh["ep"].get_group() if self.ep > 1 else None
+        return self.ep_mesh.get_group() if self.ep > 1 else None
+
+    @property
+    def expert_grad_scale(self) -> float:
+        """What a routed expert's gradient is multiplied by before FSDP averages it over "edp": it sums the tokens
+        of all ep peers, and the ranks of the stage (dp x cp x tp = edp x ep) hold the losses of dp x cp averaged
+        rows, the tp ranks of one row group each its own tokens of the same loss (summed, not averaged)."""
+        return self.tp / self.ep
 
     @property
     def tp_mesh(self):
@@ -133,9 +151,8 @@ class Parallel:
 
     @property
     def experts_dp_mesh(self):
-        """The ranks that hold the same routed experts (FSDP shards the experts over them): data-parallel ranks of
-        the same ep slot, x cp."""
-        return self.mesh["dp_mod_ep_cp"] if self.cp > 1 else self.mesh["dp_mod_ep"]
+        """The ranks that hold the same routed experts (FSDP shards the experts over them)."""
+        return self.expert_mesh["edp"]
 
     @property
     def dp_size(self) -> int:
@@ -148,13 +165,13 @@ class Parallel:
 
     @property
     def dp_rank(self) -> int:
-        return self.mesh.get_local_rank("dp_mod_ep") * self.ep + self.mesh.get_local_rank("ep")
+        return self.mesh.get_local_rank("dp")
 
     @property
     def experts_unreplicated(self) -> bool:
-        """ep spans every data-parallel rank ("dp_mod_ep" of size 1): each expert lives on one rank (per
-        tensor-parallel rank), so FSDP has nothing of theirs to gather or reduce and leaves them alone."""
-        return self.ep > 1 and self.ep == self.dp_size and self.cp == 1
+        """ep spans every rank of the pipeline stage ("edp" of size 1): each expert lives on one rank, so FSDP has
+        nothing of theirs to gather or reduce and leaves them alone."""
+        return self.ep > 1 and self.ep == self.stage_size
 
     @property
     def is_main(self) -> bool:
@@ -218,10 +235,10 @@ def setup(
         device = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), timeout=datetime.timedelta(minutes=30))
-    mesh, dp_mesh = dims.build_mesh(device.type)
+    mesh, dp_mesh, expert_mesh = dims.build_mesh(device.type)
     return Parallel(
         rank=dist.get_rank(), world_size=world, ep=ep, device=device, mesh=mesh, dp_mesh=dp_mesh, tp=tp,
-        mixed_precision=mixed_precision, cp=cp, pp=pp,
+        mixed_precision=mixed_precision, cp=cp, pp=pp, expert_mesh=expert_mesh,
     )  # fmt: skip
 
 

@@ -15,10 +15,12 @@ split over its heads (or hidden units), and reduce-scatters its output back to s
     the gated norm (its statistics are per group, and groups do not straddle ranks) then run on the rank's heads
     alone; out_proj `RowwiseParallel`. Needs mamba_num_heads and n_groups divisible by tp;
   - dense MLPs and the MoE shared expert: up `ColwiseParallel`, down `RowwiseParallel`;
-  - routed MoE path (router, LatentMoE latent projections, routed experts): replicated over tp and run on the rank's
-    own tokens (no all-gather); the sequence-level balancing loss sums its per-sequence statistics over the tp ranks.
-    Their gradients (and the embedding's, and MTP's eh_proj's: also run on local tokens) are partial sums over tp,
-    reduced by `reduce_partial_grads` after backward (Megatron-LM's all-reduce of sequence-parallel gradients);
+  - routed MoE path (router, LatentMoE latent projections, routed experts): run on the rank's own tokens (no
+    all-gather); the sequence-level balancing loss sums its per-sequence statistics over the tp ranks. The router
+    and the latent projections are replicated over tp: their gradients (and the embedding's, and MTP's eh_proj's:
+    also run on local tokens) are partial sums over tp, reduced by `reduce_partial_grads` after backward
+    (Megatron-LM's all-reduce of sequence-parallel gradients). The routed experts are sharded over every rank of the
+    stage instead, tp included (the experts' mesh, `distributed.mesh`; split by expert when parallel.ep > 1);
   - LM head: vocabulary-split (dim-0 shard); the loss is vocab-parallel (`VocabParallelLoss`): each rank forms the
     logits of its vocabulary slice chunk by chunk, the log-sum-exp and the target logit are all-reduced, and the
     full [tokens x vocab] logits exist nowhere (Megatron-LM's vocab-parallel cross-entropy, fused with the head).
@@ -173,7 +175,8 @@ def parallelize_native(model, par) -> None:
             )  # fmt: skip
             mixer.sequence_group = par.tp_group
             for name, _ in mixer.named_parameters():
-                if not name.startswith("shared_experts."):
+                # the routed experts live on the experts' mesh, sharded over the whole stage (`distributed.mesh`)
+                if not name.startswith(("shared_experts.", "experts.")):
                     partial.append(f"{prefix}.mixer.{name}")
         else:  # MLP
             parallelize_module(mixer, mesh, {"up_proj": ColwiseParallel(), "down_proj": out_rows})
