@@ -153,8 +153,11 @@ def test_feasible_layouts_fit_and_respect_the_rules():
     long = feasible_layouts(config, gpus=16, gpu_memory_gib=80, seq=262144, implemented_only=True, limit=99)
     assert any(p.layout.cp > 1 for p in long)
     assert any(p.layout.pp > 1 and p.layout.tp > 1 and p.layout.cp > 1 for p in long)  # pp x tp x cp runs
-    # the Nano shape has 2 KV heads: the trainer's tensor parallelism goes up to tp 2
-    assert {p.layout.tp for p in feasible_layouts(config, 16, 40, 4096, implemented_only=True, limit=99)} <= {1, 2}
+    # the search keeps to what the trainer's tensor parallelism splits: 2 Mamba groups allow tp 2 at most, while
+    # Nano's 2 KV heads allow tp 8 (each rank computes the KV head its query heads read)
+    two_groups = HybridMoEConfig.from_preset("nano-30b-a3b", n_groups=2)
+    assert {p.layout.tp for p in feasible_layouts(two_groups, 16, 40, 4096, implemented_only=True, limit=99)} <= {1, 2}
+    assert 8 in {p.layout.tp for p in feasible_layouts(config, 16, 40, 4096, implemented_only=True, limit=99)}
     assert feasible_layouts(config, gpus=1, gpu_memory_gib=80, seq=4096) == []
 
 

@@ -43,7 +43,7 @@ def _batch(rows: int, t: int, vocab: int):
     return ids, labels, docs
 
 
-def _pp_worker(rank, world, store, out_dir, pp, steps, microbatches, tp=1, cp=1):
+def _pp_worker(rank, world, store, out_dir, pp, steps, microbatches, tp=1, cp=1, ep=1):
     from hybridmoe.distributed import clip_grad_norm_, parallelize, reduce_partial_grads, setup
     from hybridmoe.distributed.pp import forward_backward, full_state_dict
     from hybridmoe.distributed.tp import reference_order
@@ -53,7 +53,7 @@ def _pp_worker(rank, world, store, out_dir, pp, steps, microbatches, tp=1, cp=1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank))
     try:
-        par = setup(pp=pp, tp=tp, cp=cp, backend="gloo")
+        par = setup(pp=pp, tp=tp, cp=cp, ep=ep, backend="gloo")
         torch.manual_seed(0)
         config = _config()
         ref = HybridMoEForCausalLM(config).train()
@@ -108,14 +108,15 @@ def _pp_worker(rank, world, store, out_dir, pp, steps, microbatches, tp=1, cp=1)
 
 
 @pytest.mark.parametrize(
-    "world,pp,tp,cp",
-    [(2, 2, 1, 1), (4, 2, 1, 1), (4, 2, 2, 1), (4, 2, 1, 2)],
-    ids=["pp2", "dp2xpp2", "tp2xpp2", "cp2xpp2"],
+    "world,pp,tp,cp,ep",
+    [(2, 2, 1, 1, 1), (4, 2, 1, 1, 1), (4, 2, 2, 1, 1), (4, 2, 1, 2, 1), (8, 2, 2, 2, 2)],
+    ids=["pp2", "dp2xpp2", "tp2xpp2", "cp2xpp2", "tp2xcp2xep2xpp2"],
 )
-def test_pipeline_parallel_matches_single_process(tmp_path, world, pp, tp, cp):
+def test_pipeline_parallel_matches_single_process(tmp_path, world, pp, tp, cp, ep):
     """Packed documents (one crossing the context-parallel shard boundary, one starting on it), MTP (two depths: its
-    carried embeddings are each rank's sequence shard and the two tokens after it) and the aux loss."""
-    mp.start_processes(_pp_worker, args=(world, str(tmp_path / "store"), str(tmp_path), pp, 3, 2, tp, cp),
+    carried embeddings are each rank's sequence shard and the two tokens after it) and the aux loss. The 8-process
+    layout is the issue's: every dimension at once, ep borrowing its ranks from tp (`distributed.mesh`)."""
+    mp.start_processes(_pp_worker, args=(world, str(tmp_path / "store"), str(tmp_path), pp, 3, 2, tp, cp, ep),
                        nprocs=world, start_method="spawn")  # fmt: skip
     r = json.loads((tmp_path / "pp.json").read_text())
     assert r["losses"] == pytest.approx(r["ref"], rel=1e-4), r
@@ -189,12 +190,12 @@ def test_torchrun_pipeline_tensor_parallel_matches_single_process(dist_setup, tm
     """`hybridmoe pretrain ... parallel.pp=2 parallel.tp=2` on 4 processes (2 micro-batches of two sequences, each
     rank running its half of every sequence): the single-process losses, gradient norms and validation loss, step
     by step; the consolidated checkpoint (gathered stage by stage, the Mamba rows back in the Hugging Face order) and
-    the export of the distributed one equal the single-process model. (pp 2 x cp 2 runs the same way: the spawned
-    test above checks its gradients.)"""
+    the export of the distributed one equal the single-process model; its step-5 checkpoint resumes as dp 4 (no
+    stages, no tensor parallelism: the Mamba rows reordered, `train.checkpoint`) and logs steps 6-10 as the
+    single-process run. (pp 2 x cp 2 runs the same way: the spawned test above checks its gradients.)"""
     root, path, reference, single = dist_setup
     out = tmp_path / "run"
-    _torchrun(4, path, "parallel.pp=2", "parallel.tp=2", f"train.out_dir={out}", "train.steps=10",
-              "train.save_every=10")  # fmt: skip
+    _torchrun(4, path, "parallel.pp=2", "parallel.tp=2", f"train.out_dir={out}", "train.steps=10")
     _assert_same_trajectory(step_records(out), reference, list(range(1, 11)))
     val, val_ref = (
         [v for r in read_log(os.path.join(d, "log.jsonl")) if (v := r.get("val_loss")) is not None]
@@ -209,6 +210,12 @@ def test_torchrun_pipeline_tensor_parallel_matches_single_process(dist_setup, tm
         for name, tensor in model.state_dict().items():
             if not name.endswith("tokens_per_expert"):
                 torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-5, msg=f"{model_dir}: {name}")
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(out / "checkpoints" / "step-0000005", resumed / "checkpoints" / "step-0000005")
+    shutil.copy(out / "log.jsonl", resumed / "log.jsonl")
+    _torchrun(4, path, f"train.out_dir={resumed}", "train.steps=10", "parallel.consolidate=false", "--resume")
+    _assert_same_trajectory(step_records(resumed), reference, list(range(1, 11)))
 
 
 def test_pipeline_settings_are_checked(tmp_path):

@@ -25,9 +25,9 @@ dist_setup = test_distributed.dist_setup  # the debug recipe and its single-proc
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 
-def _config():
+def _config(**overrides):
     # debug with MTP; an aux-loss coefficient large enough that its gradient is seen
-    return HybridMoEConfig.from_preset("debug", router_aux_loss_coef=1e-2)
+    return HybridMoEConfig.from_preset("debug", **{"router_aux_loss_coef": 1e-2, **overrides})
 
 
 def _batch(rows: int, t: int, vocab: int):
@@ -39,7 +39,7 @@ def _batch(rows: int, t: int, vocab: int):
     return ids, labels, docs
 
 
-def _tp_worker(rank, world, store, out_dir, tp, steps, ep=1):
+def _tp_worker(rank, world, store, out_dir, tp, steps, ep=1, overrides=None):
     from hybridmoe.distributed import clip_grad_norm_, parallelize, reduce_partial_grads, setup
     from hybridmoe.distributed.tp import reference_order
 
@@ -49,7 +49,7 @@ def _tp_worker(rank, world, store, out_dir, tp, steps, ep=1):
     try:
         par = setup(tp=tp, ep=ep, backend="gloo")
         torch.manual_seed(0)
-        config = _config()
+        config = _config(**(overrides or {}))
         ref = HybridMoEForCausalLM(config).train()
         model = HybridMoEForCausalLM(config).train()
         model.load_state_dict(ref.state_dict())
@@ -87,12 +87,16 @@ def _tp_worker(rank, world, store, out_dir, tp, steps, ep=1):
 
 
 @pytest.mark.parametrize(
-    "world,tp,ep", [(2, 2, 1), (4, 2, 1), (4, 2, 2), (2, 2, 2), (4, 2, 4)], ids=["tp2", "dp2xtp2", "dp2xtp2xep2",
-    "tp2xep2", "dp2xtp2xep4"]
+    "world,tp,ep,overrides",
+    [(2, 2, 1, None), (4, 2, 1, None), (4, 2, 2, None), (2, 2, 2, None), (4, 2, 4, None),
+     (2, 2, 1, {"num_key_value_heads": 1}), (4, 4, 1, {"n_groups": 4})],
+    ids=["tp2", "dp2xtp2", "dp2xtp2xep2", "tp2xep2", "dp2xtp2xep4", "tp2-one-kv-head", "tp4-two-kv-heads"],
 )  # fmt: skip
-def test_tensor_parallel_matches_single_process(tmp_path, world, tp, ep):
-    mp.start_processes(_tp_worker, args=(world, str(tmp_path / "store"), str(tmp_path), tp, 3, ep), nprocs=world,
-                       start_method="spawn")  # fmt: skip
+def test_tensor_parallel_matches_single_process(tmp_path, world, tp, ep, overrides):
+    """ep borrows its ranks from tp too (`distributed.mesh`); with fewer KV heads than tp ranks (all Nemotron 3
+    models have 2) each rank computes the KV head its query heads read."""
+    mp.start_processes(_tp_worker, args=(world, str(tmp_path / "store"), str(tmp_path), tp, 3, ep, overrides),
+                       nprocs=world, start_method="spawn")  # fmt: skip
     r = json.loads((tmp_path / "tp.json").read_text())
     assert r["losses"] == pytest.approx(r["ref"], rel=1e-4), r
     assert max(r["grad_errors"]) < 1e-4, r

@@ -7,7 +7,9 @@ ranks holds t / tp tokens of every sequence of its data-parallel rows); a mixer 
 split over its heads (or hidden units), and reduce-scatters its output back to sequence shards:
   - norms (block norms, final norm, MTP's enorm / hnorm / final_layernorm): `SequenceParallel`, on the local tokens;
   - attention: q/k/v `ColwiseParallel` (whole heads per rank: num_attention_heads and num_key_value_heads divisible
-    by tp), o_proj `RowwiseParallel`;
+    by tp), o_proj `RowwiseParallel`. With fewer KV heads than ranks (every Nemotron 3 model has 2) k/v stay whole
+    and each rank computes the one KV head its query heads read, as Megatron-LM replicates the KV heads then; their
+    gradients are partial sums over tp (below);
   - Mamba-2: in_proj column-split so that each rank holds whole heads and whole groups. The fused in_proj's rows
     (z, x, B, C, dt) are permuted rank-major, [z_0 x_0 B_0 C_0 dt_0 | z_1 x_1 ...], so that a plain dim-0 shard
     gives rank r its heads' z, x, dt and its groups' B, C (as Megatron-LM's Mamba mixer lays out its column-parallel
@@ -45,9 +47,13 @@ from ..kernels.loss import IGNORE_INDEX
 def check_divisible(config, tp: int) -> None:
     """Clear errors for a model that cannot be split over tp ranks."""
     c = config
+    if c.num_key_value_heads % tp and tp % c.num_key_value_heads:
+        raise ValueError(
+            f"parallel.tp={tp} and the model's num_key_value_heads ({c.num_key_value_heads}): one must divide the "
+            "other (with fewer KV heads than ranks each rank computes the KV head its query heads share)"
+        )
     needs = [
         ("num_attention_heads", c.num_attention_heads),
-        ("num_key_value_heads", c.num_key_value_heads),
         ("mamba_num_heads", c.mamba_num_heads),
         ("n_groups", c.n_groups),
         ("intermediate_size", c.intermediate_size),
@@ -147,10 +153,20 @@ def parallelize_native(model, par) -> None:
         if hasattr(block, "eh_proj"):
             partial.append(f"{prefix}.eh_proj.weight")
         if isinstance(mixer, Attention):
-            plan = {"q_proj": ColwiseParallel(), "k_proj": ColwiseParallel(), "v_proj": ColwiseParallel()}
+            if mixer.num_kv_heads % tp == 0:
+                plan = {"q_proj": ColwiseParallel(), "k_proj": ColwiseParallel(), "v_proj": ColwiseParallel()}
+                mixer.num_kv_heads //= tp
+            else:  # fewer KV heads than ranks: each rank computes the one its query heads read
+                plan = {"q_proj": ColwiseParallel()}
+                for name in ("k_proj", "v_proj"):
+                    proj = getattr(mixer, name)
+                    proj.register_forward_pre_hook(_partial_input)
+                    proj.register_forward_hook(_KVHead(rank * mixer.num_kv_heads // tp, mixer.head_dim))
+                    partial.append(f"{prefix}.mixer.{name}.weight")
+                mixer.num_kv_heads = 1
             parallelize_module(mixer, mesh, {**plan, "o_proj": out_rows})
             parallelize_module(block, mesh, {"mixer": gather_input})
-            mixer.num_heads, mixer.num_kv_heads = mixer.num_heads // tp, mixer.num_kv_heads // tp
+            mixer.num_heads //= tp
         elif isinstance(mixer, Mamba2Mixer):
             mixer.in_proj.weight.data = mixer.in_proj.weight.data.index_select(0, in_rows)
             split_rows(mixer.conv1d, "weight", conv_channels)
@@ -192,6 +208,26 @@ def parallelize_native(model, par) -> None:
     model.tensor_parallel = VocabParallelLoss(par.tp_group, rank, tp)
     model.tp_partial_grads = frozenset(partial)
     model.tp_degree = tp
+
+
+def _partial_input(module, args):
+    """Forward pre-hook of a projection replicated over tp: its gathered (replicated) input as a local tensor whose
+    gradient is a partial sum over tp (each rank back-propagates its own heads only)."""
+    from torch.distributed.tensor import Partial
+
+    return (args[0].to_local(grad_placements=[Partial()]),)
+
+
+class _KVHead:
+    """Forward hook of k_proj / v_proj when num_key_value_heads < tp (Megatron-LM replicates the key-value heads
+    then): keep the columns of KV head `index`, the one this rank's query heads read (the weights stay whole and
+    replicated over tp, their gradients partial sums)."""
+
+    def __init__(self, index: int, head_dim: int):
+        self.start, self.head_dim = index * head_dim, head_dim
+
+    def __call__(self, module, args, out):
+        return out[..., self.start : self.start + self.head_dim]
 
 
 def _name_of(root: nn.Module, module: nn.Module) -> str:
