@@ -109,13 +109,15 @@ def _pp_worker(rank, world, store, out_dir, pp, steps, microbatches, tp=1, cp=1,
 
 @pytest.mark.parametrize(
     "world,pp,tp,cp,ep",
-    [(2, 2, 1, 1, 1), (4, 2, 1, 1, 1), (4, 2, 2, 1, 1), (4, 2, 1, 2, 1), (8, 2, 2, 2, 2)],
-    ids=["pp2", "dp2xpp2", "tp2xpp2", "cp2xpp2", "tp2xcp2xep2xpp2"],
+    [(2, 2, 1, 1, 1), (8, 2, 2, 2, 2)],
+    ids=["pp2", "tp2xcp2xep2xpp2"],
 )
 def test_pipeline_parallel_matches_single_process(tmp_path, world, pp, tp, cp, ep):
     """Packed documents (one crossing the context-parallel shard boundary, one starting on it), MTP (two depths: its
     carried embeddings are each rank's sequence shard and the two tokens after it) and the aux loss. The 8-process
-    layout is the issue's: every dimension at once, ep borrowing its ranks from tp (`distributed.mesh`)."""
+    layout is the issue's: every dimension at once, ep borrowing its ranks from tp (`distributed.mesh`). dp 2 x pp 2,
+    tp 2 x pp 2 and cp 2 x pp 2 alone: `benchmarks/bench_parallel_layouts.py` (10 steps each) and the torchrun tests
+    below (dp x pp, tp x pp), kept out of the suite for time."""
     mp.start_processes(_pp_worker, args=(world, str(tmp_path / "store"), str(tmp_path), pp, 3, 2, tp, cp, ep),
                        nprocs=world, start_method="spawn")  # fmt: skip
     r = json.loads((tmp_path / "pp.json").read_text())
