@@ -242,7 +242,11 @@ def setup(
     )  # fmt: skip
 
 
-def teardown() -> None:
+def teardown(failed: bool = False) -> None:
+    """Leave the process group: after a barrier (no rank leaves while another is still in a collective), or at once
+    when this rank is leaving on an exception (`failed`): the others may never reach the barrier, and torchrun stops
+    them when this process exits with the error."""
     if dist.is_initialized():
-        dist.barrier()  # no rank leaves while another is still in a collective
+        if not failed:
+            dist.barrier()
         dist.destroy_process_group()

@@ -96,10 +96,14 @@ def run(recipe, make_stage, resume: bool = False, stop_after: int | None = None,
     p = recipe.parallel
     par = distributed.setup(p.ep, tp=p.tp, mixed_precision=p.mixed_precision, cp=p.cp, pp=p.pp)
     try:
-        return _run(recipe, make_stage, par, resume, stop_after, peak_gflops)
-    finally:
+        summary = _run(recipe, make_stage, par, resume, stop_after, peak_gflops)
+    except BaseException:
         if par is not None and owns_group:
-            distributed.teardown()
+            distributed.teardown(failed=True)  # a rank that raised must not wait for the others at a barrier
+        raise
+    if par is not None and owns_group:
+        distributed.teardown()
+    return summary
 
 
 def _run(recipe, make_stage, par, resume: bool, stop_after: int | None, peak_gflops: float | None) -> dict:
