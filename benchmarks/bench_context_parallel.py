@@ -135,9 +135,16 @@ def main(argv=None) -> int:
             mp.start_processes(_cp_rank, args=(args, tmp, measure), nprocs=args.cp, start_method="spawn")
             for r in range(args.cp):
                 ranks[r].update(_read_json(os.path.join(tmp, f"cp-{measure}-{r}.json")))
+    malloc = "glibc default" if args.default_malloc else "MALLOC_MMAP_THRESHOLD_=65536"
+    key = lambda r: (r["seq"], r["cp"], r["packed"], r.get("malloc", "glibc default"))  # noqa: E731
+    this = (args.seq, args.cp, args.packed, malloc)
+    runs = _read_json(args.out)["runs"] if os.path.exists(args.out) else []
+    for r in runs:  # the same setting measured before: keep what this invocation did not measure
+        if key(r) == this:
+            single = {**r["single"], **single}
+            ranks = [{**old, **new} for old, new in zip(r["ranks"], ranks)]
     run = {
-        "seq": args.seq, "cp": args.cp, "packed": args.packed, "preset": "tiny", "dtype": "fp32",
-        "malloc": "glibc default" if args.default_malloc else "MALLOC_MMAP_THRESHOLD_=65536",
+        "seq": args.seq, "cp": args.cp, "packed": args.packed, "preset": "tiny", "dtype": "fp32", "malloc": malloc,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (2-core AMD EPYC with "
                    "AVX512-BF16, shared with other agents)",
         "torch": torch.__version__, "single": single, "ranks": ranks,
@@ -148,12 +155,12 @@ def main(argv=None) -> int:
         f"seq {args.seq} cp {args.cp}{' packed' if args.packed else ''}: loss {single['loss']:.6f} (single) vs "
         f"{ranks[0]['loss']:.6f} (cp, rel {run['loss_rel_diff']:.1e}); grad norm rel {run['grad_norm_rel_diff']:.1e}"
     )
-    if "tensor" in measures:
+    if "tensor_peak_mb" in single:
         worst = max(r["tensor_peak_mb"] for r in ranks)
         run["max_rank_tensor_ratio"] = worst / single["tensor_peak_mb"]
         line += f"; tensor peak {single['tensor_peak_mb']:.0f} MB vs max rank {worst:.0f} MB "
         line += f"({run['max_rank_tensor_ratio']:.1%})"
-    if "rss" in measures:
+    if "added_mb" in single:
         added, peak = max(r["added_mb"] for r in ranks), max(r["peak_mb"] for r in ranks)
         run["max_rank_added_ratio"] = added / single["added_mb"]
         run["max_rank_peak_ratio"] = peak / single["peak_mb"]
@@ -163,11 +170,7 @@ def main(argv=None) -> int:
             f"({run['max_rank_peak_ratio']:.1%})"
         )
     print(line)
-    runs = []
-    if os.path.exists(args.out):
-        key = lambda r: (r["seq"], r["cp"], r["packed"], r.get("malloc", "glibc default"))  # noqa: E731
-        runs = [r for r in _read_json(args.out)["runs"] if key(r) != key(run)]
-    runs.append(run)
+    runs = [r for r in runs if key(r) != this] + [run]
     from hybridmoe.utils import atomic_write_text
 
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
