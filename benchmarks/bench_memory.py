@@ -10,8 +10,8 @@ AdamW) on random tokens, and record
   - peak MB: the process's peak resident memory (ru_maxrss), and base MB: resident memory after imports, with
     glibc's default malloc (what `hybridmoe pretrain` gets) and again with MALLOC_MMAP_THRESHOLD_=65536 (freed
     blocks of 64 KiB or more go back to the system at once, so the resident peak follows the live tensors);
-  - allocated MB: the peak of live tensor bytes over one step, from torch.profiler's memory timeline (a third
-    run; the CPU's counterpart of torch.cuda.max_memory_allocated);
+  - allocated MB: the peak of live tensor bytes over the steps, from torch.profiler's memory profiling
+    (`TensorPeak`, a third run; the CPU's counterpart of torch.cuda.max_memory_allocated);
   - planned MB: what `hybridmoe.plan` predicts for the same step (fp32, one process).
 Unlike bench_model.py's, these workers do not keep freed blocks for reuse, which is faster but raises the peak
 (by 2.1 GB for `tiny` at 32K tokens).
@@ -40,12 +40,43 @@ def rss_mb() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+class TensorPeak:
+    """`with TensorPeak() as peak: ...`, then `peak.bytes`: the peak of live tensor bytes on the CPU while the block
+    ran, the CPU's counterpart of torch.cuda.max_memory_allocated. torch.profiler's memory profiling (on for the
+    whole block) reports, with every allocation, the bytes of the tensors allocated under it and still alive; enter
+    it before the model is built so that parameters, gradients and optimizer state count. Unlike the profiler's
+    MemoryProfileTimeline this needs no data-flow graph, which fails on the in-place collectives of
+    torch.distributed; on one process both give the same peak (443.8 MB for a `tiny` 2 x 512 step with AdamW)."""
+
+    def __enter__(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        self.bytes = None
+        self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        from torch._C._profiler import _EventType
+
+        self._profile.__exit__(*exc)
+        peak, todo = 0, list(self._profile.profiler.kineto_results.experimental_event_tree())
+        while todo:
+            event = todo.pop()
+            todo.extend(event.children)
+            if event.typed[0] == _EventType.Allocation and event.typed[1].device.type == "cpu":
+                peak = max(peak, event.typed[1].total_allocated)
+        self.bytes = peak
+        return False
+
+
 def worker(preset: str, batch: int, seq: int, checkpointing: bool, steps: int, allocated: bool = False) -> dict:
     import torch
 
     from hybridmoe import HybridMoEConfig, HybridMoEForCausalLM
 
     base = rss_mb()
+    peak = TensorPeak().__enter__() if allocated else None  # from before the model is built to the last step
     torch.manual_seed(0)
     model = HybridMoEForCausalLM(HybridMoEConfig.from_preset(preset))
     model.backbone.gradient_checkpointing = checkpointing
@@ -61,26 +92,8 @@ def worker(preset: str, batch: int, seq: int, checkpointing: bool, steps: int, a
             saved[ptr] = t.untyped_storage().nbytes()
         return t
 
-    def profiled_step():
-        """The last step under torch.profiler's memory timeline: the peak of live tensor bytes (what
-        torch.cuda.max_memory_allocated is on a GPU); parameters, gradients and optimizer state count because the
-        step touches them."""
-        from torch.profiler import ProfilerActivity, profile
-        from torch.profiler._memory_profiler import MemoryProfileTimeline
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
-            loss = model(ids, labels=ids, return_logits=False).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=False)
-        _, sizes = MemoryProfileTimeline(p._memory_profile())._coalesce_timeline("cpu")
-        return max(sum(row) for row in sizes), loss
-
     for step in range(steps):
-        if allocated and step == steps - 1:
-            peak_allocated, loss = profiled_step()
-            continue
-        if step == 0 and not checkpointing:
+        if step == 0 and not checkpointing and not allocated:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 loss = model(ids, labels=ids, return_logits=False).loss
         else:
@@ -90,7 +103,8 @@ def worker(preset: str, batch: int, seq: int, checkpointing: bool, steps: int, a
         opt.zero_grad(set_to_none=False)  # keep the gradients allocated, as a training loop's peak has them
     mb = 2**-20
     if allocated:
-        return {"allocated_mb": peak_allocated * mb}
+        peak.__exit__(None, None, None)
+        return {"allocated_mb": peak.bytes * mb}
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     adam = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
     return {

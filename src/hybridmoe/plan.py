@@ -7,7 +7,9 @@ The model is this repository's own trainer, written out as formulas in the confi
   - parameters, gradients and AdamW state: fp32 master weights, fp32 gradients and two fp32 moments
     (16 bytes per parameter), fully sharded (FSDP2 / ZeRO-3) over every rank of a pipeline stage: non-expert weights
     split by tensor parallelism and sharded over dp x cp, expert weights split by expert over ep and sharded over the
-    rest (dp x cp x tp / ep);
+    rest (dp x cp x tp / ep). What hybridmoe's tensor parallelism leaves whole on every tp rank (the embedding, the
+    norms between the mixers, the MoE router and latent projections, MTP's eh_proj; `distributed.tp`) is sharded
+    over dp x cp only;
   - the FSDP working set: the gathered bf16 weights of the running block and the prefetched next one, and one
     block's unsharded gradients (bf16, plus the fp32 copy reduce-scattered); experts count only when FSDP holds
     them (not when ep spans all the ranks of a stage);
@@ -20,8 +22,10 @@ The model is this repository's own trainer, written out as formulas in the confi
   - the loss keeps fp32 dL/dh and dL/dW_head per LM head application (the main head and each MTP depth).
 
 Layout rules (Megatron-style): gpus = dp x tp x pp x cp; expert parallelism borrows from dp x cp x tp within a
-pipeline stage; tensor parallelism uses sequence parallelism, so every activation is divided by tp, and context
-parallelism divides the tokens by cp; a 1F1B pipeline keeps (pp - stage) micro-batches of activations in flight.
+pipeline stage; tensor parallelism uses sequence parallelism, so every activation is divided by tp, except the
+mixers' all-gathered inputs (what their first matmul saves) and the vocabulary-parallel loss, which runs on the
+gathered tokens of the micro-batch over vocab / tp; context parallelism divides the tokens by cp; a 1F1B pipeline
+keeps (pp - stage) micro-batches of activations in flight.
 hybridmoe implements dp x pp x cp x tp x ep (`hybridmoe.distributed`: FSDP2, 1F1B pipeline stages, context
 parallelism, tensor + sequence parallelism, expert parallelism borrowing from dp x cp x tp) and bf16 mixed precision
 over fp32 master weights, as the published recipes compose them. FLOPs per step follow
@@ -110,11 +114,16 @@ def _norm(t: float, d: int, a: int, output_kept: bool = True) -> float:
     return t * (d * (FP32 + FP32 + (a if output_kept else 0)) + FP32)
 
 
-def layer_activation_bytes(c: HybridMoEConfig, symbol: str, batch: int, seq: int, a: int) -> float:
+def layer_activation_bytes(c: HybridMoEConfig, symbol: str, batch: int, seq: int, a: int, tp: int = 1) -> float:
     """Bytes one block (norm + mixer) keeps for backward for `batch` sequences of `seq` tokens, activations of
-    `a` bytes (4 fp32, 2 bf16; fp32 internals stay 4). Matches saved_tensors_hooks on the CPU fp32 path."""
+    `a` bytes (4 fp32, 2 bf16; fp32 internals stay 4). Matches saved_tensors_hooks on the CPU fp32 path.
+    tp > 1: `seq` is the rank's sequence-parallel share and the mixer's heads are split over tp; the mixer's first
+    matmul keeps its input all-gathered over the tp ranks (tp x the norm's output; MoE: the shared expert's, while
+    the router and the latent projection keep the local one)."""
     t, d = batch * seq, c.hidden_size
     out = _norm(t, d, a)
+    if tp > 1:
+        out += t * d * a * (tp if symbol == "E" else tp - 1)
     if symbol == "M":
         h, p, g, n, L, k = (
             c.mamba_num_heads,
@@ -136,8 +145,9 @@ def layer_activation_bytes(c: HybridMoEConfig, symbol: str, batch: int, seq: int
         out += t * inner * FP32 * 5 + t * g * FP32  # chunked x, gated norm (y, silu(z), product, normalized)
         out += t * inner * a  # out_proj input
     elif symbol == "*":
-        nh, hd = c.num_attention_heads, c.head_dim
-        out += t * (2 * nh + 2 * c.num_key_value_heads) * hd * a + t * nh * FP32  # q, k, v, output; logsumexp
+        # with fewer KV heads than tp ranks each rank computes the one KV head its query heads read (`distributed.tp`)
+        nh, kv, hd = c.num_attention_heads, max(c.num_key_value_heads, tp), c.head_dim
+        out += t * (2 * nh + 2 * kv) * hd * a + t * nh * FP32  # q, k, v, output; logsumexp
     elif symbol == "E":
         e, k, i, si = (
             c.n_routed_experts,
@@ -165,22 +175,27 @@ def layer_activation_bytes(c: HybridMoEConfig, symbol: str, batch: int, seq: int
 
 def head_activation_bytes(c: HybridMoEConfig, batch: int, seq: int, a: int, vocab_shards: int = 1) -> float:
     """The final norm, the fused loss's saved dL/dh and dL/dW_head (fp32) and labels; per MTP depth also the
-    embedding/hidden norms, the concatenation eh_proj reads, the MTP blocks and another loss."""
+    embedding/hidden norms, the concatenation eh_proj reads, the MTP blocks and another loss. vocab_shards = tp:
+    `seq` is the rank's sequence-parallel share; the vocabulary-parallel loss runs on the gathered tokens."""
     t, d = batch * seq, c.hidden_size
-    loss = t * d * FP32 + c.vocab_size * d * FP32 / vocab_shards + t * 8
+    rows = t * vocab_shards  # the loss's tokens: gathered along the sequence under tensor parallelism
+    loss = rows * d * FP32 + c.vocab_size * d * FP32 / vocab_shards + rows * 8
     out = _norm(t, d, a, output_kept=False) + loss
     if c.num_nextn_predict_layers:
         pattern = c.mtp_hybrid_override_pattern
         per_depth = 3 * _norm(t, d, a, output_kept=False) + 2 * t * d * a + loss
-        per_depth += sum(layer_activation_bytes(c, s, batch, seq, a) for s in pattern)
+        per_depth += sum(layer_activation_bytes(c, s, batch, seq, a, vocab_shards) for s in pattern)
         out += c.mtp_num_depths * per_depth
     return out
 
 
 def loss_transient_bytes(c: HybridMoEConfig, tokens: float, vocab_shards: int = 1) -> float:
-    """One chunk of the fused LM loss: its fp32 logits and logsumexp's temporary (two [rows x vocab])."""
-    rows = min(tokens, max(256, min(2048, 2**26 // c.vocab_size)))
-    return 2 * rows * c.vocab_size * FP32 / vocab_shards
+    """One chunk of the fused LM loss: its fp32 logits and logsumexp's temporary (two [rows x vocab]). tokens: what
+    the loss runs on (under tensor parallelism the gathered tokens, each rank its vocab / vocab_shards columns);
+    the chunk rule is `kernels.loss` / `distributed.tp.VocabParallelLoss`'s over the local vocabulary."""
+    vocab = c.vocab_size // vocab_shards
+    rows = min(tokens, max(256, min(2048, 2**26 // vocab)))
+    return 2 * rows * vocab * FP32
 
 
 def block_backward_bytes(c: HybridMoEConfig, tokens: float) -> float:
@@ -197,28 +212,35 @@ def moe_dispatch_bytes(c: HybridMoEConfig, tokens: float, a: int, imbalance: flo
 # ---------------------------------------------------------------------------------------------- parameters
 
 
-def block_parameters(c: HybridMoEConfig) -> dict[str, tuple[int, int]]:
-    """(non-expert, expert) parameter counts of one block of each kind, the embedding, the LM head and one MTP
-    layer, counted on a meta-device model."""
+TP_WHOLE = ("norm.", "enorm.", "hnorm.", "final_layernorm.", "eh_proj.", "mixer.gate.", "mixer.fc1_latent_proj.",
+            "mixer.fc2_latent_proj.")  # fmt: skip
+
+
+def block_parameters(c: HybridMoEConfig) -> dict[str, tuple[int, int, int]]:
+    """(non-expert, expert, tp-whole) parameter counts of one block of each kind, the embedding, the LM head and
+    one MTP layer, counted on a meta-device model. tp-whole: the non-expert parameters that hybridmoe's tensor
+    parallelism leaves whole on every tp rank (`distributed.tp.parallelize_native`: the norms between the mixers,
+    MTP's enorm / hnorm / final_layernorm / eh_proj, the router and the latent projections, the embedding and the
+    final norm; the Mamba mixer's own gated norm is split with its heads)."""
     from .modeling import HybridMoEForCausalLM
 
     model = HybridMoEForCausalLM(c.replace(num_nextn_predict_layers=min(c.num_nextn_predict_layers, 1)), device="meta")
-    out: dict[str, tuple[int, int]] = {}
+    out: dict[str, tuple[int, int, int]] = {}
 
-    def split(module) -> tuple[int, int]:
+    def split(module) -> tuple[int, int, int]:
         expert = sum(p.numel() for n, p in module.named_parameters() if ".experts." in f".{n}")
-        return sum(p.numel() for p in module.parameters()) - expert, expert
+        whole = sum(p.numel() for n, p in module.named_parameters() if n.startswith(TP_WHOLE))
+        return sum(p.numel() for p in module.parameters()) - expert, expert, whole
 
     for layer in model.backbone.layers:
         out.setdefault(layer.symbol, split(layer))
-    out["embedding"] = (model.backbone.embeddings.weight.numel(), 0)
-    out["head"] = (model.lm_head.weight.numel() + model.backbone.norm_f.weight.numel(), 0)
+    n = model.backbone.embeddings.weight.numel()
+    out["embedding"] = (n, 0, n)
+    n = model.backbone.norm_f.weight.numel()
+    out["head"] = (model.lm_head.weight.numel() + n, 0, n)
     if model.mtp is not None:
-        ne = ex = 0
-        for block in model.mtp.layers:
-            a, b = split(block)
-            ne, ex = ne + a, ex + b
-        out["mtp"] = (ne * c.num_nextn_predict_layers, ex * c.num_nextn_predict_layers)
+        counts = [split(block) for block in model.mtp.layers]
+        out["mtp"] = tuple(sum(x) * c.num_nextn_predict_layers for x in zip(*counts))
     return out
 
 
@@ -267,7 +289,7 @@ def plan(
     precision: str = "bf16",
     overhead_gib: float = 0.0,
     moe_imbalance: float = 1.0,
-    params: dict[str, tuple[int, int]] | None = None,
+    params: dict[str, tuple[int, int, int]] | None = None,
     flops_per_tok: float | None = None,
 ) -> Plan:
     """Per-GPU memory of the fullest pipeline stage and FLOPs per step. precision: "bf16" (fp32 master weights,
@@ -287,7 +309,7 @@ def plan(
     tokens = L.micro_batch * seq / L.cp / L.tp  # activation rows per rank (sequence parallel over tp)
     b, s = L.micro_batch, seq / L.cp / L.tp  # the formulas see `b` sequences of this many tokens
 
-    act = {sym: layer_activation_bytes(c, sym, b, s, a) for sym in set(c.hybrid_override_pattern)}
+    act = {sym: layer_activation_bytes(c, sym, b, s, a, L.tp) for sym in set(c.hybrid_override_pattern)}
     head = head_activation_bytes(c, b, s, a, vocab_shards=L.tp)
     best = None
     for idx, pattern in enumerate(stages):
@@ -300,14 +322,14 @@ def plan(
             units.append(params["head"])
             if "mtp" in params:
                 units.append(params["mtp"])
-        n_params = sum(ne + ex for ne, ex in units)
         p = Plan(layout=L, seq=seq, global_batch=global_batch, stage=idx)
-        shard = n_params / stage_ranks
+        # per rank: what tensor parallelism leaves whole over dp x cp, the rest (routed experts too) over the stage
+        shard = sum((ne - w + ex) / stage_ranks + w / (L.dp * L.cp) for ne, ex, w in units)
         p.params, p.grads, p.optimizer = shard * FP32, shard * FP32, shard * 2 * FP32
         if distributed:  # gathered (compute-dtype) weights of the running and the next unit, one unit's gradients
-            # experts split over all the stage's ranks (ep = dp) stay out of FSDP: nothing of theirs is gathered
+            # experts split over all the stage's ranks stay out of FSDP: nothing of theirs is gathered
             gathered_experts = 0.0 if 1 < L.ep == stage_ranks else 1.0
-            unit = max(ne / L.tp + gathered_experts * ex / L.ep for ne, ex in units)
+            unit = max((ne - w) / L.tp + w + gathered_experts * ex / L.ep for ne, ex, w in units)
             p.fsdp_buffers = unit * (2 * a + a + FP32)
         # activations
         if L.checkpointing:
@@ -320,7 +342,7 @@ def plan(
         p.activations = kept * in_flight
         biggest = max(act[sym] for sym in blocks)
         backward = block_backward_bytes(c, tokens) + (biggest if L.checkpointing else 0)
-        p.transient = max(backward, loss_transient_bytes(c, tokens, L.tp) if last else 0)
+        p.transient = max(backward, loss_transient_bytes(c, tokens * L.tp, L.tp) if last else 0)
         if "E" in blocks and L.ep > 1:
             p.moe_dispatch = moe_dispatch_bytes(c, tokens, a, moe_imbalance)
         p.overhead = overhead_gib * GIB
