@@ -134,7 +134,8 @@ def planned(args, name: str):
 
     d = degrees(name)
     layout = Layout(dp=d["dp"], tp=d["tp"], pp=d["pp"], cp=d["cp"], ep=d["ep"], micro_batch=args.micro_batch)
-    return plan(HybridMoEConfig.from_preset(args.preset), layout, args.seq, precision="fp32")
+    rows = d["dp"] * args.micro_batch * (args.microbatches if d["pp"] > 1 else 1)  # the step's sequences (`_train`)
+    return plan(HybridMoEConfig.from_preset(args.preset), layout, args.seq, global_batch=rows, precision="fp32")
 
 
 def run_layout(args, name: str) -> dict:

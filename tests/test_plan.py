@@ -212,3 +212,19 @@ def test_plan_command(capsys):
     assert "feasible layouts" in capsys.readouterr().out
     assert main(["plan", "--preset", "debug", "--gpus", "4", "--dp", "3", "--seq", "256"]) == 2
     assert "make them agree" in capsys.readouterr().err
+
+
+def test_pipeline_peak_follows_the_micro_batches_in_flight():
+    """1F1B on stage 0 of 2: with 2 micro-batches per step both are in flight at the first backward, before any
+    gradient of the step exists; with 8 the steady phase holds 2 in flight and the gradients; 1 is refused (the
+    trainer needs at least pp), and the default global batch gives pp."""
+    config = HybridMoEConfig.from_preset("tiny")
+    layout = Layout(dp=1, pp=2)
+    two, eight = (plan(config, layout, 2048, global_batch=n, precision="fp32") for n in (2, 8))
+    assert two.stage == eight.stage == 0
+    assert eight.activations == two.activations and two.grads == 0 and eight.grads > 0
+    single = plan(config, Layout(), 2048, precision="fp32")
+    assert two.activations > 1.8 * single.activations / 2  # about half the layers, twice
+    with pytest.raises(ValueError, match="at least pp = 2"):
+        plan(config, layout, 2048, global_batch=1)
+    assert plan(config, layout, 2048, precision="fp32").global_batch == 2

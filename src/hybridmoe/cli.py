@@ -514,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, required=True)
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
     p.add_argument("--seq", type=int, default=8192, help="tokens per sequence")
-    p.add_argument("--global-batch", type=int, help="sequences per optimizer step (default: dp x micro-batch)")
+    p.add_argument("--global-batch", type=int, help="sequences per optimizer step (default: dp x micro-batch x pp)")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per rank per micro-step")
     for dim in ("dp", "tp", "pp", "cp", "ep"):
         p.add_argument(f"--{dim}", type=int, help=f"{dim} degree (give any of dp/tp/pp/cp/ep for one layout)")

@@ -299,9 +299,14 @@ def plan(
         raise ValueError(f"precision={precision!r}: use bf16 or fp32")
     L = layout
     a = 2 if precision == "bf16" else FP32
-    global_batch = global_batch or L.dp * L.micro_batch
+    global_batch = global_batch or L.dp * L.micro_batch * L.pp  # a 1F1B pipeline needs at least pp micro-batches
     if global_batch % (L.dp * L.micro_batch):
         raise ValueError(f"global batch {global_batch} is not a multiple of dp x micro_batch = {L.dp * L.micro_batch}")
+    if global_batch // (L.dp * L.micro_batch) < L.pp:
+        raise ValueError(
+            f"global batch {global_batch} gives each data-parallel rank {global_batch // (L.dp * L.micro_batch)} "
+            f"micro-batches of {L.micro_batch}: the 1F1B schedule needs at least pp = {L.pp}; raise the global batch"
+        )
     params = params or block_parameters(c)
     stages = split_stages(c.hybrid_override_pattern, L.pp)
     stage_ranks = L.dp * L.tp * L.cp  # ranks holding one pipeline stage
@@ -338,8 +343,15 @@ def plan(
             kept = sum(act[sym] for sym in blocks)
         if last:
             kept += head
-        in_flight = L.pp - idx if L.pp > 1 else 1
+        # 1F1B: stage idx runs pp - idx forwards before its first backward (fewer with fewer micro-batches)
+        micro = global_batch // (L.dp * L.micro_batch)
+        in_flight = L.pp - idx
         p.activations = kept * in_flight
+        if 1 < in_flight == micro:
+            # every micro-batch of the step is in flight at once: the peak is at the first backward, before any
+            # gradient of the step exists (the previous step's were set to None); with more micro-batches than
+            # that, the steady 1F1B phase holds the accumulated gradients as well
+            p.grads = 0.0
         biggest = max(act[sym] for sym in blocks)
         backward = block_backward_bytes(c, tokens) + (biggest if L.checkpointing else 0)
         p.transient = max(backward, loss_transient_bytes(c, tokens * L.tp, L.tp) if last else 0)
