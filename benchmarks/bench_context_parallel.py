@@ -3,7 +3,7 @@
 The same model (the `tiny` preset, fp32, seed 0) and the same batch (one sequence of --seq random tokens, labels the
 tokens; --packed adds document ids, a new document every --seq / 5 tokens) run forward and backward once:
   - single: one process, the whole sequence;
-  - cp: --cp processes (gloo, spawned), each holding one contiguous shard of the sequence (`hybridmoe.distributed.cp`)
+  - cp: --cp processes (gloo, spawned), each holding two chunks of the sequence (`hybridmoe.distributed.cp`)
     and FSDP2 shards of the weights; the logged loss is the mean over ranks (what the trainer logs), the gradient
     norm the global one (`distributed.clip_grad_norm_`).
 Memory, each measured in runs of their own (the profiler's bookkeeping would add to the resident size):

@@ -135,10 +135,27 @@ def test_torchrun_context_parallel_matches_single_process(dist_setup, tmp_path):
             torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_zigzag_chunks_balance_the_causal_work():
+    """cp 2 over 16 tokens: rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2; each rank's queries see as many
+    causal query-key pairs; `runs` maps local tokens back to positions."""
+    from hybridmoe.distributed.cp import ContextParallel, Shard
+
+    x = torch.arange(16)[None]
+    shards = [Shard(ContextParallel(None, r, 2), 16, None) for r in range(2)]
+    assert shards[0].local(x).tolist() == [[0, 1, 2, 3, 12, 13, 14, 15]]
+    assert shards[1].local(x).tolist() == [[4, 5, 6, 7, 8, 9, 10, 11]]
+    assert shards[0].runs(2, 4) == [(2, 2), (12, 2)] and shards[1].runs(4, 4) == [(8, 4)]
+    pairs = [sum(int(p) + 1 for p in s.local(x)[0]) for s in shards]  # query at position p sees p + 1 keys
+    assert pairs[0] == pairs[1]
+    for size in (2, 4):  # every position once over the group
+        group = [Shard(ContextParallel(None, r, size), 32, None) for r in range(size)]
+        assert sorted(torch.cat([s.local(torch.arange(32)[None])[0] for s in group]).tolist()) == list(range(32))
+
+
 def test_context_parallel_refuses_what_it_does_not_run():
     from hybridmoe.distributed.mesh import ParallelDims
 
-    with pytest.raises(ValueError, match="parallel.cp=2 must divide the sequence length"):
+    with pytest.raises(ValueError, match=r"parallel.cp=2: the sequence length \(7\) must be a multiple of 2 x cp"):
         from hybridmoe.distributed.cp import ContextParallel
         from hybridmoe.modeling import ForwardContext
 

@@ -128,19 +128,26 @@ def test_pipeline_parallel_matches_single_process(tmp_path, world, pp, tp, cp, e
 
 
 def test_stage_shards():
-    """Each rank's shard of the sequences (what crosses the stages): the cp shard, then the tp rank's tokens in it."""
+    """Each rank's tokens (what crosses the stages): the cp rank's two chunks, then the tp rank's share of them."""
     from hybridmoe.distributed.cp import ContextParallel
-    from hybridmoe.distributed.pp import PipelineStageModel
+    from hybridmoe.distributed.pp import PipelineStageModel, _shifted
     from hybridmoe.distributed.tp import VocabParallelLoss
 
     stage = PipelineStageModel(HybridMoEForCausalLM(_config(), device="meta"), 0, 2, range(0, 3))
-    assert stage.shard_start(64) == (0, 64)
+    assert stage.shard_runs(64) == [(0, 64)]
     stage.tensor_parallel = VocabParallelLoss(None, 1, 2)
-    assert stage.shard_start(64) == (32, 32)
+    assert stage.shard_runs(64) == [(32, 32)]
     stage.context_parallel = ContextParallel(None, 1, 2)
-    assert stage.shard_start(64) == (48, 16)  # cp shard [32, 64), its second half
-    with pytest.raises(ValueError, match=r"parallel.cp=2 x parallel.tp=2 must divide the sequence length \(30\)"):
-        stage.shard_start(30)
+    assert stage.shard_runs(64) == [(32, 16)]  # cp rank 1: chunks 1 and 2 ([16, 48)), tp rank 1 the second half
+    stage.tensor_parallel = None
+    assert stage.shard_runs(64) == [(16, 16), (32, 16)]
+    stage.context_parallel = ContextParallel(None, 0, 2)
+    assert stage.shard_runs(64) == [(0, 16), (48, 16)]
+    with pytest.raises(ValueError, match=r"parallel.cp=2 x parallel.tp=1 must divide the sequence length \(30\)"):
+        stage.shard_runs(30)
+    # the embeddings of two runs of 2 tokens, each with 1 token after it: shift 1 takes the tokens after each
+    windows = torch.tensor([[0, 1, 2, 10, 11, 12]])[..., None]
+    assert _shifted(windows, [(0, 2), (10, 2)], 1, 1)[..., 0].tolist() == [[1, 2, 11, 12]]
 
 
 def test_split_points():

@@ -22,9 +22,10 @@ as ("pp", "edp", "ep") (MoE parallel folding, `mesh`):
   - gradients: every data-parallel rank's loss is the mean over its own tokens, so a parameter's gradient is
     averaged over the dp ranks; FSDP divides by the size of its mesh; the experts' gradients sum the contributions
     of all ep peers' tokens, so the experts scale them by tp / ep first (`Parallel.expert_grad_scale`);
-  - context parallelism (`cp`, parallel.cp > 1): the ranks of a cp group take the same rows and each runs one
-    contiguous shard of every sequence; attention gathers the group's keys and values, Mamba-2 passes the conv
-    inputs and SSM states between shards, the loss is cp x each rank's share; FSDP shards over dp x cp;
+  - context parallelism (`cp`, parallel.cp > 1): the ranks of a cp group take the same rows and each runs two
+    chunks of every sequence (zig-zag: the causal work balanced); attention gathers the group's keys and values,
+    Mamba-2 passes the conv inputs and SSM states between chunks, the loss is cp x each rank's share; FSDP shards
+    over dp x cp;
   - MoE balancing: token counts per expert are summed over all ranks before the bias update (`train.balance`).
 
 The same code runs on gloo (CPU) and NCCL (GPU); launch with `torchrun --nproc-per-node N -m hybridmoe.cli

@@ -14,10 +14,11 @@ the step's `data.grad_accum` batches cut into `parallel.microbatches` micro-batc
     (b, t + depths, d), from which the last stage takes each depth's shifted input (`forward_mtp`), so the
     embedding table exists on the first stage only and its gradient is exact; backward: their gradients. Under
     tensor and context parallelism (within each stage, as without pipelining: `distributed.tp`, `distributed.cp`)
-    each rank holds one shard of every sequence, t / (cp tp) tokens from `shard_start`, and what it sends is that
-    shard, (b, t / (cp tp), d), and the embeddings of the shard and the `mtp_num_depths` tokens after it; the "pp"
-    mesh dimension links the ranks of the same (dp, ep, cp, tp) coordinates, so shard r of a stage goes to shard r
-    of the next;
+    each rank holds t / (cp tp) tokens of every sequence, in one or two runs of positions (`shard_runs`: the
+    context-parallel ranks hold two chunks each), and what it sends is those tokens' hidden states,
+    (b, t / (cp tp), d), and the embeddings of each run and the `mtp_num_depths` tokens after it; the "pp" mesh
+    dimension links the ranks of the same (dp, cp, tp) coordinates, so shard r of a stage goes to shard r of the
+    next;
   - labels, document ids (every Mamba and attention layer needs them) and the loss scales go to every stage as
     keyword arguments that the schedule cuts into micro-batches with the inputs;
   - the loss: the last stage returns each micro-batch's share of the step loss, so that the gradients are those of
@@ -124,19 +125,24 @@ class PipelineStageModel(HybridMoEForCausalLM):
         """Whether the embeddings travel with the hidden states (training with MTP)."""
         return self.training and self.mtp_depths > 0
 
-    def shard_start(self, t: int) -> tuple[int, int]:
-        """(first token, number of tokens) of this rank's shard of sequences of t tokens: the context-parallel
-        shard (`cp.Shard`), and within it the tensor-parallel rank's tokens (the sequence-parallel layout that
-        `tp._SequenceShard` cuts from the embedding output); (0, t) without either."""
+    def shard_runs(self, t: int, shard=None) -> list[tuple[int, int]]:
+        """This rank's tokens of sequences of t tokens as (start, length) runs of positions: the context-parallel
+        chunks (`cp.Shard`, two per rank), and within them the tensor-parallel rank's share of the local tokens (the
+        sequence-parallel layout that `tp._SequenceShard` cuts from the embedding output); [(0, t)] without either."""
         cp, tp = self.context_parallel, self.tensor_parallel
         cp_size, tp_size = (cp.size if cp else 1), (tp.tp if tp else 1)
-        if t % (cp_size * tp_size):
+        if t % (2 * cp_size * tp_size if cp else tp_size):
             raise ValueError(
-                f"parallel.cp={cp_size} x parallel.tp={tp_size} must divide the sequence length ({t}): change "
-                f"data.seq_len"
+                f"parallel.cp={cp_size} x parallel.tp={tp_size} must divide the sequence length ({t}), twice over cp "
+                "(each context-parallel rank holds two chunks): change data.seq_len"
             )
         per = t // (cp_size * tp_size)
-        return ((cp.rank if cp else 0) * tp_size + (tp.rank if tp else 0)) * per, per
+        first = (tp.rank if tp else 0) * per
+        if cp is None:
+            return [(first, per)]
+        from .cp import Shard
+
+        return (shard or Shard(cp, t, None)).runs(first, per)
 
     def forward(self, x, emb=None, *, labels, loss_scales, document_ids=None):
         """x: the token ids (first stage) or the previous stage's hidden states; emb: the padded embeddings (with
@@ -149,15 +155,16 @@ class PipelineStageModel(HybridMoEForCausalLM):
         if self.context_parallel is not None:  # this rank's shard (`distributed.cp`); the loss shifts the full labels
             ctx.cp = self.context_parallel.begin(ctx, labels.shape[1], c.conv_kernel)
             ctx.document_ids = ctx.cp.local(document_ids)
+        runs = self.shard_runs(labels.shape[1], ctx.cp)
+        extra = self.mtp_depths if carry else 0
         if self.is_first:
-            # this rank's shard of the tokens and, with MTP, the depths' tokens after it (padding past the end)
-            start, per = self.shard_start(x.shape[1])
-            extra = self.mtp_depths if carry else 0
-            window = F.pad(x, (0, extra), value=0)[:, start : start + per + extra]
-            # the module's forward, not its call: the window is already this rank's (under tensor parallelism the
-            # call's hook, `tp._SequenceShard`, would cut it again)
-            emb = self.backbone.embeddings.forward(window)
-            h = emb[:, :per]
+            # this rank's runs of tokens, each with, under MTP, the depths' tokens after it (padding past the end)
+            padded = F.pad(x, (0, extra), value=0)
+            windows = torch.cat([padded[:, s : s + n + extra] for s, n in runs], dim=1)
+            # the module's forward, not its call: the windows are already this rank's (under tensor parallelism the
+            # call's hook, `tp._SequenceShard`, would cut them again)
+            emb = self.backbone.embeddings.forward(windows)
+            h = _shifted(emb, runs, extra, 0)
         else:
             h = x
         for layer in self.backbone.layers:
@@ -168,12 +175,11 @@ class PipelineStageModel(HybridMoEForCausalLM):
         loss = None
         if self.is_last:
             h = self.backbone.norm_f(h)
-            t = h.shape[1]
             loss = self._loss_from_hidden(h, labels, shift=1, weights=loss_scales[:, :1].expand_as(labels), cp=ctx.cp)
             if self.training:
                 self.loss_parts[0] += float(loss.detach())
             if carry:
-                depths = self.forward_mtp(h, None, ctx, shifted_embeddings=lambda s: emb[:, s : s + t])
+                depths = self.forward_mtp(h, None, ctx, shifted_embeddings=lambda s: _shifted(emb, runs, extra, s))
                 mtp = sum(
                     self._loss_from_hidden(hk, labels, shift=k + 2, document_ids=document_ids,
                                            weights=loss_scales[:, 2 + k : 3 + k].expand_as(labels), cp=ctx.cp)
@@ -208,8 +214,9 @@ class PipelineStageModel(HybridMoEForCausalLM):
             def hidden(length):
                 return torch.empty(rows, length, d, dtype=dtype, device="meta", requires_grad=grad)
 
-            per = self.shard_start(t)[1]
-            carry = (hidden(per + self.mtp_depths),) if self.carries_embeddings() else ()
+            runs = self.shard_runs(t)
+            per = sum(n for _, n in runs)
+            carry = (hidden(per + len(runs) * self.mtp_depths),) if self.carries_embeddings() else ()
             ids = torch.empty(rows, t, dtype=torch.long, device="meta")
             inputs = (ids,) if self.is_first else (hidden(per), *carry)
             scalar = torch.empty((), dtype=torch.float32, device="meta", requires_grad=grad)
@@ -218,6 +225,16 @@ class PipelineStageModel(HybridMoEForCausalLM):
                                   output_args=outputs, group=par.pp_group)  # fmt: skip
             self.schedules[key] = Schedule1F1B(stage, microbatches, loss_fn=_own_loss, scale_grads=False)
         return self.schedules[key]
+
+
+def _shifted(windows: torch.Tensor, runs: list[tuple[int, int]], extra: int, shift: int) -> torch.Tensor:
+    """From the embedding windows of this rank's runs (each run's tokens and `extra` after them, concatenated), the
+    embeddings of the tokens `shift` positions after each of the rank's tokens."""
+    out, at = [], 0
+    for _, n in runs:
+        out.append(windows[:, at + shift : at + shift + n])
+        at += n + extra
+    return torch.cat(out, dim=1) if len(out) > 1 else out[0]
 
 
 def _own_loss(output, target):
