@@ -120,6 +120,9 @@ def main(argv=None) -> int:
     parser.add_argument("--measure", default="tensor,rss", help="tensor (profiler peak), rss (resident), or both")
     parser.add_argument("--default-malloc", action="store_true", help="glibc's default malloc (no mmap threshold)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "context_parallel.json"))
+    parser.add_argument("--reuse-single", action="store_true",
+                        help="take the single process's figures from --out's run of the same setting (a change to "
+                             "distributed.cp does not change them) and measure the cp ranks only")  # fmt: skip
     args = parser.parse_args(argv)
     measures = args.measure.split(",")
     if not set(measures) <= {"tensor", "rss"}:
@@ -128,7 +131,7 @@ def main(argv=None) -> int:
         os.environ.update(MMAP_FIXED)  # read by glibc when each spawned process starts
     single, ranks = {}, [{"rank": r} for r in range(args.cp)]
     with tempfile.TemporaryDirectory() as tmp:
-        for measure in measures:  # one at a time: never two memory-heavy runs at once
+        for measure in measures if not args.reuse_single else ():  # one at a time: never two memory-heavy runs at once
             mp.start_processes(_single, args=(args, tmp, measure), nprocs=1, start_method="spawn")
             single.update(_read_json(os.path.join(tmp, f"single-{measure}.json")))
         for measure in measures:
@@ -143,6 +146,8 @@ def main(argv=None) -> int:
         if key(r) == this:
             single = {**r["single"], **single}
             ranks = [{**old, **new} for old, new in zip(r["ranks"], ranks)]
+    if args.reuse_single and "loss" not in single:
+        parser.error(f"--reuse-single: {args.out} has no single-process run of this setting; run without it first")
     run = {
         "seq": args.seq, "cp": args.cp, "packed": args.packed, "preset": "tiny", "dtype": "fp32", "malloc": malloc,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (2-core AMD EPYC with "
