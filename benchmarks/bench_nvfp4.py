@@ -143,11 +143,12 @@ def train_one(a, name, train_stream, val_batches) -> dict:
 
 def interleaved_cost(a, rounds: int = 3, steps: int = 4) -> dict:
     """Step time of BF16 against NVFP4 on one model, alternating the two every few steps (so a shared machine's
-    changing load hits both alike), and the part of an NVFP4 step spent in quantize_dequantize and the RHT."""
+    changing load hits both alike), the part of an NVFP4 step spent in quantization calls (all the NVFP4 and MXFP8
+    ones, grouped experts' included) and the RHT, and the number of quantization calls per step."""
     from hybridmoe.quant import mxfp8, nvfp4
     from hybridmoe.quant.training import PrecisionPolicy, apply_precision
 
-    spent = {"quantize_dequantize": 0.0, "hadamard16": 0.0}
+    spent = {"quantize_dequantize": 0.0, "hadamard16": 0.0, "calls": 0}
 
     def timed(module, name, key):
         fn = getattr(module, name)
@@ -156,6 +157,7 @@ def interleaved_cost(a, rounds: int = 3, steps: int = 4) -> dict:
             t0 = time.perf_counter()
             out = fn(*args, **kwargs)
             spent[key] += time.perf_counter() - t0
+            spent["calls"] += key != "hadamard16"
             return out
 
         return wrapper
@@ -186,7 +188,9 @@ def interleaved_cost(a, rounds: int = 3, steps: int = 4) -> dict:
             setattr(module, name, fn)
     med = {name: statistics.median(t for t, _ in v) for name, v in times.items()}
     parts = {key: statistics.median(s[key] for _, s in times["nvfp4"]) for key in spent}
+    calls = int(parts.pop("calls"))
     return {"step_s_median": med, "ratio": med["nvfp4"] / med["bf16"], "nvfp4_step_parts_s": parts,
+            "quantization_calls_per_step": calls,
             "rounds": rounds, "steps_per_round": steps, "note": "forward + backward, no optimizer step"}  # fmt: skip
 
 
