@@ -85,8 +85,9 @@ def _pad_to_blocks(x: torch.Tensor, block: str) -> torch.Tensor:
 
 
 def _blocks(x: torch.Tensor, block: str) -> torch.Tensor:
-    """The padded fp32 tensor viewed as blocks: [..., n/16, 16] (1x16) or [..., m/16, 16, n/16, 16] (16x16)."""
-    x = _pad_to_blocks(x.float(), block).unflatten(-1, (-1, BLOCK))
+    """The padded tensor viewed as blocks: [..., n/16, 16] (1x16) or [..., m/16, 16, n/16, 16] (16x16), in its own
+    dtype (the quantizers widen it to fp32 themselves, inside the compiled kernel: one pass over memory less)."""
+    x = _pad_to_blocks(x, block).unflatten(-1, (-1, BLOCK))
     return x.unflatten(-3, (-1, BLOCK)) if block == "16x16" else x
 
 
@@ -125,13 +126,13 @@ def _magnitude_codes(q: torch.Tensor) -> torch.Tensor:
 
 
 def _round_blocks(xb: torch.Tensor, block: str, u: torch.Tensor | None, group=None, groups=None):
-    """Blocked fp32 x (`_blocks`) -> (E2M1 magnitudes, E4M3 block scales, fp32 global decode scale amax / 2688),
+    """Blocked x (`_blocks`) -> (E2M1 magnitudes, E4M3 block scales, fp32 global decode scale amax / 2688),
     with the module docstring's scale chain in fp32; `u` is stochastic rounding's noise (`_draws`) or None. The amax
     is the whole tensor's, or with `group` (int64, each block's group index, broadcastable to the per-block amax) and
     `groups` (fp32 zeros, one per group) each group's: then the global decode scales are one per group, and every
     block goes through the same chain with its group's amax (the same arithmetic, so a group's bits are those of
     quantizing it as a tensor of its own)."""
-    a = xb.abs()
+    a = xb.float().abs()
     block_amax = a.amax(-1) if block == "1x16" else a.amax(dim=(-3, -1))
     if group is None:
         amax = block_amax.max() if block_amax.numel() else torch.zeros((), device=xb.device)
