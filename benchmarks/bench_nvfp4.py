@@ -106,7 +106,7 @@ def train_one(a, name, train_stream, val_batches) -> dict:
     opt = build_optimizer(model, recipe.optim)
     weights = gemm_weights(model)
     data_gen = torch.Generator().manual_seed(a.seed + 1)  # the same batches in every run
-    torch.manual_seed(a.seed + 2)  # stochastic rounding draws
+    torch.manual_seed(a.seed + 2 if a.sr_seed is None else a.sr_seed)  # stochastic rounding draws
     curve = [{"step": 0, "val_loss": val_loss(model, val_batches)}]
     train_losses, zero_share, zero_dense, step_s = [], [], [], []
     for step in range(a.steps):
@@ -238,6 +238,7 @@ def main():
     p.add_argument("--val-batches", type=int, default=8)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sr-seed", type=int, default=None, help="seed of the stochastic rounding draws alone (seed + 2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared, loaded CPU)")
     p.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
     p.add_argument("--out", default=os.path.join(HERE, "results", "nvfp4_ablations.json"))
