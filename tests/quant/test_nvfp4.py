@@ -212,3 +212,21 @@ def test_grouped_quantizers_give_each_group_the_bits_of_its_own_call():
         nvfp4.quantize_dequantize_segments(x, [1, 2])
     with pytest.raises(ValueError, match="multiples of 16"):
         nvfp4.quantize_dequantize_column_segments(xt, [40, 136])
+
+
+def test_mxfp8_rounding_in_arithmetic_equals_torch_float8_conversion():
+    """The compiled MXFP8 kernel rounds to E4M3 in fp32 arithmetic (`mxfp8.round_e4m3`): against torch's own
+    float8_e4m3fn conversion on every E4M3 value, every midpoint and its fp32 neighbours (ties to even), subnormals
+    and random magnitudes; and the whole fast path against the eager one on bf16 and transposed inputs."""
+    e4m3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    e4m3 = e4m3[torch.isfinite(e4m3)].sort().values
+    mids = (e4m3[1:] + e4m3[:-1]) / 2
+    g = torch.Generator().manual_seed(10)
+    spread = torch.randn(20000, generator=g) * torch.logspace(-45, 2.6, 20000)
+    y = torch.cat([e4m3, mids, torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1), spread])
+    y = y[y.abs() <= 448]
+    assert torch.equal(mxfp8.round_e4m3(y).view(torch.int32), y.to(torch.float8_e4m3fn).float().view(torch.int32))
+    x = torch.randn(37, 70, generator=g) * torch.logspace(-30, 30, 70)
+    for xx in (x, x.bfloat16(), x.T):
+        assert torch.equal(mxfp8.fast_quantize_dequantize(xx).view(torch.int32),
+                           mxfp8.quantize_dequantize(xx).view(torch.int32))  # fmt: skip
