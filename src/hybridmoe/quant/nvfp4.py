@@ -12,8 +12,7 @@ and the NVFP4 paper (NVIDIA, "Pretraining Large Language Models with NVFP4", arX
 
 E2M1 holds +-{0, 0.5, 1, 1.5, 2, 3, 4, 6}. Rounding to nearest with ties to even gives 0.25 -> 0, 0.75 -> 1,
 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4; values beyond 6 saturate. With stochastic rounding, a value between
-two neighbours lo < |v| < hi rounds up with probability (|v| - lo) / (hi - lo), so the rounding is unbiased (to
-within 2^-17 of hi - lo: 16 random bits per element, where the hardware's `cvt.rs` instruction takes 8).
+two neighbours lo < |v| < hi rounds up with probability (|v| - lo) / (hi - lo), so the rounding is unbiased.
 
 Blocks are 1x16 (16 neighbours along the last dimension: activations and gradients) or 16x16 tiles of the last two
 dimensions (weights: W and W^T then quantize identically). A block whose scale rounds to zero in E4M3 (its amax below
@@ -127,7 +126,7 @@ def _magnitude_codes(q: torch.Tensor) -> torch.Tensor:
 
 def _round_blocks(xb: torch.Tensor, block: str, u: torch.Tensor | None, group=None, groups=None):
     """Blocked x (`_blocks`) -> (E2M1 magnitudes, E4M3 block scales, fp32 global decode scale amax / 2688),
-    with the module docstring's scale chain in fp32; `u` is stochastic rounding's noise (`_draws`) or None. The amax
+    with the module docstring's scale chain in fp32; `u` holds stochastic rounding's draws (`_draws`) or None. The amax
     is the whole tensor's, or with `group` (int64, each block's group index, broadcastable to the per-block amax) and
     `groups` (fp32 zeros, one per group) each group's: then the global decode scales are one per group, and every
     block goes through the same chain with its group's amax (the same arithmetic, so a group's bits are those of
@@ -144,7 +143,6 @@ def _round_blocks(xb: torch.Tensor, block: str, u: torch.Tensor | None, group=No
     s_dec = (block_amax * (s_enc * (1.0 / E2M1_MAX))).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
     denom = s_dec.float() * (1.0 / s_enc)
     factor = torch.where(denom > 0, 1.0 / denom, torch.zeros_like(denom))
-    u = None if u is None else _uniform(u)
     return round_e2m1(a * _per_block(factor, block), u), s_dec, amax / (E4M3_MAX * E2M1_MAX)
 
 
@@ -154,22 +152,9 @@ def _qdq_blocks(xb: torch.Tensor, block: str, u: torch.Tensor | None, group=None
 
 
 def _draws(xb: torch.Tensor, rounding: str, generator: torch.Generator | None) -> torch.Tensor | None:
-    """Stochastic rounding's noise (None for nearest): 16 random bits per element, as uint8 [..., 2, 16] for xb
-    [..., 16] (per block of 16 elements their high bytes, then their low bytes: two planes the compiled kernel
-    reads with vector loads, which it does not for int16). Drawn as 64-bit words over the generator's full range,
-    four elements per word: a fifth of the cost of one torch.rand float per element. Consecutive calls with one
-    generator draw consecutive words (numel / 4 each; numel is a multiple of 16), so their noise concatenates."""
-    if rounding == "nearest":
-        return None
-    words = torch.empty(xb.numel() // 4, dtype=torch.int64, device=xb.device)
-    noise = words.random_(-(2**63), None, generator=generator).view(torch.uint8)
-    return noise.view(*xb.shape[:-1], 2, BLOCK)
-
-
-def _uniform(noise: torch.Tensor) -> torch.Tensor:
-    """`_draws`' noise -> u = (k + 1/2) / 2^16 with k = 256 high + low uniform on 0..2^16-1: exact in fp32, so rounding
-    up when u < p does so with probability p to within 2^-17 (torch.rand's 24-bit floats: 2^-24)."""
-    return (noise[..., 0, :].float() * 256 + noise[..., 1, :].float() + 0.5) * (1.0 / 65536)
+    """Stochastic rounding's uniform draws shaped like xb (None for nearest). torch.rand draws serially, so the draws
+    of consecutive calls with one generator concatenate (the grouped quantizers below rely on it)."""
+    return None if rounding == "nearest" else torch.rand(xb.shape, generator=generator, device=xb.device)
 
 
 def quantize(
