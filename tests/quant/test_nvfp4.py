@@ -178,3 +178,55 @@ def test_compiled_kernels_give_the_same_bits():
         assert torch.equal(mxfp8.fast_quantize_dequantize(x), mxfp8.quantize_dequantize(x))
     if kernels.mode() == "auto" and shutil.which("c++"):  # with a compiler, the compiled path really ran
         assert not kernels._BROKEN
+
+
+def test_grouped_quantizers_give_each_group_the_bits_of_its_own_call():
+    """Segments of rows, segments of columns and stacks (the routed experts' operands) in one call: every group
+    quantized as a tensor of its own, bitwise, stochastic rounding included where the draws concatenate."""
+    g = torch.Generator().manual_seed(8)
+    counts = [37, 0, 21, 16, 1, 50]  # an empty segment, a single row, segments of any length
+    x = (torch.randn(sum(counts), 40, generator=g) * torch.logspace(-4, 2, 40)).bfloat16()
+    x[37:58] *= 1000  # segment amaxes far apart: a shared amax would change the bits
+    for rounding in nvfp4.ROUNDINGS:
+        v, scales = nvfp4.quantize_dequantize_segments(x, counts, rounding, torch.Generator().manual_seed(9))
+        one = torch.Generator().manual_seed(9)
+        want = [nvfp4.quantize_dequantize(s, "1x16", rounding, one) for s in x.split(counts) if s.shape[0]]
+        assert torch.equal(v.view(torch.int32), torch.cat([w for w, _ in want]).view(torch.int32)), rounding
+        assert torch.equal(scales[[0, 2, 3, 4, 5]], torch.stack([s for _, s in want])) and scales[1] == 0
+    cols = [48, 0, 16, 112]
+    spread = torch.tensor([1.0, 1e-3, 1e3]).repeat_interleave(torch.tensor([48, 16, 112]))
+    xt = torch.randn(24, sum(cols), generator=g) * spread
+    v, scales = nvfp4.quantize_dequantize_column_segments(xt, cols)
+    want = [nvfp4.quantize_dequantize(s.contiguous()) for s in xt.split(cols, 1) if s.shape[1]]
+    assert torch.equal(v, torch.cat([w for w, _ in want], 1))
+    assert torch.equal(scales[[0, 2, 3]], torch.stack([s for _, s in want]))
+    w = torch.randn(3, 40, 24, generator=g) * torch.tensor([1.0, 1e-4, 1e4])[:, None, None]
+    for block in nvfp4.BLOCKS:
+        for rounding in nvfp4.ROUNDINGS:
+            v, scales = nvfp4.quantize_dequantize_batched(w, block, rounding, torch.Generator().manual_seed(9))
+            one = torch.Generator().manual_seed(9)
+            want = [nvfp4.quantize_dequantize(t, block, rounding, one) for t in w]
+            assert torch.equal(v, torch.stack([a for a, _ in want])), (block, rounding)
+            assert torch.equal(scales, torch.stack([s for _, s in want])), (block, rounding)
+    with pytest.raises(ValueError, match="sum\\(counts\\)"):
+        nvfp4.quantize_dequantize_segments(x, [1, 2])
+    with pytest.raises(ValueError, match="multiples of 16"):
+        nvfp4.quantize_dequantize_column_segments(xt, [40, 136])
+
+
+def test_mxfp8_rounding_in_arithmetic_equals_torch_float8_conversion():
+    """The compiled MXFP8 kernel rounds to E4M3 in fp32 arithmetic (`mxfp8.round_e4m3`): against torch's own
+    float8_e4m3fn conversion on every E4M3 value, every midpoint and its fp32 neighbours (ties to even), subnormals
+    and random magnitudes; and the whole fast path against the eager one on bf16 and transposed inputs."""
+    e4m3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    e4m3 = e4m3[torch.isfinite(e4m3)].sort().values
+    mids = (e4m3[1:] + e4m3[:-1]) / 2
+    g = torch.Generator().manual_seed(10)
+    spread = torch.randn(20000, generator=g) * torch.logspace(-45, 2.6, 20000)
+    y = torch.cat([e4m3, mids, torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1), spread])
+    y = y[y.abs() <= 448]
+    assert torch.equal(mxfp8.round_e4m3(y).view(torch.int32), y.to(torch.float8_e4m3fn).float().view(torch.int32))
+    x = torch.randn(37, 70, generator=g) * torch.logspace(-30, 30, 70)
+    for xx in (x, x.bfloat16(), x.T):
+        assert torch.equal(mxfp8.fast_quantize_dequantize(xx).view(torch.int32),
+                           mxfp8.quantize_dequantize(xx).view(torch.int32))  # fmt: skip

@@ -243,6 +243,42 @@ def test_quantized_experts_twin_and_per_segment_scales():
     assert (got[0] - want[0]).abs().max() > 1e-3  # quantized
 
 
+@pytest.mark.parametrize("recipe_", ABLATIONS[1:], ids=["no_rht", "no_sr", "no_2d"])
+def test_experts_in_one_call_per_operand_equal_the_per_segment_path_bitwise(recipe_, monkeypatch):
+    """`NVFP4Recipe.segments` (all the experts' segments of a GEMM quantized in one call per operand) against its twin,
+    one `nvfp4_linear` per segment: the same loss, output and gradients, bit for bit, with biases, an expert without
+    tokens and segments of any length, in fp32 and under bf16 autocast. Stochastic rounding is off in both (its draws
+    come in another order), so the no_rht and no_2d ablations run with rounding to nearest too."""
+    recipe_ = NVFP4Recipe(recipe_.rht, False, recipe_.weight_2d)
+    torch.manual_seed(6)
+    t, d, i, e, k = 45, 32, 48, 5, 2
+    x, up, down = torch.randn(t, d), torch.randn(e, i, d) * 0.2, torch.randn(e, d, i) * 0.2
+    b_up, b_down = torch.randn(e, i) * 0.1, torch.randn(e, d) * 0.1
+    idx = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
+    idx[idx == 3] = 4  # expert 3 gets no tokens
+    wts, g = torch.rand(t, k), torch.randn(t, d)
+    calls = []
+    for name in ("quantize_dequantize_segments", "quantize_dequantize_column_segments", "quantize_dequantize_batched"):
+        fn = getattr(nvfp4, name)
+        monkeypatch.setattr(nvfp4, name, lambda *a, fn=fn, **kw: calls.append(1) or fn(*a, **kw))
+
+    def run(quant, autocast):
+        leaves = [a.clone().requires_grad_() for a in (x, up, down, b_up, b_down)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = experts_grouped(*leaves[:3], idx, wts, b_up_EU=leaves[3], b_down_ED=leaves[4], quant=quant)
+        y.backward(g)
+        return [y.detach()] + [a.grad for a in leaves]
+
+    for autocast in (False, True):
+        want = run(lambda x, w, b: recipe_(x, w, b), autocast)  # a plain callable: the per-segment path
+        calls.clear()
+        got = run(recipe_, autocast)
+        assert len(calls) == (10 if recipe_.weight_2d else 12)  # (2 + 1 + 2) per GEMM (+1 for dgrad's W^T without 2D)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        assert got[2][3].abs().max() == 0 and got[1].abs().max() > 0
+
+
 def debug_model(**overrides):
     torch.manual_seed(0)
     return HybridMoEForCausalLM(HybridMoEConfig.from_preset("debug", **overrides))

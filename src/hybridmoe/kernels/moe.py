@@ -308,9 +308,15 @@ def _run_experts(
 def _quantized_experts(x_MD, w_up_EUD, w_down_EDI, counts_E, act, b_up_EU, b_down_ED, rows_of, quant):
     """Each expert's segment through quant(x, weight, bias): up GEMM, activation, down GEMM, with plain autograd
     around them. Every segment is its own tensor with its own per-tensor scale, as TransformerEngine's grouped
-    GEMMs quantize each group (`transformer_engine/pytorch/module/grouped_linear.py`)."""
+    GEMMs quantize each group (`transformer_engine/pytorch/module/grouped_linear.py`). A `quant` with a
+    `segments(x, weight, bias, counts)` method (`NVFP4Recipe`) runs all the segments of a GEMM in one call, with the
+    same bits as this loop (its twin) and a few quantization calls per GEMM instead of a few per expert."""
     if rows_of is not None:
         x_MD = x_MD.index_select(0, rows_of)
+    segments = getattr(quant, "segments", None)
+    if segments is not None:
+        counts = counts_E.tolist()
+        return segments(act.reference(segments(x_MD, w_up_EUD, b_up_EU, counts)), w_down_EDI, b_down_ED, counts)
     ups, downs = w_up_EUD.unbind(0), w_down_EDI.unbind(0)  # unbind's backward stacks the per-expert gradients
     out = []
     for e, x in enumerate(x_MD.split(counts_E.tolist())):

@@ -68,14 +68,34 @@ def quantize_dequantize(x: torch.Tensor) -> torch.Tensor:
     return dequantize(quantize(x))
 
 
+def _pow2(k: torch.Tensor) -> torch.Tensor:
+    """2^k in fp32 for int32 k in [-127, 127], exactly (2^-127 is subnormal), from its bits."""
+    return torch.where(k > -127, (k + 127) << 23, 1 << 22).view(torch.float32)
+
+
+def round_e4m3(y: torch.Tensor) -> torch.Tensor:
+    """fp32 y with |y| <= 448 rounded to nearest-even E4M3, in fp32: what `y.to(torch.float8_e4m3fn).float()` gives,
+    in arithmetic a compiler vectorizes (the float8 conversion is scalar code). E4M3 keeps 3 mantissa bits down to
+    2^-6 and spacing 2^-9 below (subnormals), so the step at y is 2^(floor(log2 |y|) - 3), at least 2^-9: a power of
+    two, and torch.round (half to even) at that step is exact."""
+    binade = (y.view(torch.int32) & 0x7F800000).view(torch.float32)  # 2^floor(log2 |y|); 0 for 0 and fp32 subnormals
+    step = binade.clamp(min=2.0**-6) * 0.125
+    return torch.round(y / step) * step
+
+
 def _qdq_blocks(b: torch.Tensor) -> torch.Tensor:
+    """`quantize_dequantize` on `_blocks`: b * 2^(127 - s) is `ldexp` (one multiplication by an exact power of two),
+    `round_e4m3` the float8 conversion, so the bits are those of `quantize` then `dequantize`."""
+    b = b.float()
     scales = _biased_exponents(b.abs().amax(-1)).to(torch.int32)[..., None]
-    data = torch.ldexp(b, 127 - scales).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return torch.ldexp(data.float(), scales - 127)
+    data = (b * _pow2(127 - scales)).clamp(-E4M3_MAX, E4M3_MAX)
+    return round_e4m3(data) * _pow2(scales - 127)
 
 
 def fast_quantize_dequantize(x: torch.Tensor) -> torch.Tensor:
     """`quantize_dequantize` through `torch.compile` where it works (`hybridmoe.quant.kernels`), the same bits."""
     if x.numel() == 0:
         return quantize_dequantize(x)
-    return compiled(_qdq_blocks)(_blocks(x)).flatten(-2)[..., : x.shape[-1]]
+    pad = -x.shape[-1] % BLOCK
+    b = (torch.nn.functional.pad(x, (0, pad)) if pad else x).unflatten(-1, (-1, BLOCK))  # widened in the kernel
+    return compiled(_qdq_blocks)(b).flatten(-2)[..., : x.shape[-1]]

@@ -84,8 +84,9 @@ def _pad_to_blocks(x: torch.Tensor, block: str) -> torch.Tensor:
 
 
 def _blocks(x: torch.Tensor, block: str) -> torch.Tensor:
-    """The padded fp32 tensor viewed as blocks: [..., n/16, 16] (1x16) or [..., m/16, 16, n/16, 16] (16x16)."""
-    x = _pad_to_blocks(x.float(), block).unflatten(-1, (-1, BLOCK))
+    """The padded tensor viewed as blocks: [..., n/16, 16] (1x16) or [..., m/16, 16, n/16, 16] (16x16), in its own
+    dtype (the quantizers widen it to fp32 themselves, inside the compiled kernel: one pass over memory less)."""
+    x = _pad_to_blocks(x, block).unflatten(-1, (-1, BLOCK))
     return x.unflatten(-3, (-1, BLOCK)) if block == "16x16" else x
 
 
@@ -123,25 +124,36 @@ def _magnitude_codes(q: torch.Tensor) -> torch.Tensor:
     return torch.where(q < 2, q * 2, torch.where(q < 4, q + 2, q / 2 + 4)).to(torch.uint8)
 
 
-def _round_blocks(xb: torch.Tensor, block: str, u: torch.Tensor | None):
-    """Blocked fp32 x (`_blocks`) -> (E2M1 magnitudes, E4M3 block scales, fp32 global decode scale amax / 2688),
-    with the module docstring's scale chain in fp32."""
-    a = xb.abs()
+def _round_blocks(xb: torch.Tensor, block: str, u: torch.Tensor | None, group=None, groups=None):
+    """Blocked x (`_blocks`) -> (E2M1 magnitudes, E4M3 block scales, fp32 global decode scale amax / 2688),
+    with the module docstring's scale chain in fp32; `u` holds stochastic rounding's draws (`_draws`) or None. The amax
+    is the whole tensor's, or with `group` (int64, each block's group index, broadcastable to the per-block amax) and
+    `groups` (fp32 zeros, one per group) each group's: then the global decode scales are one per group, and every
+    block goes through the same chain with its group's amax (the same arithmetic, so a group's bits are those of
+    quantizing it as a tensor of its own)."""
+    a = xb.float().abs()
     block_amax = a.amax(-1) if block == "1x16" else a.amax(dim=(-3, -1))
-    amax = block_amax.max() if block_amax.numel() else torch.zeros((), device=xb.device)
-    s_enc = torch.where(amax > 0, (E4M3_MAX * E2M1_MAX) / amax, torch.ones_like(amax)).clamp(max=_FLT_MAX)
+    if group is None:
+        amax = block_amax.max() if block_amax.numel() else torch.zeros((), device=xb.device)
+        amax_b = amax
+    else:
+        amax = groups.scatter_reduce(0, group.expand_as(block_amax).flatten(), block_amax.flatten(), "amax")
+        amax_b = amax[group]
+    s_enc = torch.where(amax_b > 0, (E4M3_MAX * E2M1_MAX) / amax_b, torch.ones_like(amax_b)).clamp(max=_FLT_MAX)
     s_dec = (block_amax * (s_enc * (1.0 / E2M1_MAX))).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
     denom = s_dec.float() * (1.0 / s_enc)
     factor = torch.where(denom > 0, 1.0 / denom, torch.zeros_like(denom))
     return round_e2m1(a * _per_block(factor, block), u), s_dec, amax / (E4M3_MAX * E2M1_MAX)
 
 
-def _qdq_blocks(xb: torch.Tensor, block: str, u: torch.Tensor | None):
-    q, s_dec, global_scale = _round_blocks(xb, block, u)
+def _qdq_blocks(xb: torch.Tensor, block: str, u: torch.Tensor | None, group=None, groups=None):
+    q, s_dec, global_scale = _round_blocks(xb, block, u, group, groups)
     return torch.copysign(q * _per_block(s_dec.float(), block), xb), global_scale
 
 
 def _draws(xb: torch.Tensor, rounding: str, generator: torch.Generator | None) -> torch.Tensor | None:
+    """Stochastic rounding's uniform draws shaped like xb (None for nearest). torch.rand draws serially, so the draws
+    of consecutive calls with one generator concatenate (the grouped quantizers below rely on it)."""
     return None if rounding == "nearest" else torch.rand(xb.shape, generator=generator, device=xb.device)
 
 
@@ -199,6 +211,22 @@ def _qdq_tiles_stochastic(xb, u):
     return _qdq_blocks(xb, "16x16", u)
 
 
+def _qdq_grouped_rows_nearest(xb, group, groups):
+    return _qdq_blocks(xb, "1x16", None, group, groups)
+
+
+def _qdq_grouped_rows_stochastic(xb, group, groups, u):
+    return _qdq_blocks(xb, "1x16", u, group, groups)
+
+
+def _qdq_grouped_tiles_nearest(xb, group, groups):
+    return _qdq_blocks(xb, "16x16", None, group, groups)
+
+
+def _qdq_grouped_tiles_stochastic(xb, group, groups, u):
+    return _qdq_blocks(xb, "16x16", u, group, groups)
+
+
 # One function per variant, so that each is compiled once with dynamic shapes (a single function taking the variant
 # as an argument would be recompiled per variant and reach torch.compile's recompilation limit).
 _VARIANTS = {
@@ -206,6 +234,12 @@ _VARIANTS = {
     ("1x16", "stochastic"): _qdq_rows_stochastic,
     ("16x16", "nearest"): _qdq_tiles_nearest,
     ("16x16", "stochastic"): _qdq_tiles_stochastic,
+}
+_GROUPED_VARIANTS = {
+    ("1x16", "nearest"): _qdq_grouped_rows_nearest,
+    ("1x16", "stochastic"): _qdq_grouped_rows_stochastic,
+    ("16x16", "nearest"): _qdq_grouped_tiles_nearest,
+    ("16x16", "stochastic"): _qdq_grouped_tiles_stochastic,
 }
 
 
@@ -221,6 +255,59 @@ def fast_quantize_dequantize(
     u = _draws(xb, rounding, generator)
     v, global_scale = compiled(_VARIANTS[block, rounding])(xb, *(() if u is None else (u,)))
     return _unblock(v, x.shape, block), global_scale
+
+
+def _grouped_qdq(x, block, rounding, generator, group, num_groups):
+    """quantize_dequantize with one amax per group of blocks: `group` (int64) gives each block's group index,
+    broadcastable to the per-block shape of `_blocks(x)` without its last (element) dimension(s). Returns (v shaped
+    like x, global decode scales (num_groups,))."""
+    _check(x, block, rounding)
+    xb = _blocks(x, block)
+    u = _draws(xb, rounding, generator)
+    groups = torch.zeros(num_groups, device=x.device)
+    fn = _GROUPED_VARIANTS[block, rounding]
+    run = compiled(fn) if xb.numel() else fn
+    v, global_scales = run(xb, group, groups, *(() if u is None else (u,)))
+    return _unblock(v, x.shape, block), global_scales
+
+
+def quantize_dequantize_segments(
+    x: torch.Tensor, counts: list[int], rounding: str = "nearest", generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of x [m, n] in contiguous segments of `counts` rows, each segment quantized 1x16 as a tensor of its own
+    (its own amax), in one call: (v, global scales (len(counts),)), the same bits as one `quantize_dequantize` per
+    segment (and, with stochastic rounding, the same draws as those calls made in order with one generator). An
+    empty segment gets global scale 0."""
+    if x.dim() != 2 or sum(counts) != x.shape[0]:
+        raise ValueError(f"segments: x must be [rows, n] with rows = sum(counts) = {sum(counts)}, got {tuple(x.shape)}")
+    seg = torch.repeat_interleave(torch.arange(len(counts), device=x.device), torch.tensor(counts, device=x.device))
+    return _grouped_qdq(x, "1x16", rounding, generator, seg[:, None], len(counts))
+
+
+def quantize_dequantize_column_segments(
+    x: torch.Tensor, counts: list[int], rounding: str = "nearest", generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Columns of x [m, n] in contiguous segments of `counts` columns (each a multiple of 16), each segment [m, c]
+    quantized 1x16 along its columns as a tensor of its own, in one call: (v, global scales (len(counts),)), the same
+    bits as one `quantize_dequantize` per segment (rounding to nearest; stochastic draws come in another order)."""
+    if x.dim() != 2 or sum(counts) != x.shape[1] or any(c % BLOCK for c in counts):
+        raise ValueError(f"column segments: x must be [m, sum(counts)] with counts multiples of 16, got "
+                         f"{tuple(x.shape)} and {counts}")  # fmt: skip
+    blocks = torch.tensor([c // BLOCK for c in counts], device=x.device)
+    seg = torch.repeat_interleave(torch.arange(len(counts), device=x.device), blocks)
+    return _grouped_qdq(x, "1x16", rounding, generator, seg[None, :], len(counts))
+
+
+def quantize_dequantize_batched(
+    x: torch.Tensor, block: str = "1x16", rounding: str = "nearest", generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each x[i] of a stack x [k, ..., n] (e.g. the experts' weights) quantized as a tensor of its own (its own
+    amax), in one call: (v, global scales (k,)), the same bits as one `quantize_dequantize` per x[i] (with
+    stochastic rounding, the same draws as those calls made in order with one generator)."""
+    if x.dim() < (3 if block == "16x16" else 2):
+        raise ValueError(f"batched: x must be a stack of tensors with block {block}, got shape {tuple(x.shape)}")
+    group = torch.arange(x.shape[0], device=x.device).view(-1, *[1] * (x.dim() - 1))  # per-block amax: x.dim() dims
+    return _grouped_qdq(x, block, rounding, generator, group, x.shape[0])
 
 
 def pack(codes: torch.Tensor) -> torch.Tensor:

@@ -65,6 +65,11 @@ class NVFP4Recipe:
     def __call__(self, x, weight, bias=None):
         return nvfp4_linear(x, weight, bias, self)
 
+    def segments(self, x, weight, bias, counts):
+        """The routed experts' GEMM in one call (`segment_quantized_linear`): the rows of x in segments of `counts`,
+        segment e times weight[e]^T (+ bias[e]), each segment and weight quantized as a tensor of its own."""
+        return segment_quantized_linear(x, weight, bias, _NVFP4SegmentOperands(self, counts))
+
 
 @dataclass(frozen=True)
 class MXFP8Recipe:
@@ -116,6 +121,56 @@ class _NVFP4Operands:
             gt, xt = self.hadamard(gt.float()), self.hadamard(xt.float())
         gv, gs = self.qdq(gt, block="1x16", rounding=self.grad_rounding)
         xv, xs = self.qdq(xt, block="1x16", rounding="nearest")
+        return gv, xv, gs * xs
+
+
+class _NVFP4SegmentOperands:
+    """As `_NVFP4Operands` for a bank of experts: x2 (M, in) holds the rows of every expert, sorted, in segments of
+    `counts` rows; w (E, out, in); g2 (M, out). Each segment and each expert's weight is quantized as a tensor of its
+    own (its own amax and global scale), exactly as one `_NVFP4Operands` call per segment quantizes it, but in one
+    call per operand (`nvfp4.quantize_dequantize_segments` and friends) rather than one per segment. The scales are
+    (E,), one per segment; wgrad's operands hold the segments side by side along the tokens, each zero-padded to a
+    multiple of 16 as a segment of its own would be (so no 1x16 block or RHT group straddles two segments)."""
+
+    def __init__(self, recipe: NVFP4Recipe, counts: list[int]):
+        from . import nvfp4
+
+        self.recipe, self.nvfp4, self.counts = recipe, nvfp4, list(counts)
+        self.grad_rounding = "stochastic" if recipe.stochastic_rounding else "nearest"
+        self.padded = [n + (-n % NVFP4_BLOCK) for n in self.counts]
+        starts = [0, *torch.tensor(self.counts).cumsum(0).tolist()]
+        pstarts = [0, *torch.tensor(self.padded).cumsum(0).tolist()]
+        # (expert, its rows in x2, its columns in wgrad's operands) for every expert with rows
+        self.live = [(e, slice(starts[e], starts[e + 1]), slice(pstarts[e], pstarts[e + 1]))
+                     for e, n in enumerate(self.counts) if n]  # fmt: skip
+        self.dest = torch.cat([torch.arange(pstarts[e], pstarts[e] + n) for e, n in enumerate(self.counts)])
+
+    def weight(self, w):  # fprop's W (E, out, in)
+        return self.nvfp4.quantize_dequantize_batched(w, "16x16" if self.recipe.weight_2d else "1x16")
+
+    def fprop(self, x2, w):
+        xv, xs = self.nvfp4.quantize_dequantize_segments(x2, self.counts)
+        wv, ws = self.weight(w)
+        return xv, wv, xs * ws, (wv, ws)
+
+    def dgrad(self, g2, w, saved):
+        """dx = g W per segment: b is W^T (E, in, out), quantized along out."""
+        gv, gs = self.nvfp4.quantize_dequantize_segments(g2, self.counts, self.grad_rounding)
+        if self.recipe.weight_2d:
+            wv, ws = saved
+            return gv, wv.transpose(1, 2), gs * ws
+        wtv, ws = self.nvfp4.quantize_dequantize_batched(w.transpose(1, 2), "1x16")
+        return gv, wtv, gs * ws
+
+    def wgrad(self, g2, x2):
+        """dW[e] = g_e^T x_e: a = g^T (out, P), b = x^T (in, P), P the padded segments side by side."""
+        width, dest = sum(self.padded), self.dest.to(g2.device)
+        gt = g2.new_zeros((g2.shape[1], width)).index_copy_(1, dest, g2.T)
+        xt = x2.new_zeros((x2.shape[1], width)).index_copy_(1, dest, x2.T)
+        if self.recipe.rht:
+            gt, xt = self.nvfp4.hadamard16(gt.float()), self.nvfp4.hadamard16(xt.float())
+        gv, gs = self.nvfp4.quantize_dequantize_column_segments(gt, self.padded, self.grad_rounding)
+        xv, xs = self.nvfp4.quantize_dequantize_column_segments(xt, self.padded)
         return gv, xv, gs * xs
 
 
@@ -179,15 +234,70 @@ class _QuantizedLinear(torch.autograd.Function):
         return gx, gw, gb, None
 
 
-def quantized_linear(x, weight, bias, ops) -> torch.Tensor:
-    """`_QuantizedLinear` under autocast as a GEMM runs there: x in the autocast dtype (the weight is quantized from
-    its own, e.g. fp32 master, values), the output in x's dtype."""
+class _SegmentQuantizedLinear(torch.autograd.Function):
+    """`_QuantizedLinear` for a bank of experts (`_NVFP4SegmentOperands`): y[rows of e] = x[rows of e] W[e]^T + b[e],
+    every operand quantized in one call, then one GEMM per expert with rows, each the very GEMM `_QuantizedLinear`
+    runs on that segment (same operands, shapes and layouts), so the results are bitwise those of one call per
+    segment. An expert without rows gets zero gradients, as it gets from the per-segment path."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, ops):
+        cdt = matmul_dtype(x)
+        xv, wv, scale, saved = ops.fprop(x, weight)
+        xv, wv = xv.to(cdt), wv.to(cdt)
+        y = x.new_empty((x.shape[0], weight.shape[1]))
+        for e, rows, _ in ops.live:
+            y_e = (xv[rows] @ wv[e].T).mul_(scale[e])
+            if bias is not None:
+                y_e += bias[e]
+            y[rows] = y_e
+        ctx.ops, ctx.saved, ctx.bias_dtype = ops, (wv, saved[1]), None if bias is None else bias.dtype
+        ctx.save_for_backward(x, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        ops, cdt = ctx.ops, matmul_dtype(x)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            a, b, scale = ops.dgrad(g, weight, ctx.saved)
+            a = a.to(cdt)
+            gx = x.new_zeros(x.shape)
+            for e, rows, _ in ops.live:
+                gx[rows] = (a[rows] @ b[e].to(cdt).T).mul_(scale[e])
+        if ctx.needs_input_grad[1]:
+            a, b, scale = ops.wgrad(g, x)
+            gw = weight.new_zeros(weight.shape)
+            for e, _, cols in ops.live:
+                a_e = a[:, cols].to(cdt, memory_format=torch.contiguous_format)
+                b_e = b[:, cols].to(cdt, memory_format=torch.contiguous_format)
+                gw[e] = (a_e @ b_e.T).mul_(scale[e])
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            gb = torch.zeros((weight.shape[0], g.shape[1]), dtype=ctx.bias_dtype, device=g.device)
+            for e, rows, _ in ops.live:
+                gb[e] = g[rows].float().sum(0)
+        ctx.saved = None
+        return gx, gw, gb, None
+
+
+def quantized_linear(x, weight, bias, ops, function=_QuantizedLinear) -> torch.Tensor:
+    """`_QuantizedLinear` (or `function`) under autocast as a GEMM runs there: x in the autocast dtype (the weight is
+    quantized from its own, e.g. fp32 master, values), the output in x's dtype."""
     device = x.device.type
     if torch.is_autocast_enabled(device):
         x = x.to(torch.get_autocast_dtype(device))
         with torch.autocast(device, enabled=False):
-            return _QuantizedLinear.apply(x, weight, bias, ops)
-    return _QuantizedLinear.apply(x, weight, bias, ops)
+            return function.apply(x, weight, bias, ops)
+    return function.apply(x, weight, bias, ops)
+
+
+def segment_quantized_linear(x, weight, bias, ops: _NVFP4SegmentOperands) -> torch.Tensor:
+    """The routed experts' GEMM, x (M, in) sorted by expert in segments, weight (E, out, in), bias (E, out) or None,
+    through `_SegmentQuantizedLinear`: the bits of one `nvfp4_linear` call per segment (the per-segment path in
+    `hybridmoe.kernels.moe._quantized_experts`, its twin), with a handful of quantization calls instead of ~10 per
+    expert."""
+    return quantized_linear(x, weight, bias, ops, _SegmentQuantizedLinear)
 
 
 def nvfp4_linear(x, weight, bias=None, recipe: NVFP4Recipe = NVFP4Recipe(), qdq: QDQ | None = None,
