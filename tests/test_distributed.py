@@ -136,6 +136,27 @@ def _assert_same_trajectory(records, reference, steps):
         assert r["expert_imbalance"] == pytest.approx(ref["expert_imbalance"], rel=2e-2)
 
 
+def _resume_from_step5(first, resumed, nproc: int, recipe_path, *args):
+    """A copy of `first`'s step-5 checkpoint and log (as a run interrupted after step 5 leaves them: steps 6+ dropped),
+    resumed in `resumed` with `nproc` processes (1: in this process, no torchrun)."""
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(first / "checkpoints" / "step-0000005", resumed / "checkpoints" / "step-0000005")
+    shutil.copy(first / "log.jsonl", resumed / "log.jsonl")
+    if nproc == 1:
+        return train(Recipe.from_yaml(str(recipe_path), [f"train.out_dir={resumed}", *args]), resume=True)
+    _torchrun(nproc, recipe_path, f"train.out_dir={resumed}", *args, "--resume")
+
+
+def _assert_exported_equals(run, exported, expected: dict, step: int = 10):
+    """`hybridmoe export` of the run and its consolidated checkpoint of that step equal the state dict `expected`."""
+    assert cli_main(["export", str(run), str(exported)]) == 0
+    for model_dir in (exported, run / "checkpoints" / f"step-{step:07d}"):
+        model = HybridMoEForCausalLM.from_pretrained(str(model_dir))
+        for name, tensor in model.state_dict().items():
+            if not name.endswith("tokens_per_expert"):
+                torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-5, msg=f"{model_dir}: {name}")
+
+
 @pytest.mark.parametrize("nproc,ep", [(2, 1), (2, 2), (4, 2)], ids=["dp2", "ep2", "dp2xep2"])
 def test_torchrun_matches_single_process(dist_setup, nproc, ep):
     root, path, reference, _ = dist_setup
@@ -153,22 +174,10 @@ def test_distributed_resume_on_another_world_size_and_export(dist_setup, tmp_pat
     first = tmp_path / "first"
     _torchrun(2, path, "parallel.ep=2", f"train.out_dir={first}", "train.steps=10", "parallel.consolidate=false")
     resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(first / "checkpoints" / "step-0000005", resumed / "checkpoints" / "step-0000005")
-    shutil.copy(first / "log.jsonl", resumed / "log.jsonl")  # as an interrupted run leaves it (steps 6+ dropped)
-    _torchrun(4, path, "parallel.ep=2", f"train.out_dir={resumed}", "--resume")
+    _resume_from_step5(first, resumed, 4, path, "parallel.ep=2")
     _assert_same_trajectory(step_records(resumed), reference, list(range(1, 11)))
-
     assert not (first / "checkpoints" / "step-0000010" / "model.safetensors").exists()  # consolidate=false
-    exported = tmp_path / "exported"
-    assert cli_main(["export", str(resumed), str(exported)]) == 0
-    expected = single["model"].state_dict()
-    for model_dir in (exported, resumed / "checkpoints" / "step-0000010"):  # export; consolidated at save
-        model = HybridMoEForCausalLM.from_pretrained(str(model_dir))
-        for name, tensor in model.state_dict().items():
-            if name.endswith("tokens_per_expert"):
-                continue
-            torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-5, msg=f"{model_dir}: {name}")
+    _assert_exported_equals(resumed, tmp_path / "exported", single["model"].state_dict())
 
 
 def test_parallel_settings_are_checked(dist_setup):

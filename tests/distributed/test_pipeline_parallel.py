@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
 import test_distributed
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_distributed import _assert_same_trajectory, _torchrun
+from test_distributed import _assert_exported_equals, _assert_same_trajectory, _resume_from_step5, _torchrun
 from test_pretrain import step_records
 
 from hybridmoe import HybridMoEConfig, HybridMoEForCausalLM
-from hybridmoe.cli import main as cli_main
 from hybridmoe.distributed.pp import split_points
 from hybridmoe.train.config import _validate_parallel
 from hybridmoe.train.metrics import read_log
@@ -179,19 +177,9 @@ def test_torchrun_pipeline_parallel_matches_single_process(dist_setup, tmp_path)
     )
     assert [s for s, _ in val] == [s for s, _ in val_ref] == [0, 10]
     assert [v for _, v in val] == pytest.approx([v for _, v in val_ref], rel=1e-4)
-    expected = single["model"].state_dict()
-    exported = tmp_path / "exported"
-    assert cli_main(["export", str(out), str(exported)]) == 0
-    for model_dir in (out / "checkpoints" / "step-0000010", exported):
-        model = HybridMoEForCausalLM.from_pretrained(str(model_dir))
-        for name, tensor in model.state_dict().items():
-            if not name.endswith("tokens_per_expert"):
-                torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-5, msg=f"{model_dir}: {name}")
+    _assert_exported_equals(out, tmp_path / "exported", single["model"].state_dict())
     resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(out / "checkpoints" / "step-0000005", resumed / "checkpoints" / "step-0000005")
-    shutil.copy(out / "log.jsonl", resumed / "log.jsonl")
-    _torchrun(2, path, f"train.out_dir={resumed}", "train.steps=10", "parallel.consolidate=false", "--resume")
+    _resume_from_step5(out, resumed, 2, path, "train.steps=10", "parallel.consolidate=false")
     _assert_same_trajectory(step_records(resumed), reference, list(range(1, 11)))
 
 
@@ -211,19 +199,9 @@ def test_torchrun_pipeline_tensor_parallel_matches_single_process(dist_setup, tm
         for d in (out, root / "single")
     )
     assert len(val) == 2 and val == pytest.approx(val_ref, rel=1e-4)
-    expected = single["model"].state_dict()
-    exported = tmp_path / "exported"
-    assert cli_main(["export", str(out), str(exported)]) == 0
-    for model_dir in (out / "checkpoints" / "step-0000010", exported):
-        model = HybridMoEForCausalLM.from_pretrained(str(model_dir))
-        for name, tensor in model.state_dict().items():
-            if not name.endswith("tokens_per_expert"):
-                torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-5, msg=f"{model_dir}: {name}")
+    _assert_exported_equals(out, tmp_path / "exported", single["model"].state_dict())
     resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(out / "checkpoints" / "step-0000005", resumed / "checkpoints" / "step-0000005")
-    shutil.copy(out / "log.jsonl", resumed / "log.jsonl")
-    _torchrun(4, path, f"train.out_dir={resumed}", "train.steps=10", "parallel.consolidate=false", "--resume")
+    _resume_from_step5(out, resumed, 4, path, "train.steps=10", "parallel.consolidate=false")
     _assert_same_trajectory(step_records(resumed), reference, list(range(1, 11)))
 
 

@@ -6,7 +6,6 @@ run's steps."""
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 import test_distributed
@@ -14,12 +13,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
-from test_distributed import _assert_same_trajectory, _torchrun
+from test_distributed import _assert_same_trajectory, _resume_from_step5, _torchrun
 from test_pretrain import step_records
 
 from hybridmoe import HybridMoEConfig, HybridMoEForCausalLM
-from hybridmoe.train.config import Recipe
-from hybridmoe.train.pretrain import pretrain as train
 
 dist_setup = test_distributed.dist_setup  # the debug recipe and its single-process run (a module-scoped fixture)
 
@@ -106,17 +103,6 @@ def test_state_resumes_across_tp_degrees(tmp_path, saved, resumed, overrides):
         assert torch.equal(loaded[name], t), name
 
 
-def _resume(first, out, nproc, path, *args):
-    """A copy of `first`'s step-5 checkpoint and log (as a run interrupted after step 5 leaves them), resumed in
-    `out` to step 10 with `nproc` processes (1: in this process)."""
-    (out / "checkpoints").mkdir(parents=True)
-    shutil.copytree(first / "checkpoints" / "step-0000005", out / "checkpoints" / "step-0000005")
-    shutil.copy(first / "log.jsonl", out / "log.jsonl")
-    if nproc == 1:
-        return train(Recipe.from_yaml(str(path), [f"train.out_dir={out}", *args]), resume=True)
-    _torchrun(nproc, path, f"train.out_dir={out}", *args, "--resume")
-
-
 def test_pretrain_resumes_across_tp_degrees(dist_setup, tmp_path):
     """`hybridmoe pretrain` with dp 2 saved at step 5 resumes with tp 2 and in one process: steps 6-10 are the
     uninterrupted single-process run's. (The other direction, tp 2 x pp 2 resumed as dp 4, is
@@ -125,7 +111,7 @@ def test_pretrain_resumes_across_tp_degrees(dist_setup, tmp_path):
     steps = list(range(1, 11))
     dp2 = tmp_path / "dp2"
     _torchrun(2, path, f"train.out_dir={dp2}", "parallel.consolidate=false")  # the schedule of 10 steps
-    _resume(dp2, tmp_path / "dp2-tp2", 2, path, "parallel.tp=2")
+    _resume_from_step5(dp2, tmp_path / "dp2-tp2", 2, path, "parallel.tp=2")
     _assert_same_trajectory(step_records(tmp_path / "dp2-tp2"), reference, steps)
-    _resume(dp2, tmp_path / "dp2-one", 1, path)
+    _resume_from_step5(dp2, tmp_path / "dp2-one", 1, path)
     _assert_same_trajectory(step_records(tmp_path / "dp2-one"), reference, steps)

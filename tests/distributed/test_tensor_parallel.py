@@ -12,11 +12,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
-from test_distributed import _assert_same_trajectory, _torchrun
+from test_distributed import _assert_exported_equals, _assert_same_trajectory, _torchrun
 from test_pretrain import step_records
 
 from hybridmoe import HybridMoEConfig, HybridMoEForCausalLM
-from hybridmoe.cli import main as cli_main
 from hybridmoe.train.config import Recipe
 from hybridmoe.train.pretrain import pretrain as train
 
@@ -113,14 +112,7 @@ def test_torchrun_tensor_parallel_matches_single_process(dist_setup, tmp_path):
     out = tmp_path / "tp"
     _torchrun(4, path, "parallel.tp=2", f"train.out_dir={out}", "train.steps=10")
     _assert_same_trajectory(step_records(out), reference, list(range(1, 11)))
-    expected = single["model"].state_dict()
-    exported = tmp_path / "exported"
-    assert cli_main(["export", str(out), str(exported)]) == 0
-    for model_dir in (out / "checkpoints" / "step-0000010", exported):
-        model = HybridMoEForCausalLM.from_pretrained(str(model_dir))
-        for name, tensor in model.state_dict().items():
-            if not name.endswith("tokens_per_expert"):
-                torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-5, msg=f"{model_dir}: {name}")
+    _assert_exported_equals(out, tmp_path / "exported", single["model"].state_dict())
 
 
 def test_torchrun_mixed_precision_matches_autocast(dist_setup, tmp_path):
