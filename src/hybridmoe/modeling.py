@@ -32,6 +32,7 @@ from .kernels.attention import attention
 from .kernels.linear import Linear, matmul_dtype
 from .kernels.loss import IGNORE_INDEX, linear_cross_entropy
 from .kernels.moe import experts_grouped
+from .kernels.norm import gated_rms_norm
 from .kernels.ssd import causal_conv1d, causal_conv1d_step, conv_window, ssd_chunked, ssd_step
 
 
@@ -99,11 +100,9 @@ class GatedRMSNorm(nn.Module):
         self.group_size = group_size
         self.eps = eps
 
-    def forward(self, y, z):
-        h = y.float() * F.silu(z.float())
-        g = h.view(*h.shape[:-1], -1, self.group_size)
-        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
-        return _local(self.weight).float() * g.view(h.shape)
+    def forward(self, y, z, out_dtype: torch.dtype | None = None):
+        """fp32, or `out_dtype` (written directly by the fused kernel on CUDA, `kernels.norm`)."""
+        return gated_rms_norm(y, z, _local(self.weight), self.group_size, self.eps, out_dtype=out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------- Mamba-2
@@ -178,7 +177,7 @@ class Mamba2Mixer(nn.Module):
             if state is not None:
                 state.ssm.copy_(final_state)
             y = y.reshape(b, t, self.intermediate_size)
-        return self.out_proj(self.norm(y, z).to(x_btd.dtype))
+        return self.out_proj(self.norm(y, z, out_dtype=x_btd.dtype))
 
 
 # ---------------------------------------------------------------------------------------------- attention
