@@ -17,7 +17,9 @@ Nemotron-H config, the two agree.
 
 Twins: `ssd_reference` (one token at a time, the definition) and `ssd_chunked` (the fast path);
 `causal_conv1d_reference` (a loop over taps) and `causal_conv1d` (F.conv1d, or shifted sums when documents
-are packed). Everything runs in fp32 inside, whatever the input dtype; the outputs are fp32.
+are packed). Everything runs in fp32 inside, whatever the input dtype; the outputs are fp32, except where
+`ssd_chunked` and `causal_conv1d` hand CUDA tensors to the fused kernels of `ssd_cuda.py` (outputs in the input's
+dtype there).
 
 Legend: b batch, t time, h heads, p head dim, g B/C groups, n state size, c chunks, l/s positions in a chunk,
 k conv taps, d channels.
@@ -128,8 +130,18 @@ def ssd_chunked(
 
     Work is laid out per B/C group (b,g,r,c,l,p), with r = h/g heads per group, so every contraction is a plain
     batched matmul. As in state-spaces/mamba's Triton kernels, the decay between positions s <= l of a chunk is
-    exp(cumsum_l - cumsum_s) of the chunk-local cumulative log decay. The scan runs in fp32 even under autocast."""
+    exp(cumsum_l - cumsum_s) of the chunk-local cumulative log decay. The scan runs in fp32 even under autocast.
+
+    On CUDA, bf16/fp16 inputs run state-spaces/mamba's fused Triton scan when mamba_ssm is installed (`ssd_cuda.py`);
+    it accumulates in fp32 and returns y in x's dtype."""
     _check_scan_inputs(x, dt, A, B, C, seq_idx, dt_bias, dt_limit)
+    if x.is_cuda:
+        from . import ssd_cuda
+
+        if ssd_cuda.ssd_fits(x, B, C):
+            return ssd_cuda.ssd_scan_cuda(
+                x, dt, A, B, C, D, chunk_size, initial_state, seq_idx, dt_bias, dt_softplus, dt_limit
+            )
     with torch.autocast(x.device.type, enabled=False):
         dt = ssd_dt(dt, dt_bias, dt_softplus, dt_limit)
         return _ssd_chunked(x, dt, A, B, C, D, chunk_size, initial_state, seq_idx)
@@ -277,11 +289,19 @@ def causal_conv1d_reference(x, weight, bias=None, seq_idx=None, initial_state=No
 def causal_conv1d(x, weight, bias=None, seq_idx=None, initial_state=None, activation=None):
     """Fast depthwise causal conv; same contract as `causal_conv1d_reference`, output fp32 (b,t,d), with the
     SiLU applied when activation="silu". A sum of k shifted copies (masked where the source lies in another
-    document) with a hand-written backward; on CPU several times faster than F.conv1d's depthwise backward."""
+    document) with a hand-written backward; on CPU several times faster than F.conv1d's depthwise backward.
+
+    On CUDA, Dao-AILab's causal-conv1d kernel runs when installed and the call fits it (`ssd_cuda.conv_fits`); it
+    accumulates in fp32 and returns x's dtype."""
     b, t, d = x.shape
     k = weight.shape[1]
     if activation not in (None, "silu"):
         raise ValueError(f"causal_conv1d: activation must be None or 'silu', got {activation!r}")
+    if x.is_cuda:
+        from . import ssd_cuda
+
+        if ssd_cuda.conv_fits(x, weight, bias, seq_idx, initial_state):
+            return ssd_cuda.causal_conv1d_cuda_fn(x, weight, bias, seq_idx, initial_state, activation)
     prev = initial_state if initial_state is not None else x.new_zeros(b, k - 1, d)
     xe = torch.cat([prev.to(x.dtype), x], dim=1)  # (b, k-1+t, d)
     masks = None
