@@ -1,14 +1,14 @@
 """The gated RMSNorm's Triton kernel (`hybridmoe.kernels.norm_triton`) against its PyTorch twin
 (`norm.gated_rms_norm_reference`): output and the gradients of y, z and the weight.
 
-Without a GPU the kernels run on CPU tensors in Triton's interpreter: `TRITON_INTERPRET=1` is set before the module
-is imported afresh (`triton.jit` reads it when the kernels are decorated) and both are put back afterwards, so a
-CUDA test in the same process still gets compiled kernels. Skipped where triton is not installed.
+Without a GPU the kernels run on CPU tensors in Triton's interpreter, which must be switched on (TRITON_INTERPRET=1)
+before triton is first imported: its own library functions (`tl.sigmoid`, ...) are decorated then. So the
+`test_interpreted_*` cases run in a fresh process started by `test_triton_kernels_in_a_fresh_interpreter_process`
+(or directly, when pytest itself runs with TRITON_INTERPRET=1). Skipped where triton is not installed.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 import subprocess
@@ -22,25 +22,28 @@ from hybridmoe.kernels.norm import gated_rms_norm, gated_rms_norm_reference
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+in_interpreter = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="runs in the fresh TRITON_INTERPRET=1 process of test_triton_kernels_in_a_fresh_interpreter_process",
+)
 
-MODULE = "hybridmoe.kernels.norm_triton"
+
+@needs_triton
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="this process is that interpreter process")
+def test_triton_kernels_in_a_fresh_interpreter_process():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider", __file__]
+    cmd += ["-k", "test_interpreted_"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and " passed" in out.stdout and "skipped" not in out.stdout, out.stdout[-6000:]
 
 
 @pytest.fixture(scope="module")
 def interpreted():
-    """`norm_triton` imported under TRITON_INTERPRET=1 (its kernels run on CPU tensors)."""
-    saved_env, saved_mod = os.environ.get("TRITON_INTERPRET"), sys.modules.pop(MODULE, None)
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield importlib.import_module(MODULE)
-    finally:
-        sys.modules.pop(MODULE, None)
-        if saved_mod is not None:
-            sys.modules[MODULE] = saved_mod
-        if saved_env is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved_env
+    """`norm_triton`, whose kernels run on CPU tensors in this TRITON_INTERPRET=1 process."""
+    from hybridmoe.kernels import norm_triton
+
+    return norm_triton
 
 
 def _inputs(shape, y_dtype, z_dtype, w_dtype=torch.float32, device="cpu", seed=0):
@@ -76,7 +79,7 @@ CASES = [
 ]
 
 
-@needs_triton
+@in_interpreter
 @pytest.mark.parametrize("shape,group_size", CASES)
 @pytest.mark.parametrize(
     "y_dtype,z_dtype,out_dtype,tol,grad_tol",
@@ -86,13 +89,15 @@ CASES = [
         pytest.param(torch.float32, torch.bfloat16, torch.float32, 2e-6, 1e-2, id="fp32-scan-bf16-gate"),
     ],
 )
-def test_triton_gated_rms_norm_matches_twin(interpreted, shape, group_size, y_dtype, z_dtype, out_dtype, tol, grad_tol):
+def test_interpreted_gated_rms_norm_matches_twin(
+    interpreted, shape, group_size, y_dtype, z_dtype, out_dtype, tol, grad_tol
+):
     y, z, w = _inputs(shape, y_dtype, z_dtype)
     check_against_reference(interpreted.gated_rms_norm_triton, y, z, w, group_size, out_dtype, tol, grad_tol)
 
 
-@needs_triton
-def test_triton_gated_rms_norm_strided_gate_and_bf16_weight(interpreted):
+@in_interpreter
+def test_interpreted_gated_rms_norm_strided_gate_and_bf16_weight(interpreted):
     """The gate as the model passes it: a column slice of the input projection (rows not contiguous)."""
     gen = torch.Generator().manual_seed(2)
     proj = torch.randn(2, 3, 24 + 10, generator=gen).to(torch.bfloat16).requires_grad_()
@@ -102,8 +107,8 @@ def test_triton_gated_rms_norm_strided_gate_and_bf16_weight(interpreted):
     check_against_reference(interpreted.gated_rms_norm_triton, y, z, w, 8, torch.float32, 2e-6, 1e-2)
 
 
-@needs_triton
-def test_triton_gated_rms_norm_rejects_bad_shapes(interpreted):
+@in_interpreter
+def test_interpreted_gated_rms_norm_rejects_bad_shapes(interpreted):
     y, z, w = _inputs((2, 24), torch.float32, torch.float32)
     with pytest.raises(ValueError, match="group_size 5 must divide"):
         interpreted.gated_rms_norm_triton(y, z, w, 5, 1e-5)

@@ -171,6 +171,15 @@ def test_model_on_cuda_matches_its_pytorch_path(monkeypatch, dtype):
             assert_close_scaled(g, r, 1e-4, f"grad {i}")
 
 
+def test_a_broken_install_warns_and_a_missing_one_does_not(recwarn):
+    """An optional library that is installed but fails to import is reported (the PyTorch path then runs on CUDA);
+    one that is not installed is the ordinary case, without a word."""
+    assert ssd_cuda.optional_library_missing("hybridmoe_no_such_package", "x", ModuleNotFoundError("no")) is None
+    assert not recwarn.list
+    with pytest.warns(UserWarning, match=r"torch is installed but does not import \(ImportError: undefined symbol"):
+        assert ssd_cuda.optional_library_missing("torch", "the scan", ImportError("undefined symbol")) is None
+
+
 # ---------------------------------------------------------------------------------------------- CPU interpreter
 
 INTERPRETER_SHIMS = """

@@ -37,9 +37,11 @@ def gated_rms_norm(y, z, weight, group_size: int, eps: float, out_dtype: torch.d
 
 @functools.cache
 def _triton_norm():
-    """`norm_triton.gated_rms_norm_triton`, or None where triton does not import."""
+    """`norm_triton.gated_rms_norm_triton`, or None where triton is not installed (or, with a warning, broken)."""
     try:
         from .norm_triton import gated_rms_norm_triton
-    except ImportError:
-        return None
+    except Exception as e:
+        from .ssd_cuda import optional_library_missing
+
+        return optional_library_missing("triton", "the gated RMSNorm", e)
     return gated_rms_norm_triton

@@ -23,6 +23,8 @@ Each library is imported on the first CUDA call only; on CPU neither is ever imp
 from __future__ import annotations
 
 import functools
+import importlib.util
+import warnings
 
 import torch
 
@@ -32,22 +34,36 @@ _CONV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @functools.cache
 def mamba_chunk_scan():
-    """state-spaces/mamba's `mamba_chunk_scan_combined`, or None where mamba_ssm (or triton) does not import."""
+    """state-spaces/mamba's `mamba_chunk_scan_combined`, or None where mamba_ssm is not installed (or, with a
+    warning, installed but broken)."""
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    except ImportError:
-        return None
+    except Exception as e:
+        return optional_library_missing("mamba_ssm", "the SSD scan", e)
     return mamba_chunk_scan_combined
 
 
 @functools.cache
 def causal_conv1d_cuda():
-    """Dao-AILab's `causal_conv1d_fn`, or None where causal_conv1d does not import."""
+    """Dao-AILab's `causal_conv1d_fn`, or None where causal_conv1d is not installed (or, with a warning, installed
+    but broken)."""
     try:
         from causal_conv1d import causal_conv1d_fn
-    except ImportError:
-        return None
+    except Exception as e:
+        return optional_library_missing("causal_conv1d", "the causal conv", e)
     return causal_conv1d_fn
+
+
+def optional_library_missing(package: str, what: str, error: Exception) -> None:
+    """None, after a warning where `package` is installed but failed to import (a build against another torch or
+    CUDA, say): then `what` silently running its PyTorch path would hide a broken install."""
+    if not isinstance(error, ImportError) or importlib.util.find_spec(package) is not None:
+        warnings.warn(
+            f"{package} is installed but does not import ({type(error).__name__}: {error}); {what} runs its PyTorch "
+            f"path on CUDA. Reinstall it against this torch (pip install --no-build-isolation {package}).",
+            stacklevel=3,
+        )
+    return None
 
 
 def ssd_fits(x, B, C) -> bool:
