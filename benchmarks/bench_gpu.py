@@ -176,7 +176,8 @@ def compile_model(model, backend: str = "inductor"):
 
 
 def write_checkpoints(spec: dict) -> dict:
-    """Random weights (seed 0) for every shape, built on the device and saved in bf16: what every worker loads."""
+    """Random weights (seed 0) for every shape, built on the device and saved in bf16: what every worker loads.
+    Also names the device (the parent process never touches CUDA)."""
     import torch
     import transformers
 
@@ -196,7 +197,11 @@ def write_checkpoints(spec: dict) -> dict:
         model.save_pretrained(path)
         out[name] = dict(params=sum(p.numel() for p in model.parameters()), seconds=time.perf_counter() - t0)
         del model
-    return out
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    return {"machine": f"{name}, torch {torch.__version__}", "checkpoints": out}
 
 
 def load(spec: dict, path: str, device):
@@ -338,7 +343,8 @@ def serve(spec: dict) -> dict:
             engine = Engine(model, max_num_seqs=b, max_model_len=s["prompt"] + s["new"], prefill_chunk=s["prompt"],
                             eos_token_id=None, **options)  # fmt: skip
             batch = prompts(b, s["prompt"], vocab, seed=3)
-            engine_decode(engine, batch, s["new"], device)  # warm-up: graphs captured, kernels compiled
+            # warm-up, long enough for all b requests to decode together (graphs captured, kernels compiled)
+            engine_decode(engine, batch, min(s["new"], b + 8), device)
             out["decode"][str(b)] = engine_decode(engine, batch, s["new"], device)
             del engine
     else:
@@ -450,14 +456,12 @@ def name(r: dict) -> str:
 
 def markdown(results: dict) -> str:
     rows = results["rows"]
-    lines = [
-        "| part | shape | implementation | tokens/s | vs transformers | MFU | peak GB | first loss | "
-        "loss diff (first / max) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
-    ]
-    for r in rows:
-        if r["part"] not in ("train", "finetune"):
-            continue
+    lines = []
+    training = [r for r in rows if r["part"] in ("train", "finetune")]
+    if training:
+        lines += ["| part | shape | implementation | tokens/s | vs transformers | MFU | peak GB | first loss | "
+                  "loss diff (first / max) |", "|---|---|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    for r in training:
         if "error" in r:
             lines.append(f"| {r['part']} | {r['shape']} | {name(r)} | failed: {r['error'][:100]} | | | | | |")
             continue
@@ -477,9 +481,10 @@ def markdown(results: dict) -> str:
     serve_rows = [r for r in rows if r["part"] == "serve"]
     if serve_rows:
         batches = serve_shape(results["smoke"])["batches"]
-        lines += ["", "| serve (1.2b) | prefill tokens/s | " + " | ".join(f"decode b{b} tokens/s" for b in batches)
-                  + " | peak GB | greedy tokens identical to hybridmoe (rows; mean common prefix) |",
-                  "|---|---:|" + "---:|" * len(batches) + "---:|---|"]  # fmt: skip
+        decode = " | ".join(f"decode b{b} tokens/s" for b in batches)
+        lines += ["" if lines else None,
+                  f"| serve (1.2b) | prefill tokens/s | {decode} | peak GB | greedy tokens identical to hybridmoe "
+                  "(rows; mean common prefix) |", "|---|---:|" + "---:|" * len(batches) + "---:|---|"]  # fmt: skip
         for r in serve_rows:
             if "error" in r:
                 lines.append(f"| {name(r)} | failed: {r['error'][:100]} |" + " |" * (len(batches) + 2))
@@ -490,8 +495,9 @@ def markdown(results: dict) -> str:
                                         f"{g['length']})" for b, g in per.items())
                 for mode, per in r.get("greedy_vs_hybridmoe", {}).items()
             )  # fmt: skip
+            greedy = greedy or ("reference" if r["impl"] == "hybridmoe" else "-")
             lines.append(f"| {name(r)} | {r['prefill_tokens_per_s']:,.0f} | {speeds} | {r['peak_gb']:.1f} | {greedy} |")
-    return "\n".join(lines)
+    return "\n".join(line for line in lines if line is not None)
 
 
 def save(path: str, results: dict) -> None:
@@ -547,32 +553,28 @@ def main() -> None:
         if "decode_mode" not in inspect.signature(Engine.__init__).parameters:
             parser.error(f"--decode-modes {args.decode_modes}: this hybridmoe's Engine has no decode_mode option; "
                          "leave it empty to measure its only decode path")  # fmt: skip
-    if args.device.startswith("cuda"):
-        machine = f"{torch.cuda.get_device_name(args.device)}, torch {torch.__version__}"
-    else:
-        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     results = {
-        "machine": machine, "transformers": importlib.metadata.version("transformers"), "device": args.device,
+        "machine": None, "transformers": importlib.metadata.version("transformers"), "device": args.device,
         "smoke": args.smoke,
         "command": " ".join(["python", "benchmarks/bench_gpu.py", *sys.argv[1:]]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"), "peak_tflops": args.peak_tflops,
         "warmup": args.warmup, "steps": args.steps, "shapes": shapes(args.smoke), "serve": serve_shape(args.smoke),
         "rows": [],
     }  # fmt: skip
-    print(f"# {machine}; transformers {results['transformers']}", flush=True)
     env = dict(os.environ)
-    if args.jobs > 1:  # workers side by side share the cores
+    if args.jobs > 1 or args.smoke:  # workers side by side share the cores; tiny shapes run fastest on one thread
         env["OMP_NUM_THREADS"] = "1"
     lock = threading.Lock()
     with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
         args.ckpt_dir = tmp
         specs = plan(args)
         writer = run_worker(specs[0], args.timeout, env)
-        print(json.dumps(writer), flush=True)
-        results["checkpoints"] = writer
         if "error" in writer:
-            save(args.out, results)
+            save(args.out, results | {"checkpoints": writer})
             raise SystemExit(f"writing the checkpoints failed: {writer['error']}")
+        results.update(machine=writer["machine"], checkpoints=writer["checkpoints"])
+        print(f"# {results['machine']}; transformers {results['transformers']}", flush=True)
+        print(json.dumps(writer), flush=True)
 
         def measure(spec):
             row = run_worker(spec, args.timeout, env)

@@ -1,11 +1,15 @@
 """benchmarks/bench_gpu.py end to end with `--smoke`: every row measured in its own subprocess, no error, the
-implementations agreeing on the first training loss (same weights, same batch) and the comparisons filled in."""
+implementations agreeing on the first training loss (same weights, same batch) and the comparisons filled in. On CPU
+here; on CUDA too where there is a GPU (the benchmark's CUDA-only lines: device maps, synchronization, CUDA peaks)."""
 
 import json
 import math
 import os
 import subprocess
 import sys
+
+import pytest
+import torch
 
 import hybridmoe
 
@@ -24,15 +28,20 @@ EXPECTED = {
 }
 
 
-def test_bench_gpu_smoke(tmp_path):
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))],
+)
+def test_bench_gpu_smoke(tmp_path, device):
     out = tmp_path / "gpu.json"
     src = os.path.dirname(os.path.dirname(hybridmoe.__file__))  # the hybridmoe under test, in the workers too
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_gpu.py"), "--smoke", "--device", "cpu",
-           "--jobs", "2", "--out", str(out)]  # fmt: skip
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_gpu.py"), "--smoke", "--device", device,
+           "--jobs", "2" if device == "cpu" else "1", "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     results = json.loads(out.read_text())
+    assert results["device"] == device and results["machine"]
     rows = results["rows"]
     assert [r for r in rows if "error" in r] == []
     assert {(r["part"], r["shape"], r["impl"]) for r in rows} == EXPECTED
