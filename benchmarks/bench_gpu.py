@@ -1,7 +1,8 @@
 """hybridmoe on one GPU against Hugging Face transformers on the same weights, side by side in one run (issue 16).
 
-What it measures (bf16 weights and compute; AdamW, fused on CUDA; random weights, the same for every implementation
-of a shape because each loads one checkpoint written first; the same batches for every implementation):
+What it measures (bf16 weights and compute; fused AdamW, lr 1e-4, betas 0.9 / 0.95, weight decay 0.1; random weights,
+the same for every implementation of a shape because each loads one checkpoint written first; the same batches and
+prompts for every implementation):
 
   train     NemotronH training step tokens/s, MFU and peak memory, with the loss of every step:
               "1.2B"        hidden 2048, pattern MEMEM*EMEMEM*E, 64 experts top-6 of width 1024 in a latent space of
@@ -11,9 +12,10 @@ of a shape because each loads one checkpoint written first; the same batches for
             for hybridmoe eager, hybridmoe compiled (`compile_model`: `model.forward = torch.compile(model.forward)`;
             1.2B only) and transformers' NemotronHForCausalLM with `--hf-experts` (its `experts_implementation`).
   serve     the 1.2B weights served: prefill tokens/s of one 2048-token prompt and decode tokens/s at batch 1 and
-            32 (128-token prompts, 128 new tokens, greedy, eos ignored) through hybridmoe's engine
+            32 (128-token prompts, 128 new tokens, greedy, no eos) through hybridmoe's engine
             (`hybridmoe.serve.Engine`, once per `--decode-modes` entry when the engine has a `decode_mode` option),
-            against transformers' forward (prefill) and `generate` (decode).
+            against transformers' forward (prefill) and `generate` (decode: the time of 128 new tokens less that of
+            1, over 127 x batch tokens).
   finetune  the fine-tuning layer: `hybridmoe.automodel` against transformers' `--hf-experts` on a Qwen3-MoE shape
             (hidden 1024, 8 layers, 16 heads of 64 with 4 KV heads, 64 experts top-8 of width 512, vocab 32768),
             batch 4 x 2048: tokens/s, peak memory and losses.
@@ -31,10 +33,10 @@ to the step where the first one finishes. Peak memory is `torch.cuda.max_memory_
 (weights, optimizer state, activations) on CUDA, the peak resident size (ru_maxrss) on CPU. MFU is the model FLOPs
 of `hybridmoe.accounting.flops_per_token` over `--peak-tflops` (790: dense bf16 on one H200).
 
-    python benchmarks/bench_gpu.py                  # everything, about 4 minutes on one H200
+    python benchmarks/bench_gpu.py                  # everything: sized to finish within 5 minutes on one H200
     python benchmarks/bench_gpu.py --parts train --hf-experts grouped_mm,batched_mm
     python benchmarks/bench_gpu.py --decode-modes eager,graphs,compile
-    python benchmarks/bench_gpu.py --smoke          # the same code path with tiny shapes, on CPU in well under a minute
+    python benchmarks/bench_gpu.py --smoke --jobs 2 # the same code path, tiny shapes: ~45 s of CPU time (2 cores)
 Results: benchmarks/results/gpu.json (raw, saved after every measurement; --out), the markdown table on stdout and
 beside the JSON (gpu.md). `--smoke` writes gpu-smoke.json / gpu-smoke.md unless --out says otherwise.
 """
