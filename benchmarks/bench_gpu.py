@@ -304,6 +304,8 @@ def engine_decode(engine, batch: list[list[int]], new: int, device) -> dict:
         sync(device)
         now = time.perf_counter()
         for o in outputs:
+            if o.finish_reason == "error":
+                raise RuntimeError(f"the engine failed request {o.request_id}: {o.error}")
             tokens[o.request_id] += o.new_token_ids
         if start is not None and end is None:
             counted += sum(len(o.new_token_ids) for o in outputs)
@@ -534,7 +536,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed training steps (default 5; smoke 1)")
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="the device's dense bf16 peak, for MFU")
     parser.add_argument("--jobs", type=int, default=1, help="measurements at once (keep 1 on a GPU)")
-    parser.add_argument("--timeout", type=int, default=900, help="seconds per subprocess")
+    parser.add_argument("--timeout", type=int, default=300, help="seconds per subprocess")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gpu.json, gpu-smoke.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
