@@ -266,7 +266,7 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", 
 
 def _patch_lm_loss(model: nn.Module, family: str) -> str | None:
     """In training with labels, compute the loss from the LM head's input without forming the [tokens x vocab]
-    logits (`kernels.loss.linear_cross_entropy`, chunked); returns None when patched, else why not."""
+    logits (`kernels.loss.linear_cross_entropy`, chunked on a CPU); returns None when patched, else why not."""
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     if hasattr(model, "_hybridmoe_fused_loss"):
@@ -328,7 +328,8 @@ def _fused_loss_forward(self, *args, labels=None, **kwargs):
     y = shift_labels.reshape(-1).to(hidden.device)
     if ignore_index != -100:
         y = torch.where(y == ignore_index, -100, y)
-    rows = max(128, 2**23 // head.weight.shape[0])  # one chunk's fp32 logits within 32 MB
+    # one chunk's fp32 logits within 32 MB on a CPU; on a GPU the kernel's default (few chunks, often one)
+    rows = max(128, 2**23 // head.weight.shape[0]) if hidden.device.type == "cpu" else None
     total = linear_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]), head.weight, y, chunk_size=rows, logits_dtype=head.weight.dtype
     )
