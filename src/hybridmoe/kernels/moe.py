@@ -260,9 +260,8 @@ def experts_grouped(
             backend=backend,
         )  # fmt: skip
     else:
-        x_MD = x_TD.index_select(0, token_M)
         y_MD = expert_parallel_segments(
-            x_MD, w_up_EID, w_down_EDI, counts_E, ep_group, act, b_up_EU, b_down_ED, lora, quant=quant,
+            x_TD, token_M, w_up_EID, w_down_EDI, counts_E, ep_group, act, b_up_EU, b_down_ED, lora, quant=quant,
             backend=backend,
         )  # fmt: skip
     w_M = topk_w_TK.reshape(-1).index_select(0, order_M)
@@ -380,35 +379,44 @@ def _grouped_low_rank(v_MI, a_ERI, b_EOR, scaling, offs):
 
 
 def expert_parallel_segments(
-    x_MD, w_up_LID, w_down_LDI, counts_E, ep_group, act=ACTIVATIONS["relu2"], b_up_LU=None, b_down_LD=None, lora=None,
-    quant=None, backend="segments",
+    x_TD, rows_M, w_up_LID, w_down_LDI, counts_E, ep_group, act=ACTIVATIONS["relu2"], b_up_LU=None, b_down_LD=None,
+    lora=None, quant=None, backend="segments",
 ):  # fmt: skip
-    """Expert-parallel dispatch and combine (torchtitan's all-to-all token dispatcher, written out).
+    """Expert-parallel dispatch and combine (torchtitan's all-to-all token dispatcher, written out), overlapped.
 
-    x_MD: this rank's token copies sorted by global expert, counts_E (e,) of them per expert. Since experts are
-    owned in contiguous blocks, the sorted rows are already grouped by destination rank. Steps: exchange the
-    per-expert counts; send the rows to their owners (all-to-all); regroup the received rows (source-major) by
-    local expert; run the local experts; undo the regrouping; send the results back (all-to-all). Gradients take
-    the same way back: the all-to-all's backward is the reverse all-to-all."""
-    ep = dist.get_world_size(ep_group)
+    x_TD[rows_M] are this rank's token copies sorted by global expert, counts_E (e,) of them per expert. Since experts
+    are owned in contiguous blocks, the sorted copies are already grouped by destination rank. Steps: exchange the
+    per-expert counts; send the copies for other ranks' experts to their owners (all-to-all, started asynchronously);
+    meanwhile run the local experts on this rank's own copies, which never travel; then regroup the received copies
+    (source-major) by local expert, run the local experts on them, undo the regrouping and send the results back
+    (all-to-all). Gradients take the same way back: the all-to-all's backward is the reverse all-to-all, and the
+    gradients of the received copies travel back (asynchronously) while the own copies' backward runs: autograd runs
+    the nodes made later in the forward first, so the own copies' nodes (made between the start and the wait of the
+    dispatch) run between the backward's start and wait (`_AllToAllStart`, `_AllToAllWait`)."""
+    ep, rank = dist.get_world_size(ep_group), dist.get_rank(ep_group)
     e_local = w_up_LID.shape[0]
     send_counts = counts_E.view(ep, e_local)  # [destination rank, its local expert]
     recv_counts = torch.empty_like(send_counts)  # [source rank, my local expert]
     dist.all_to_all_single(recv_counts, send_counts, group=ep_group)
     send_splits = send_counts.sum(1).tolist()
     recv_splits = recv_counts.sum(1).tolist()
-    x_RD = _AllToAll.apply(x_MD, recv_splits, send_splits, ep_group)
-    # received rows: source-major, then local-expert-major within each source -> local-expert-major
+    own = slice(sum(send_splits[:rank]), sum(send_splits[: rank + 1]))  # the copies for this rank's experts
+    send_splits[rank] = recv_splits[rank] = 0
+    recv_counts[rank] = 0
+    kw = dict(act=act, b_up_EU=b_up_LU, b_down_ED=b_down_LD, lora=lora, quant=quant, backend=backend)
+    pending = _Pending()
+    remote_M = torch.cat([rows_M[: own.start], rows_M[own.stop :]])
+    x_RD = _AllToAllStart.apply(x_TD.index_select(0, remote_M), recv_splits, send_splits, ep_group, pending)
+    y_own = _run_experts(x_TD, w_up_LID, w_down_LDI, send_counts[rank], rows_of=rows_M[own], **kw)
+    x_RD = _AllToAllWait.apply(x_RD, pending, recv_splits, send_splits, ep_group)
+    # received copies: source-major, then local-expert-major within each source -> local-expert-major
     local_expert_R = torch.repeat_interleave(
-        torch.arange(e_local, device=x_MD.device).repeat(ep), recv_counts.flatten(), output_size=x_RD.shape[0]
+        torch.arange(e_local, device=x_TD.device).repeat(ep), recv_counts.flatten(), output_size=x_RD.shape[0]
     )
     order_R = torch.argsort(local_expert_R, stable=True)
-    y_sorted = _run_experts(
-        x_RD, w_up_LID, w_down_LDI, recv_counts.sum(0), act, b_up_LU, b_down_LD, lora, rows_of=order_R, quant=quant,
-        backend=backend,
-    )  # fmt: skip
-    y_RD = _unpermute(y_sorted, order_R)
-    return _AllToAll.apply(y_RD, send_splits, recv_splits, ep_group)
+    y_sorted = _run_experts(x_RD, w_up_LID, w_down_LDI, recv_counts.sum(0), rows_of=order_R, **kw)
+    y_back = _AllToAll.apply(_unpermute(y_sorted, order_R), send_splits, recv_splits, ep_group)
+    return torch.cat([y_back[: own.start], y_own, y_back[own.start :]])
 
 
 def _unpermute(y_sorted, order):
@@ -435,6 +443,62 @@ class _AllToAll(torch.autograd.Function):
         gx = g.new_empty((sum(in_splits), *g.shape[1:]))
         dist.all_to_all_single(gx, g.contiguous(), in_splits, out_splits, group=ctx.group)
         return gx, None, None, None
+
+
+class _Pending:
+    """The all-to-all in flight between an `_AllToAllStart` and its `_AllToAllWait` (forward) or the other way round
+    (backward), with the buffers it reads and writes (kept alive until it is done)."""
+
+    work = None
+    grad: torch.Tensor | None = None
+    buffers: tuple = ()
+
+
+class _AllToAllStart(torch.autograd.Function):
+    """Starts dist.all_to_all_single(async_op=True) and returns its output buffer before the rows have arrived: only
+    `_AllToAllWait` (same `pending`) may read it. Its backward waits for the gradients that _AllToAllWait's backward
+    sent and returns them."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group, pending):
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        send = x.contiguous()
+        pending.work = dist.all_to_all_single(out, send, out_splits, in_splits, group=group, async_op=True)
+        pending.buffers = (send, out)
+        ctx.pending = pending
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    def backward(ctx, _):
+        pending = ctx.pending
+        pending.work.wait()
+        grad = pending.grad
+        pending.work, pending.grad, pending.buffers = None, None, ()
+        return grad, None, None, None, None
+
+
+class _AllToAllWait(torch.autograd.Function):
+    """Waits for the all-to-all of an `_AllToAllStart` and passes its output on. Its backward starts the reverse
+    all-to-all of the gradients (async_op=True) and leaves the wait to _AllToAllStart's backward."""
+
+    @staticmethod
+    def forward(ctx, out, pending, out_splits, in_splits, group):
+        pending.work.wait()
+        pending.work, pending.buffers = None, ()
+        ctx.pending, ctx.splits, ctx.group, ctx.shape = pending, (out_splits, in_splits), group, out.shape
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, g):
+        out_splits, in_splits = ctx.splits
+        send = g.contiguous()
+        gx = g.new_empty((sum(in_splits), *g.shape[1:]))
+        pending = ctx.pending
+        pending.work = dist.all_to_all_single(gx, send, in_splits, out_splits, group=ctx.group, async_op=True)
+        pending.grad, pending.buffers = gx, (send, gx)
+        # a gradient for the start's output that costs nothing; the start returns gx once it has arrived
+        return g.new_zeros(()).expand(ctx.shape), None, None, None, None
 
 
 def _rows(x: torch.Tensor, rows_of: torch.Tensor | None, rows: slice) -> torch.Tensor:
