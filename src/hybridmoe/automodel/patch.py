@@ -18,8 +18,9 @@ in `transformers/models/<family>/` (read against transformers 5.24):
 
 Only the forward computation is replaced, per module instance: the parameters, their names and shapes stay
 transformers' own, so state dicts, `save_pretrained` and plain transformers loading are untouched. The experts then
-run `hybridmoe.kernels.moe.experts_grouped` (sort by expert, one matmul per expert segment, hand-written backward
-that saves only the sorted inputs and pre-activations). nemotron_h's `NemotronHMamba2Mixer` runs its conv and scan on
+run `hybridmoe.kernels.moe.experts_grouped` (sort by expert; on a CPU one matmul per expert segment with a
+hand-written backward that saves only the sorted inputs and pre-activations; on a GPU torch._grouped_mm with no loop
+over experts or rows on the host). nemotron_h's `NemotronHMamba2Mixer` runs its conv and scan on
 `hybridmoe.kernels.ssd` (`causal_conv1d`, `ssd_chunked`) when called without a cache, i.e. in training and in
 plain forward passes; with a cache (generation) it keeps transformers' forward.
 
@@ -328,7 +329,7 @@ def _fused_loss_forward(self, *args, labels=None, **kwargs):
     y = shift_labels.reshape(-1).to(hidden.device)
     if ignore_index != -100:
         y = torch.where(y == ignore_index, -100, y)
-    # one chunk's fp32 logits within 32 MB on a CPU; on a GPU the kernel's default (few chunks, often one)
+    # one chunk's fp32 logits within 32 MB on a CPU; on a GPU the kernel's default (a few large chunks, no sync)
     rows = max(128, 2**23 // head.weight.shape[0]) if hidden.device.type == "cpu" else None
     total = linear_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]), head.weight, y, chunk_size=rows, logits_dtype=head.weight.dtype

@@ -6,9 +6,10 @@ fp32, takes the log-sum-exp and, when gradients are wanted, the gradients of h a
 (softmax - onehot), so nothing of size [tokens x vocab] outlives a chunk and backward is only a scaling.
 
 Chunk size by device (`default_chunk_size`): on a CPU, chunks sized for the caches (256..2048 rows, 256 MB of fp32
-logits at most); on a GPU, where every chunk costs a few dozen kernel launches and the loop runs on the host, as many
-rows as fit in `GPU_LOGITS_BUDGET` bytes of fp32 logits: the whole batch in one chunk at fine-tuning shapes (4 x 2048
-tokens, vocab 32768: 1 GiB). On a GPU nothing waits for the device either (no `.item()`-like checks per chunk).
+logits at most); on a GPU, where every chunk costs a few dozen kernel launches from the host, as many rows as fit in
+`GPU_LOGITS_BUDGET` bytes of fp32 logits: 4096 rows at vocab 32768, two chunks for a 4 x 2048-token batch. The budget
+trades host time (a chunk) against the peak memory at the end of the forward (about 1.5x the budget); a chunk size of
+at least the number of rows makes one chunk. On a GPU nothing waits for the device (no per-chunk check read back).
 The fused "linear + cross-entropy" idea is that of Liger-Kernel / Apple's cut-cross-entropy; this is a plain
 PyTorch version of it.
 """
@@ -23,7 +24,7 @@ from .linear import matmul_dtype
 IGNORE_INDEX = -100
 # Bytes of one chunk's fp32 logits on a GPU; the chunk's transients peak at about 1.5x this (bf16 logits and
 # gradients next to the fp32 ones).
-GPU_LOGITS_BUDGET = 2**30
+GPU_LOGITS_BUDGET = 2**29
 
 
 def default_chunk_size(hidden: torch.Tensor, vocab: int) -> int:
