@@ -387,12 +387,13 @@ def expert_parallel_segments(
     x_TD[rows_M] are this rank's token copies sorted by global expert, counts_E (e,) of them per expert. Since experts
     are owned in contiguous blocks, the sorted copies are already grouped by destination rank. Steps: exchange the
     per-expert counts; send the copies for other ranks' experts to their owners (all-to-all, started asynchronously);
-    meanwhile run the local experts on this rank's own copies, which never travel; then regroup the received copies
-    (source-major) by local expert, run the local experts on them, undo the regrouping and send the results back
-    (all-to-all). Gradients take the same way back: the all-to-all's backward is the reverse all-to-all, and the
-    gradients of the received copies travel back (asynchronously) while the own copies' backward runs: autograd runs
-    the nodes made later in the forward first, so the own copies' nodes (made between the start and the wait of the
-    dispatch) run between the backward's start and wait (`_AllToAllStart`, `_AllToAllWait`)."""
+    meanwhile run the local experts on this rank's own copies, which never travel (except with `quant`); then
+    regroup the received copies (source-major) by local expert, run the local experts on them, undo the regrouping
+    and send the results back (all-to-all). Gradients take the same way back: the all-to-all's backward is the
+    reverse all-to-all, and the gradients of the received copies travel back (asynchronously) while the own copies'
+    backward runs: autograd runs the nodes made later in the forward first, so the own copies' nodes (made between
+    the start and the wait of the dispatch) run between the backward's start and wait (`_AllToAllStart`,
+    `_AllToAllWait`)."""
     ep, rank = dist.get_world_size(ep_group), dist.get_rank(ep_group)
     e_local = w_up_LID.shape[0]
     send_counts = counts_E.view(ep, e_local)  # [destination rank, its local expert]
@@ -400,14 +401,20 @@ def expert_parallel_segments(
     dist.all_to_all_single(recv_counts, send_counts, group=ep_group)
     send_splits = send_counts.sum(1).tolist()
     recv_splits = recv_counts.sum(1).tolist()
-    own = slice(sum(send_splits[:rank]), sum(send_splits[: rank + 1]))  # the copies for this rank's experts
-    send_splits[rank] = recv_splits[rank] = 0
-    recv_counts[rank] = 0
+    # With `quant`, all of an expert's copies form one segment with one scale, as without expert parallelism: the own
+    # copies travel (to this rank) with the others and nothing overlaps.
+    own = slice(0, 0)
+    if quant is None:  # the copies for this rank's own experts stay
+        own = slice(sum(send_splits[:rank]), sum(send_splits[: rank + 1]))
+        send_splits[rank] = recv_splits[rank] = 0
+        recv_counts[rank] = 0
     kw = dict(act=act, b_up_EU=b_up_LU, b_down_ED=b_down_LD, lora=lora, quant=quant, backend=backend)
     pending = _Pending()
     remote_M = torch.cat([rows_M[: own.start], rows_M[own.stop :]])
     x_RD = _AllToAllStart.apply(x_TD.index_select(0, remote_M), recv_splits, send_splits, ep_group, pending)
-    y_own = _run_experts(x_TD, w_up_LID, w_down_LDI, send_counts[rank], rows_of=rows_M[own], **kw)
+    y_own = None
+    if quant is None:  # while the all-to-all runs
+        y_own = _run_experts(x_TD, w_up_LID, w_down_LDI, send_counts[rank], rows_of=rows_M[own], **kw)
     x_RD = _AllToAllWait.apply(x_RD, pending, recv_splits, send_splits, ep_group)
     # received copies: source-major, then local-expert-major within each source -> local-expert-major
     local_expert_R = torch.repeat_interleave(
@@ -416,7 +423,7 @@ def expert_parallel_segments(
     order_R = torch.argsort(local_expert_R, stable=True)
     y_sorted = _run_experts(x_RD, w_up_LID, w_down_LDI, recv_counts.sum(0), rows_of=order_R, **kw)
     y_back = _AllToAll.apply(_unpermute(y_sorted, order_R), send_splits, recv_splits, ep_group)
-    return torch.cat([y_back[: own.start], y_own, y_back[own.start :]])
+    return y_back if y_own is None else torch.cat([y_back[: own.start], y_own, y_back[own.start :]])
 
 
 def _unpermute(y_sorted, order):
