@@ -4,14 +4,14 @@
 (the twin `linear_cross_entropy_reference`). It walks the tokens in chunks; for each chunk it forms the logits in
 fp32, takes the log-sum-exp and, when gradients are wanted, the gradients of h and W right away
 (softmax - onehot), so nothing of size [tokens x vocab] outlives a chunk and backward is only a scaling.
+The fused "linear + cross-entropy" idea is that of Liger-Kernel / Apple's cut-cross-entropy; this is a plain
+PyTorch version of it.
 
 Chunk size by device (`default_chunk_size`): on a CPU, chunks sized for the caches (256..2048 rows, 256 MB of fp32
 logits at most); on a GPU, where every chunk costs a few dozen kernel launches from the host, as many rows as fit in
 `GPU_LOGITS_BUDGET` bytes of fp32 logits: 4096 rows at vocab 32768, two chunks for a 4 x 2048-token batch. The budget
 trades host time (a chunk) against the peak memory at the end of the forward (about 1.5x the budget); a chunk size of
 at least the number of rows makes one chunk. On a GPU nothing waits for the device (no per-chunk check read back).
-The fused "linear + cross-entropy" idea is that of Liger-Kernel / Apple's cut-cross-entropy; this is a plain
-PyTorch version of it.
 """
 
 from __future__ import annotations
