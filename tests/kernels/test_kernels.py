@@ -956,7 +956,9 @@ def test_linear_cross_entropy_chunk_size_by_device():
     cpu = torch.empty(0)
     assert default_chunk_size(cpu, 32768) == 2048 and default_chunk_size(cpu, 2**20) == 256
     gpu_like = torch.empty(0, device="meta")
-    assert default_chunk_size(gpu_like, 32768) == 4096 and default_chunk_size(gpu_like, 2**31) == 1
+    assert default_chunk_size(gpu_like, 32768) == 2048  # four chunks for 4 x 2048 tokens (CPU: also 2048)
+    assert default_chunk_size(gpu_like, 256) == 2**18  # no 2048-row cap: one chunk for any batch at a small vocab
+    assert default_chunk_size(gpu_like, 2**31) == 1
 
 
 def test_linear_cross_entropy_frozen_weight_and_bad_shapes():

@@ -9,9 +9,10 @@ PyTorch version of it.
 
 Chunk size by device (`default_chunk_size`): on a CPU, chunks sized for the caches (256..2048 rows, 256 MB of fp32
 logits at most); on a GPU, where every chunk costs a few dozen kernel launches from the host, as many rows as fit in
-`GPU_LOGITS_BUDGET` bytes of fp32 logits: 4096 rows at vocab 32768, two chunks for a 4 x 2048-token batch. The budget
-trades host time (a chunk) against the peak memory at the end of the forward (about 1.5x the budget); a chunk size of
-at least the number of rows makes one chunk. On a GPU nothing waits for the device (no per-chunk check read back).
+`GPU_LOGITS_BUDGET` bytes of fp32 logits: 2048 rows at vocab 32768, four chunks for a 4 x 2048-token batch (32 of 256
+rows before, each waiting for the device). The budget trades host time (a few dozen launches a chunk) against the
+peak memory at the end of the forward (about 1.5x the budget); a chunk size of at least the number of rows makes one
+chunk. On a GPU nothing waits for the device (no per-chunk check read back).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .linear import matmul_dtype
 IGNORE_INDEX = -100
 # Bytes of one chunk's fp32 logits on a GPU; the chunk's transients peak at about 1.5x this (bf16 logits and
 # gradients next to the fp32 ones).
-GPU_LOGITS_BUDGET = 2**29
+GPU_LOGITS_BUDGET = 2**28
 
 
 def default_chunk_size(hidden: torch.Tensor, vocab: int) -> int:
