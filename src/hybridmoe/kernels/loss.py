@@ -9,10 +9,10 @@ PyTorch version of it.
 
 Chunk size by device (`default_chunk_size`): on a CPU, chunks sized for the caches (256..2048 rows, 256 MB of fp32
 logits at most); on a GPU, where every chunk costs a few dozen kernel launches from the host, as many rows as fit in
-`GPU_LOGITS_BUDGET` bytes of fp32 logits: 2048 rows at vocab 32768, four chunks for a 4 x 2048-token batch (32 of 256
-rows before, each waiting for the device). The budget trades host time (a few dozen launches a chunk) against the
-peak memory at the end of the forward (about 1.5x the budget); a chunk size of at least the number of rows makes one
-chunk. On a GPU nothing waits for the device (no per-chunk check read back).
+`GPU_LOGITS_BUDGET` bytes of fp32 logits: 2048 rows at vocab 32768, four chunks for a 4 x 2048-token batch. The budget
+trades host time (a few dozen launches a chunk) against the peak memory at the end of the forward (about 1.5x the
+budget); a chunk size of at least the number of rows makes one chunk. On a GPU nothing waits for the device (no
+per-chunk check read back).
 """
 
 from __future__ import annotations
