@@ -1,9 +1,9 @@
 """Expert parallelism with the overlapped all-to-all (`kernels.moe.expert_parallel_segments`) on 2 gloo processes:
 outputs and every gradient (tokens, expert weights, biases, routing weights, grouped LoRA factors) equal the
-single-device twin `experts_reference` over all ranks' tokens, on both backends (`grouped_mm`, loop-free, as a GPU
-runs it, and `segments`), for routings where copies travel both ways, where none leaves its rank and where all do,
-and with an emulated low-precision GEMM (`quant`, where every copy travels); and in the backward the own copies'
-experts run while the received copies' gradients travel back."""
+single-device twin `experts_reference` over all ranks' tokens, on both backends (`grouped_mm`, loop-free and
+overlapped, as a GPU runs it, and `segments`, a CPU's, not overlapped), for routings where copies travel both ways,
+where none leaves its rank and where all do, and with an emulated low-precision GEMM (`quant`, where every copy
+travels); and in the backward the own copies' experts run while the received copies' gradients travel back."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def _worker(rank, world, store, out_dir):
     def run_experts(*args, **kwargs):
         calls.append(1)
         y = real_run(*args, **kwargs)
-        own = len(calls) == 1 and kwargs["quant"] is None  # the first call of an overlapped dispatch
+        own = len(calls) == 1 and kwargs["quant"] is None and kwargs["backend"] == "grouped_mm"  # overlapped
         return _Mark.apply(y) if own else y
 
     moe._run_experts = run_experts
@@ -139,7 +139,7 @@ def test_overlapped_expert_parallelism_matches_reference(tmp_path):
         assert len(results) == 7
         for case, result in results.items():
             assert all(v <= 1e-5 for v in result["errors"].values()), (rank, case, result["errors"])
-            # the received copies' gradients are sent (wait's backward) before the own copies' experts run, and
-            # waited for (start's backward) after; with quant all copies travel, nothing runs in between
-            expected = ["wait", "start"] if case.endswith("quant") else ["wait", "own experts", "start"]
+            # grouped_mm: the received copies' gradients are sent (wait's backward) before the own copies' experts
+            # run, and waited for (start's backward) after; segments and quant: all copies travel, nothing overlaps
+            expected = ["wait", "own experts", "start"] if case.endswith("grouped_mm") else ["wait", "start"]
             assert result["order"] == expected, (rank, case, result["order"])

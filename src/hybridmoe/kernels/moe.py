@@ -387,8 +387,9 @@ def expert_parallel_segments(
     x_TD[rows_M] are this rank's token copies sorted by global expert, counts_E (e,) of them per expert. Since experts
     are owned in contiguous blocks, the sorted copies are already grouped by destination rank. Steps: exchange the
     per-expert counts; send the copies for other ranks' experts to their owners (all-to-all, started asynchronously);
-    meanwhile run the local experts on this rank's own copies, which never travel (except with `quant`); then
-    regroup the received copies (source-major) by local expert, run the local experts on them, undo the regrouping
+    meanwhile run the local experts on this rank's own copies, which never travel (on the grouped_mm backend without
+    `quant`; otherwise they travel with the others and the all-to-all is waited for at once); then regroup the
+    received copies (source-major) by local expert, run the local experts on them, undo the regrouping
     and send the results back (all-to-all). Gradients take the same way back: the all-to-all's backward is the
     reverse all-to-all, and the gradients of the received copies travel back (asynchronously) while the own copies'
     backward runs: autograd runs the nodes made later in the forward first, so the own copies' nodes (made between
@@ -401,10 +402,12 @@ def expert_parallel_segments(
     dist.all_to_all_single(recv_counts, send_counts, group=ep_group)
     send_splits = send_counts.sum(1).tolist()
     recv_splits = recv_counts.sum(1).tolist()
-    # With `quant`, all of an expert's copies form one segment with one scale, as without expert parallelism: the own
-    # copies travel (to this rank) with the others and nothing overlaps.
+    # The own copies stay on the grouped_mm path only: on the segments path (a CPU's, where the all-to-all and the
+    # experts share the cores) the experts run best on all copies at once, and with `quant` all of an expert's copies
+    # form one segment with one scale, as without expert parallelism.
+    overlap = backend == "grouped_mm" and quant is None
     own = slice(0, 0)
-    if quant is None:  # the copies for this rank's own experts stay
+    if overlap:  # the copies for this rank's own experts stay
         own = slice(sum(send_splits[:rank]), sum(send_splits[: rank + 1]))
         send_splits[rank] = recv_splits[rank] = 0
         recv_counts[rank] = 0
@@ -413,7 +416,7 @@ def expert_parallel_segments(
     remote_M = torch.cat([rows_M[: own.start], rows_M[own.stop :]])
     x_RD = _AllToAllStart.apply(x_TD.index_select(0, remote_M), recv_splits, send_splits, ep_group, pending)
     y_own = None
-    if quant is None:  # while the all-to-all runs
+    if overlap:  # while the all-to-all runs
         y_own = _run_experts(x_TD, w_up_LID, w_down_LDI, send_counts[rank], rows_of=rows_M[own], **kw)
     x_RD = _AllToAllWait.apply(x_RD, pending, recv_splits, send_splits, ep_group)
     # received copies: source-major, then local-expert-major within each source -> local-expert-major
