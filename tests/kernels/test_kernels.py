@@ -21,7 +21,12 @@ from hypothesis import strategies as st
 from hybridmoe.kernels import linear as linear_mod
 from hybridmoe.kernels.activations import relu_squared, relu_squared_backward, relu_squared_reference
 from hybridmoe.kernels.attention import attention, attention_after_prefix, attention_reference
-from hybridmoe.kernels.loss import IGNORE_INDEX, linear_cross_entropy, linear_cross_entropy_reference
+from hybridmoe.kernels.loss import (
+    IGNORE_INDEX,
+    default_chunk_size,
+    linear_cross_entropy,
+    linear_cross_entropy_reference,
+)
 from hybridmoe.kernels.moe import ACTIVATIONS, clamped_swiglu, experts_backend, experts_grouped, experts_reference
 from hybridmoe.kernels.ssd import (
     causal_conv1d,
@@ -542,9 +547,9 @@ MOE_CASES = [  # (tokens, experts, top-k, width d, hidden i, experts forced to r
 ]
 
 
-def check_moe(x, w_up, w_down, topk_idx, topk_w, ref_inputs, out_tol, grad_tol, empty, gen):
+def check_moe(x, w_up, w_down, topk_idx, topk_w, ref_inputs, out_tol, grad_tol, empty, gen, backend=None):
     ref = experts_reference(ref_inputs[0], ref_inputs[1], ref_inputs[2], topk_idx, ref_inputs[3])
-    out = experts_grouped(x, w_up, w_down, topk_idx, topk_w)
+    out = experts_grouped(x, w_up, w_down, topk_idx, topk_w, backend=backend)
     assert out.dtype == x.dtype
     assert_close_scaled(out, ref, out_tol, "experts output")
     cot = [torch.randn(ref.shape, generator=gen)]
@@ -566,6 +571,72 @@ def test_experts_grouped_matches_reference_fp32(t, e, k, d, i, empty):
     x, w_up, w_down, topk_idx, topk_w = make_moe_inputs(gen, t, e, k, d, i, empty)
     assert experts_backend(x) == "segments"
     check_moe(x, w_up, w_down, topk_idx, topk_w, (x, w_up, w_down, topk_w), 1e-5, 1e-5, empty, gen)
+
+
+@pytest.mark.parametrize(("t", "e", "k", "d", "i", "empty"), MOE_CASES)
+def test_experts_grouped_mm_backend_matches_reference_fp32(t, e, k, d, i, empty):
+    """The loop-free path a GPU takes (torch._grouped_mm, counts by scatter-add, the combine's backward in one
+    block), forced on this CPU, where torch runs _grouped_mm too."""
+    gen = make_gen(t * 100 + e + 5)
+    x, w_up, w_down, topk_idx, topk_w = make_moe_inputs(gen, t, e, k, d, i, empty)
+    check_moe(x, w_up, w_down, topk_idx, topk_w, (x, w_up, w_down, topk_w), 1e-5, 1e-5, empty, gen, "grouped_mm")
+
+
+def test_experts_grouped_mm_backend_has_no_loop_over_experts_or_blocks(monkeypatch):
+    """On the grouped_mm path nothing walks experts or row blocks on the host: no per-segment kernel, no counts read
+    back, the combine's backward in one block whatever COMBINE_BLOCK_ROWS says."""
+    from hybridmoe.kernels import moe
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the segments path ran")
+
+    monkeypatch.setattr(moe._SegmentExperts, "apply", forbidden)
+    monkeypatch.setattr(moe, "COMBINE_BLOCK_ROWS", 5)
+    monkeypatch.setattr(torch, "bincount", forbidden)
+    index_selects = []
+    real_index_select = torch.Tensor.index_select
+    monkeypatch.setattr(
+        torch.Tensor, "index_select", lambda *a, **kw: index_selects.append(1) or real_index_select(*a, **kw)
+    )
+    gen = make_gen(9)
+    x, w_up, w_down, topk_idx, topk_w = make_moe_inputs(gen, 24, 8, 4, 8, 16, ())
+    out = experts_grouped(x, w_up, w_down, topk_idx, topk_w, backend="grouped_mm")
+    before = len(index_selects)
+    out.sum().backward()
+    assert len(index_selects) - before == 1  # the combine's backward gathers all 96 copies at once
+
+
+def test_experts_reject_unknown_backend_and_unaligned_grouped_mm():
+    gen = make_gen(10)
+    x, w_up, w_down, topk_idx, topk_w = make_moe_inputs(gen, 4, 4, 2, 8, 6)
+    with pytest.raises(ValueError, match="unknown backend"):
+        experts_grouped(x, w_up, w_down, topk_idx, topk_w, backend="triton")
+    with pytest.raises(ValueError, match="multiples of 16 bytes"):  # i = 6 fp32 values: 24-byte rows
+        experts_grouped(x, w_up, w_down, topk_idx, topk_w, backend="grouped_mm")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_experts_and_loss_never_wait_for_the_gpu():
+    """The loop-free experts (bf16, grouped_mm) and the fused loss run forward and backward with CUDA's sync
+    debug mode set to raise on any host-device synchronization."""
+    gen = make_gen(13)
+    x, w_up, w_down, topk_idx, topk_w = make_moe_inputs(gen, 64, 8, 2, 64, 32, (), dtype=torch.bfloat16)
+    leaves = [v.detach().cuda().requires_grad_() for v in (x, w_up, w_down, topk_w)]
+    idx = topk_idx.cuda()
+    hidden = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(512, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 512, (64,), device="cuda")
+    labels[::7] = IGNORE_INDEX
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = experts_grouped(leaves[0], leaves[1], leaves[2], idx, leaves[3], backend="grouped_mm")
+        loss = linear_cross_entropy(hidden, weight, labels, logits_dtype=torch.bfloat16)
+        (out.float().square().sum() + loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref = experts_reference(*(v.detach().float() for v in leaves[:3]), idx, leaves[3].detach().float())
+    assert_close_scaled(out.float(), ref, 2e-2, "experts output on CUDA")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -848,6 +919,46 @@ def test_linear_cross_entropy_bf16(monkeypatch, widen, n, v, d, chunk, pattern):
     for name, gf, gr in zip(("hidden", "weight"), g_fast, g_ref):
         assert gf.dtype == torch.bfloat16
         assert_close_scaled(gf, gr, 2e-2, f"grad {name}")
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize(("dtype", "logits_dtype"), [(torch.float32, None), (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("pattern", ["some", "none"])
+def test_linear_cross_entropy_one_chunk_equals_chunks(dtype, logits_dtype, pattern, frozen):
+    """One chunk over all rows (a GPU's default at fine-tuning shapes) gives the loss and both gradients of the
+    chunked path (a CPU's) and of the reference."""
+    n, v, d = 23, 40, 16
+    gen = make_gen(n + (pattern == "some") + 2 * frozen)
+    h0, w0 = torch.randn(n, d, generator=gen).to(dtype), torch.randn(v, d, generator=gen).to(dtype)
+    labels = make_labels(gen, n, v, pattern)
+
+    def run(chunk):
+        hidden, weight = h0.clone().requires_grad_(), w0.clone().requires_grad_(not frozen)
+        out = linear_cross_entropy(hidden, weight, labels, chunk_size=chunk, logits_dtype=logits_dtype)
+        leaves = [hidden] if frozen else [hidden, weight]
+        return out, torch.autograd.grad(out * 1.5, leaves)
+
+    one, g_one = run(n)
+    chunked, g_chunked = run(5)
+    assert_close_scaled(one, chunked, 1e-6, "loss, one chunk vs chunks")
+    for gi, gc in zip(g_one, g_chunked):
+        assert gi.dtype == dtype
+        assert_close_scaled(gi, gc, 1e-6 if dtype == torch.float32 else 1e-2, "grad, one chunk vs chunks")
+    h32, w32 = h0.float().requires_grad_(), w0.float().requires_grad_()
+    ref = linear_cross_entropy_reference(h32, w32, labels)
+    assert_close_scaled(one, ref, 1e-5 if dtype == torch.float32 else 2e-2, "loss vs reference")
+    for gi, gr in zip(g_one, torch.autograd.grad(ref * 1.5, [h32, w32])):
+        assert_close_scaled(gi, gr, 1e-5 if dtype == torch.float32 else 3e-2, "grad vs reference")
+
+
+def test_linear_cross_entropy_chunk_size_by_device():
+    """A CPU keeps its cache-sized chunks; a GPU takes as many rows as GPU_LOGITS_BUDGET of fp32 logits allows."""
+    cpu = torch.empty(0)
+    assert default_chunk_size(cpu, 32768) == 2048 and default_chunk_size(cpu, 2**20) == 256
+    gpu_like = torch.empty(0, device="meta")
+    assert default_chunk_size(gpu_like, 32768) == 2048  # four chunks for 4 x 2048 tokens (CPU: also 2048)
+    assert default_chunk_size(gpu_like, 256) == 2**18  # no 2048-row cap: one chunk for any batch at a small vocab
+    assert default_chunk_size(gpu_like, 2**31) == 1
 
 
 def test_linear_cross_entropy_frozen_weight_and_bad_shapes():

@@ -18,8 +18,9 @@ in `transformers/models/<family>/` (read against transformers 5.24):
 
 Only the forward computation is replaced, per module instance: the parameters, their names and shapes stay
 transformers' own, so state dicts, `save_pretrained` and plain transformers loading are untouched. The experts then
-run `hybridmoe.kernels.moe.experts_grouped` (sort by expert, one matmul per expert segment, hand-written backward
-that saves only the sorted inputs and pre-activations). nemotron_h's `NemotronHMamba2Mixer` runs its conv and scan on
+run `hybridmoe.kernels.moe.experts_grouped` (sort by expert; on a CPU one matmul per expert segment with a
+hand-written backward that saves only the sorted inputs and pre-activations; on a GPU torch._grouped_mm with no loop
+over experts or rows on the host). nemotron_h's `NemotronHMamba2Mixer` runs its conv and scan on
 `hybridmoe.kernels.ssd` (`causal_conv1d`, `ssd_chunked`) when called without a cache, i.e. in training and in
 plain forward passes; with a cache (generation) it keeps transformers' forward.
 
@@ -266,7 +267,7 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", 
 
 def _patch_lm_loss(model: nn.Module, family: str) -> str | None:
     """In training with labels, compute the loss from the LM head's input without forming the [tokens x vocab]
-    logits (`kernels.loss.linear_cross_entropy`, chunked); returns None when patched, else why not."""
+    logits (`kernels.loss.linear_cross_entropy`, chunked on a CPU); returns None when patched, else why not."""
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     if hasattr(model, "_hybridmoe_fused_loss"):
@@ -328,7 +329,8 @@ def _fused_loss_forward(self, *args, labels=None, **kwargs):
     y = shift_labels.reshape(-1).to(hidden.device)
     if ignore_index != -100:
         y = torch.where(y == ignore_index, -100, y)
-    rows = max(128, 2**23 // head.weight.shape[0])  # one chunk's fp32 logits within 32 MB
+    # one chunk's fp32 logits within 32 MB on a CPU; on a GPU the kernel's default (a few large chunks, no sync)
+    rows = max(128, 2**23 // head.weight.shape[0]) if hidden.device.type == "cpu" else None
     total = linear_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]), head.weight, y, chunk_size=rows, logits_dtype=head.weight.dtype
     )

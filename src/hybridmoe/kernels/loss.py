@@ -6,6 +6,13 @@ fp32, takes the log-sum-exp and, when gradients are wanted, the gradients of h a
 (softmax - onehot), so nothing of size [tokens x vocab] outlives a chunk and backward is only a scaling.
 The fused "linear + cross-entropy" idea is that of Liger-Kernel / Apple's cut-cross-entropy; this is a plain
 PyTorch version of it.
+
+Chunk size by device (`default_chunk_size`): on a CPU, chunks sized for the caches (256..2048 rows, 256 MB of fp32
+logits at most); on a GPU, where every chunk costs a few dozen kernel launches from the host, as many rows as fit in
+`GPU_LOGITS_BUDGET` bytes of fp32 logits: 2048 rows at vocab 32768, four chunks for a 4 x 2048-token batch. The budget
+trades host time (a few dozen launches a chunk) against the peak memory at the end of the forward (about 1.5x the
+budget); a chunk size of at least the number of rows makes one chunk. On a GPU nothing waits for the device (no
+per-chunk check read back).
 """
 
 from __future__ import annotations
@@ -16,6 +23,17 @@ import torch.nn.functional as F
 from .linear import matmul_dtype
 
 IGNORE_INDEX = -100
+# Bytes of one chunk's fp32 logits on a GPU; the chunk's transients peak at about 1.5x this (bf16 logits and
+# gradients next to the fp32 ones).
+GPU_LOGITS_BUDGET = 2**28
+
+
+def default_chunk_size(hidden: torch.Tensor, vocab: int) -> int:
+    """Rows per chunk: on a CPU as many as keep one chunk's fp32 logits within 256 MB (256..2048); elsewhere (a GPU)
+    as many as fit in GPU_LOGITS_BUDGET bytes of fp32 logits."""
+    if hidden.device.type == "cpu":
+        return max(256, min(2048, 2**26 // vocab))
+    return max(1, GPU_LOGITS_BUDGET // (4 * vocab))
 
 
 def linear_cross_entropy_reference(hidden, weight, labels):
@@ -27,13 +45,13 @@ def linear_cross_entropy(
     hidden, weight, labels, chunk_size: int | None = None, logits_dtype: torch.dtype | None = None
 ):
     """hidden (n,d), weight (v,d), labels (n,) with -100 for ignored rows. Returns the summed loss (fp32).
-    chunk_size: rows per chunk; by default as many as keep one chunk's fp32 logits within 256 MB (256..2048).
+    chunk_size: rows per chunk; by default `default_chunk_size` (by device); hidden.shape[0] or more: one chunk.
     logits_dtype: round each chunk's logits, and the gradient with respect to them, to this dtype, as a model whose
     LM head outputs logits in that dtype before an fp32 loss does (transformers' bf16 models); None keeps them fp32."""
     if hidden.shape[0] != labels.shape[0]:
         raise ValueError(f"linear_cross_entropy: {hidden.shape[0]} rows of hidden but {labels.shape[0]} labels")
     if chunk_size is None:
-        chunk_size = max(256, min(2048, 2**26 // weight.shape[0]))
+        chunk_size = default_chunk_size(hidden, weight.shape[0])
     return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_size, logits_dtype)
 
 
@@ -43,10 +61,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         cdt = torch.float32 if matmul_dtype(hidden) == torch.float32 else hidden.dtype
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         w = weight.to(cdt)
-        grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device) if want_w else None
+        n = hidden.shape[0]
+        one_chunk = chunk_size >= n
+        # one chunk: its gradients are the results (no full-size buffers to copy into)
+        grad_h = None if one_chunk or not want_h else torch.empty(hidden.shape, dtype=torch.float32, device=w.device)
+        grad_w = None if one_chunk or not want_w else torch.zeros(weight.shape, dtype=torch.float32, device=w.device)
+        # on a CPU, all-valid chunks skip the masking pass; elsewhere asking would make the host wait for the device
+        check_valid = hidden.device.type == "cpu"
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_size):
+        for start in range(0, max(n, 1), chunk_size):
             rows = slice(start, start + chunk_size)
             h = hidden[rows].to(cdt)
             y = labels[rows]
@@ -61,12 +84,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # d loss / d logits = softmax - onehot (zero for ignored rows), formed in place over the logits
                 g = logits.sub_(lse[:, None]).exp_()
                 g.scatter_add_(1, safe_y[:, None], -torch.ones_like(picked)[:, None])
-                if not bool(valid.all()):
+                if not check_valid or not bool(valid.all()):
                     g.mul_(valid[:, None])
                 g = g.to(cdt) if logits_dtype is None else g.to(logits_dtype).to(cdt)
-                if want_h:
+                if want_h and one_chunk:
+                    grad_h = (g @ w).float()
+                elif want_h:
                     grad_h[rows] = (g @ w).float()
-                if want_w:
+                if want_w and one_chunk:
+                    grad_w = (g.T @ h).float()
+                elif want_w:
                     grad_w += (g.T @ h).float()
                 del g
             del logits  # before the next chunk's logits exist: one [rows x vocab] buffer at a time
