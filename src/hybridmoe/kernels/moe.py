@@ -226,7 +226,10 @@ def experts_grouped(
     e = w_up_EID.shape[0] * ep
     flat_M = topk_idx_TK.reshape(-1)
     order_M = torch.argsort(flat_M, stable=True)
-    counts_E = torch.bincount(flat_M, minlength=e)
+    if flat_M.is_cuda:  # not bincount, which reads the largest id back to the host: no CUDA graph could capture it
+        counts_E = flat_M.new_zeros(e).scatter_add_(0, flat_M, torch.ones_like(flat_M))
+    else:
+        counts_E = torch.bincount(flat_M, minlength=e)
     token_M = order_M // k
     if ep_group is None:  # the experts gather their rows of x_TD themselves (`rows_of`)
         y_MD = _run_experts(

@@ -1,0 +1,190 @@
+"""A decode step of static shapes, for CUDA graphs and torch.compile: the engine's decode without host overhead.
+
+The engine's eager decode (`Engine._decode`) builds a batch of dynamic shape every step: the rows' keys 0..S-1 with
+S = the longest row + 1, a fresh mask, index gathers; on a GPU that is hundreds of small kernel launches per token,
+each paid on the host, and an attention whose key length changes every step. `StaticDecoder` runs the same
+arithmetic with shapes fixed per padded batch size B (the buckets 1, 2, 4, 8, ... up to the slots):
+  - the inputs live in one static int64 buffer per bucket: token ids, slot rows and lengths (B each); rows past the
+    real batch point at the pool's spare scratch slot (`SlotPool(spare=1)`) with length 0, so they read and write
+    only that slot;
+  - every attention layer writes row r's new key and value at position lengths[r] of its slot and attends over the
+    slot's whole `max_len` key range with the mask `key j <= lengths[r]` (the keys past a row's length are masked
+    out, so the result is the eager one up to the order of floating-point sums);
+  - every Mamba layer gathers its rows' conv window and SSM state, takes one recurrent step on the copies and
+    scatters them back (`index_copy_`);
+  - the logits land in a static fp32 output buffer (B, vocab).
+Nothing in the step reads a tensor back to the host, so it can be captured: mode "graphs" records one
+`torch.cuda.CUDAGraph` per bucket (warm-up on a side stream, capture, then every step copies the inputs into the
+static buffer and replays; the recipe of PyTorch's CUDA Graphs notes, vLLM's `CUDAGraphRunner` and gpt-fast);
+mode "compile" runs the step through `torch.compile` (inductor; on CUDA its kernels are then captured the same way);
+mode "static" runs the step eagerly (the twin the others are tested against on CPU, itself tested against the
+engine's eager decode).
+
+Every step runs under `kernels.attention.sdpa_backend("decode", ...)`: on CUDA the masked decode attention uses the
+memory-efficient (or math) SDPA kernel, never cuDNN, which builds a new plan for every new key length.
+
+The graphs read the pool's and the model's tensors by address: weights loaded in place (`Engine.load_weights`) are
+seen by the next replay; a model moved to another device or dtype needs a new decoder.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..cache import KVState, MambaState
+from ..kernels.attention import sdpa_backend
+from ..modeling import ForwardContext, HybridMoEForCausalLM
+
+logger = logging.getLogger("hybridmoe.serve")
+
+DECODE_MODES = ("eager", "static", "graphs", "compile")
+
+
+def batch_buckets(num_slots: int) -> list[int]:
+    """Padded batch sizes: 1, 2, 4, 8, ... below num_slots, then num_slots."""
+    buckets, b = [], 1
+    while b < num_slots:
+        buckets.append(b)
+        b *= 2
+    return buckets + [num_slots]
+
+
+class _Rows:
+    """The part of HybridCache's interface the model's layers use (`layers`), over the bucket's rows of the pool."""
+
+    def __init__(self, layers):
+        self.layers = layers
+
+
+class _StaticKV:
+    """An attention layer's KV for a static decode batch: `update` writes row r's new key/value at position
+    lengths[r] of slot rows[r] and returns the rows' whole key range (B, kv, max_len, d)."""
+
+    def __init__(self, pool_state: KVState, rows: torch.Tensor, lengths: torch.Tensor):
+        self.pool, self.rows, self.lengths = pool_state, rows, lengths
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.pool.key[self.rows, :, self.lengths] = k[:, :, 0]
+        self.pool.value[self.rows, :, self.lengths] = v[:, :, 0]
+        return self.pool.key.index_select(0, self.rows), self.pool.value.index_select(0, self.rows)
+
+
+class _Bucket:
+    """The static buffers of one padded batch size, and its captured graph (mode "graphs"/"compile" on CUDA)."""
+
+    def __init__(self, size: int, device: torch.device, vocab_size: int):
+        self.size = size
+        self.inputs = torch.zeros(3, size, dtype=torch.long, device=device)  # token ids, slot rows, lengths
+        self.logits = torch.zeros(size, vocab_size, dtype=torch.float32, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return self.inputs[0].view(self.size, 1)
+
+
+class StaticDecoder:
+    """Decode steps of static shapes over a `SlotPool` built with a spare scratch slot (see the module docstring).
+
+    mode: "static" (eager), "graphs" (CUDA graphs; CUDA only) or "compile" (torch.compile; on CUDA also captured
+    in graphs). `decode(slots, tokens, lengths)` feeds tokens[i] to slot slots[i], which holds lengths[i] tokens,
+    and returns the logits (b, vocab) fp32; it does not advance the pool's lengths (the engine does)."""
+
+    def __init__(self, model: HybridMoEForCausalLM, pool, mode: str = "static"):
+        if mode not in DECODE_MODES[1:]:
+            raise ValueError(f"StaticDecoder mode must be one of {DECODE_MODES[1:]}, got {mode!r}")
+        self.model, self.pool, self.mode = model, pool, mode
+        self.device = model.lm_head.weight.device
+        if mode == "graphs" and self.device.type != "cuda":
+            raise ValueError(f"decode_mode 'graphs' needs a CUDA model (this one is on {self.device}); use 'static' "
+                             "or 'compile' on the CPU")  # fmt: skip
+        if pool.scratch is None:
+            raise ValueError("a static decode needs a SlotPool with a spare scratch slot (SlotPool(..., spare=1))")
+        self.num_slots = pool.num_slots
+        self.buckets = batch_buckets(self.num_slots)
+        self._bucket: dict[int, _Bucket] = {}
+        self._graph_pool = None
+        self._step = self._forward
+        if mode == "compile":
+            # CPU: inductor's C++/OpenMP kernels. CUDA: inductor's Triton kernels without its own CUDA graphs
+            # (the pool tensors this step writes in place are not its inputs); `_capture` records them instead.
+            compile_mode = "max-autotune-no-cudagraphs" if self.device.type == "cuda" else None
+            self._step = torch.compile(self._forward, mode=compile_mode, dynamic=False)
+
+    @property
+    def use_graphs(self) -> bool:
+        return self.device.type == "cuda" and self.mode in ("graphs", "compile")
+
+    def bucket_for(self, b: int) -> int:
+        if not 1 <= b <= self.num_slots:
+            raise ValueError(f"a decode batch of {b} rows does not fit {self.num_slots} slots")
+        return next(size for size in self.buckets if size >= b)
+
+    @torch.no_grad()
+    def decode(self, slots: list[int], tokens: list[int], lengths: list[int]) -> torch.Tensor:
+        b = len(slots)
+        bucket = self._get_bucket(self.bucket_for(b))
+        pad = bucket.size - b
+        host = torch.tensor(
+            [list(tokens) + [0] * pad, list(slots) + [self.pool.scratch] * pad, list(lengths) + [0] * pad],
+            dtype=torch.long,
+        )
+        bucket.inputs.copy_(host, non_blocking=False)
+        if bucket.graph is not None:
+            bucket.graph.replay()
+        else:
+            with sdpa_backend("decode", self.device):
+                self._step(bucket.ids, bucket.inputs[1], bucket.inputs[2], bucket.logits)
+        return bucket.logits[:b].clone()
+
+    def _get_bucket(self, size: int) -> _Bucket:
+        bucket = self._bucket.get(size)
+        if bucket is None:
+            bucket = self._bucket[size] = _Bucket(size, self.device, self.model.config.vocab_size)
+            bucket.inputs[1].fill_(self.pool.scratch)
+            if self.use_graphs:
+                self._capture(bucket)
+        return bucket
+
+    def _capture(self, bucket: _Bucket) -> None:
+        """Warm up on a side stream (the inputs point every row at the scratch slot, so this writes nothing real),
+        then record the step into the bucket's graph; all buckets share one memory pool."""
+        args = (bucket.ids, bucket.inputs[1], bucket.inputs[2], bucket.logits)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream), sdpa_backend("decode", self.device):
+            for _ in range(2):
+                self._step(*args)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool), sdpa_backend("decode", self.device):
+            self._step(*args)
+        bucket.graph = graph
+        logger.info("captured the decode step for a batch of %d in a CUDA graph", bucket.size)
+
+    def _forward(self, ids: torch.Tensor, rows: torch.Tensor, lengths: torch.Tensor, out: torch.Tensor) -> None:
+        """One token for each of the B rows; writes the pool in place and the logits into `out` (B, vocab)."""
+        model, max_len = self.model, self.pool.max_len
+        layers, gathered = [], []
+        for state in self.pool.cache.layers:
+            if isinstance(state, MambaState):
+                rows_state = MambaState(state.conv.index_select(0, rows), state.ssm.index_select(0, rows))
+                layers.append(rows_state)
+                gathered.append((state, rows_state))
+            elif isinstance(state, KVState):
+                layers.append(_StaticKV(state, rows, lengths))
+            else:
+                layers.append(None)
+        # The new token sits at position max_len for the causal test (every key is before it, NoPE); its row sees
+        # keys 0..lengths[r]: the history and its own new key.
+        key_valid = torch.arange(max_len, device=ids.device)[None, :] <= lengths[:, None]
+        ctx = ForwardContext(start=max_len, cache=_Rows(layers), key_valid=key_valid)
+        h = model.backbone(ids, ctx)
+        out.copy_(model.lm_head(h)[:, -1].float())
+        for pool_state, rows_state in gathered:
+            pool_state.conv.index_copy_(0, rows, rows_state.conv)
+            pool_state.ssm.index_copy_(0, rows, rows_state.ssm)
