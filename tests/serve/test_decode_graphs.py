@@ -98,6 +98,20 @@ def test_padding_rows_touch_only_the_scratch_slot():
     assert pool.scratch == 4 and pool.num_free == 1 and 4 not in pool._free
 
 
+def test_gathered_experts_equal_the_engine_experts():
+    engine = prefilled_engine([5, 3, 8])
+    pool = engine.pool
+    slots, tokens = [2, 0, 1], [11, 5, 300]
+    lengths = [pool.lengths[s] for s in slots]
+    before = snapshot(pool)
+    want = engine._static.decode(slots, tokens, lengths)
+    restore(pool, before)
+    gathered = StaticDecoder(engine.model, pool, mode="static")
+    assert not gathered.gather_experts
+    gathered.gather_experts = True  # what the compiled and captured steps run unless torch._grouped_mm does
+    torch.testing.assert_close(gathered.decode(slots, tokens, lengths), want, rtol=1e-5, atol=1e-5)
+
+
 def test_compiled_step_equals_the_static_step():
     engine = prefilled_engine([5, 3, 8])
     pool = engine.pool

@@ -34,8 +34,10 @@ import logging
 import torch
 
 from ..cache import KVState, MambaState
+from ..kernels.activations import relu_squared_reference
 from ..kernels.attention import sdpa_backend
-from ..modeling import ForwardContext, HybridMoEForCausalLM
+from ..kernels.moe import experts_backend
+from ..modeling import ForwardContext, HybridMoEForCausalLM, LatentMoE
 
 logger = logging.getLogger("hybridmoe.serve")
 
@@ -106,6 +108,12 @@ class StaticDecoder:
         self.buckets = batch_buckets(self.num_slots)
         self._bucket: dict[int, _Bucket] = {}
         self._graph_pool = None
+        # The routed experts of a compiled or captured step: through `experts_grouped` where its dispatch reads
+        # nothing back to the host (torch._grouped_mm on CUDA), else through `_moe_gathered` (no shape depends on
+        # the routing); the static step keeps the engine's own path, so that it stays the eager decode's twin.
+        probe = torch.empty(0, dtype=model.lm_head.weight.dtype, device=self.device)
+        grouped_ok = self.device.type == "cuda" and experts_backend(probe) == "grouped_mm"
+        self.gather_experts = mode != "static" and not grouped_ok
         self._step = self._forward
         if mode == "compile":
             # CPU: inductor's C++/OpenMP kernels. CUDA: inductor's Triton kernels without its own CUDA graphs
@@ -183,8 +191,40 @@ class StaticDecoder:
         # keys 0..lengths[r]: the history and its own new key.
         key_valid = torch.arange(max_len, device=ids.device)[None, :] <= lengths[:, None]
         ctx = ForwardContext(start=max_len, cache=_Rows(layers), key_valid=key_valid)
-        h = model.backbone(ids, ctx)
+        backbone = model.backbone
+        h = backbone.embeddings(ids)
+        for layer in backbone.layers:
+            if self.gather_experts and _gatherable(layer.mixer):
+                h = h + _moe_gathered(layer.mixer, layer.norm(h))
+            else:
+                h = layer(h, ctx)
+        h = backbone.norm_f(h)
         out.copy_(model.lm_head(h)[:, -1].float())
         for pool_state, rows_state in gathered:
             pool_state.conv.index_copy_(0, rows, rows_state.conv)
             pool_state.ssm.index_copy_(0, rows, rows_state.ssm)
+
+
+def _gatherable(mixer) -> bool:
+    experts = getattr(mixer, "experts", None)
+    return isinstance(mixer, LatentMoE) and experts.ep_group is None and experts.quant is None
+
+
+def _moe_gathered(moe: LatentMoE, x_btd: torch.Tensor) -> torch.Tensor:
+    """`LatentMoE.forward` (inference) with each token copy multiplied by its expert's weights gathered by index:
+    m = tokens x top-k small matrix-vector products in one bmm, combined in fp32 (the sum over a token's experts in
+    routing order rather than expert order: equal up to rounding). Reads the weights of every copy (an expert chosen
+    by two tokens is read twice), the price of shapes that do not depend on the routing."""
+    b, t, d = x_btd.shape
+    x_TD = x_btd.reshape(-1, d)
+    _, topk_w_TK, topk_idx_TK = moe.gate(x_TD)
+    h = moe.fc1_latent_proj(x_TD) if moe.fc1_latent_proj is not None else x_TD
+    k = topk_idx_TK.shape[1]
+    flat_M = topk_idx_TK.reshape(-1)
+    x_M1D = h.repeat_interleave(k, dim=0)[:, None, :]
+    u_M1I = torch.bmm(x_M1D, moe.experts.up_proj.index_select(0, flat_M).transpose(1, 2))
+    y_M1D = torch.bmm(relu_squared_reference(u_M1I), moe.experts.down_proj.index_select(0, flat_M).transpose(1, 2))
+    y_TD = (y_M1D[:, 0].float() * topk_w_TK.reshape(-1, 1).float()).view(-1, k, y_M1D.shape[-1]).sum(1)
+    h = y_TD.to(x_TD.dtype)
+    h = moe.fc2_latent_proj(h) if moe.fc2_latent_proj is not None else h
+    return h.view(b, t, d) + moe.shared_experts(x_btd)

@@ -23,6 +23,10 @@ and the stale entries are overwritten. (Keeping per-position states instead woul
 scan to emit every intermediate state.) When every draft is accepted there is nothing to replay.
 
 This is a standalone batch-1 decode loop (`speculative_generate`); the engine's batched decoding does not use it.
+On CUDA its forwards run with the SDPA backend pinned per phase (`kernels.attention.sdpa_backend`: the prompt as a
+prefill, the draft / verify / replay / commit forwards as decode), so no attention plan is built per key length; they
+are not captured in CUDA graphs (the engine's static decode step, `serve.graphs`, takes one token per row, while a
+verification takes k + 1 and a replay a varying number).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cache import HybridCache, MambaState
+from ..kernels.attention import sdpa_backend
 from ..modeling import ForwardContext, HybridMoEForCausalLM
 from .sampling import SamplingParams, sample, sampling_probs
 
@@ -129,48 +134,51 @@ def speculative_generate(
     cache = model.new_cache(1, capacity=len(prompt) + params.max_tokens + k + 2, include_mtp=True)
     stats = SpeculativeStats()
 
-    out = model(torch.tensor([prompt], device=device), cache=cache, logits_to_keep=1)
-    tokens = [sample(out.logits[0, -1], params, generator)]
-    # MTP entries j = 0..n-1 pair the main hidden state h_j with token x_{j+1} (the prompt shifted, then x_n).
     mtp = _MTP(model, cache)
-    mtp_x, mtp_logits = mtp.commit(out.hidden_states, prompt[1:] + tokens)
+    with sdpa_backend("prefill", device):
+        out = model(torch.tensor([prompt], device=device), cache=cache, logits_to_keep=1)
+        tokens = [sample(out.logits[0, -1], params, generator)]
+        # MTP entries j = 0..n-1 pair the main hidden state h_j with token x_{j+1} (the prompt shifted, then x_n).
+        mtp_x, mtp_logits = mtp.commit(out.hidden_states, prompt[1:] + tokens)
 
     finish = _finish_reason(tokens, params, stop_ids)
-    while finish is None:
-        t0 = time.perf_counter()
-        draft_ids, draft_probs = _draft(mtp, mtp_x, mtp_logits, k, params, generator)
-        t1 = time.perf_counter()
-        stats.draft_s += t1 - t0
+    # On CUDA the SDPA backend is pinned (never cuDNN, which plans anew for every key length: `sdpa_backend`)
+    with sdpa_backend("decode", device):
+        while finish is None:
+            t0 = time.perf_counter()
+            draft_ids, draft_probs = _draft(mtp, mtp_x, mtp_logits, k, params, generator)
+            t1 = time.perf_counter()
+            stats.draft_s += t1 - t0
 
-        # Verify: the pending token and the k drafts in one forward of the main model.
-        m = cache.seq_len
-        snapshot = _save_mamba(cache, range(c.num_hidden_layers))
-        verify_ids = [tokens[-1], *draft_ids]
-        out = model(torch.tensor([verify_ids], device=device), cache=cache)
-        target_probs = sampling_probs(out.logits[0], params)  # (k+1, v)
-        new = verify_drafts(target_probs, torch.stack(draft_probs), draft_ids, params.greedy, generator)
-        accepted = len(new) - 1
-        t2 = time.perf_counter()
-        stats.verify_s += t2 - t1
-        stats.num_verify_steps += 1
-        stats.num_drafted += k
-        stats.num_accepted += accepted
+            # Verify: the pending token and the k drafts in one forward of the main model.
+            m = cache.seq_len
+            snapshot = _save_mamba(cache, range(c.num_hidden_layers))
+            verify_ids = [tokens[-1], *draft_ids]
+            out = model(torch.tensor([verify_ids], device=device), cache=cache)
+            target_probs = sampling_probs(out.logits[0], params)  # (k+1, v)
+            new = verify_drafts(target_probs, torch.stack(draft_probs), draft_ids, params.greedy, generator)
+            accepted = len(new) - 1
+            t2 = time.perf_counter()
+            stats.verify_s += t2 - t1
+            stats.num_verify_steps += 1
+            stats.num_drafted += k
+            stats.num_accepted += accepted
 
-        for t in new:  # stop ids and max_tokens may end the request inside the accepted run
-            tokens.append(t)
-            finish = _finish_reason(tokens, params, stop_ids)
+            for t in new:  # stop ids and max_tokens may end the request inside the accepted run
+                tokens.append(t)
+                finish = _finish_reason(tokens, params, stop_ids)
+                if finish is not None:
+                    break
             if finish is not None:
                 break
-        if finish is not None:
-            break
-        if accepted < k:
-            rollback(model, cache, snapshot, m, verify_ids[: accepted + 1])
-            stats.num_replays += 1
-        t3 = time.perf_counter()
-        stats.replay_s += t3 - t2
-        # Positions m..m+accepted are now processed: commit them to the MTP with the tokens that follow each.
-        mtp_x, mtp_logits = mtp.commit(out.hidden_states[:, : accepted + 1], new)
-        stats.commit_s += time.perf_counter() - t3
+            if accepted < k:
+                rollback(model, cache, snapshot, m, verify_ids[: accepted + 1])
+                stats.num_replays += 1
+            t3 = time.perf_counter()
+            stats.replay_s += t3 - t2
+            # Positions m..m+accepted are now processed: commit them to the MTP with the tokens that follow each.
+            mtp_x, mtp_logits = mtp.commit(out.hidden_states[:, : accepted + 1], new)
+            stats.commit_s += time.perf_counter() - t3
     return SpeculativeOutput(tokens, finish, stats)
 
 
