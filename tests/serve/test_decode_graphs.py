@@ -165,3 +165,11 @@ def test_cuda_graph_decode_equals_the_eager_decode(mode):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     finally:
         model().to("cpu")
+
+
+def test_cli_passes_the_decode_mode():
+    from hybridmoe.cli import _engine_kwargs, build_parser
+
+    args = build_parser().parse_args(["serve", "some/checkpoint", "--decode-mode", "static"])
+    assert _engine_kwargs(args)["decode_mode"] == "static"
+    assert _engine_kwargs(build_parser().parse_args(["serve", "some/checkpoint"]))["decode_mode"] is None

@@ -116,10 +116,13 @@ class StaticDecoder:
         self.gather_experts = mode != "static" and not grouped_ok
         self._step = self._forward
         if mode == "compile":
-            # CPU: inductor's C++/OpenMP kernels. CUDA: inductor's Triton kernels without its own CUDA graphs
-            # (the pool tensors this step writes in place are not its inputs); `_capture` records them instead.
-            compile_mode = "max-autotune-no-cudagraphs" if self.device.type == "cuda" else None
-            self._step = torch.compile(self._forward, mode=compile_mode, dynamic=False)
+            # Inductor's default mode: C++/OpenMP kernels on the CPU, Triton kernels on CUDA, where `_capture` records
+            # them in our own graphs (not "reduce-overhead": its graphs would not see the pool tensors this step
+            # writes in place as inputs; not "max-autotune": minutes of GEMM tuning per batch size at start-up).
+            # one graph per batch size: let dynamo keep them all (its default limit is 8 recompilations)
+            if torch._dynamo.config.recompile_limit < len(self.buckets) + 1:
+                torch._dynamo.config.recompile_limit = len(self.buckets) + 1
+            self._step = torch.compile(self._forward, dynamic=False)
 
     @property
     def use_graphs(self) -> bool:
@@ -169,7 +172,9 @@ class StaticDecoder:
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool), sdpa_backend("decode", self.device):
+        # thread_local: a server's event loop thread may touch CUDA while the engine's thread captures
+        capture = torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local")
+        with capture, sdpa_backend("decode", self.device):
             self._step(*args)
         bucket.graph = graph
         logger.info("captured the decode step for a batch of %d in a CUDA graph", bucket.size)
