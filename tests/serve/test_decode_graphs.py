@@ -16,8 +16,8 @@ from test_engine import greedy, model, prompts_for
 
 from hybridmoe.cache import KVState, MambaState
 from hybridmoe.kernels.attention import sdpa_backend
-from hybridmoe.serve import AdmissionError, Engine
-from hybridmoe.serve.graphs import StaticDecoder, batch_buckets
+from hybridmoe.serve import AdmissionError, Engine, speculative
+from hybridmoe.serve.graphs import StaticDecoder, StaticSequence, batch_buckets
 
 
 def run_recording(engine: Engine, prompts, max_tokens, join_at=3):
@@ -165,6 +165,60 @@ def test_cuda_graph_decode_equals_the_eager_decode(mode):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     finally:
         model().to("cpu")
+
+
+def mtp_model():
+    from test_speculative import model as spec_model
+
+    return spec_model(512)
+
+
+@torch.no_grad()
+def test_static_sequence_equals_the_eager_forwards():
+    """Verification-sized main forwards and MTP forwards at several starts: logits, hidden states and the cache
+    (Mamba states, the written KV) as the model's own cached forwards give them."""
+    m = mtp_model()
+    prompt = prompts_for([11], seed=7)[0]
+    caches = [m.new_cache(1, capacity=24, include_mtp=True) for _ in range(2)]
+    for cache in caches:
+        m(torch.tensor([prompt]), cache=cache)
+    eager, static = caches
+    runner = StaticSequence(m, static, "static")
+    for ids in ([5, 6, 7], [8], [9, 10]):  # a verification of 3, a single token, a replay of 2
+        out = m(torch.tensor([ids]), cache=eager)
+        logits, hidden = runner.main(ids)
+        assert static.seq_len == eager.seq_len
+        torch.testing.assert_close(logits, out.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(hidden, out.hidden_states, rtol=1e-5, atol=1e-5)
+    for a, b in zip(eager.layers, static.layers):
+        if isinstance(a, MambaState):
+            torch.testing.assert_close(b.ssm, a.ssm, rtol=1e-5, atol=1e-5)
+        elif isinstance(a, KVState):
+            n = eager.seq_len
+            torch.testing.assert_close(b.key[:, :, :n], a.key[:, :, :n], rtol=1e-5, atol=1e-5)
+    h = torch.randn(1, 3, m.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    mtp_eager, mtp_static = speculative._MTP(m, eager), speculative._MTP(m, static, runner)
+    for start, n in [(0, 3), (3, 1), (4, 2)]:
+        mtp_eager.length = mtp_static.length = start
+        want = mtp_eager.commit(h[:, :n], [1, 2, 3][:n])
+        got = mtp_static.commit(h[:, :n], [1, 2, 3][:n])
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="exceed the cache's capacity"):
+        runner.main([1] * (24 - static.seq_len + 1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_speculative_graphs_equal_eager_on_cuda():
+    m = mtp_model().to("cuda")
+    try:
+        for n in (1, 9, 30):
+            prompt = prompts_for([n], seed=n)[0]
+            a = speculative.speculative_generate(m, prompt, greedy(16), num_draft_tokens=3, decode_mode="eager")
+            b = speculative.speculative_generate(m, prompt, greedy(16), num_draft_tokens=3, decode_mode="graphs")
+            assert a.token_ids == b.token_ids
+    finally:
+        mtp_model().to("cpu")
 
 
 def test_cli_passes_the_decode_mode():

@@ -233,3 +233,131 @@ def _moe_gathered(moe: LatentMoE, x_btd: torch.Tensor) -> torch.Tensor:
     h = y_TD.to(x_TD.dtype)
     h = moe.fc2_latent_proj(h) if moe.fc2_latent_proj is not None else h
     return h.view(b, t, d) + moe.shared_experts(x_btd)
+
+
+# ---------------------------------------------------------------------------------------------- speculative decoding
+
+
+class _RolledKV:
+    """An attention layer's KV for T new tokens at a start m held in a device tensor: `update` writes them at
+    m..m+T-1 and returns the whole capacity C of keys rolled by C - T - m, so that the new keys are the last T. With
+    the queries at positions C-T..C-1 and the keys before C - T - m masked as left padding, query i sees the keys
+    0..m+i: the causal attention of the eager forward, in shapes that do not depend on m."""
+
+    def __init__(self, state: KVState, write: torch.Tensor, read: torch.Tensor):
+        self.state, self.write, self.read = state, write, read
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.state.key.index_copy_(2, self.write, k)
+        self.state.value.index_copy_(2, self.write, v)
+        return self.state.key.index_select(2, self.read), self.state.value.index_select(2, self.read)
+
+
+class _SeqBucket:
+    def __init__(self, n: int, d: int, vocab_size: int, dtype, device):
+        self.n = n
+        self.ids = torch.zeros(1, n, dtype=torch.long, device=device)
+        self.start = torch.zeros(1, dtype=torch.long, device=device)
+        self.h_in = torch.zeros(1, n, d, dtype=dtype, device=device)  # the MTP's previous hidden states
+        self.logits = torch.zeros(1, n, vocab_size, dtype=torch.float32, device=device)
+        self.hidden = torch.zeros(1, n, d, dtype=dtype, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+
+class StaticSequence:
+    """The forwards of `serve.speculative` (batch 1) in static shapes over one HybridCache (built with
+    include_mtp=True): `main(ids)` runs the model on len(ids) tokens at cache.seq_len (the verification of k + 1
+    tokens, a replay of 1..k) and advances cache.seq_len like the model's forward; `mtp(h_prev, ids, start)` runs the
+    first MTP layer at MTP position `start` (commits, chained drafts). One static shape (and, with mode "graphs",
+    one CUDA graph) per kind and token count; the start position is a device tensor. Attention is over the cache's
+    whole capacity (`_RolledKV`), which must not grow."""
+
+    def __init__(self, model: HybridMoEForCausalLM, cache, mode: str = "static"):
+        if mode not in ("static", "graphs"):
+            raise ValueError(f"StaticSequence mode must be 'static' or 'graphs', got {mode!r}")
+        self.model, self.cache, self.mode = model, cache, mode
+        self.device = model.lm_head.weight.device
+        if mode == "graphs" and self.device.type != "cuda":
+            raise ValueError(f"mode 'graphs' needs a CUDA model (this one is on {self.device})")
+        kv = [s for s in cache.layers if isinstance(s, KVState)]
+        if not kv:
+            raise ValueError("StaticSequence attends over a KV cache; this model has no attention layer")
+        self.capacity = kv[0].key.shape[2]
+        self.mtp_blocks = model.mtp.layers[: len(model.config.mtp_hybrid_override_pattern)] if model.mtp else None
+        self._buckets: dict[tuple[str, int], _SeqBucket] = {}
+        self._graph_pool = None
+
+    def main(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (1, T, v) fp32 and final hidden states (1, T, d) of the model on `ids` at cache.seq_len."""
+        start = self.cache.seq_len
+        bucket = self._run("main", ids, start, None)
+        self.cache.seq_len = start + len(ids)
+        return bucket.logits.clone(), bucket.hidden.clone()
+
+    def mtp(self, h_prev: torch.Tensor, ids: list[int], start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MTP layer's output x (1, T, d) and logits (1, T, v) for (h_prev, ids) at MTP position `start`."""
+        bucket = self._run("mtp", ids, start, h_prev)
+        return bucket.hidden.clone(), bucket.logits.clone()
+
+    @torch.no_grad()
+    def _run(self, kind: str, ids: list[int], start: int, h_prev) -> _SeqBucket:
+        n = len(ids)
+        if start + n > self.capacity:
+            raise ValueError(f"positions {start}..{start + n - 1} exceed the cache's capacity of {self.capacity}")
+        bucket = self._buckets.get((kind, n))
+        if bucket is None:
+            c = self.model.config
+            dtype = self.model.lm_head.weight.dtype
+            bucket = self._buckets[kind, n] = _SeqBucket(n, c.hidden_size, c.vocab_size, dtype, self.device)
+        bucket.ids.copy_(torch.tensor([ids]))
+        bucket.start.fill_(start)
+        if h_prev is not None:
+            bucket.h_in.copy_(h_prev)
+        if self.mode == "graphs" and bucket.graph is None:
+            self._capture(kind, bucket)
+        if bucket.graph is not None:
+            bucket.graph.replay()
+        else:
+            with sdpa_backend("decode", self.device):
+                self._forward(kind, bucket)
+        return bucket
+
+    def _capture(self, kind: str, bucket: _SeqBucket) -> None:
+        """As `StaticDecoder._capture`; the warm-up runs write the Mamba states in place, so they are restored."""
+        saved = [(s, s.conv.clone(), s.ssm.clone()) for s in self.cache.layers if isinstance(s, MambaState)]
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream), sdpa_backend("decode", self.device):
+            for _ in range(2):
+                self._forward(kind, bucket)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        for state, conv, ssm in saved:
+            state.conv.copy_(conv)
+            state.ssm.copy_(ssm)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        capture = torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local")
+        with capture, sdpa_backend("decode", self.device):
+            self._forward(kind, bucket)
+        bucket.graph = graph
+
+    def _forward(self, kind: str, bucket: _SeqBucket) -> None:
+        model, n, C = self.model, bucket.n, self.capacity
+        ar = torch.arange(C, device=self.device)
+        write = bucket.start + torch.arange(n, device=self.device)
+        read = (ar + bucket.start + n) % C  # rolled position j holds key (j + m + n) mod C
+        layers = [_RolledKV(s, write, read) if isinstance(s, KVState) else s for s in self.cache.layers]
+        key_valid = (ar >= C - n - bucket.start)[None, :]
+        ctx = ForwardContext(start=C - n, cache=_Rows(layers), key_valid=key_valid)
+        if kind == "main":
+            h = model.backbone(bucket.ids, ctx)
+            bucket.hidden.copy_(h)
+            bucket.logits.copy_(model.lm_head(h).float())
+            return
+        blocks = self.mtp_blocks
+        x = blocks[0].mtp_input(model.backbone.embeddings(bucket.ids), bucket.h_in)
+        for block in blocks:
+            x = block(x, ctx)
+        bucket.hidden.copy_(x)
+        bucket.logits.copy_(model.lm_head(blocks[-1].final_layernorm(x)).float())
