@@ -20,8 +20,17 @@ mode "compile" runs the step through `torch.compile` (inductor; on CUDA its kern
 mode "static" runs the step eagerly (the twin the others are tested against on CPU, itself tested against the
 engine's eager decode).
 
+The routed experts: the static step runs the model's own MoE layers; a compiled or captured one does too where
+their dispatch reads nothing back to the host (`torch._grouped_mm` on CUDA), and otherwise multiplies every token
+copy by its expert's weights gathered by index (`_moe_gathered`), shapes independent of the routing.
+
 Every step runs under `kernels.attention.sdpa_backend("decode", ...)`: on CUDA the masked decode attention uses the
 memory-efficient (or math) SDPA kernel, never cuDNN, which builds a new plan for every new key length.
+
+MTP speculative decoding (`serve.speculative`, batch 1) has forwards of a few tokens at a position that moves:
+`StaticSequence` runs them (verification, replay, MTP commit and draft) in shapes fixed per kind and token count,
+attending over the cache's whole capacity with the keys rolled so that the new ones come last (`_RolledKV`): the
+model's left-padding mask then gives exactly the causal attention, with the start a device tensor.
 
 The graphs read the pool's and the model's tensors by address: weights loaded in place (`Engine.load_weights`) are
 seen by the next replay; a model moved to another device or dtype needs a new decoder.
