@@ -144,12 +144,13 @@ def speculative_generate(
     stats = SpeculativeStats()
     runner = StaticSequence(model, cache, decode_mode) if decode_mode != "eager" else None
 
-    mtp = _MTP(model, cache, runner)
+    mtp = _MTP(model, cache)
     with sdpa_backend("prefill", device):
         out = model(torch.tensor([prompt], device=device), cache=cache, logits_to_keep=1)
         tokens = [sample(out.logits[0, -1], params, generator)]
         # MTP entries j = 0..n-1 pair the main hidden state h_j with token x_{j+1} (the prompt shifted, then x_n).
         mtp_x, mtp_logits = mtp.commit(out.hidden_states, prompt[1:] + tokens)
+    mtp.runner = runner  # the prompt's forwards stay eager (one shape per prompt length); the steps below are static
 
     finish = _finish_reason(tokens, params, stop_ids)
     # On CUDA the SDPA backend is pinned (never cuDNN, which plans anew for every key length: `sdpa_backend`)
