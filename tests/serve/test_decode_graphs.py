@@ -49,9 +49,12 @@ def test_static_decode_logits_equal_the_eager_decode():
     prompts = prompts_for(lengths, seed=3)
     kw = dict(max_num_seqs=4, max_model_len=32, prefill_chunk=5)
     eager = run_recording(Engine(model(), decode_mode="eager", **kw), prompts, max_tokens)
-    static = run_recording(Engine(model(), decode_mode="static", **kw), prompts, max_tokens)
+    engine = Engine(model(), decode_mode="static", **kw)
+    engine._static = StaticDecoder(model(), engine.pool, "static", min_keys=4)  # key ranges 4, 8, 16, 32
+    static = run_recording(engine, prompts, max_tokens)
     assert [ids for ids, _ in static] == [ids for ids, _ in eager]
     assert {len(ids) for ids, _ in eager} >= {1, 3, 4}  # padded buckets (3 -> 4) and a full one
+    assert {keys for _, keys in engine._static._bucket} == {8, 16}  # rows of 4..15 tokens: two key ranges
     for (_, a), (_, b) in zip(eager, static):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
@@ -107,7 +110,7 @@ def test_gathered_experts_equal_the_engine_experts():
     want = engine._static.decode(slots, tokens, lengths)
     restore(pool, before)
     gathered = StaticDecoder(engine.model, pool, mode="static")
-    assert not gathered.gather_experts
+    assert not gathered.gather_experts and gathered.key_buckets == [24]
     gathered.gather_experts = True  # what the compiled and captured steps run unless torch._grouped_mm does
     torch.testing.assert_close(gathered.decode(slots, tokens, lengths), want, rtol=1e-5, atol=1e-5)
 
@@ -132,6 +135,7 @@ def test_compiled_step_equals_the_static_step():
 
 def test_decode_mode_and_buckets():
     assert batch_buckets(1) == [1] and batch_buckets(8) == [1, 2, 4, 8] and batch_buckets(12) == [1, 2, 4, 8, 12]
+    assert batch_buckets(4096, 256) == [256, 512, 1024, 2048, 4096] and batch_buckets(100, 256) == [100]
     with pytest.raises(ValueError, match="decode_mode must be one of"):
         Engine(model(), max_num_seqs=2, max_model_len=16, decode_mode="fast")
     if not torch.cuda.is_available():

@@ -3,18 +3,19 @@
 The engine's eager decode (`Engine._decode`) builds a batch of dynamic shape every step: the rows' keys 0..S-1 with
 S = the longest row + 1, a fresh mask, index gathers; on a GPU that is hundreds of small kernel launches per token,
 each paid on the host, and an attention whose key length changes every step. `StaticDecoder` runs the same
-arithmetic with shapes fixed per padded batch size B (the buckets 1, 2, 4, 8, ... up to the slots):
+arithmetic with shapes fixed per padded batch size B (the buckets 1, 2, 4, 8, ... up to the slots) and key range L
+(256, 512, 1024, ... up to the slots' `max_len`: the smallest that holds the longest row and its new token):
   - the inputs live in one static int64 buffer per bucket: token ids, slot rows and lengths (B each); rows past the
     real batch point at the pool's spare scratch slot (`SlotPool(spare=1)`) with length 0, so they read and write
     only that slot;
   - every attention layer writes row r's new key and value at position lengths[r] of its slot and attends over the
-    slot's whole `max_len` key range with the mask `key j <= lengths[r]` (the keys past a row's length are masked
-    out, so the result is the eager one up to the order of floating-point sums);
+    slot's keys 0..L-1 with the mask `key j <= lengths[r]` (the keys past a row's length are masked out, so the
+    result is the eager one up to the order of floating-point sums);
   - every Mamba layer gathers its rows' conv window and SSM state, takes one recurrent step on the copies and
     scatters them back (`index_copy_`);
   - the logits land in a static fp32 output buffer (B, vocab).
 Nothing in the step reads a tensor back to the host, so it can be captured: mode "graphs" records one
-`torch.cuda.CUDAGraph` per bucket (warm-up on a side stream, capture, then every step copies the inputs into the
+`torch.cuda.CUDAGraph` per bucket (B, L) (warm-up on a side stream, capture, then every step copies the inputs into the
 static buffer and replays; the recipe of PyTorch's CUDA Graphs notes, vLLM's `CUDAGraphRunner` and gpt-fast);
 mode "compile" runs the step through `torch.compile` (inductor; on CUDA its kernels are then captured the same way);
 mode "static" runs the step eagerly (the twin the others are tested against on CPU, itself tested against the
@@ -53,9 +54,10 @@ logger = logging.getLogger("hybridmoe.serve")
 DECODE_MODES = ("eager", "static", "graphs", "compile")
 
 
-def batch_buckets(num_slots: int) -> list[int]:
-    """Padded batch sizes: 1, 2, 4, 8, ... below num_slots, then num_slots."""
-    buckets, b = [], 1
+def batch_buckets(num_slots: int, smallest: int = 1) -> list[int]:
+    """Padded sizes: smallest, 2 smallest, 4 smallest, ... below num_slots, then num_slots (batch sizes, and with
+    smallest=256 key ranges)."""
+    buckets, b = [], smallest
     while b < num_slots:
         buckets.append(b)
         b *= 2
@@ -71,22 +73,24 @@ class _Rows:
 
 class _StaticKV:
     """An attention layer's KV for a static decode batch: `update` writes row r's new key/value at position
-    lengths[r] of slot rows[r] and returns the rows' whole key range (B, kv, max_len, d)."""
+    lengths[r] of slot rows[r] and returns the rows' keys 0..keys-1 (B, kv, keys, d)."""
 
-    def __init__(self, pool_state: KVState, rows: torch.Tensor, lengths: torch.Tensor):
-        self.pool, self.rows, self.lengths = pool_state, rows, lengths
+    def __init__(self, pool_state: KVState, rows: torch.Tensor, lengths: torch.Tensor, keys: int):
+        self.pool, self.rows, self.lengths, self.keys = pool_state, rows, lengths, keys
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.pool.key[self.rows, :, self.lengths] = k[:, :, 0]
         self.pool.value[self.rows, :, self.lengths] = v[:, :, 0]
-        return self.pool.key.index_select(0, self.rows), self.pool.value.index_select(0, self.rows)
+        key, value = self.pool.key[:, :, : self.keys], self.pool.value[:, :, : self.keys]
+        return key.index_select(0, self.rows), value.index_select(0, self.rows)
 
 
 class _Bucket:
-    """The static buffers of one padded batch size, and its captured graph (mode "graphs"/"compile" on CUDA)."""
+    """The static buffers of one padded batch size and key range, and its captured graph (mode "graphs"/"compile" on
+    CUDA)."""
 
-    def __init__(self, size: int, device: torch.device, vocab_size: int):
-        self.size = size
+    def __init__(self, size: int, keys: int, device: torch.device, vocab_size: int):
+        self.size, self.keys = size, keys
         self.inputs = torch.zeros(3, size, dtype=torch.long, device=device)  # token ids, slot rows, lengths
         self.logits = torch.zeros(size, vocab_size, dtype=torch.float32, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -101,9 +105,10 @@ class StaticDecoder:
 
     mode: "static" (eager), "graphs" (CUDA graphs; CUDA only) or "compile" (torch.compile; on CUDA also captured
     in graphs). `decode(slots, tokens, lengths)` feeds tokens[i] to slot slots[i], which holds lengths[i] tokens,
-    and returns the logits (b, vocab) fp32; it does not advance the pool's lengths (the engine does)."""
+    and returns the logits (b, vocab) fp32; it does not advance the pool's lengths (the engine does). min_keys: the
+    smallest key range (a power of two times it up to max_len)."""
 
-    def __init__(self, model: HybridMoEForCausalLM, pool, mode: str = "static"):
+    def __init__(self, model: HybridMoEForCausalLM, pool, mode: str = "static", min_keys: int = 256):
         if mode not in DECODE_MODES[1:]:
             raise ValueError(f"StaticDecoder mode must be one of {DECODE_MODES[1:]}, got {mode!r}")
         self.model, self.pool, self.mode = model, pool, mode
@@ -115,7 +120,8 @@ class StaticDecoder:
             raise ValueError("a static decode needs a SlotPool with a spare scratch slot (SlotPool(..., spare=1))")
         self.num_slots = pool.num_slots
         self.buckets = batch_buckets(self.num_slots)
-        self._bucket: dict[int, _Bucket] = {}
+        self.key_buckets = batch_buckets(pool.max_len, min(min_keys, pool.max_len))
+        self._bucket: dict[tuple[int, int], _Bucket] = {}
         self._graph_pool = None
         # The routed experts of a compiled or captured step: through `experts_grouped` where its dispatch reads
         # nothing back to the host (torch._grouped_mm on CUDA), else through `_moe_gathered` (no shape depends on
@@ -128,9 +134,9 @@ class StaticDecoder:
             # Inductor's default mode: C++/OpenMP kernels on the CPU, Triton kernels on CUDA, where `_capture` records
             # them in our own graphs (not "reduce-overhead": its graphs would not see the pool tensors this step
             # writes in place as inputs; not "max-autotune": minutes of GEMM tuning per batch size at start-up).
-            # one graph per batch size: let dynamo keep them all (its default limit is 8 recompilations)
-            if torch._dynamo.config.recompile_limit < len(self.buckets) + 1:
-                torch._dynamo.config.recompile_limit = len(self.buckets) + 1
+            # one graph per bucket: let dynamo keep them all (its default limit is 8 recompilations)
+            limit = len(self.buckets) * len(self.key_buckets) + 1
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
             self._step = torch.compile(self._forward, dynamic=False)
 
     @property
@@ -145,7 +151,11 @@ class StaticDecoder:
     @torch.no_grad()
     def decode(self, slots: list[int], tokens: list[int], lengths: list[int]) -> torch.Tensor:
         b = len(slots)
-        bucket = self._get_bucket(self.bucket_for(b))
+        need = max(lengths) + 1
+        if need > self.pool.max_len:
+            raise ValueError(f"a slot holds {need - 1} tokens: no room for another in max_len={self.pool.max_len}")
+        keys = next(size for size in self.key_buckets if size >= need)
+        bucket = self._get_bucket(self.bucket_for(b), keys)
         pad = bucket.size - b
         host = torch.tensor(
             [list(tokens) + [0] * pad, list(slots) + [self.pool.scratch] * pad, list(lengths) + [0] * pad],
@@ -156,13 +166,13 @@ class StaticDecoder:
             bucket.graph.replay()
         else:
             with sdpa_backend("decode", self.device):
-                self._step(bucket.ids, bucket.inputs[1], bucket.inputs[2], bucket.logits)
+                self._step(bucket.ids, bucket.inputs[1], bucket.inputs[2], bucket.logits, keys)
         return bucket.logits[:b].clone()
 
-    def _get_bucket(self, size: int) -> _Bucket:
-        bucket = self._bucket.get(size)
+    def _get_bucket(self, size: int, keys: int) -> _Bucket:
+        bucket = self._bucket.get((size, keys))
         if bucket is None:
-            bucket = self._bucket[size] = _Bucket(size, self.device, self.model.config.vocab_size)
+            bucket = self._bucket[size, keys] = _Bucket(size, keys, self.device, self.model.config.vocab_size)
             bucket.inputs[1].fill_(self.pool.scratch)
             if self.use_graphs:
                 self._capture(bucket)
@@ -171,7 +181,7 @@ class StaticDecoder:
     def _capture(self, bucket: _Bucket) -> None:
         """Warm up on a side stream (the inputs point every row at the scratch slot, so this writes nothing real),
         then record the step into the bucket's graph; all buckets share one memory pool."""
-        args = (bucket.ids, bucket.inputs[1], bucket.inputs[2], bucket.logits)
+        args = (bucket.ids, bucket.inputs[1], bucket.inputs[2], bucket.logits, bucket.keys)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream), sdpa_backend("decode", self.device):
@@ -186,11 +196,12 @@ class StaticDecoder:
         with capture, sdpa_backend("decode", self.device):
             self._step(*args)
         bucket.graph = graph
-        logger.info("captured the decode step for a batch of %d in a CUDA graph", bucket.size)
+        logger.info("captured the decode step for a batch of %d over %d keys in a CUDA graph", bucket.size, bucket.keys)
 
-    def _forward(self, ids: torch.Tensor, rows: torch.Tensor, lengths: torch.Tensor, out: torch.Tensor) -> None:
-        """One token for each of the B rows; writes the pool in place and the logits into `out` (B, vocab)."""
-        model, max_len = self.model, self.pool.max_len
+    def _forward(self, ids: torch.Tensor, rows: torch.Tensor, lengths: torch.Tensor, out: torch.Tensor, keys: int):
+        """One token for each of the B rows over keys 0..keys-1; writes the pool in place and the logits into `out`
+        (B, vocab)."""
+        model = self.model
         layers, gathered = [], []
         for state in self.pool.cache.layers:
             if isinstance(state, MambaState):
@@ -198,13 +209,13 @@ class StaticDecoder:
                 layers.append(rows_state)
                 gathered.append((state, rows_state))
             elif isinstance(state, KVState):
-                layers.append(_StaticKV(state, rows, lengths))
+                layers.append(_StaticKV(state, rows, lengths, keys))
             else:
                 layers.append(None)
-        # The new token sits at position max_len for the causal test (every key is before it, NoPE); its row sees
+        # The new token sits at position `keys` for the causal test (every key is before it, NoPE); its row sees
         # keys 0..lengths[r]: the history and its own new key.
-        key_valid = torch.arange(max_len, device=ids.device)[None, :] <= lengths[:, None]
-        ctx = ForwardContext(start=max_len, cache=_Rows(layers), key_valid=key_valid)
+        key_valid = torch.arange(keys, device=ids.device)[None, :] <= lengths[:, None]
+        ctx = ForwardContext(start=keys, cache=_Rows(layers), key_valid=key_valid)
         backbone = model.backbone
         h = backbone.embeddings(ids)
         for layer in backbone.layers:
