@@ -24,11 +24,11 @@ Greedy outputs therefore equal decoding each prompt alone (tested against `model
 Decode modes (`decode_mode`). That batch has a new shape every step, which is cheap on a CPU but on a GPU costs
 hundreds of kernel launches per token paid on the host. "static" runs `serve.graphs.StaticDecoder` instead: the
 same step with shapes fixed per padded batch size (1, 2, 4, ... slots) and key range (256, 512, ... max_model_len),
-every row attending over that range with a length mask, padding rows on a spare scratch slot; "graphs" captures it in one CUDA graph per
-batch size and "compile" runs it through torch.compile (the first step of each batch size captures or compiles it:
-tens of seconds for a compilation). "eager" (above) stays the twin they are tested against; the default is
-"graphs" on CUDA and "eager" on the CPU. On CUDA every phase pins its SDPA backends (`kernels.attention.sdpa_backend`),
-so that no attention plan is built per key length.
+every row attending over that range with a length mask, padding rows on a spare scratch slot; "graphs" captures it
+in one CUDA graph per shape and "compile" runs it through torch.compile (the first step of each shape captures or
+compiles it: tens of seconds for a compilation). "eager" (above) stays the twin they are tested against; the default
+is "graphs" on CUDA and "eager" on the CPU. On CUDA every phase pins its SDPA backends
+(`kernels.attention.sdpa_backend`), so that no attention plan is built per key length.
 
 Prompt logprobs (`SamplingParams.prompt_logprobs`, vLLM's): the prefill chunks of such a request keep the logits of
 every position, not only the last; position i scores prompt token i + 1 (log_softmax of the raw logits, as for
