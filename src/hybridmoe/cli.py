@@ -330,7 +330,8 @@ def cmd_eval_envs(args) -> int:
 
 
 def _engine_kwargs(args) -> dict:
-    return dict(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, tokenizer=args.tokenizer)
+    return dict(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, tokenizer=args.tokenizer,
+                decode_mode=getattr(args, "decode_mode", None))  # fmt: skip
 
 
 def _sampling_from_args(args):
@@ -662,6 +663,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", help="default: cuda if available, else cpu")
         p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: bfloat16 on GPU, else fp32")
         p.add_argument("--reasoning-budget", type=int, help="force </think> after this many thinking tokens")
+        p.add_argument(
+            "--decode-mode", choices=("eager", "static", "graphs", "compile"),
+            help="the engine's decode step (default: graphs on GPU, else eager; static / compile: static shapes, "
+            "eager / through torch.compile)",
+        )  # fmt: skip
         if max_tokens:
             p.add_argument("--max-tokens", type=int, default=max_tokens, help="tokens to generate at most")
             p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")

@@ -58,9 +58,11 @@ def test_greedy_equals_plain_greedy(vocab, k):
         assert s.num_drafted == k * s.num_verify_steps and 0 <= s.acceptance_rate <= 1
 
 
-def test_oracle_drafts_exercise_every_acceptance_count(monkeypatch):
+@pytest.mark.parametrize("decode_mode", ["eager", "static"])
+def test_oracle_drafts_exercise_every_acceptance_count(monkeypatch, decode_mode):
     """Drafts are the true greedy continuation with one token corrupted at a varying place (or none), so every
-    acceptance count 0..k and the replay after each occur; the output must still be the plain greedy one."""
+    acceptance count 0..k and the replay after each occur; the output must still be the plain greedy one, with the
+    model's forwards eager or in static shapes (`serve.graphs.StaticSequence`)."""
     m, k, n_new = model(512), 3, 24
     prompt = prompt_for(10, 512, 4)
     ref = plain_greedy(m, prompt, n_new + k + 1)
@@ -78,7 +80,7 @@ def test_oracle_drafts_exercise_every_acceptance_count(monkeypatch):
         return ids, [torch.nn.functional.one_hot(torch.tensor(i), 512).float() for i in ids]
 
     monkeypatch.setattr(speculative, "_draft", oracle)
-    out = speculative_generate(m, prompt, greedy(n_new), num_draft_tokens=k)
+    out = speculative_generate(m, prompt, greedy(n_new), num_draft_tokens=k, decode_mode=decode_mode)
     assert out.token_ids == ref[:n_new]
     assert set(seen) == set(range(k + 1))
     assert out.stats.num_accepted > 0 and out.stats.num_replays > 0

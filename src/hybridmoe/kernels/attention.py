@@ -11,9 +11,16 @@ Legend: b batch, h query heads, kv key/value heads, t queries, s keys, d head di
 Masks: a query at absolute position `q_offset + i` sees key j when j <= q_offset + i, both lie in the same document
 (`document_ids`, one id per key position) and the key is not padding (`key_valid`). A padding query (which sees
 nothing) is allowed to see itself so that no row is empty; its output is never used.
+
+SDPA backends on CUDA (`sdpa_backend`, chosen per phase by the inference engine): PyTorch may dispatch SDPA to cuDNN,
+which builds an execution plan for every new shape; a decode step's key length changes every token, so the plan is
+rebuilt every token. Prefill takes flash attention (then memory-efficient, then math); decode, whose mask rules flash
+out, takes memory-efficient (then math). Neither phase takes cuDNN. On the CPU nothing changes.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -92,3 +99,17 @@ def attention_after_prefix(q, k, v, q_offset):
     lse = torch.logaddexp(l1, l2)
     w1, w2 = (l1 - lse).exp().unsqueeze(-1), (l2 - lse).exp().unsqueeze(-1)
     return (o1.float() * w1 + o2.float() * w2).to(q.dtype)
+
+
+def sdpa_backend(phase: str, device: torch.device | str):
+    """A context manager that pins the SDPA backends of `phase` ("prefill" or "decode") on a CUDA device (see the
+    module docstring); on any other device it does nothing."""
+    if phase not in ("prefill", "decode"):
+        raise ValueError(f"sdpa_backend phase must be 'prefill' or 'decode', got {phase!r}")
+    if torch.device(device).type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if phase == "prefill":
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])

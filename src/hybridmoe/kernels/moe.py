@@ -247,10 +247,8 @@ def experts_grouped(
     e = w_up_EID.shape[0] * ep
     flat_M = topk_idx_TK.reshape(-1)
     order_M = torch.argsort(flat_M, stable=True)
-    if loop_free:  # bincount's CUDA kernel reads max(flat_M) back to the host; a scatter-add does not
-        counts_E = torch.zeros(e, dtype=flat_M.dtype, device=flat_M.device).scatter_add_(
-            0, flat_M, torch.ones_like(flat_M)
-        )
+    if loop_free or flat_M.is_cuda:  # bincount's CUDA kernel reads max(flat_M) back to the host (no CUDA graph)
+        counts_E = flat_M.new_zeros(e).scatter_add_(0, flat_M, torch.ones_like(flat_M))
     else:
         counts_E = torch.bincount(flat_M, minlength=e)
     token_M = order_M // k

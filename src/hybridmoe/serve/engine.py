@@ -21,6 +21,15 @@ padding machinery the model already has (left-padded batches):
   - the Mamba layers see gathered copies of the rows' states (one recurrent step each), written back afterwards.
 Greedy outputs therefore equal decoding each prompt alone (tested against `model.generate`).
 
+Decode modes (`decode_mode`). That batch has a new shape every step, which is cheap on a CPU but on a GPU costs
+hundreds of kernel launches per token paid on the host. "static" runs `serve.graphs.StaticDecoder` instead: the
+same step with shapes fixed per padded batch size (1, 2, 4, ... slots) and key range (256, 512, ... max_model_len),
+every row attending over that range with a length mask, padding rows on a spare scratch slot; "graphs" captures it
+in one CUDA graph per shape and "compile" runs it through torch.compile (the first step of each shape captures or
+compiles it: tens of seconds for a compilation). "eager" (above) stays the twin they are tested against; the default
+is "graphs" on CUDA and "eager" on the CPU. On CUDA every phase pins its SDPA backends
+(`kernels.attention.sdpa_backend`), so that no attention plan is built per key length.
+
 Prompt logprobs (`SamplingParams.prompt_logprobs`, vLLM's): the prefill chunks of such a request keep the logits of
 every position, not only the last; position i scores prompt token i + 1 (log_softmax of the raw logits, as for
 generated tokens; the first token has none). One chunk's (chunk, v) fp32 logits exist at a time, turned into
@@ -56,7 +65,9 @@ import torch
 
 from ..cache import KVState, MambaState
 from ..checkpoint import checkpoint_tensors
+from ..kernels.attention import sdpa_backend
 from ..modeling import HybridMoEForCausalLM
+from .graphs import DECODE_MODES, StaticDecoder
 from .sampling import SamplingParams, TokenLogprob, prompt_token_logprobs, sample, token_logprob
 
 logger = logging.getLogger("hybridmoe.serve")
@@ -127,11 +138,18 @@ class CompletionOutput:
 
 
 class SlotPool:
-    """`num_slots` cache rows of `max_len` tokens each; `lengths[s]` tokens of slot s are in the cache."""
+    """`num_slots` cache rows of `max_len` tokens each; `lengths[s]` tokens of slot s are in the cache.
 
-    def __init__(self, model: HybridMoEForCausalLM, num_slots: int, max_len: int):
-        self.cache = model.new_cache(num_slots, capacity=max_len)
+    spare=1 adds a scratch row (`scratch`, never handed out) that the padding rows of a static decode batch read and
+    write (`serve.graphs`)."""
+
+    def __init__(self, model: HybridMoEForCausalLM, num_slots: int, max_len: int, spare: int = 0):
+        if spare not in (0, 1):
+            raise ValueError(f"SlotPool spare must be 0 or 1, got {spare}")
+        self.cache = model.new_cache(num_slots + spare, capacity=max_len)
         self.max_len = max_len
+        self.num_slots = num_slots
+        self.scratch = num_slots if spare else None
         self.lengths = [0] * num_slots
         self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
 
@@ -197,7 +215,7 @@ class SlotPool:
             self.lengths[s] += 1
 
     def bytes_per_slot(self) -> int:
-        return self.cache.memory_bytes() // self.cache.batch_size
+        return self.cache.memory_bytes() // self.cache.batch_size  # (the scratch row included)
 
 
 class _CacheRows:
@@ -242,7 +260,10 @@ class Engine:
     eos_token_id: ends a request unless its params say ignore_eos (default: the model config's).
     detokenize: ids -> text (or a tokenizer with `.decode`), needed for stop strings. seed: the generator of requests
     without their own seed. weight_version: the version of the model's weights as loaded (`load_weights` raises
-    it)."""
+    it). decode_mode: how the batched decode step runs (`serve.graphs`): "eager" (the batch of dynamic shape this
+    module's docstring describes; the twin), "static" (static shapes per padded batch size, eager), "graphs" (the
+    static step captured in CUDA graphs; CUDA only) or "compile" (the static step through torch.compile); default
+    "graphs" on CUDA, "eager" elsewhere. The static modes keep one spare scratch slot in the pool."""
 
     def __init__(
         self,
@@ -255,7 +276,17 @@ class Engine:
         detokenize: Callable[[list[int]], str] | object | None = None,
         seed: int = 0,
         weight_version: int = 0,
+        decode_mode: str | None = None,
     ):
+        device = model.lm_head.weight.device
+        if decode_mode is None:
+            decode_mode = "graphs" if device.type == "cuda" else "eager"
+        if decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
+        if decode_mode == "graphs" and device.type != "cuda":
+            raise ValueError(f"decode_mode 'graphs' needs a CUDA model (this one is on {device}); use 'eager', "
+                             "'static' or 'compile'")  # fmt: skip
+        spare = 0 if decode_mode == "eager" else 1
         if max_num_seqs < 1 or max_model_len < 2 or prefill_chunk < 1:
             raise ValueError(
                 f"need max_num_seqs >= 1, max_model_len >= 2 and prefill_chunk >= 1; got {max_num_seqs}, "
@@ -266,7 +297,7 @@ class Engine:
         self.max_model_len, self.prefill_chunk = max_model_len, prefill_chunk
         per_slot = _bytes_per_slot(model, max_model_len)
         if max_cache_bytes is not None:
-            fits = max_cache_bytes // per_slot
+            fits = max_cache_bytes // per_slot - spare
             if fits < 1:
                 raise AdmissionError(
                     f"one slot of max_model_len={max_model_len} tokens needs {per_slot / 2**20:.1f} MiB of cache but "
@@ -275,7 +306,9 @@ class Engine:
                 )
             max_num_seqs = min(max_num_seqs, fits)
         self.max_num_seqs = max_num_seqs
-        self.pool = SlotPool(model, max_num_seqs, max_model_len)
+        self.pool = SlotPool(model, max_num_seqs, max_model_len, spare=spare)
+        self.decode_mode = decode_mode
+        self._static = StaticDecoder(model, self.pool, decode_mode) if decode_mode != "eager" else None
         if eos_token_id == "config":
             eos_token_id = self.config.eos_token_id
         self.eos_token_ids = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
@@ -478,7 +511,8 @@ class Engine:
         top_n = req.params.prompt_logprobs
         if start == 0:
             req.weight_version = self.weight_version
-        out = self.model(ids, cache=cache, logits_to_keep=1 if top_n is None else 0)
+        with sdpa_backend("prefill", self.device):
+            out = self.model(ids, cache=cache, logits_to_keep=1 if top_n is None else 0)
         req.num_prefilled += len(chunk)
         self.pool.lengths[req.slot] = cache.seq_len
         if top_n is not None:
@@ -492,9 +526,16 @@ class Engine:
     def _decode(self, reqs: list[Request]) -> torch.Tensor:
         """Feed each request's last token into its slot, all in one forward; returns logits (b, v)."""
         slots = [r.slot for r in reqs]
+        if self._static is not None:
+            tokens, lengths = [r.output_token_ids[-1] for r in reqs], [self.pool.lengths[s] for s in slots]
+            logits = self._static.decode(slots, tokens, lengths)
+            for s in slots:
+                self.pool.lengths[s] += 1
+            return logits
         cache, mask = self.pool.decode_batch(slots)
         ids = torch.tensor([[r.output_token_ids[-1]] for r in reqs], device=self.device)
-        out = self.model(ids, cache=cache, attention_mask=mask)
+        with sdpa_backend("decode", self.device):
+            out = self.model(ids, cache=cache, attention_mask=mask)
         self.pool.write_back(cache, slots)
         return out.logits[:, -1]
 

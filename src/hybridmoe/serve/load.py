@@ -41,15 +41,18 @@ def load_engine(
     max_model_len: int | None = None,
     prefill_chunk: int = 512,
     seed: int = 0,
+    decode_mode: str | None = None,
 ):
     """(Engine, tokenizer) over `load_model(checkpoint, tokenizer, device, dtype)`. max_model_len: default the
-    config's max_position_embeddings. The requests stop at `stop_token_ids(tokenizer)`."""
+    config's max_position_embeddings. The requests stop at `stop_token_ids(tokenizer)`. decode_mode: the Engine's
+    (default: CUDA graphs on a GPU, eager on the CPU)."""
     from .engine import Engine
 
     model, tok = load_model(checkpoint, tokenizer, device, dtype)
     engine = Engine(
         model, max_num_seqs=max_num_seqs, max_model_len=max_model_len or model.config.max_position_embeddings,
         prefill_chunk=prefill_chunk, eos_token_id=stop_token_ids(tok), detokenize=tok, seed=seed,
+        decode_mode=decode_mode,
     )  # fmt: skip
     return engine, tok
 

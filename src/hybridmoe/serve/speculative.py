@@ -23,6 +23,10 @@ and the stale entries are overwritten. (Keeping per-position states instead woul
 scan to emit every intermediate state.) When every draft is accepted there is nothing to replay.
 
 This is a standalone batch-1 decode loop (`speculative_generate`); the engine's batched decoding does not use it.
+On CUDA its forwards run with the SDPA backend pinned per phase (`kernels.attention.sdpa_backend`: the prompt as a
+prefill, the draft / verify / replay / commit forwards as decode), so no attention plan is built per key length; they
+can run in static shapes (`decode_mode`, `serve.graphs.StaticSequence`: attention over the cache's whole capacity,
+the start position a device tensor), captured in one CUDA graph per kind of forward and token count on CUDA.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ from dataclasses import dataclass
 import torch
 
 from ..cache import HybridCache, MambaState
+from ..kernels.attention import sdpa_backend
 from ..modeling import ForwardContext, HybridMoEForCausalLM
+from .graphs import StaticSequence
 from .sampling import SamplingParams, sample, sampling_probs
 
 
@@ -106,14 +112,23 @@ def speculative_generate(
     num_draft_tokens: int = 2,
     eos_token_id: int | list[int] | None | str = "config",
     generator: torch.Generator | None = None,
+    decode_mode: str | None = None,
 ) -> SpeculativeOutput:
     """Generate up to params.max_tokens tokens after the prompt, drafting `num_draft_tokens` per step with the MTP
-    head. Stops at params.stop_token_ids or eos (unless params.ignore_eos); stop strings are the engine's job."""
+    head. Stops at params.stop_token_ids or eos (unless params.ignore_eos); stop strings are the engine's job.
+    decode_mode: "eager" (the model's cached forwards; the twin), "static" (the drafts, verifications, replays and
+    commits in static shapes, `serve.graphs.StaticSequence`) or "graphs" (those captured in CUDA graphs, one per kind
+    and token count, for this call); default "graphs" on CUDA, "eager" elsewhere."""
     c = model.config
     if not c.num_nextn_predict_layers or model.mtp is None:
         raise ValueError("speculative decoding drafts with the MTP head; this model has num_nextn_predict_layers=0")
     if num_draft_tokens < 1:
         raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
+    device = model.lm_head.weight.device
+    if decode_mode is None:
+        decode_mode = "graphs" if device.type == "cuda" else "eager"
+    if decode_mode not in ("eager", "static", "graphs"):
+        raise ValueError(f"decode_mode must be 'eager', 'static' or 'graphs', got {decode_mode!r}")
     params = params or SamplingParams()
     if params.seed is not None and generator is None:
         generator = torch.Generator(model.lm_head.weight.device).manual_seed(params.seed)
@@ -123,54 +138,62 @@ def speculative_generate(
     if not params.ignore_eos:
         stop_ids |= {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
     model.eval()
-    device = model.lm_head.weight.device
     k = num_draft_tokens
     prompt = [int(t) for t in prompt_token_ids]
     cache = model.new_cache(1, capacity=len(prompt) + params.max_tokens + k + 2, include_mtp=True)
     stats = SpeculativeStats()
+    runner = StaticSequence(model, cache, decode_mode) if decode_mode != "eager" else None
 
-    out = model(torch.tensor([prompt], device=device), cache=cache, logits_to_keep=1)
-    tokens = [sample(out.logits[0, -1], params, generator)]
-    # MTP entries j = 0..n-1 pair the main hidden state h_j with token x_{j+1} (the prompt shifted, then x_n).
     mtp = _MTP(model, cache)
-    mtp_x, mtp_logits = mtp.commit(out.hidden_states, prompt[1:] + tokens)
+    with sdpa_backend("prefill", device):
+        out = model(torch.tensor([prompt], device=device), cache=cache, logits_to_keep=1)
+        tokens = [sample(out.logits[0, -1], params, generator)]
+        # MTP entries j = 0..n-1 pair the main hidden state h_j with token x_{j+1} (the prompt shifted, then x_n).
+        mtp_x, mtp_logits = mtp.commit(out.hidden_states, prompt[1:] + tokens)
+    mtp.runner = runner  # the prompt's forwards stay eager (one shape per prompt length); the steps below are static
 
     finish = _finish_reason(tokens, params, stop_ids)
-    while finish is None:
-        t0 = time.perf_counter()
-        draft_ids, draft_probs = _draft(mtp, mtp_x, mtp_logits, k, params, generator)
-        t1 = time.perf_counter()
-        stats.draft_s += t1 - t0
+    # On CUDA the SDPA backend is pinned (never cuDNN, which plans anew for every key length: `sdpa_backend`)
+    with sdpa_backend("decode", device):
+        while finish is None:
+            t0 = time.perf_counter()
+            draft_ids, draft_probs = _draft(mtp, mtp_x, mtp_logits, k, params, generator)
+            t1 = time.perf_counter()
+            stats.draft_s += t1 - t0
 
-        # Verify: the pending token and the k drafts in one forward of the main model.
-        m = cache.seq_len
-        snapshot = _save_mamba(cache, range(c.num_hidden_layers))
-        verify_ids = [tokens[-1], *draft_ids]
-        out = model(torch.tensor([verify_ids], device=device), cache=cache)
-        target_probs = sampling_probs(out.logits[0], params)  # (k+1, v)
-        new = verify_drafts(target_probs, torch.stack(draft_probs), draft_ids, params.greedy, generator)
-        accepted = len(new) - 1
-        t2 = time.perf_counter()
-        stats.verify_s += t2 - t1
-        stats.num_verify_steps += 1
-        stats.num_drafted += k
-        stats.num_accepted += accepted
+            # Verify: the pending token and the k drafts in one forward of the main model.
+            m = cache.seq_len
+            snapshot = _save_mamba(cache, range(c.num_hidden_layers))
+            verify_ids = [tokens[-1], *draft_ids]
+            if runner is None:
+                out = model(torch.tensor([verify_ids], device=device), cache=cache)
+                logits, hidden = out.logits, out.hidden_states
+            else:
+                logits, hidden = runner.main(verify_ids)
+            target_probs = sampling_probs(logits[0], params)  # (k+1, v)
+            new = verify_drafts(target_probs, torch.stack(draft_probs), draft_ids, params.greedy, generator)
+            accepted = len(new) - 1
+            t2 = time.perf_counter()
+            stats.verify_s += t2 - t1
+            stats.num_verify_steps += 1
+            stats.num_drafted += k
+            stats.num_accepted += accepted
 
-        for t in new:  # stop ids and max_tokens may end the request inside the accepted run
-            tokens.append(t)
-            finish = _finish_reason(tokens, params, stop_ids)
+            for t in new:  # stop ids and max_tokens may end the request inside the accepted run
+                tokens.append(t)
+                finish = _finish_reason(tokens, params, stop_ids)
+                if finish is not None:
+                    break
             if finish is not None:
                 break
-        if finish is not None:
-            break
-        if accepted < k:
-            rollback(model, cache, snapshot, m, verify_ids[: accepted + 1])
-            stats.num_replays += 1
-        t3 = time.perf_counter()
-        stats.replay_s += t3 - t2
-        # Positions m..m+accepted are now processed: commit them to the MTP with the tokens that follow each.
-        mtp_x, mtp_logits = mtp.commit(out.hidden_states[:, : accepted + 1], new)
-        stats.commit_s += time.perf_counter() - t3
+            if accepted < k:
+                rollback(model, cache, snapshot, m, verify_ids[: accepted + 1], runner)
+                stats.num_replays += 1
+            t3 = time.perf_counter()
+            stats.replay_s += t3 - t2
+            # Positions m..m+accepted are now processed: commit them to the MTP with the tokens that follow each.
+            mtp_x, mtp_logits = mtp.commit(hidden[:, : accepted + 1], new)
+            stats.commit_s += time.perf_counter() - t3
     return SpeculativeOutput(tokens, finish, stats)
 
 
@@ -189,11 +212,17 @@ def _draft(mtp: _MTP, mtp_x, mtp_logits, k: int, params: SamplingParams, generat
     return draft_ids, draft_probs
 
 
-def rollback(model: HybridMoEForCausalLM, cache: HybridCache, snapshot: dict, start: int, ids: list[int]) -> None:
+def rollback(
+    model: HybridMoEForCausalLM, cache: HybridCache, snapshot: dict, start: int, ids: list[int], runner=None
+) -> None:
     """Put the cache in the state after `start` tokens + `ids`: restore the Mamba snapshot taken at `start`, set the
-    length back (stale KV past it is overwritten later) and replay `ids`."""
+    length back (stale KV past it is overwritten later) and replay `ids` (through `runner`, a StaticSequence, if
+    given)."""
     _restore_mamba(cache, snapshot)
     cache.seq_len = start
+    if runner is not None:
+        runner.main(ids)
+        return
     model(torch.tensor([ids], device=model.lm_head.weight.device), cache=cache, logits_to_keep=1)
 
 
@@ -201,14 +230,16 @@ class _MTP:
     """The first MTP layer over its own cache positions (the MTP blocks' layer indices point past the backbone's
     into the same HybridCache, built with include_mtp=True)."""
 
-    def __init__(self, model: HybridMoEForCausalLM, cache: HybridCache):
-        self.model, self.cache = model, cache
+    def __init__(self, model: HybridMoEForCausalLM, cache: HybridCache, runner: StaticSequence | None = None):
+        self.model, self.cache, self.runner = model, cache, runner
         self.blocks = model.mtp.layers[: len(model.config.mtp_hybrid_override_pattern)]
         self.length = 0  # committed positions
         self.draft_length = 0  # positions written by chained drafts past the committed ones
         self._snapshot = None
 
     def _forward(self, h_prev, next_ids: list[int], start: int):
+        if self.runner is not None:
+            return self.runner.mtp(h_prev, next_ids, start)
         ids = torch.tensor([next_ids], device=h_prev.device)
         x = self.blocks[0].mtp_input(self.model.backbone.embeddings(ids), h_prev)
         ctx = ForwardContext(start=start, cache=self.cache)
