@@ -56,8 +56,36 @@ def load_model(recipe, ckpt: str | None, par, pipeline: bool = False):
         else:
             p = recipe.parallel
             model = distributed.parallelize(model, par, p.reshard_after_forward, p.pp_split_points)
+    if recipe.train.compile:
+        compile_blocks(model)
     model.train()
     return model
+
+
+def compile_blocks(model) -> int:
+    """torch.compile every layer block (`modeling.Block`: the backbone's and the MTP layers') in place, after tensor
+    parallelism and FSDP: regional compilation, as torchtitan's `apply_compile` does it (pytorch/torchtitan,
+    `torchtitan/models/llama4/infra/parallelize.py`): the repeated blocks share a few compiled graphs (one per kind
+    of mixer), compile in seconds rather than minutes for the whole model, and the code around them (the input
+    checks, the fused chunked loss, pipeline and FSDP hooks) stays eager. In place (`nn.Module.compile`), so the
+    parameter names, checkpoints and FSDP units do not change. Returns the number of blocks compiled.
+
+    Mamba, attention and MLP blocks compile to one graph each (`fullgraph=True`: a graph break is an error). An MoE
+    block is compiled without fullgraph: its routed experts run eagerly where their loop needs the per-expert counts
+    on the host (`kernels.moe`: the CPU segment loop, expert parallelism's all-to-alls, emulated low precision), and
+    under torchrun its router and experts are FSDP units of their own; on a GPU with torch._grouped_mm (bf16) the
+    whole block is one graph."""
+    from ..kernels.linear import widen_bf16_on_cpu
+    from ..modeling import Block, LatentMoE
+
+    # Decided once per process by a probe Dynamo does not trace: decide it now rather than in the first graph.
+    widen_bf16_on_cpu()
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    # One compiled entry per kind of block, mode (train / eval) and shape family: more than the default 8 per function.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for block in blocks:
+        block.compile(fullgraph=not isinstance(block.mixer, LatentMoE))
+    return len(blocks)
 
 
 def build_model(recipe, ckpt: str | None) -> HybridMoEForCausalLM:

@@ -1,0 +1,89 @@
+"""Training with `train.compile` (per-block torch.compile, `train.model.compile_blocks`): the same losses as eager
+on this CPU (Inductor's C++ backend), the recipe key, and the graph breaks the model's training forward is left
+with (the MoE layers' deliberate ones)."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import write_prepared
+from test_pretrain import VOCAB, pattern_docs, step_records
+
+from hybridmoe import HybridMoEConfig, HybridMoEForCausalLM
+from hybridmoe.kernels.moe import count_per_expert
+from hybridmoe.modeling import Block
+from hybridmoe.train.config import Recipe, RLRecipe, SFTRecipe
+from hybridmoe.train.pretrain import pretrain
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_prepared(tmp_path_factory.mktemp("data"), pattern_docs(200, 1), vocab=VOCAB, dtype="uint16")
+
+
+def _recipe(out_dir, data_dir, compile: bool):
+    return Recipe.from_dict(
+        {
+            # a Mamba, an attention and an MoE block, and the MTP layers (attention + MoE, two depths)
+            "model": {"preset": "debug", "overrides": {"hybrid_override_pattern": "M*E"}},
+            "data": {"phases": [{"datasets": {str(data_dir): 1.0}}], "seq_len": 32, "batch_size": 2, "val_fraction": 0.05},
+            "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1},
+            "train": {"steps": 3, "out_dir": str(out_dir), "progress": False, "tensorboard": False, "val_batches": 0,
+                      "compile": compile},
+        }
+    )  # fmt: skip
+
+
+def test_compiled_training_matches_eager(tmp_path, data_dir):
+    eager = pretrain(_recipe(tmp_path / "eager", data_dir, False), peak_gflops=100.0)
+    compiled = pretrain(_recipe(tmp_path / "compiled", data_dir, True), peak_gflops=100.0)
+    blocks = [m for m in compiled["model"].modules() if isinstance(m, Block)]
+    assert len(blocks) == 5 and all(b._compiled_call_impl is not None for b in blocks)  # 3 backbone + 2 MTP
+    assert all(b._compiled_call_impl is None for b in eager["model"].modules() if isinstance(b, Block))
+    a, b = step_records(tmp_path / "eager"), step_records(tmp_path / "compiled")
+    for key in ("loss", "lm_loss", "mtp_loss", "aux_loss", "grad_norm"):
+        np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=1e-5, err_msg=key)
+    # the parameter names (and so checkpoints) are those of the eager model
+    assert list(compiled["model"].state_dict()) == list(eager["model"].state_dict())
+
+
+def test_the_recipe_key(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {preset: debug}\ndata: {phases: [{datasets: {x: 1.0}}]}\n")
+    assert Recipe.from_yaml(str(path)).train.compile is False
+    assert Recipe.from_yaml(str(path), ["train.compile=true"]).train.compile is True
+    with pytest.raises(ValueError, match=r"train.compile='fast': use true or false"):
+        Recipe.from_yaml(str(path), ["train.compile=fast"])
+    sft = SFTRecipe.from_dict({"model": {"source": "transformers", "init_from": str(tmp_path)},
+                               "data": {"datasets": {"x.jsonl": 1.0}}, "train": {"compile": True}})  # fmt: skip
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="train.compile=true compiles the blocks of a native model"):
+        sft.validate()
+    rl = RLRecipe.from_dict({"model": {"tokenizer": "tok"}, "train": {"compile": True}})
+    with pytest.raises(ValueError, match="train.compile=true is for hybridmoe pretrain and sft"):
+        rl.validate()
+
+
+def test_count_per_expert_compiles_to_bincount():
+    idx = torch.randint(0, 6, (40,))
+    compiled = torch.compile(count_per_expert, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(idx, 9), torch.bincount(idx, minlength=9))
+
+
+def test_the_training_forward_breaks_only_where_the_experts_need_eager_code():
+    """Dynamo traces the whole training forward (input checks, routing, the bias-update counts) without a graph break
+    but the two each MoE layer takes on purpose: around its host-side segment loop, and where it hands its aux loss
+    to the forward's list (a traced append would compile the block again for every MoE layer)."""
+    torch.manual_seed(0)
+    config = HybridMoEConfig.from_preset("debug", num_nextn_predict_layers=0)
+    model = HybridMoEForCausalLM(config).train()
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(ids, labels=ids)
+    reasons = [r.reason for r in explained.break_reasons]
+    moe_layers = config.hybrid_override_pattern.count("E")
+    assert sum("_segment_experts" in r for r in reasons) >= moe_layers, reasons
+    assert sum("_add_aux_loss" in r for r in reasons) >= moe_layers, reasons
+    assert all("_segment_experts" in r or "_add_aux_loss" in r for r in reasons), reasons
+    # the checks still run outside compilation
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(ids + config.vocab_size)
