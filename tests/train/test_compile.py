@@ -25,7 +25,8 @@ def _recipe(out_dir, data_dir, compile: bool):
         {
             # a Mamba, an attention and an MoE block, and the MTP layers (attention + MoE, two depths)
             "model": {"preset": "debug", "overrides": {"hybrid_override_pattern": "M*E"}},
-            "data": {"phases": [{"datasets": {str(data_dir): 1.0}}], "seq_len": 32, "batch_size": 2, "val_fraction": 0.05},
+            "data": {"phases": [{"datasets": {str(data_dir): 1.0}}], "seq_len": 32, "batch_size": 2,
+                     "val_fraction": 0.05},
             "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1},
             "train": {"steps": 3, "out_dir": str(out_dir), "progress": False, "tensorboard": False, "val_batches": 0,
                       "compile": compile},

@@ -81,7 +81,8 @@ def compile_blocks(model) -> int:
     # Decided once per process by a probe Dynamo does not trace: decide it now rather than in the first graph.
     widen_bf16_on_cpu()
     blocks = [m for m in model.modules() if isinstance(m, Block)]
-    # One compiled entry per kind of block, mode (train / eval) and shape family: more than the default 8 per function.
+    # Compiled entries of Block.forward: one per kind of mixer, mode (training / evaluation), with or without document
+    # ids, and shape family: more than Dynamo's default of 8 per function.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for block in blocks:
         block.compile(fullgraph=not isinstance(block.mixer, LatentMoE))
