@@ -20,7 +20,7 @@ def data_dir(tmp_path_factory):
     return write_prepared(tmp_path_factory.mktemp("data"), pattern_docs(200, 1), vocab=VOCAB, dtype="uint16")
 
 
-def _recipe(out_dir, data_dir, compile: bool):
+def _recipe(out_dir, data_dir, **train):
     return Recipe.from_dict(
         {
             # a Mamba, an attention and an MoE block, and the MTP layers (attention + MoE, two depths)
@@ -29,20 +29,25 @@ def _recipe(out_dir, data_dir, compile: bool):
                      "val_fraction": 0.05},
             "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1},
             "train": {"steps": 3, "out_dir": str(out_dir), "progress": False, "tensorboard": False, "val_batches": 0,
-                      "compile": compile},
+                      **train},
         }
     )  # fmt: skip
 
 
 def test_compiled_training_matches_eager(tmp_path, data_dir):
-    eager = pretrain(_recipe(tmp_path / "eager", data_dir, False), peak_gflops=100.0)
-    compiled = pretrain(_recipe(tmp_path / "compiled", data_dir, True), peak_gflops=100.0)
+    eager = pretrain(_recipe(tmp_path / "eager", data_dir), peak_gflops=100.0)
+    compiled = pretrain(_recipe(tmp_path / "compiled", data_dir, compile=True), peak_gflops=100.0)
+    # activation checkpointing recomputes each compiled block in the backward (the graphs compiled above are reused)
+    pretrain(_recipe(tmp_path / "recomputed", data_dir, compile=True, activation_checkpointing=True), peak_gflops=100.0)
     blocks = [m for m in compiled["model"].modules() if isinstance(m, Block)]
     assert len(blocks) == 5 and all(b._compiled_call_impl is not None for b in blocks)  # 3 backbone + 2 MTP
     assert all(b._compiled_call_impl is None for b in eager["model"].modules() if isinstance(b, Block))
-    a, b = step_records(tmp_path / "eager"), step_records(tmp_path / "compiled")
-    for key in ("loss", "lm_loss", "mtp_loss", "aux_loss", "grad_norm"):
-        np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=1e-5, err_msg=key)
+    reference = step_records(tmp_path / "eager")
+    for run in ("compiled", "recomputed"):
+        records = step_records(tmp_path / run)
+        for key in ("loss", "lm_loss", "mtp_loss", "aux_loss", "grad_norm"):
+            got, want = [r[key] for r in records], [r[key] for r in reference]
+            np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=f"{run}: {key}")
     # the parameter names (and so checkpoints) are those of the eager model
     assert list(compiled["model"].state_dict()) == list(eager["model"].state_dict())
 
