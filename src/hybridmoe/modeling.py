@@ -25,6 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without torch.distributed: no parameter is a DTensor
+    DTensor = ()
+
 from .cache import HybridCache, KVState
 from .config import HybridMoEConfig
 from .kernels.activations import relu_squared
@@ -759,8 +764,9 @@ def _weighted_linear_cross_entropy(h_nd, weight_vd, y_n, w, loss_fn=linear_cross
 
 
 def _local(t: torch.Tensor | None) -> torch.Tensor | None:
-    """This rank's part of a parameter split by tensor parallelism (a DTensor), or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
+    """This rank's part of a parameter split by tensor parallelism (a DTensor), or the tensor itself. (isinstance, not
+    hasattr(t, "to_local"): torch.compile's Dynamo answers hasattr False for a DTensor parameter.)"""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _shift_left(x: torch.Tensor, shift: int, fill: int) -> torch.Tensor:

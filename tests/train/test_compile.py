@@ -5,12 +5,13 @@ with (the MoE layers' deliberate ones)."""
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from helpers import write_prepared
 from test_pretrain import VOCAB, pattern_docs, step_records
 
 from hybridmoe import HybridMoEConfig, HybridMoEForCausalLM
 from hybridmoe.kernels.moe import count_per_expert
-from hybridmoe.modeling import Block
+from hybridmoe.modeling import Block, _local
 from hybridmoe.train.config import Recipe, RLRecipe, SFTRecipe
 from hybridmoe.train.pretrain import pretrain
 
@@ -93,3 +94,20 @@ def test_the_training_forward_breaks_only_where_the_experts_need_eager_code():
     # the checks still run outside compilation
     with pytest.raises(ValueError, match="outside the vocabulary"):
         model(ids + config.vocab_size)
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+def test_compiled_blocks_see_the_local_shard_of_a_tensor_parallel_parameter(tmp_path):
+    """Under tensor parallelism the Mamba mixer reads its conv weight, A, D and dt_bias through `_local`; Dynamo
+    answered hasattr(DTensor, "to_local") False, so a compiled block mixed a DTensor into plain-tensor math."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        weight = torch.nn.Parameter(distribute_tensor(torch.randn(6), init_device_mesh("cpu", (1,)), [Shard(0)]))
+        out = torch.compile(lambda w: _local(w) * 2, backend="eager", fullgraph=True)(weight)
+        assert not isinstance(out, DTensor)
+        torch.testing.assert_close(out, weight.to_local() * 2)
+    finally:
+        dist.destroy_process_group()
