@@ -25,13 +25,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without torch.distributed: no parameter is a DTensor
+    DTensor = ()
+
 from .cache import HybridCache, KVState
 from .config import HybridMoEConfig
 from .kernels.activations import relu_squared
 from .kernels.attention import attention
 from .kernels.linear import Linear, matmul_dtype
 from .kernels.loss import IGNORE_INDEX, linear_cross_entropy
-from .kernels.moe import experts_grouped
+from .kernels.moe import count_per_expert, experts_grouped
 from .kernels.norm import gated_rms_norm
 from .kernels.ssd import causal_conv1d, causal_conv1d_step, conv_window, ssd_chunked, ssd_step
 
@@ -293,6 +298,14 @@ class Experts(nn.Module):
         return experts_grouped(x_TD, up, down, topk_idx_TK, topk_w_TK, ep_group=self.ep_group, quant=self.quant)
 
 
+@torch.compiler.disable
+def _add_aux_loss(ctx: ForwardContext, loss: torch.Tensor) -> None:
+    """ctx.aux_losses.append(loss), outside torch.compile: a compiled block that appended to the list would be guarded
+    on the list's length and compiled again for every MoE layer (the layers of one forward find 0, 1, 2, ... losses
+    there). Under compilation this is one deliberate graph break per MoE layer."""
+    ctx.aux_losses.append(loss)
+
+
 class _SequenceSum(torch.autograd.Function):
     """Sum over the ranks holding the other tokens of the same sequences. Every rank then computes the same loss
     and backpropagates it through its own tokens only, so the gradient passes through unchanged."""
@@ -348,11 +361,10 @@ class LatentMoE(nn.Module):
         scores_TE, topk_w_TK, topk_idx_TK = self.gate(x_TD)
         if self.training:
             with torch.no_grad():
-                self.tokens_per_expert += torch.bincount(topk_idx_TK.flatten(), minlength=scores_TE.shape[1])
+                self.tokens_per_expert += count_per_expert(topk_idx_TK.flatten(), scores_TE.shape[1])
             if self.aux_loss_coef > 0 and ctx is not None:
-                ctx.aux_losses.append(
-                    self._sequence_aux_loss(scores_TE.view(b, t, -1), topk_idx_TK.view(b, t, -1), ctx.cp)
-                )
+                aux_loss = self._sequence_aux_loss(scores_TE.view(b, t, -1), topk_idx_TK.view(b, t, -1), ctx.cp)
+                _add_aux_loss(ctx, aux_loss)
         h = self.fc1_latent_proj(x_TD) if self.fc1_latent_proj is not None else x_TD
         h = self.experts(h, topk_idx_TK, topk_w_TK)
         h = self.fc2_latent_proj(h) if self.fc2_latent_proj is not None else h
@@ -751,8 +763,9 @@ def _weighted_linear_cross_entropy(h_nd, weight_vd, y_n, w, loss_fn=linear_cross
 
 
 def _local(t: torch.Tensor | None) -> torch.Tensor | None:
-    """This rank's part of a parameter split by tensor parallelism (a DTensor), or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
+    """This rank's part of a parameter split by tensor parallelism (a DTensor), or the tensor itself. (isinstance, not
+    hasattr(t, "to_local"): torch.compile's Dynamo answers hasattr False for a DTensor parameter.)"""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _shift_left(x: torch.Tensor, shift: int, fill: int) -> torch.Tensor:
@@ -762,8 +775,11 @@ def _shift_left(x: torch.Tensor, shift: int, fill: int) -> torch.Tensor:
 
 
 def _check_ids(name: str, ids: torch.Tensor, vocab_size: int, allow: int | None = None) -> None:
+    """ValueError naming the first id outside [0, vocab_size). The check reads a flag back from the device: under
+    torch.compile (a whole-model `torch.compile(model.forward)`) that would break the graph, so it is skipped there;
+    the trainer's per-block compilation (`train.compile`) runs this forward, and the check, eagerly."""
     if torch.compiler.is_compiling() or (ids.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return  # the check reads a tensor back to the host, which a compiled graph or a CUDA graph capture cannot
+        return  # nor can a CUDA graph capture read a tensor back to the host
     bad = (ids < 0) | (ids >= vocab_size)
     if allow is not None:
         bad &= ids != allow

@@ -183,16 +183,21 @@ _BACKEND: str | None = None
 
 
 def experts_backend(x: torch.Tensor) -> str:
-    """`grouped_mm` where torch._grouped_mm runs well, else `segments`; decided once and logged."""
+    """`grouped_mm` where torch._grouped_mm runs well, else `segments`; decided once and logged. Under torch.compile
+    (where a logging call would break the graph) it is decided in the traced code and left to the first eager call
+    to record and log."""
     global _BACKEND
     if _BACKEND is None:
         ok = (
             x.is_cuda
             and hasattr(torch, "_grouped_mm")
-            and torch.cuda.get_device_capability(x.device)[0] >= 9
+            and torch.cuda.get_device_properties(x.device).major >= 9
             and x.dtype == torch.bfloat16
         )
-        _BACKEND = "grouped_mm" if ok else "segments"
+        backend = "grouped_mm" if ok else "segments"
+        if torch.compiler.is_compiling():
+            return backend
+        _BACKEND = backend
         log.info("hybridmoe MoE experts backend: %s", _BACKEND)
     return _BACKEND
 
@@ -247,10 +252,7 @@ def experts_grouped(
     e = w_up_EID.shape[0] * ep
     flat_M = topk_idx_TK.reshape(-1)
     order_M = torch.argsort(flat_M, stable=True)
-    if loop_free or flat_M.is_cuda:  # bincount's CUDA kernel reads max(flat_M) back to the host (no CUDA graph)
-        counts_E = flat_M.new_zeros(e).scatter_add_(0, flat_M, torch.ones_like(flat_M))
-    else:
-        counts_E = torch.bincount(flat_M, minlength=e)
+    counts_E = count_per_expert(flat_M, e, loop_free)
     token_M = order_M // k
     if ep_group is None:  # the experts gather their rows of x_TD themselves (`rows_of`)
         y_MD = _run_experts(
@@ -270,6 +272,16 @@ def experts_grouped(
 def _grouped_mm_aligned(x_TD, w_up_EUD, w_down_EDI) -> bool:
     """torch._grouped_mm wants every operand's rows 16-byte aligned: d, u and i multiples of 16 bytes."""
     return all(n * x_TD.element_size() % 16 == 0 for n in (x_TD.shape[1], w_up_EUD.shape[1], w_down_EDI.shape[2]))
+
+
+def count_per_expert(idx: torch.Tensor, e: int, scatter: bool = False) -> torch.Tensor:
+    """(e,) int64: how many entries of `idx` name each expert. torch.bincount's output length depends on the data, so
+    torch.compile (Dynamo) breaks the graph there, and its CUDA kernel reads the largest id back to the host (a sync,
+    which no CUDA graph can capture); under compilation, on CUDA, or when `scatter` asks, the same counts come from a
+    scatter-add into e zeros, whose shape is known."""
+    if scatter or idx.is_cuda or torch.compiler.is_compiling():
+        return torch.zeros(e, dtype=torch.long, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
+    return torch.bincount(idx, minlength=e)
 
 
 COMBINE_BLOCK_ROWS = 4096  # token copies per block in the combine's backward on the `segments` path
@@ -336,6 +348,14 @@ def _run_experts(
         if b_down_ED is not None:
             y_MD = y_MD + b_down_ED.repeat_interleave(counts_E, dim=0, output_size=m)
         return y_MD
+    return _segment_experts(x_MD, w_up_EID, w_down_EDI, counts_E, act, b_up_EU, b_down_ED, lora, rows_of)
+
+
+@torch.compiler.disable
+def _segment_experts(x_MD, w_up_EID, w_down_EDI, counts_E, act, b_up_EU, b_down_ED, lora, rows_of):
+    """`_SegmentExperts` on the segments of counts_E. Its loop needs the counts on the host, so under torch.compile it
+    runs eagerly between two compiled graphs (one graph break), rather than being traced for the counts of one step
+    and recompiled for the next."""
     up, down = (lora.up or (None, None), lora.down or (None, None)) if lora is not None else ((None, None),) * 2
     scaling = lora.scaling if lora is not None else 1.0
     return _SegmentExperts.apply(
@@ -343,6 +363,7 @@ def _run_experts(
     )
 
 
+@torch.compiler.disable  # per-segment host loop: eager under torch.compile, as `_segment_experts`
 def _quantized_experts(x_MD, w_up_EUD, w_down_EDI, counts_E, act, b_up_EU, b_down_ED, rows_of, quant):
     """Each expert's segment through quant(x, weight, bias): up GEMM, activation, down GEMM, with plain autograd
     around them. Every segment is its own tensor with its own per-tensor scale, as TransformerEngine's grouped
@@ -376,6 +397,7 @@ def _grouped_low_rank(v_MI, a_ERI, b_EOR, scaling, offs):
     return torch._grouped_mm(va_MR, b_EOR.transpose(-2, -1), offs=offs) * scaling
 
 
+@torch.compiler.disable  # all-to-alls with host-side splits: eager under torch.compile, as `_segment_experts`
 def expert_parallel_segments(
     x_TD, rows_M, w_up_LID, w_down_LDI, counts_E, ep_group, act=ACTIVATIONS["relu2"], b_up_LU=None, b_down_LD=None,
     lora=None, quant=None, backend="segments",

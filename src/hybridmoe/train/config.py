@@ -105,6 +105,10 @@ class TrainSection:
     steps: int = 100
     precision: str = "fp32"  # fp32 | bf16 (bf16 weights) | autocast-bf16 (fp32 weights, bf16 autocast)
     activation_checkpointing: bool = False
+    # torch.compile each layer block of a native model (pretrain, sft; `train.model.compile_blocks`): on GPUs Inductor
+    # fuses the elementwise work of the Mamba scan, norms and routing into a few kernels; on this CPU it only adds
+    # compile time. Off by default.
+    compile: bool = False
     seed: int = 0
     out_dir: str = "runs/run"
     log_every: int = 1
@@ -301,6 +305,9 @@ class SFTRecipe(_RecipeFile):
                              "a transformers model trains at train.precision")  # fmt: skip
         if m.source not in ("native", "transformers"):
             raise ValueError(f"model.source={m.source!r}: use native or transformers")
+        if t.compile and m.source != "native":
+            raise ValueError("train.compile=true compiles the blocks of a native model (model.source=native); "
+                             "set train.compile=false for a transformers model")  # fmt: skip
         if m.source == "transformers":
             if not m.init_from or not os.path.isfile(os.path.join(m.init_from, "config.json")):
                 raise ValueError(
@@ -399,6 +406,9 @@ class RLRecipe(_RecipeFile):
     def validate(self) -> None:
         m, e, r = self.model, self.envs, self.rl
         _validate_common(self.optim, self.train)
+        if self.train.compile:
+            raise ValueError("train.compile=true is for hybridmoe pretrain and sft; RL generates its rollouts with "
+                             "the model it trains: set train.compile=false")  # fmt: skip
         _validate_parallel(self.parallel, self.train)
         self.precision.policy()
         if not (m.tokenizer or m.init_from):

@@ -56,8 +56,39 @@ def load_model(recipe, ckpt: str | None, par, pipeline: bool = False):
         else:
             p = recipe.parallel
             model = distributed.parallelize(model, par, p.reshard_after_forward, p.pp_split_points)
+    if recipe.train.compile:
+        compile_blocks(model)
     model.train()
     return model
+
+
+def compile_blocks(model) -> int:
+    """torch.compile every layer block (`modeling.Block`: the backbone's and the MTP layers') in place, after tensor
+    parallelism and FSDP: regional compilation, as torchtitan's `apply_compile` does it (pytorch/torchtitan,
+    `torchtitan/models/llama4/infra/parallelize.py`). The repeated blocks share a few compiled graphs (one per kind
+    of mixer), so compile time does not grow with depth, and the code around them (the input checks, the fused
+    chunked loss, the MTP inputs, the pipeline schedule) stays eager. In place (`nn.Module.compile`), so parameter
+    names, checkpoints and FSDP units do not change. Returns the number of blocks compiled.
+
+    Mamba, attention and MLP blocks compile to one graph each (`fullgraph=True`: a graph break is an error). MoE
+    blocks are compiled without fullgraph, with deliberate breaks (`modeling`, `kernels.moe`): where a training
+    forward hands its aux loss to the forward's list, and where the routed experts need the per-expert counts on
+    the host (the CPU segment loop, expert parallelism's all-to-alls, emulated low precision; on a GPU with
+    torch._grouped_mm in bf16 the experts trace whole); under torchrun the router and the experts are FSDP units of
+    their own. Shapes are static (`dynamic=False`): a new sequence length compiles its own graphs, and
+    tensor-parallel DTensors never meet symbolic shapes (torch 2.13's DTensor sharding propagation rejects them)."""
+    from ..kernels.linear import widen_bf16_on_cpu
+    from ..modeling import Block, LatentMoE
+
+    # Decided once per process by a probe Dynamo does not trace: decide it now rather than in the first graph.
+    widen_bf16_on_cpu()
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    # Compiled entries of Block.forward: one per kind of mixer, mode (training / evaluation), with or without document
+    # ids, and sequence length: more than Dynamo's default of 8 per function.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for block in blocks:
+        block.compile(fullgraph=not isinstance(block.mixer, LatentMoE), dynamic=False)
+    return len(blocks)
 
 
 def build_model(recipe, ckpt: str | None) -> HybridMoEForCausalLM:
