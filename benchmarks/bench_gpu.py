@@ -9,11 +9,12 @@ prompts for every implementation):
                             1024, shared expert 2048, Mamba 64 heads x 64, state 128, 8 groups, attention 32 heads
                             (2 KV) of 128, vocab 32768 (1.23B parameters, 0.50B active); batch 4 x 2048;
               "nano-slice"  the `nano-30b-a3b` preset with pattern MEME* (3.4B parameters, 128 experts); 1 x 8192;
-            for hybridmoe eager, hybridmoe compiled (`compile_model`: `model.forward = torch.compile(model.forward)`;
+            for hybridmoe eager, hybridmoe compiled (`compile_model`: every block compiled, as `train.compile: true`;
             1.2B only) and transformers' NemotronHForCausalLM with `--hf-experts` (its `experts_implementation`).
   serve     the 1.2B weights served: prefill tokens/s of one 2048-token prompt and decode tokens/s at batch 1 and
             32 (128-token prompts, 128 new tokens, greedy, no eos) through hybridmoe's engine
-            (`hybridmoe.serve.Engine`, once per `--decode-modes` entry when the engine has a `decode_mode` option),
+            (`hybridmoe.serve.Engine`, once per `--decode-modes` entry: eager and graphs on CUDA, eager and static
+            on CPU),
             against transformers' forward (prefill) and `generate` (decode: the time of 128 new tokens less that of
             1, over 127 x batch tokens).
   finetune  the fine-tuning layer: `hybridmoe.automodel` against transformers' `--hf-experts` on a Qwen3-MoE shape
@@ -46,7 +47,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import importlib.metadata
-import inspect
 import json
 import os
 import platform
@@ -131,7 +131,7 @@ def plan(args: argparse.Namespace) -> list[dict]:
     the checkpoints it writes."""
     parts = args.parts.split(",")
     experts = [e for e in args.hf_experts.split(",") if e]
-    modes = [m or None for m in args.decode_modes.split(",")]
+    modes = args.decode_modes.split(",")
     common = dict(smoke=args.smoke, device=args.device, warmup=args.warmup, steps=args.steps, ckpt=args.ckpt_dir)
     specs = []
     if "train" in parts:
@@ -170,11 +170,11 @@ def sync(device) -> None:
 
 
 def compile_model(model, backend: str = "inductor"):
-    """The compiled training model: the one place that says how (today `model.forward = torch.compile(model.forward)`,
-    as measured in issue 16; a trainer option for it would be called here instead)."""
-    import torch
+    """The compiled training model, as the trainer compiles it with `train.compile: true`: every block on its own
+    (`hybridmoe.train.model.compile_blocks`)."""
+    from hybridmoe.train.model import compile_blocks
 
-    model.forward = torch.compile(model.forward, backend=backend)
+    compile_blocks(model, backend=backend)
     return model
 
 
@@ -276,18 +276,6 @@ def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def engine_options(mode: str | None) -> dict:
-    """`decode_mode` for the engine when it has that option and a mode was asked for; else nothing (the engine's
-    only or default path)."""
-    from hybridmoe.serve import Engine
-
-    if mode is None:
-        return {}
-    if "decode_mode" not in inspect.signature(Engine.__init__).parameters:
-        raise SystemExit(f"--decode-modes {mode}: this hybridmoe's Engine has no decode_mode option; leave it empty")
-    return {"decode_mode": mode}
-
-
 def engine_decode(engine, batch: list[list[int]], new: int, device) -> dict:
     """Greedy decoding of `batch` to `new` tokens each through `engine`: the steady-state decode tokens/s (from the
     step where every request has its first token to the step where the first one finishes: all `len(batch)`
@@ -332,10 +320,9 @@ def serve(spec: dict) -> dict:
     if spec["impl"] == "hybridmoe":
         from hybridmoe.serve import Engine, SamplingParams
 
-        options = engine_options(spec.get("decode_mode"))
         engine = Engine(model, max_num_seqs=1, max_model_len=s["prefill"] + 1, prefill_chunk=s["prefill"],
-                        eos_token_id=None, **options)  # fmt: skip
-        out["decode_mode"] = getattr(engine, "decode_mode", None)
+                        eos_token_id=None, decode_mode=spec["decode_mode"])  # fmt: skip
+        out["decode_mode"] = engine.decode_mode
         once = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
         times = []
         for _ in range(3):  # the first is warm-up
@@ -347,7 +334,7 @@ def serve(spec: dict) -> dict:
         del engine
         for b in s["batches"]:
             engine = Engine(model, max_num_seqs=b, max_model_len=s["prompt"] + s["new"], prefill_chunk=s["prompt"],
-                            eos_token_id=None, **options)  # fmt: skip
+                            eos_token_id=None, decode_mode=spec["decode_mode"])  # fmt: skip
             batch = prompts(b, s["prompt"], vocab, seed=3)
             # warm-up, long enough for all b requests to decode together (graphs captured, kernels compiled)
             engine_decode(engine, batch, min(s["new"], b + 8), device)
@@ -442,7 +429,7 @@ def add_comparisons(rows: list[dict], smoke: bool, peak_tflops: float) -> None:
         if r["part"] == "serve" and r["impl"] == "transformers":
             r["greedy_vs_hybridmoe"] = {}
             for ours in (x for x in ok if x["part"] == "serve" and x["impl"] == "hybridmoe"):
-                mode = ours.get("decode_mode") or "default"
+                mode = ours["decode_mode"]
                 per_batch = {}
                 for b, theirs in r["decode"].items():
                     pairs = list(zip(ours["decode"][b]["tokens"], theirs["tokens"]))
@@ -528,8 +515,8 @@ def main() -> None:
                         help="transformers' experts_implementation(s), comma-separated; each is one row, the best "
                         "is what hybridmoe is compared with (batched_mm copies weights per token)")  # fmt: skip
     parser.add_argument("--decode-modes", "--decode-mode", default="",
-                        help="the engine's decode_mode(s), comma-separated (e.g. eager,graphs), one serve row each; "
-                        "empty: the engine's default (its only path where it has no decode_mode)")  # fmt: skip
+                        help="the engine's decode_mode(s), comma-separated, one serve row each (default eager,graphs "
+                        "on CUDA, eager,static on CPU)")  # fmt: skip
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend of the compiled training row "
                         "(default inductor; eager under --smoke: dynamo only, no C++/Triton build)")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=None, help="untimed training steps (default 3; smoke 1)")
@@ -555,12 +542,12 @@ def main() -> None:
     unknown = set(args.parts.split(",")) - {"train", "serve", "finetune"}
     if unknown:
         parser.error(f"unknown --parts {sorted(unknown)}: use some of train,serve,finetune")
-    if args.decode_modes:
-        from hybridmoe.serve import Engine
+    from hybridmoe.serve.engine import DECODE_MODES
 
-        if "decode_mode" not in inspect.signature(Engine.__init__).parameters:
-            parser.error(f"--decode-modes {args.decode_modes}: this hybridmoe's Engine has no decode_mode option; "
-                         "leave it empty to measure its only decode path")  # fmt: skip
+    args.decode_modes = args.decode_modes or ("eager,graphs" if args.device == "cuda" else "eager,static")
+    unknown = set(args.decode_modes.split(",")) - set(DECODE_MODES)
+    if unknown:
+        parser.error(f"unknown --decode-modes {sorted(unknown)}: use some of {','.join(DECODE_MODES)}")
     results = {
         "machine": None, "transformers": importlib.metadata.version("transformers"), "device": args.device,
         "smoke": args.smoke,

@@ -21,7 +21,8 @@ EXPECTED = {
     ("train", "1.2b", "transformers"),
     ("train", "nano-slice", "hybridmoe"),
     ("train", "nano-slice", "transformers"),
-    ("serve", "1.2b", "hybridmoe"),
+    ("serve", "1.2b", "hybridmoe", "eager"),
+    ("serve", "1.2b", "hybridmoe", "static"),
     ("serve", "1.2b", "transformers"),
     ("finetune", "qwen3-moe", "hybridmoe.automodel"),
     ("finetune", "qwen3-moe", "transformers"),
@@ -44,7 +45,9 @@ def test_bench_gpu_smoke(tmp_path, device):
     assert results["device"] == device and results["machine"]
     rows = results["rows"]
     assert [r for r in rows if "error" in r] == []
-    assert {(r["part"], r["shape"], r["impl"]) for r in rows} == EXPECTED
+    assert {(r["part"], r["shape"], r["impl"]) + ((r["decode_mode"],) if "decode_mode" in r else ()) for r in rows} == (
+        EXPECTED if device == "cpu" else {k[:3] + (("graphs",) if k[3:] == ("static",) else k[3:]) for k in EXPECTED}
+    )
     assert len(rows) == len(EXPECTED)
     for r in rows:
         assert r["peak_gb"] > 0, r
@@ -63,7 +66,9 @@ def test_bench_gpu_smoke(tmp_path, device):
                 assert r["decode"][b]["tokens_per_s"] > 0 and len(r["decode"][b]["tokens"]) == int(b), r
                 assert all(len(t) == 12 for t in r["decode"][b]["tokens"]), r
     theirs = next(r for r in rows if r["part"] == "serve" and r["impl"] == "transformers")
-    assert set(theirs["greedy_vs_hybridmoe"]["default"]) == {"1", "4"}
+    assert set(theirs["greedy_vs_hybridmoe"]) == {"eager", "static" if device == "cpu" else "graphs"}
+    for per_batch in theirs["greedy_vs_hybridmoe"].values():
+        assert set(per_batch) == {"1", "4"}
     table = out.with_suffix(".md").read_text()
     assert table in proc.stdout
     assert "| finetune | qwen3-moe | hybridmoe.automodel |" in table and "| hybridmoe | " in table

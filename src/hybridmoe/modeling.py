@@ -39,6 +39,7 @@ from .kernels.loss import IGNORE_INDEX, linear_cross_entropy
 from .kernels.moe import count_per_expert, experts_grouped
 from .kernels.norm import gated_rms_norm
 from .kernels.ssd import causal_conv1d, causal_conv1d_step, conv_window, ssd_chunked, ssd_step
+from .utils import eager_under_compile
 
 
 class ForwardContext:
@@ -298,7 +299,7 @@ class Experts(nn.Module):
         return experts_grouped(x_TD, up, down, topk_idx_TK, topk_w_TK, ep_group=self.ep_group, quant=self.quant)
 
 
-@torch.compiler.disable
+@eager_under_compile
 def _add_aux_loss(ctx: ForwardContext, loss: torch.Tensor) -> None:
     """ctx.aux_losses.append(loss), outside torch.compile: a compiled block that appended to the list would be guarded
     on the list's length and compiled again for every MoE layer (the layers of one forward find 0, 1, 2, ... losses

@@ -37,3 +37,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             fh.write(text)
 
     atomic_write(path, write)
+
+
+_EAGER_UNDER_COMPILE: list[Callable] = []
+
+
+def eager_under_compile(fn: Callable) -> Callable:
+    """Mark a module-level function to run eagerly under torch.compile (a graph break around it), as
+    `torch.compiler.disable` does, but applied by `prepare_compile` rather than at import: the decorator imports
+    torch._dynamo (and Triton, where it is installed), about 2 s added to every `import hybridmoe`."""
+    _EAGER_UNDER_COMPILE.append(fn)
+    return fn
+
+
+def prepare_compile() -> None:
+    """Rebind every `eager_under_compile` function in its module to its `torch.compiler.disable` version. Call before
+    torch.compile traces hybridmoe code; idempotent."""
+    import sys
+
+    import torch
+
+    while _EAGER_UNDER_COMPILE:
+        fn = _EAGER_UNDER_COMPILE.pop()
+        setattr(sys.modules[fn.__module__], fn.__name__, torch.compiler.disable(fn))

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..utils import eager_under_compile
 from .activations import relu_squared, relu_squared_backward, relu_squared_reference
 from .linear import matmul_dtype
 
@@ -351,7 +352,7 @@ def _run_experts(
     return _segment_experts(x_MD, w_up_EID, w_down_EDI, counts_E, act, b_up_EU, b_down_ED, lora, rows_of)
 
 
-@torch.compiler.disable
+@eager_under_compile
 def _segment_experts(x_MD, w_up_EID, w_down_EDI, counts_E, act, b_up_EU, b_down_ED, lora, rows_of):
     """`_SegmentExperts` on the segments of counts_E. Its loop needs the counts on the host, so under torch.compile it
     runs eagerly between two compiled graphs (one graph break), rather than being traced for the counts of one step
@@ -363,7 +364,7 @@ def _segment_experts(x_MD, w_up_EID, w_down_EDI, counts_E, act, b_up_EU, b_down_
     )
 
 
-@torch.compiler.disable  # per-segment host loop: eager under torch.compile, as `_segment_experts`
+@eager_under_compile  # per-segment host loop: eager under torch.compile, as `_segment_experts`
 def _quantized_experts(x_MD, w_up_EUD, w_down_EDI, counts_E, act, b_up_EU, b_down_ED, rows_of, quant):
     """Each expert's segment through quant(x, weight, bias): up GEMM, activation, down GEMM, with plain autograd
     around them. Every segment is its own tensor with its own per-tensor scale, as TransformerEngine's grouped
@@ -397,7 +398,7 @@ def _grouped_low_rank(v_MI, a_ERI, b_EOR, scaling, offs):
     return torch._grouped_mm(va_MR, b_EOR.transpose(-2, -1), offs=offs) * scaling
 
 
-@torch.compiler.disable  # all-to-alls with host-side splits: eager under torch.compile, as `_segment_experts`
+@eager_under_compile  # all-to-alls with host-side splits: eager under torch.compile, as `_segment_experts`
 def expert_parallel_segments(
     x_TD, rows_M, w_up_LID, w_down_LDI, counts_E, ep_group, act=ACTIVATIONS["relu2"], b_up_LU=None, b_down_LD=None,
     lora=None, quant=None, backend="segments",

@@ -48,6 +48,7 @@ from ..kernels.activations import relu_squared_reference
 from ..kernels.attention import sdpa_backend
 from ..kernels.moe import experts_backend
 from ..modeling import ForwardContext, HybridMoEForCausalLM, LatentMoE
+from ..utils import prepare_compile
 
 logger = logging.getLogger("hybridmoe.serve")
 
@@ -137,6 +138,7 @@ class StaticDecoder:
             # one graph per bucket: let dynamo keep them all (its default limit is 8 recompilations)
             limit = len(self.buckets) * len(self.key_buckets) + 1
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+            prepare_compile()
             self._step = torch.compile(self._forward, dynamic=False)
 
     @property

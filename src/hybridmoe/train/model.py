@@ -62,7 +62,7 @@ def load_model(recipe, ckpt: str | None, par, pipeline: bool = False):
     return model
 
 
-def compile_blocks(model) -> int:
+def compile_blocks(model, backend: str = "inductor") -> int:
     """torch.compile every layer block (`modeling.Block`: the backbone's and the MTP layers') in place, after tensor
     parallelism and FSDP: regional compilation, as torchtitan's `apply_compile` does it (pytorch/torchtitan,
     `torchtitan/models/llama4/infra/parallelize.py`). The repeated blocks share a few compiled graphs (one per kind
@@ -79,15 +79,17 @@ def compile_blocks(model) -> int:
     tensor-parallel DTensors never meet symbolic shapes (torch 2.13's DTensor sharding propagation rejects them)."""
     from ..kernels.linear import widen_bf16_on_cpu
     from ..modeling import Block, LatentMoE
+    from ..utils import prepare_compile
 
     # Decided once per process by a probe Dynamo does not trace: decide it now rather than in the first graph.
     widen_bf16_on_cpu()
+    prepare_compile()  # the host-loop paths of the experts run eagerly between graphs
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     # Compiled entries of Block.forward: one per kind of mixer, mode (training / evaluation), with or without document
     # ids, and sequence length: more than Dynamo's default of 8 per function.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for block in blocks:
-        block.compile(fullgraph=not isinstance(block.mixer, LatentMoE), dynamic=False)
+        block.compile(fullgraph=not isinstance(block.mixer, LatentMoE), dynamic=False, backend=backend)
     return len(blocks)
 
 
