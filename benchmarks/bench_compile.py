@@ -48,7 +48,7 @@ def train_part(preset: str, batch: int, seq: int, steps: int) -> list[dict]:
         out.loss.backward()
         optims[kind].step()
         optims[kind].zero_grad(set_to_none=True)
-        return time.perf_counter() - start, float(out.loss)
+        return time.perf_counter() - start, float(out.loss.detach())
 
     compile_s, first_loss = step("compiled")
     times, losses = {"eager": [], "compiled": [first_loss]}, {"eager": [], "compiled": [first_loss]}
