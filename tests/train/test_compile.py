@@ -111,3 +111,26 @@ def test_compiled_blocks_see_the_local_shard_of_a_tensor_parallel_parameter(tmp_
         torch.testing.assert_close(out, weight.to_local() * 2)
     finally:
         dist.destroy_process_group()
+
+
+def test_host_loop_paths_run_eagerly_under_compile_once_prepared():
+    # `eager_under_compile` marks them at import without importing torch._dynamo; `prepare_compile` (which
+    # compile_blocks and the engine's compile mode call) swaps in their torch.compiler.disable versions, so Dynamo
+    # does not trace their per-expert host loops
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "import hybridmoe.modeling as m, hybridmoe.kernels.moe as moe\n"
+        "from hybridmoe.utils import prepare_compile\n"
+        "assert 'torch._dynamo' not in sys.modules\n"
+        "names = ('_segment_experts', '_quantized_experts', 'expert_parallel_segments')\n"
+        "before = [getattr(moe, n) for n in names] + [m._add_aux_loss]\n"
+        "prepare_compile(); prepare_compile()\n"
+        "after = [getattr(moe, n) for n in names] + [m._add_aux_loss]\n"
+        "assert all(a is not b and a.__wrapped__ is b for a, b in zip(after, before)), after\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stdout + out.stderr
