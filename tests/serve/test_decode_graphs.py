@@ -101,21 +101,9 @@ def test_padding_rows_touch_only_the_scratch_slot():
     assert pool.scratch == 4 and pool.num_free == 1 and 4 not in pool._free
 
 
-def test_gathered_experts_equal_the_engine_experts():
-    engine = prefilled_engine([5, 3, 8])
-    pool = engine.pool
-    slots, tokens = [2, 0, 1], [11, 5, 300]
-    lengths = [pool.lengths[s] for s in slots]
-    before = snapshot(pool)
-    want = engine._static.decode(slots, tokens, lengths)
-    restore(pool, before)
-    gathered = StaticDecoder(engine.model, pool, mode="static")
-    assert not gathered.gather_experts and gathered.key_buckets == [24]
-    gathered.gather_experts = True  # what the compiled and captured steps run unless torch._grouped_mm does
-    torch.testing.assert_close(gathered.decode(slots, tokens, lengths), want, rtol=1e-5, atol=1e-5)
-
-
-def test_compiled_step_equals_the_static_step():
+def static_step_then_undo():
+    """An engine with three prefilled slots, the static step's logits and pool for one decode batch of them, and the
+    pool put back as it was before that step (for another decoder to take the same step)."""
     engine = prefilled_engine([5, 3, 8])
     pool = engine.pool
     slots, tokens = [2, 0, 1], [11, 5, 300]
@@ -124,9 +112,24 @@ def test_compiled_step_equals_the_static_step():
     want = engine._static.decode(slots, tokens, lengths)
     want_pool = snapshot(pool)
     restore(pool, before)
+    return engine, (slots, tokens, lengths), want, want_pool
+
+
+def test_gathered_experts_equal_the_engine_experts():
+    engine, batch, want, _ = static_step_then_undo()
+    pool = engine.pool
+    gathered = StaticDecoder(engine.model, pool, mode="static")
+    assert not gathered.gather_experts and gathered.key_buckets == [24]
+    gathered.gather_experts = True  # what the compiled and captured steps run unless torch._grouped_mm does
+    torch.testing.assert_close(gathered.decode(*batch), want, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_step_equals_the_static_step():
+    engine, batch, want, want_pool = static_step_then_undo()
+    pool = engine.pool
     compiled = StaticDecoder(engine.model, pool, mode="compile")
     t0 = time.perf_counter()
-    got = compiled.decode(slots, tokens, lengths)
+    got = compiled.decode(*batch)
     print(f"compile + first step: {time.perf_counter() - t0:.1f} s")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for a, b in zip(snapshot(pool), want_pool):
