@@ -139,7 +139,10 @@ def main():
     parts = args.parts.split(",")
     if set(parts) - {"train", "decode"}:
         p.error(f"unknown --parts {args.parts}: use train, decode or both")
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    from hybridmoe.kernels.linear import _cpu_has_native_bf16
+
+    bf16 = "native bf16 matmuls (AVX512-BF16/AMX)" if _cpu_has_native_bf16() else "no native bf16 matmuls"
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {bf16}, torch {torch.__version__}"
     rows = []
     if "train" in parts:
         rows += train_part(args.train_preset, args.batch, args.seq, args.steps)
