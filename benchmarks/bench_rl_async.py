@@ -7,7 +7,16 @@ trainer steps). Same environments, prompts, group size, learning rate and seed. 
 trajectories trained on / the wall time of the steps (the log's step_s, the first step, which starts the engine or
 the worker, left out). Writes benchmarks/results/rl-async.json and benchmarks/rl-async.png (both reward curves).
 
+`--bound` runs the synchronous stage once more on one thread and splits every step into generation (the log's
+rollout_s) and the rest (step_s - rollout_s: forward, backward, optimizer, weights to the engine). With G1, T1 the
+one-thread seconds of a step's generation and training and G2, T2 the two-thread ones, no schedule of the same work
+on 2 cores takes less than (G1 + T1) / 2 per step, if one thread is the most core-efficient way to run each
+(nothing scales superlinearly): asynchronous rollouts then gain at most 2 (G2 + T2) / (G1 + T1) over synchronous
+ones, and at most (G2 + T2) / max(G1, T1) with one core each.
+
     python benchmarks/bench_rl_async.py --init runs/speedrun/sft --steps 12
+    python benchmarks/bench_rl_async.py --init runs/speedrun/sft --steps 12 --bound \
+        --out benchmarks/results/rl-async-bound.json
 """
 
 import argparse
@@ -69,6 +78,11 @@ def main():
     p.add_argument("--async-trainer-threads", type=int, default=None,
                    help="torch threads of the trainer in the async run (default: as in the sync run); the worker "
                         "has 1, so 1 here splits 2 cores between them")  # fmt: skip
+    p.add_argument(
+        "--bound",
+        action="store_true",
+        help="also run the synchronous stage on 1 thread: the most asynchronous rollouts can gain here",
+    )
     p.add_argument("--out", default=os.path.join(HERE, "results", "rl-async.json"))
     a = p.parse_args()
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -85,13 +99,15 @@ def main():
     }
     tmp = tempfile.mkdtemp(prefix="bench-rl-async-")
     try:
-        for mode in ("sync", "async"):
+        for mode in ("sync", "async") + (("sync-1thread",) if a.bound else ()):
             out_dir = os.path.join(tmp, mode)
             threads = torch.get_num_threads()
             if mode == "async" and a.async_trainer_threads:
                 torch.set_num_threads(a.async_trainer_threads)
+            if mode == "sync-1thread":
+                torch.set_num_threads(1)
             t0 = time.perf_counter()
-            rl(recipe(a.init, out_dir, a, mode))
+            rl(recipe(a.init, out_dir, a, mode.split("-")[0]))
             wall = time.perf_counter() - t0
             trainer_threads = torch.get_num_threads()
             torch.set_num_threads(threads)
@@ -102,6 +118,7 @@ def main():
             result["runs"][mode] = {
                 "trajectories_per_s": trajectories / seconds, "steps": len(steps), "wall_s": wall,
                 "mean_step_s": seconds / len(timed), "trainer_threads": trainer_threads,
+                "mean_rollout_s": sum(r["rollout_s"] for r in timed) / len(timed),
                 "staleness_max": max(r["staleness_max"] for r in steps),
                 "staleness_mean": sum(r["staleness_mean"] for r in steps) / len(steps),
                 "reward": [r["reward"] for r in steps],
@@ -113,10 +130,25 @@ def main():
     s, y = result["runs"]["sync"], result["runs"]["async"]
     result["speedup"] = y["trajectories_per_s"] / s["trajectories_per_s"]
     print(f"async / sync: {result['speedup']:.2f}x trajectories per second")
+    if a.bound:
+        result["bound"] = bound(s, result["runs"]["sync-1thread"])
+        b = result["bound"]
+        print(f"per step, generation / rest: {b['G2']:.2f} / {b['T2']:.2f} s on 2 threads, {b['G1']:.2f} / "
+              f"{b['T1']:.2f} s on 1 thread; async can gain at most {b['any_schedule']:.2f}x on these 2 cores, "
+              f"{b['one_core_each']:.2f}x with one core each")  # fmt: skip
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as fh:
         json.dump(result, fh, indent=1)
     plot(result, os.path.join(HERE, os.path.basename(a.out).replace(".json", ".png")))
+
+
+def bound(two: dict, one: dict) -> dict:
+    """The most asynchronous rollouts can gain over synchronous ones on 2 cores (see the module docstring), from a
+    synchronous run on 2 threads and one on 1 thread (their mean seconds per step after the first)."""
+    g2, g1 = two["mean_rollout_s"], one["mean_rollout_s"]
+    t2, t1 = two["mean_step_s"] - g2, one["mean_step_s"] - g1
+    return {"G2": g2, "T2": t2, "G1": g1, "T1": t1, "any_schedule": 2 * (g2 + t2) / (g1 + t1),
+            "one_core_each": (g2 + t2) / max(g1, t1)}  # fmt: skip
 
 
 def plot(result: dict, path: str) -> None:
@@ -127,6 +159,8 @@ def plot(result: dict, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for mode, run in result["runs"].items():
+        if mode == "sync-1thread":
+            continue
         label = f"{mode} ({run['trajectories_per_s']:.2f} trajectories/s, staleness <= {run['staleness_max']})"
         ax.plot(range(1, len(run["reward"]) + 1), run["reward"], marker=".", label=label)
     ax.set_xlabel("RL step")

@@ -127,13 +127,14 @@ def test_rl_trains_on_engine_samples_logs_and_resumes_exactly(tmp_path, tokenize
                 "reward_even", "reward_odd", "accuracy", "staleness_max", "staleness_mean", "trajectories",
                 "loss_tokens", "zero_variance_groups", "filtered_prompts", "truncated", "clip_fraction",
                 "mismatch_mean", "mismatch_max", "mismatch_kl", "tis_clipped", "masked_sequences",
-                "expert_imbalance"):  # fmt: skip
+                "expert_imbalance", "rollout_s"):  # fmt: skip
         assert r[key] is not None and math.isfinite(r[key]), key
     # 2 prompts x 4 samples, 2 turns of 3 generated tokens each: 6 loss tokens per trajectory
     assert r["trajectories"] == 8 and r["loss_tokens"] == 48 and r["staleness_max"] == 0
     # every step samples with the weights of that step: the trainer's log-probs are the engine's
     assert max(x["mismatch_max"] for x in records) < 1e-3 and max(x["tis_clipped"] for x in records) == 0
     assert r["reward"] == pytest.approx((r["reward_even"] + r["reward_odd"]) / 2)
+    assert all(0 < x["rollout_s"] < x["step_s"] for x in records)  # generation is part of the step
     assert len(set(agent)) == len(agent) == 8  # 4 steps x 2 prompts, no prompt twice (pools of 16)
     assert [env for env, _ in agent] == ["even", "odd"] * 4  # the ratio holds in every batch
     # stopped after 2 steps and resumed: the same prompts, samples and losses as the unbroken run

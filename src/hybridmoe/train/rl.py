@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
@@ -231,7 +232,9 @@ class RLStage(Stage):
     def train_step(self, step: int) -> StepOutput:
         r = self.recipe.rl
         self.version = step  # the trainer's weights: after `step` optimizer steps
-        batch = self._batch(version=step)
+        t0 = time.perf_counter()
+        batch = self._batch(version=step)  # sync: generated now; async: waited for
+        rollout_s = time.perf_counter() - t0
         stale = [step - t.weight_version for t in batch]
         if not batch or max(stale) > r.max_staleness or min(stale) < 0:
             raise RuntimeError(
@@ -250,6 +253,7 @@ class RLStage(Stage):
         num_tokens = self.par.sum([local_tokens])[0] if self.par is not None else local_tokens
         sums = self._forward_backward(micro, max(1, num_tokens))
         extra = self._log_keys(batch, stale, sums, num_tokens)
+        extra["rollout_s"] = rollout_s
         self.trained_prompts += len({t.group for t in batch})
         losses = {k: sums[k] * self.world for k in ("loss", "pg", "kl")}  # the session averages over ranks
         tokens = sum(len(row["input_ids"]) for row in rows)
