@@ -23,7 +23,8 @@ reward), staleness_max / staleness_mean, trajectories, loss_tokens, zero_varianc
 nothing), filtered_prompts (dropped up front), truncated (trajectories cut by a limit), clip_fraction, the
 rollout-vs-trainer mismatch (mismatch_mean and mismatch_max of |logp_trainer - logp_rollout|, mismatch_kl, the k3
 estimate of KL(rollout || trainer) per token) and the importance correction (tis_clipped: fraction of tokens TIS
-truncated; masked_sequences).
+truncated; masked_sequences), rollout_s (seconds spent getting the batch: generating it with rl.rollout=sync, waiting
+for it with async).
 """
 
 from __future__ import annotations
