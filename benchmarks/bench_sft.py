@@ -7,8 +7,8 @@ clipping, AdamW), on batches of `--batch` x `--seq-len` tokens:
   - sft (token): conversations of every task domain (`hybridmoe.tasks`, training seeds) rendered with the chat
     template, assistant-only labels, packed first-fit with conversation ids (`data.sft.load_sft_samples`) and the
     stage's loss weights (`train.sft.loss_weights`, Super's stage-1 token mean over the batch);
-  - sft (conversation): the same batches with stage-2 per-conversation weights (one fused-loss call per weight
-    value, so more calls per micro-batch).
+  - sft (conversation): the same batches with stage-2 per-conversation weights (the fused loss takes the weights
+    per row: one pass over the rows whichever the normalization).
 The three alternate step by step after `--warmup` untimed steps each, so a machine that slows down slows all three;
 tokens/s is the median over `--steps` timed steps. The packing's padding share is reported beside it.
 

@@ -651,8 +651,8 @@ class HybridMoEForCausalLM(nn.Module):
             h, loss_fn = self.tensor_parallel.gather_sequence(h), self.tensor_parallel.linear_cross_entropy
         h, y = h.reshape(-1, h.shape[-1]), y.reshape(-1)
         if weights is not None:
-            w = _shift_left(weights, shift, fill=0)
-            total = _weighted_linear_cross_entropy(h, self.lm_head.weight, y, w, loss_fn)
+            w = _shift_left(weights, shift, fill=0).reshape(-1)
+            total = loss_fn(h, self.lm_head.weight, y, weights=w)  # sum_j w_j * CE_j, one pass, nothing read back
             return total * cp.size if cp is not None else total
         total = loss_fn(h, self.lm_head.weight, y)
         if cp is not None:
@@ -744,23 +744,6 @@ class HybridMoEForCausalLM(nn.Module):
                 experts = layer.mixer.experts
                 inactive += (experts.up_proj.numel() + experts.down_proj.numel()) * (e - k) // e
         return {"total": total, "total_with_mtp": total + mtp, "active": total - inactive, "mtp": mtp}
-
-
-def _weighted_linear_cross_entropy(h_nd, weight_vd, y_n, w, loss_fn=linear_cross_entropy) -> torch.Tensor:
-    """sum_j w_j * CE(h_j @ W^T, y_j) over the targets (y != -100), through the chunked fused kernel: the rows are
-    grouped by weight value (one group in a token mean, one per conversation in a per-conversation mean) and each
-    group's summed loss is scaled, so no [tokens x vocab] tensor is formed."""
-    w = w.reshape(-1).float()
-    valid = y_n != IGNORE_INDEX
-    values = torch.unique(w[valid])
-    if len(values) <= 1:  # every target weighs the same: one pass over all rows, no gather
-        scale = values[0] if len(values) else w.new_zeros(())
-        return scale * loss_fn(h_nd, weight_vd, y_n)
-    total = w.new_zeros(())
-    for value in values[values != 0]:
-        rows = (valid & (w == value)).nonzero().squeeze(1)
-        total = total + value * loss_fn(h_nd.index_select(0, rows), weight_vd, y_n.index_select(0, rows))
-    return total
 
 
 def _local(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -38,7 +38,7 @@ def _batch(rows: int, t: int, vocab: int):
     return ids, labels, docs
 
 
-def _tp_worker(rank, world, store, out_dir, tp, steps, ep=1, overrides=None):
+def _tp_worker(rank, world, store, out_dir, tp, steps, ep=1, overrides=None, weighted=False):
     from hybridmoe.distributed import clip_grad_norm_, parallelize, reduce_partial_grads, setup
     from hybridmoe.distributed.tp import reference_order
 
@@ -56,13 +56,16 @@ def _tp_worker(rank, world, store, out_dir, tp, steps, ep=1, overrides=None):
         ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
         ids, labels, docs = _batch(4, 32, config.vocab_size)
+        # SFT's per-token loss weights through the vocab-parallel loss (with tp alone every rank holds every row)
+        weights = torch.rand(ids.shape, generator=torch.Generator().manual_seed(2)) if weighted else None
         losses, ref_losses, grad_errors = [], [], []
         for _ in range(steps):
-            out = ref(ids, labels=labels, document_ids=docs, return_logits=False)
+            out = ref(ids, labels=labels, document_ids=docs, loss_weights=weights, return_logits=False)
             out.loss.backward()
             ref_losses.append(float(out.loss))
             rows = par.local_rows({"ids": ids, "labels": labels, "docs": docs})
-            out = model(rows["ids"], labels=rows["labels"], document_ids=rows["docs"], return_logits=False)
+            out = model(rows["ids"], labels=rows["labels"], document_ids=rows["docs"], loss_weights=weights,
+                        return_logits=False)  # fmt: skip
             out.loss.backward()
             reduce_partial_grads(model, par)
             losses.append(par.sum([float(out.loss)])[0] / world)
@@ -86,16 +89,17 @@ def _tp_worker(rank, world, store, out_dir, tp, steps, ep=1, overrides=None):
 
 
 @pytest.mark.parametrize(
-    "world,tp,ep,overrides",
-    [(2, 2, 1, None), (4, 2, 1, None), (4, 2, 2, None), (2, 2, 2, None), (2, 2, 1, {"num_key_value_heads": 1}),
-     (4, 4, 1, {"n_groups": 4})],
-    ids=["tp2", "dp2xtp2", "dp2xtp2xep2", "tp2xep2", "tp2-one-kv-head", "tp4-two-kv-heads"],
+    "world,tp,ep,overrides,weighted",
+    [(2, 2, 1, None, True), (4, 2, 1, None, False), (4, 2, 2, None, False), (2, 2, 2, None, False),
+     (2, 2, 1, {"num_key_value_heads": 1}, False), (4, 4, 1, {"n_groups": 4}, False)],
+    ids=["tp2-loss-weights", "dp2xtp2", "dp2xtp2xep2", "tp2xep2", "tp2-one-kv-head", "tp4-two-kv-heads"],
 )  # fmt: skip
-def test_tensor_parallel_matches_single_process(tmp_path, world, tp, ep, overrides):
+def test_tensor_parallel_matches_single_process(tmp_path, world, tp, ep, overrides, weighted):
     """ep borrows its ranks from tp too (`distributed.mesh`); with fewer KV heads than tp ranks (all Nemotron 3
-    models have 2) each rank computes the KV head its query heads read."""
-    mp.start_processes(_tp_worker, args=(world, str(tmp_path / "store"), str(tmp_path), tp, 3, ep, overrides),
-                       nprocs=world, start_method="spawn")  # fmt: skip
+    models have 2) each rank computes the KV head its query heads read; SFT's loss weights (tp2-loss-weights) go
+    through the vocab-parallel loss."""
+    args = (world, str(tmp_path / "store"), str(tmp_path), tp, 3, ep, overrides, weighted)
+    mp.start_processes(_tp_worker, args=args, nprocs=world, start_method="spawn")
     r = json.loads((tmp_path / "tp.json").read_text())
     assert r["losses"] == pytest.approx(r["ref"], rel=1e-4), r
     assert max(r["grad_errors"]) < 1e-4, r

@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybridmoe.kernels import linear as linear_mod
+from hybridmoe.kernels import loss as loss_mod
 from hybridmoe.kernels.activations import relu_squared, relu_squared_backward, relu_squared_reference
 from hybridmoe.kernels.attention import attention, attention_after_prefix, attention_reference
 from hybridmoe.kernels.loss import (
@@ -880,8 +881,17 @@ LOSS_CASES = [  # (rows, vocab, width, chunk_size, ignored rows)
 ]
 
 
+@pytest.fixture(params=["rows-with-a-loss", "every-row"])
+def row_selection(request, monkeypatch):
+    """The CPU's default (rows without a loss left out before the head) and the kernel's own masking of them (what a
+    GPU runs)."""
+    if request.param == "every-row":
+        monkeypatch.setattr(loss_mod, "_rows_with_a_loss", lambda hidden, labels, weights: (hidden, labels, weights))
+    return request.param
+
+
 @pytest.mark.parametrize(("n", "v", "d", "chunk", "pattern"), LOSS_CASES)
-def test_linear_cross_entropy_fp32(n, v, d, chunk, pattern):
+def test_linear_cross_entropy_fp32(n, v, d, chunk, pattern, row_selection):
     gen = make_gen(n * 31 + chunk)
     hidden = torch.randn(n, d, generator=gen).requires_grad_()
     weight = torch.randn(v, d, generator=gen).requires_grad_()
@@ -949,6 +959,33 @@ def test_linear_cross_entropy_one_chunk_equals_chunks(dtype, logits_dtype, patte
     assert_close_scaled(one, ref, 1e-5 if dtype == torch.float32 else 2e-2, "loss vs reference")
     for gi, gr in zip(g_one, torch.autograd.grad(ref * 1.5, [h32, w32])):
         assert_close_scaled(gi, gr, 1e-5 if dtype == torch.float32 else 3e-2, "grad vs reference")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n", "v", "d", "chunk", "pattern"), [LOSS_CASES[0], LOSS_CASES[1], LOSS_CASES[3]])
+def test_linear_cross_entropy_weighted(dtype, n, v, d, chunk, pattern, row_selection):
+    """Per-row weights (SFT's loss normalizations): the weighted sum of the rows' losses and its gradients, as the
+    reference twin gives them; a zero weight, like an ignored row, gives its row no gradient."""
+    gen = make_gen(n * 43 + chunk)
+    h0, w0 = torch.randn(n, d, generator=gen).to(dtype), torch.randn(v, d, generator=gen).to(dtype)
+    labels = make_labels(gen, n, v, pattern)
+    weights = torch.rand(n, generator=gen) * 3
+    weights[1] = 0.0
+    hidden, weight = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    out = linear_cross_entropy(hidden, weight, labels, chunk_size=chunk, weights=weights)
+    h32, w32 = h0.float().requires_grad_(), w0.float().requires_grad_()
+    ref = linear_cross_entropy_reference(h32, w32, labels, weights=weights)
+    unweighted = linear_cross_entropy_reference(h32, w32, labels)
+    assert (ref - unweighted).abs() > 1e-3  # the weights change the loss: the comparison below can fail
+    assert_close_scaled(out, ref, 1e-5 if dtype == torch.float32 else 2e-2, "weighted loss")
+    g_fast = torch.autograd.grad(out * 1.5, [hidden, weight])
+    g_ref = torch.autograd.grad(ref * 1.5, [h32, w32])
+    for name, gf, gr in zip(("hidden", "weight"), g_fast, g_ref):
+        assert gf.dtype == dtype
+        assert_close_scaled(gf, gr, 1e-5 if dtype == torch.float32 else 3e-2, f"weighted grad {name}")
+    assert g_fast[0][1].abs().max() == 0
+    with pytest.raises(ValueError, match="weights of shape"):
+        linear_cross_entropy(hidden, weight, labels, weights=weights[:-1])
 
 
 def test_linear_cross_entropy_chunk_size_by_device():

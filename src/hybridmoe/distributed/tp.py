@@ -276,13 +276,15 @@ class VocabParallelLoss:
     def gather_sequence(self, h_btd: torch.Tensor) -> torch.Tensor:
         return _GatherSequence.apply(h_btd, self.group, self.tp)
 
-    def linear_cross_entropy(self, hidden, weight, labels, chunk_size: int | None = None):
-        """Equals `kernels.loss.linear_cross_entropy(hidden, full weight, labels)` (the summed loss, fp32, the same
-        on every rank); `weight` is this rank's vocabulary slice (a DTensor sharded on dim 0, or its local part)."""
+    def linear_cross_entropy(self, hidden, weight, labels, chunk_size: int | None = None, weights=None):
+        """Equals `kernels.loss.linear_cross_entropy(hidden, full weight, labels, weights=weights)` (the summed loss,
+        fp32, the same on every rank); `weight` is this rank's vocabulary slice (a DTensor sharded on dim 0, or its
+        local part)."""
         w = weight.to_local() if hasattr(weight, "to_local") else weight
         if chunk_size is None:
             chunk_size = max(256, min(2048, 2**26 // w.shape[0]))
-        return _VocabParallelCrossEntropy.apply(hidden, w, labels, chunk_size, self.group, self.rank * w.shape[0])
+        start = self.rank * w.shape[0]
+        return _VocabParallelCrossEntropy.apply(hidden, w, labels, chunk_size, self.group, start, weights)
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -310,7 +312,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     sum over the vocabulary slices, summed by `_GatherSequence`'s backward)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size, group, vocab_start):
+    def forward(ctx, hidden, weight, labels, chunk_size, group, vocab_start, weights=None):
         cdt = torch.float32 if matmul_dtype(hidden) == torch.float32 else hidden.dtype
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         w = weight.to(cdt)
@@ -331,11 +333,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             sums = torch.stack([(logits - m[:, None]).exp().sum(-1), picked])
             dist.all_reduce(sums, group=group)
             lse = m + sums[0].log()
-            total += ((lse - sums[1]) * valid).sum()
+            scale = valid if weights is None else torch.where(valid, weights[rows].float(), 0.0)
+            total += ((lse - sums[1]) * scale).sum()
             if want_h or want_w:
                 g = logits.sub_(lse[:, None]).exp_()  # softmax over the whole vocabulary, this rank's columns
                 g.scatter_add_(1, safe[:, None], -local.to(g.dtype)[:, None])
-                g.mul_(valid[:, None])
+                g.mul_(scale[:, None])
                 g = g.to(cdt)
                 if want_h:
                     grad_h[rows] = (g @ w).float()
@@ -352,4 +355,4 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = (grad_h * grad_out).to(ctx.dtypes[0]) if grad_h is not None else None
         gw = (grad_w * grad_out).to(ctx.dtypes[1]) if grad_w is not None else None
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None, None, None
