@@ -70,10 +70,11 @@ def measure(url: str, requests: int, streams: int) -> dict:
 
 
 def revision(tree: str) -> str:
-    """The tree's commit (short), with "+changes" when its working tree differs from it."""
+    """The tree's commit (short), with "+changes" when its working tree differs from it (results aside)."""
     git = ["git", "-C", tree]
     rev = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    status = [*git, "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"]
+    dirty = subprocess.run(status, capture_output=True, text=True)
     return (rev or "unknown") + ("+changes" if dirty.stdout.strip() else "")
 
 
