@@ -9,11 +9,15 @@ alternate between two debug-preset models with different seeds, whose greedy out
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import re
 import signal
+import socketserver
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -128,6 +132,43 @@ def test_prompts_running_out_and_the_generator(checkpoint):
         with pytest.raises(RuntimeError, match="401"):
             HTTPGenerator(worker.url, "wrong").generate([[5, 6, 7]], GREEDY)
         generator.close()
+
+
+def test_a_kept_alive_connection_closed_by_the_server_is_retried():
+    """A server may close an idle kept-alive connection just as the client sends on it (uvicorn after 5 s idle):
+    the request gets no response at all, and the generator sends it again on a new connection."""
+    answer = json.dumps({"choices": [{"token_ids": [9], "logprobs": {"token_logprobs": [-0.5]},
+                                      "finish_reason": "length", "weight_version": 3}]}).encode()  # fmt: skip
+    served = []
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self):  # the first request on each connection is answered, a second one is dropped unanswered
+            for n in itertools.count():
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):
+                    byte = self.rfile.read(1)
+                    if not byte:
+                        return
+                    head += byte
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+                self.rfile.read(length)
+                if n > 0:
+                    return  # closed without a response
+                served.append(self.client_address)
+                self.wfile.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+                                 + str(len(answer)).encode() + b"\r\n\r\n" + answer)  # fmt: skip
+
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        generator = HTTPGenerator(f"http://127.0.0.1:{server.server_address[1]}", max_concurrency=1)
+        try:
+            for _ in range(3):  # the 2nd and 3rd go out on the kept-alive connection first
+                (c,) = generator.generate([[5, 6, 7]], GREEDY)
+                assert c.token_ids == [9] and c.logprobs == [-0.5] and c.weight_version == 3
+        finally:
+            generator.close()
+            server.shutdown()
+    assert len(served) == 3 and len(set(served)) == 3  # each answered on its own connection
 
 
 def test_workers_stop_on_close_on_errors_and_when_a_worker_dies(checkpoint):

@@ -79,8 +79,9 @@ class HTTPGenerator:
     Each prompt is one request, sent concurrently with the others (at most `max_concurrency` at once). A request
     the server refuses because the prompt leaves no room to generate (400 context_length_exceeded) gives a
     Completion with no tokens and finish_reason "length"; one the engine failed on (500 generation_failed) gives
-    finish_reason "error"; both carry the server's current weight version. A full queue (503) is retried; any other
-    refusal, or a server that cannot be reached, raises."""
+    finish_reason "error"; both carry the server's current weight version. A full queue (503) is retried, and so is
+    a kept-alive connection the server closed as the request went out (no response at all); any other refusal, or
+    a server that cannot be reached, raises."""
 
     def __init__(self, base_url: str, api_key: str | None = None, model_name: str = MODEL_NAME, *,
                  max_concurrency: int = 64, timeout_s: float = 900.0, retries: int = 20):  # fmt: skip
@@ -88,7 +89,9 @@ class HTTPGenerator:
         self.model_name, self.retries = model_name, retries
         self.client = httpx.Client(
             base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s,
-            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
+            # idle connections are dropped after 2 s, before the server's idle timeout (uvicorn's 5 s) closes them
+            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency,
+                                keepalive_expiry=2.0),
         )  # fmt: skip
         self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="hybridmoe-http")
 
@@ -120,7 +123,14 @@ class HTTPGenerator:
 
     def _complete(self, prompt: list[int], body: dict) -> Completion:
         for attempt in range(self.retries + 1):
-            r = self.client.post("/v1/completions", json=body | {"prompt": prompt})
+            try:
+                r = self.client.post("/v1/completions", json=body | {"prompt": prompt})
+            except httpx.RemoteProtocolError:  # closed without a response: the request was not served
+                if attempt == self.retries:
+                    raise
+                logger.warning("%s closed a connection without answering; sending the request again",
+                               self.client.base_url)  # fmt: skip
+                continue
             if r.status_code == 200:
                 choice = r.json()["choices"][0]
                 logprobs = choice["logprobs"]["token_logprobs"]
