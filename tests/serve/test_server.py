@@ -23,7 +23,8 @@ import torch
 from hybridmoe import HybridMoEConfig, HybridMoEForCausalLM
 from hybridmoe.data.tokenizer import load_tokenizer, train_tokenizer, vocab_size_of
 from hybridmoe.serve import Engine
-from hybridmoe.serve.server import OpenAIServing, ServerThread
+from hybridmoe.serve.protocol import Limits
+from hybridmoe.serve.server import OpenAIServing, ServerThread, build_server
 
 MODEL = "tiny-test"
 CORPUS = (
@@ -142,6 +143,17 @@ def test_connections_are_not_held_back_by_nagle(live):
         for protocol in connections:
             sock = protocol.transport.get_extra_info("socket")
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+def test_idle_connections_outlive_the_clients_keepalive_expiry(checkpoint):
+    """The server closes an idle kept-alive connection only after header_timeout_s (and never before 5 s, httpx's
+    and the OpenAI client's own expiry), so those clients drop it first."""
+    serving = make_serving(checkpoint)
+    for header_timeout_s, expected in ((10.0, 10), (2.5, 5), (30.0, 30)):
+        serving.limits = Limits(header_timeout_s=header_timeout_s)
+        server, sock = build_server(serving, port=0)
+        sock.close()
+        assert server.config.timeout_keep_alive == expected
 
 
 def test_chat_streaming_equals_non_streaming(client, engine):

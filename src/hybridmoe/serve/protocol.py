@@ -32,7 +32,8 @@ class Limits:
     max_stop: stop strings (OpenAI: 4). max_queue: requests waiting for an engine slot (503 with Retry-After beyond).
     request_timeout_s: the longest a request may run before it ends with a 504 (None: no limit). header_timeout_s /
     body_timeout_s: the longest a client may take to send the request head / body before the connection is closed
-    (408 for the body). max_connections: open HTTP connections (uvicorn answers 503 beyond)."""
+    (408 for the body); an idle kept-alive connection is closed after header_timeout_s (at least 5 s).
+    max_connections: open HTTP connections (uvicorn answers 503 beyond)."""
 
     max_body_bytes: int = 8 * 2**20
     max_prompt_chars: int = 1_000_000

@@ -33,6 +33,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -359,9 +360,12 @@ def build_server(
     limits = serving.limits
     app = create_app(serving, api_key=api_key, allowed_hosts=allowed_host_names(host, allowed_hosts))
     protocol = type("HeadTimeoutH11Protocol", (_HeadTimeoutH11Protocol,), {"head_timeout": limits.header_timeout_s})
+    # An idle kept-alive connection stays open as long as the head timeout allows (10 s by default), not uvicorn's
+    # 5 s: httpx and the OpenAI client drop idle connections after 5 s, so they do it first, never sending a request
+    # on a connection the server is closing at that moment (which gets no response at all).
     config = uvicorn.Config(
         app, http=protocol, log_level=log_level, timeout_graceful_shutdown=max(1, int(grace_s)),
-        limit_concurrency=limits.max_connections,
+        limit_concurrency=limits.max_connections, timeout_keep_alive=max(5, math.ceil(limits.header_timeout_s)),
     )  # fmt: skip
     # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY only on connections whose socket says TCP, and without it
     # Nagle's algorithm holds a response's body behind its head until the client's delayed ACK (~40 ms) on every
