@@ -364,7 +364,7 @@ def test_a_full_queue_is_a_503_and_a_slow_request_a_504(checkpoint):
         for t in threads:  # one holds the slot, one waits
             t.start()
         deadline = time.monotonic() + 30
-        while engine.num_running + engine.num_waiting < 2 and time.monotonic() < deadline:
+        while (engine.num_running, engine.num_waiting) != (1, 1) and time.monotonic() < deadline:
             time.sleep(0.01)
         r = post(server, "/v1/completions", body)
         error_of(r, 503, code="queue_full")

@@ -388,8 +388,9 @@ class Engine:
         """Admit, run one decode token for every decoding request and one prefill chunk, sample, finish; return what
         changed for each request."""
         outputs: list[RequestOutput] = []
-        while self._inbox:
-            self._waiting.append(self._inbox.popleft())
+        while self._inbox:  # in waiting before out of the inbox: num_waiting (admission control) never reads low
+            self._waiting.append(self._inbox[0])
+            self._inbox.popleft()
         while self._cancel_inbox:
             req = self._requests.get(self._cancel_inbox.popleft())
             if req is not None and req.finish_reason is None:
