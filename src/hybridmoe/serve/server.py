@@ -369,7 +369,7 @@ def build_server(
     )  # fmt: skip
     # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY only on connections whose socket says TCP, and without it
     # Nagle's algorithm holds a response's body behind its head until the client's delayed ACK (~40 ms) on every
-    # request after a keep-alive connection's first, and every streamed chunk likewise.
+    # request after a keep-alive connection's first (streamed chunks can wait the same way).
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
