@@ -17,7 +17,7 @@ import torch
 
 from hybridmoe import HybridCache, HybridMoEConfig, HybridMoEForCausalLM
 from hybridmoe.cache import KVState
-from hybridmoe.generation import generate, sample_next_token, sampling_distribution
+from hybridmoe.generation import generate, sample_from, sample_next_token, sampling_distribution
 from hybridmoe.serve.sampling import SamplingParams, sampling_probs
 
 # Tiny matmuls on a shared 2-core machine: intra-op threads only add contention (measured 100x slower with 2).
@@ -513,7 +513,32 @@ def test_generate_and_the_engine_sample_from_one_distribution(temperature, top_k
     probs = sampling_probs(logits, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p))
     assert torch.equal(probs, sampling_distribution(logits, temperature, top_k, top_p))
     drawn = sample_next_token(logits, True, temperature, top_k, top_p, generator=torch.Generator().manual_seed(5))
-    assert torch.equal(drawn, torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(5))[:, 0])
+    assert torch.equal(drawn, sample_from(probs, generator=torch.Generator().manual_seed(5)))
+
+
+def test_sample_from_draws_each_token_with_its_probability():
+    """Inverse transform sampling against the exact probabilities: leading, inner and trailing zeros are never drawn,
+    rows need not be normalized, and a batch of rows draws each row from its own distribution."""
+    probs = torch.tensor([[0.0, 0.1, 0.0, 0.6, 0.3, 0.0], [2.0, 0.0, 0.0, 0.0, 0.0, 6.0]])  # row 1 sums to 8
+    g = torch.Generator().manual_seed(0)
+    n = 20_000
+    drawn = sample_from(probs.expand(n, 2, 6), g)
+    assert drawn.shape == (n, 2) and drawn.dtype == torch.long
+    for row in range(2):
+        freq = torch.bincount(drawn[:, row], minlength=6) / n
+        assert torch.all(freq[probs[row] == 0] == 0), freq
+        assert (freq - probs[row] / probs[row].sum()).abs().max() < 0.015, freq
+    assert int(sample_from(torch.tensor([0.0, 0.0, 1e-30, 0.0]), g)) == 2  # the only token allowed, however unlikely
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_sampling_unsamplable_logits_raises(bad):
+    logits = torch.zeros(2, 4)
+    logits[1, 2] = bad
+    with pytest.raises(ValueError, match="cannot sample"):
+        sample_next_token(logits, do_sample=True)
+    with pytest.raises(ValueError, match="cannot sample"):
+        sample_next_token(torch.full((1, 4), -torch.inf), do_sample=True)
 
 
 @pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan")])

@@ -33,6 +33,17 @@ def sampling_distribution(
     return logits.softmax(-1)
 
 
+def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row of probabilities (..., v) -> (...): inverse transform sampling, one uniform draw per row
+    located in the row's cumulative sum (fp64). The same distribution as `torch.multinomial(probs, 1)`, which on a
+    CPU draws an exponential variate for every token of the vocabulary (measured ~150 us a row at v = 8192 on a
+    2-core EPYC against ~17 us here). Rows need not sum to 1; a token of probability 0 is never drawn: the draw u
+    lies in (0, total] and the first index whose cumulative sum reaches u has a positive probability."""
+    cdf = probs.cumsum(-1, dtype=torch.float64)
+    u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, dtype=torch.float64, device=cdf.device)
+    return torch.searchsorted(cdf, (1 - u) * cdf[..., -1:]).squeeze(-1)
+
+
 def sample_next_token(
     logits: torch.Tensor,
     do_sample: bool = False,
@@ -51,7 +62,11 @@ def sample_next_token(
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (1 or None: no nucleus filtering), got {top_p}")
     probs = sampling_distribution(logits, temperature, top_k, top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    total = probs.sum(-1)
+    if not bool(((total > 0) & (total < torch.inf)).all()):  # NaN fails both
+        raise ValueError("cannot sample: the sampling distribution is not finite (NaN logits, or logits that overflow "
+                         "after the temperature) or allows no token")  # fmt: skip
+    return sample_from(probs, generator)
 
 
 @torch.no_grad()

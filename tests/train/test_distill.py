@@ -155,12 +155,14 @@ def test_student_moves_toward_each_environments_teacher(tmp_path, tokenizer_dir,
     odd ones for `odd`), so that the KL to each is that preference alone. The sampled reverse-KL gradient is noisy
     (no baseline: every sampled token's advantage is about -KL) and Adam's first steps move every parameter by about
     the learning rate whatever its gradient's size, so the learning rate is small: then the drift the noise adds to
-    the KL is second order in it and the descent first order (measured at lr 1e-2: the KL to both teachers rose)."""
+    the KL is second order in it and the descent first order (measured at lr 1e-2: the KL to both teachers rose).
+    32 prompts a step keep the noise below the descent: over train seeds 4-11 every run lowered both KLs (by at least
+    0.008), where 8 prompts a step raised the `even` one in 3 of 4 seeds."""
     student = save_model(tmp_path / "student", tokenizer_dir, seed=0)
     teachers = {"even": save_model(tmp_path / "t-even", tokenizer_dir, seed=0, prefer="even"),
                 "odd": save_model(tmp_path / "t-odd", tokenizer_dir, seed=0, prefer="odd")}  # fmt: skip
     recipe = distill_recipe(tmp_path / "run", tokenizer_dir, teachers, steps=6, optim={"lr": 1e-4},
-                            model={"init_from": student}, rl={"group_size": 4, "prompts_per_step": 8})  # fmt: skip
+                            model={"init_from": student}, rl={"group_size": 4, "prompts_per_step": 32})  # fmt: skip
     trained = distill(recipe)["model"]
     start = HybridMoEForCausalLM.from_pretrained(student)
     records = step_records(tmp_path / "run")
@@ -168,14 +170,14 @@ def test_student_moves_toward_each_environments_teacher(tmp_path, tokenizer_dir,
     for key in ("loss", "pg", "grad_norm", "reward", "accuracy", "mismatch_mean", "staleness_max", "reverse_kl",
                 "reverse_kl_even", "reverse_kl_odd", "logratio_clipped"):  # fmt: skip
         assert r[key] is not None and math.isfinite(r[key]), key
-    # 8 prompts a step, 4 samples each, half of the prompts per environment: each scored by its own teacher
-    assert r["trajectories"] == 32 and r["teacher_samples_even"] == 16 and r["teacher_samples_odd"] == 16
+    # 32 prompts a step, 4 samples each, half of the prompts per environment: each scored by its own teacher
+    assert r["trajectories"] == 128 and r["teacher_samples_even"] == 64 and r["teacher_samples_odd"] == 64
     assert r["reverse_kl"] == pytest.approx((r["reverse_kl_even"] + r["reverse_kl_odd"]) / 2)
     seeds = range(1_000_000, 1_000_016)
     for env in ("even", "odd"):
         teacher = HybridMoEForCausalLM.from_pretrained(teachers[env])
         before, after = _reverse_kl(start, teacher, env, seeds), _reverse_kl(trained, teacher, env, seeds)
-        assert after < before, (env, before, after)  # measured: even 0.402 -> 0.396, odd 0.938 -> 0.931
+        assert after < before, (env, before, after)  # measured: even 0.402 -> 0.398, odd 0.938 -> 0.911
 
 
 def test_resume_is_exact(tmp_path, tokenizer_dir, agent):  # noqa: F811

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generation import sampling_distribution
+from ..generation import sample_from, sampling_distribution
 
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (vLLM's _SAMPLING_EPS)
 
@@ -94,7 +94,7 @@ class SamplingError(ValueError):
 
 def sample(logits_v: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """One token id from one row of logits (v,). Raises SamplingError when the logits hold NaN or allow no token
-    (checked before torch.multinomial, which on CUDA would fail with a device-side assert, not an exception). One
+    (checked before drawing, which could otherwise return a token the distribution does not allow). One
     reduction and one host sync per token, as before the checks."""
     if params.greedy:
         value, index = logits_v.max(-1)  # max is NaN when any logit is
@@ -107,7 +107,7 @@ def sample(logits_v: torch.Tensor, params: SamplingParams, generator: torch.Gene
     if not 0 < total < torch.inf:
         raise SamplingError("the sampling distribution is not finite (NaN logits, or logits that overflow after the "
                             "temperature)")  # fmt: skip
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(sample_from(probs, generator))
 
 
 def prompt_token_logprobs(logits_tv: torch.Tensor, targets: list[int], top_n: int) -> list[TokenLogprob]:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cache import HybridCache, MambaState
+from ..generation import sample_from
 from ..kernels.attention import sdpa_backend
 from ..modeling import ForwardContext, HybridMoEForCausalLM
 from .graphs import StaticSequence
@@ -97,10 +98,10 @@ def verify_drafts(
             out.append(d)
             continue
         residual = (target_probs[i] - draft_probs[i]).clamp(min=0)  # nonzero: a rejection means p(d) < q(d)
-        out.append(int(torch.multinomial(residual / residual.sum(), 1, generator=generator)))
+        out.append(int(sample_from(residual, generator)))
         return out
     last = target_probs[len(draft_ids)]
-    out.append(int(last.argmax()) if greedy else int(torch.multinomial(last, 1, generator=generator)))
+    out.append(int(last.argmax()) if greedy else int(sample_from(last, generator)))
     return out
 
 
