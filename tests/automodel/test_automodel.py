@@ -250,6 +250,34 @@ def test_fused_lm_loss_matches_transformers_loss_variants(tmp_path):
     )
 
 
+def test_fused_lm_loss_takes_per_token_weights(tmp_path):
+    """`loss_weights` (aligned with the labels, as the SFT stage's per-conversation normalization gives them): the
+    sum of each labelled token's loss times its weight, fused in training and from the logits in eval mode, against
+    the weighted cross-entropy of transformers' own logits; the weights' shape and alignment are checked."""
+    plain, _ = _plain_checkpoint("qwen3_moe", tmp_path / "plain")
+    fast = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float32)
+    ids, labels = _inputs(plain.config.vocab_size)
+    weights = torch.rand(labels.shape, generator=torch.Generator().manual_seed(0))
+    weights[1, 4:9] = 0.0  # rows with a label but no weight
+    plain.train(), fast.train()
+    logits = plain(input_ids=ids).logits[:, :-1]
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), reduction="none")
+    ref = (ce * weights[:, 1:].flatten()).sum()
+    out = fast(input_ids=ids, labels=labels, loss_weights=weights)
+    assert out.logits is None and abs(out.loss.item() - ref.item()) <= LOSS_ATOL * max(1.0, ref.item())
+    g_ref = torch.autograd.grad(ref, plain.lm_head.weight)[0]
+    g_out = torch.autograd.grad(out.loss, fast.lm_head.weight)[0]
+    assert (g_out - g_ref).abs().max() <= GRAD_RTOL * g_ref.abs().max()
+    fast.eval()
+    with torch.no_grad():
+        out = fast(input_ids=ids, labels=labels, loss_weights=weights)
+    assert out.logits is not None and abs(out.loss.item() - ref.item()) <= LOSS_ATOL * max(1.0, ref.item())
+    with pytest.raises(ValueError, match="give one per label"):
+        fast(input_ids=ids, labels=labels, loss_weights=weights[:, 1:])
+    with pytest.raises(ValueError, match="pass labels"):
+        fast(input_ids=ids, loss_weights=weights)
+
+
 def test_from_config_patches_the_new_model():
     cfg, expected = _mixtral()
     model = AutoModelForCausalLM.from_config(cfg)

@@ -289,21 +289,35 @@ def _patch_lm_loss(model: nn.Module, family: str) -> str | None:
     return None
 
 
-def _fused_loss_forward(self, *args, labels=None, **kwargs):
+def _fused_loss_forward(self, *args, labels=None, loss_weights=None, **kwargs):
     """transformers' forward, except in training with labels: then the LM head is skipped (its input comes back as
     the "logits"), the loss is the chunked fused cross-entropy over that input (logits rounded to the head's dtype,
     as transformers' bf16 head gives them; the mean over the labelled tokens, or the sum over `num_items_in_batch`,
     as `ForCausalLMLoss`), and the output's `logits` is None: no [tokens x vocab] tensor is formed. Eval mode, no
-    labels, `logits_to_keep` or a LoRA-adapted head: transformers' forward unchanged."""
-    from ..kernels.loss import linear_cross_entropy
+    labels, `logits_to_keep` or a LoRA-adapted head: transformers' forward unchanged.
+
+    `loss_weights` (b, t), aligned with `labels` (hybridmoe's own argument, which the SFT stage's per-conversation
+    normalization uses): the loss is the sum of each labelled token's loss times its weight, the weights carrying
+    the normalization (no division, `num_items_in_batch` not used). Fused as above where it applies, from the
+    logits otherwise."""
+    from ..kernels.loss import linear_cross_entropy, weighted_cross_entropy
 
     head = self.lm_head
     if args:  # positional arguments (input_ids, attention_mask, ...) by their names in transformers' signature
         names = list(inspect.signature(type(self).forward).parameters)[1:]
         if len(args) > len(names) or any(n in kwargs for n in names[: len(args)]):
+            if loss_weights is not None:
+                raise TypeError("loss_weights: pass the model's other arguments by name")
             return type(self).forward(self, *args, labels=labels, **kwargs)
         kwargs.update(zip(names, args))
         labels = kwargs.pop("labels", labels)
+    if loss_weights is not None:
+        if labels is None or kwargs.get("shift_labels") is not None:
+            raise ValueError("loss_weights weigh the loss of `labels` (aligned with them): pass labels, "
+                             "not shift_labels")  # fmt: skip
+        if loss_weights.shape != labels.shape:
+            raise ValueError(f"loss_weights of shape {tuple(loss_weights.shape)}: give one per label, "
+                             f"{tuple(labels.shape)}")  # fmt: skip
     fuse = (
         labels is not None
         and isinstance(head, nn.Linear)
@@ -313,32 +327,42 @@ def _fused_loss_forward(self, *args, labels=None, **kwargs):
         and kwargs.get("logits_to_keep", 0) == 0
         and kwargs.get("return_dict", True) is not False
     )
-    if not fuse:
+    if not fuse and loss_weights is None:
         return type(self).forward(self, labels=labels, **kwargs)
     num_items = kwargs.pop("num_items_in_batch", None)
     ignore_index = kwargs.pop("ignore_index", -100)
     shift_labels = kwargs.pop("shift_labels", None)
-    self._modules["lm_head"] = nn.Identity()  # the forward returns the head's input as "logits"
-    try:
-        out = type(self).forward(self, labels=None, **kwargs)
-    finally:
-        self._modules["lm_head"] = head
-    hidden = out.logits.to(head.weight.dtype)  # exact: a head that upcasts (`.float()`) only widened it
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    y = shift_labels.reshape(-1).to(hidden.device)
+    y = shift_labels.reshape(-1)
     if ignore_index != -100:
         y = torch.where(y == ignore_index, -100, y)
-    # one chunk's fp32 logits within 32 MB on a CPU; on a GPU the kernel's default (a few large chunks, no sync)
-    rows = max(128, 2**23 // head.weight.shape[0]) if hidden.device.type == "cpu" else None
-    total = linear_cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]), head.weight, y, chunk_size=rows, logits_dtype=head.weight.dtype
-    )
-    loss = total / (num_items if num_items is not None else (y != -100).sum())
+    w = None if loss_weights is None else F.pad(loss_weights, (0, 1))[..., 1:].reshape(-1)
+    if not fuse:  # weighted, from the logits
+        out = type(self).forward(self, labels=None, **kwargs)
+        logits = out.logits
+        loss = weighted_cross_entropy(logits.reshape(-1, logits.shape[-1]), y.to(logits.device), w.to(logits.device))
+    else:
+        self._modules["lm_head"] = nn.Identity()  # the forward returns the head's input as "logits"
+        try:
+            out = type(self).forward(self, labels=None, **kwargs)
+        finally:
+            self._modules["lm_head"] = head
+        hidden = out.logits.to(head.weight.dtype)  # exact: a head that upcasts (`.float()`) only widened it
+        y = y.to(hidden.device)
+        # one chunk's fp32 logits within 32 MB on a CPU; on a GPU the kernel's default (a few large chunks, no sync)
+        rows = max(128, 2**23 // head.weight.shape[0]) if hidden.device.type == "cpu" else None
+        total = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, y, chunk_size=rows,
+                                     logits_dtype=head.weight.dtype,
+                                     weights=None if w is None else w.to(hidden.device))  # fmt: skip
+        if w is not None:
+            loss = total
+        else:
+            loss = total / (num_items if num_items is not None else (y != -100).sum())
+        out = type(out)(**{k: v for k, v in out.items() if k != "logits"})
     if getattr(out, "aux_loss", None) is not None:
         loss = loss + self.router_aux_loss_coef * out.aux_loss.to(loss.device)
-    fields = {k: v for k, v in out.items() if k != "logits"}
-    return type(out)(**fields, loss=loss)
+    return type(out)(**{k: v for k, v in out.items() if k != "loss"}, loss=loss)
 
 
 def _family_of(module: nn.Module, default: str) -> str:

@@ -41,7 +41,13 @@ def linear_cross_entropy_reference(hidden, weight, labels, weights=None):
     logits = (hidden @ weight.T).float()
     if weights is None:
         return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return weighted_cross_entropy(logits, labels, weights)
+
+
+def weighted_cross_entropy(logits, labels, weights):
+    """From formed logits (n, v): the sum over rows with a label (-100: none) of each row's cross-entropy (fp32)
+    times its weight (n,)."""
+    ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
     return (ce * weights.float()).sum()
 
 

@@ -25,10 +25,10 @@ import os
 import random
 
 import torch
-import torch.nn.functional as F
 
 from ..accounting import flops_per_token
 from ..data.sft import IGNORE_INDEX, load_sft_samples
+from ..kernels.loss import weighted_cross_entropy
 from .balance import balance_experts
 from .config import SFTRecipe
 from .model import (
@@ -128,12 +128,18 @@ class SFTStage(Stage):
                     num_items_in_batch=max(1, loss_tokens) / self.world, use_cache=False, **extra,
                 )  # fmt: skip
                 loss = out.loss
+            elif getattr(self.model, "_hybridmoe_fused_loss", False):  # patch_model's forward takes the weights
+                out = self.model(
+                    input_ids=rows["input_ids"], labels=rows["labels"], loss_weights=rows["loss_weights"],
+                    position_ids=rows["position_ids"], use_cache=False, **extra,
+                )  # fmt: skip
+                loss = out.loss * self.world
             else:  # the (b, t, v) logits are formed: transformers' loss takes no per-token weights
                 out = self.model(input_ids=rows["input_ids"], position_ids=rows["position_ids"], use_cache=False,
                                  **extra)  # fmt: skip
-                logits, y = out.logits[:, :-1].float(), rows["labels"][:, 1:]
-                ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
-                loss = (ce * rows["loss_weights"][:, 1:].flatten()).sum() * self.world
+                logits, y = out.logits[:, :-1], rows["labels"][:, 1:]
+                loss = weighted_cross_entropy(logits.flatten(0, 1), y.flatten(), rows["loss_weights"][:, 1:].flatten())
+                loss = loss * self.world
             loss.backward()
             total += float(loss.detach())
         return {"loss": total}
