@@ -11,7 +11,8 @@ Each tree runs in its own subprocess (PYTHONPATH=<tree>/src), the trees taking t
   - draw: `serve.sampling.sample` on one row of 8192 logits at temperature 1, microseconds per call (median of 5
     timings of 500 calls).
 Both are measured with `--threads` torch threads (2: this machine's cores). Written for the inverse-transform
-sampler (`generation.sample_from`), which replaced `torch.multinomial`.
+sampler (`generation.sample_from`), which replaced `torch.multinomial`; the greedy column is the engine's decode
+step alone (used for the decode batch's in-place views, `--out benchmarks/results/decode-views.json`).
 
     python benchmarks/bench_sampling.py --trees OLD_CHECKOUT,.      # before / after, side by side
 Results: benchmarks/results/sampling.json and a table on stdout.

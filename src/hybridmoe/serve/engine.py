@@ -18,7 +18,9 @@ padding machinery the model already has (left-padded batches):
     rows' keys up to S = longest + 1 (positions beyond a row's length are masked out with `attention_mask`);
   - the forward is told that the new token sits at position S (`seq_len = S`): with no positional encoding (NoPE)
     a position only matters for the causal mask, and a query at S sees exactly the unmasked keys 0..S-1;
-  - the Mamba layers see gathered copies of the rows' states (one recurrent step each), written back afterwards.
+  - the Mamba layers take one recurrent step on the rows' states in place when the batch's slots follow each other
+    (views of the pool; slots are handed out lowest first and decoded in slot order, so a batch is consecutive
+    until requests finish out of order), else on gathered copies that are written back afterwards.
 Greedy outputs therefore equal decoding each prompt alone (tested against `model.generate`).
 
 Decode modes (`decode_mode`). That batch has a new shape every step, which is cheap on a CPU but on a GPU costs
@@ -54,6 +56,7 @@ with the others. `reset()` drops every request (a server's last resort after a f
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import time
@@ -151,14 +154,14 @@ class SlotPool:
         self.num_slots = num_slots
         self.scratch = num_slots if spare else None
         self.lengths = [0] * num_slots
-        self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self._free = list(range(num_slots))  # a heap: the lowest free slot is handed out first
 
     @property
     def num_free(self) -> int:
         return len(self._free)
 
     def allocate(self) -> int:
-        slot = self._free.pop()
+        slot = heapq.heappop(self._free)
         self.lengths[slot] = 0
         for state in self.cache.layers:
             if isinstance(state, MambaState):
@@ -169,11 +172,11 @@ class SlotPool:
     def clear(self) -> None:
         """Every slot free."""
         self.lengths = [0] * len(self.lengths)
-        self._free = list(range(len(self.lengths) - 1, -1, -1))
+        self._free = list(range(len(self.lengths)))
 
     def release(self, slot: int) -> None:
         self.lengths[slot] = 0
-        self._free.append(slot)
+        heapq.heappush(self._free, slot)
 
     def row(self, slot: int) -> _CacheRows:
         """A batch-1 cache over slot `slot` whose tensors are views of the pool: the model's cached forward writes
@@ -190,16 +193,23 @@ class SlotPool:
 
     def decode_batch(self, slots: list[int]) -> tuple[_CacheRows, torch.Tensor]:
         """A cache over `slots` for one decode token each, and the attention_mask (b, S + 1) that gives every row its
-        own length (see the module docstring). Call `write_back` after the forward."""
+        own length (see the module docstring). Call `write_back` after the forward.
+
+        Slots that follow each other (s, s + 1, ..., the usual case: slots are handed out lowest first and the
+        engine decodes in slot order) are read as views of the pool, which the forward updates in place; others are
+        gathered into copies that `write_back` scatters back (the Mamba states: every row's whole state, twice a
+        step)."""
         lengths = torch.tensor([self.lengths[s] for s in slots], device=_device_of(self.cache))
-        rows = torch.tensor(slots, device=lengths.device)
+        index = torch.tensor(slots, device=lengths.device)
+        first = slots[0]
+        rows = slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else index
         S = int(lengths.max()) + 1  # keys per row after the write: the longest row + its new token
         layers = []
         for state in self.cache.layers:
             if isinstance(state, MambaState):
                 layers.append(MambaState(state.conv[rows], state.ssm[rows]))
             elif isinstance(state, KVState):
-                layers.append(_RowKV(state, rows, lengths, S))
+                layers.append(_RowKV(state, index, rows, lengths, S))
             else:
                 layers.append(None)
         mask = torch.ones(len(slots), S + 1, dtype=torch.long, device=lengths.device)
@@ -207,10 +217,11 @@ class SlotPool:
         return _CacheRows(layers, seq_len=S, batch_size=len(slots), rows=rows), mask
 
     def write_back(self, batch: _CacheRows, slots: list[int]) -> None:
-        for pool_state, state in zip(self.cache.layers, batch.layers):
-            if isinstance(pool_state, MambaState):
-                pool_state.conv[batch.rows] = state.conv
-                pool_state.ssm[batch.rows] = state.ssm
+        if not isinstance(batch.rows, slice):  # views were written in place
+            for pool_state, state in zip(self.cache.layers, batch.layers):
+                if isinstance(pool_state, MambaState):
+                    pool_state.conv[batch.rows] = state.conv
+                    pool_state.ssm[batch.rows] = state.ssm
         for s in slots:
             self.lengths[s] += 1
 
@@ -228,16 +239,17 @@ class _CacheRows:
 
 class _RowKV:
     """An attention layer's KV for a decode batch of slots with different lengths: `update` writes row r's new key at
-    position lengths[r] of its slot and returns every row's keys 0..S-1 (b, kv, S, d)."""
+    position lengths[r] of its slot (`index` (b,), the slots) and returns every row's keys 0..S-1 (b, kv, S, d): views
+    of the pool where `rows` is a slice (consecutive slots), copies where it is the index."""
 
-    def __init__(self, pool_state: KVState, rows: torch.Tensor, lengths: torch.Tensor, S: int):
-        self.pool, self.rows, self.lengths, self.S = pool_state, rows, lengths, S
+    def __init__(self, pool_state: KVState, index: torch.Tensor, rows, lengths: torch.Tensor, S: int):
+        self.pool, self.index, self.rows, self.lengths, self.S = pool_state, index, rows, lengths, S
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if k.shape[2] != 1:
             raise ValueError("a slot decode batch takes one token per row")
-        self.pool.key[self.rows, :, self.lengths] = k[:, :, 0]
-        self.pool.value[self.rows, :, self.lengths] = v[:, :, 0]
+        self.pool.key[self.index, :, self.lengths] = k[:, :, 0]
+        self.pool.value[self.index, :, self.lengths] = v[:, :, 0]
         return self.pool.key[self.rows, :, : self.S], self.pool.value[self.rows, :, : self.S]
 
 
@@ -401,7 +413,7 @@ class Engine:
             req.slot = self.pool.allocate()
             self._running.append(req)
 
-        decoding = [r for r in self._running if not r.prefilling]
+        decoding = sorted((r for r in self._running if not r.prefilling), key=lambda r: r.slot)  # slot order: views
         if decoding:
             try:
                 rows = list(zip(decoding, self._decode(decoding)))
