@@ -6,13 +6,16 @@ Each tree runs in its own subprocess (PYTHONPATH=<tree>/src), the trees taking t
     8192) decoding `--batch` requests of `--prompt` random prompt tokens and `--new` new tokens each (eos
     ignored), in three settings: greedy (temperature 0, the control: no draw), sampled (temperature 1), and
     sampled with the chosen token's logprob (`logprobs=0`, what the RL rollouts ask for), taking turns `--repeats`
-    times. Reported: decode tokens/s after every request's first token (the median of the repeats, then of the
-    rounds).
+    times. `--varied`: each request's max_tokens drawn from 16..`--new` (the same draws on every tree), so that
+    requests finish at different steps. Reported: tokens/s from the step at which `--batch` tokens have come out
+    to the last (at the defaults about the 10th step of 175: the engine prefills one prompt a step while the
+    prompts before it decode, so the window holds the later prefills too); the median of the repeats, then of
+    the rounds.
   - draw: `serve.sampling.sample` on one row of 8192 logits at temperature 1, microseconds per call (median of 5
     timings of 500 calls).
 Both are measured with `--threads` torch threads (2: this machine's cores). Written for the inverse-transform
-sampler (`generation.sample_from`), which replaced `torch.multinomial`; the greedy column is the engine's decode
-step alone (used for the decode batch's in-place views, `--out benchmarks/results/decode-views.json`).
+sampler (`generation.sample_from`), which replaced `torch.multinomial`; the greedy column is the engine's step without
+a draw (used for the decode batch's in-place views, `--out benchmarks/results/decode-views.json`).
 
     python benchmarks/bench_sampling.py --trees OLD_CHECKOUT,.      # before / after, side by side
 Results: benchmarks/results/sampling.json and a table on stdout.
@@ -45,6 +48,10 @@ def worker(args: argparse.Namespace) -> dict:
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, vocab, (args.prompt,), generator=g).tolist() for _ in range(args.batch)]
+    if args.varied:  # requests that finish at different steps, as sampled answers do
+        max_tokens = torch.randint(16, args.new + 1, (args.batch,), generator=g).tolist()
+    else:
+        max_tokens = [args.new] * args.batch
     out = {}
     warmup = Engine(model, max_num_seqs=args.batch, max_model_len=args.prompt + 8, seed=0)
     for setting in SETTINGS.values():  # the first calls of each kernel and allocation are not timed
@@ -53,18 +60,17 @@ def worker(args: argparse.Namespace) -> dict:
     for _ in range(args.repeats):  # the settings take turns, against this machine's drift
         for name, setting in SETTINGS.items():
             engine = Engine(model, max_num_seqs=args.batch, max_model_len=args.prompt + args.new, seed=0)
-            params = SamplingParams(max_tokens=args.new, ignore_eos=True, **setting)
-            for p in prompts:
-                engine.add_request(p, params)
+            for p, n in zip(prompts, max_tokens):
+                engine.add_request(p, SamplingParams(max_tokens=n, ignore_eos=True, **setting))
             produced, first = 0, None
             while engine.has_unfinished():
                 for o in engine.step():
                     produced += len(o.new_token_ids)
-                if first is None and produced >= args.batch:  # every request has its first token
+                if first is None and produced >= args.batch:
                     first = time.perf_counter()
             t1 = time.perf_counter()
-            assert produced == args.batch * args.new, produced
-            runs[name].append(args.batch * (args.new - 1) / (t1 - first))
+            assert produced == sum(max_tokens), produced
+            runs[name].append((produced - args.batch) / (t1 - first))  # about: the tokens after `first`
     for name, values in runs.items():
         out[f"{name}_decode_tokens_per_s"] = statistics.median(values)
     logits = torch.randn(vocab, generator=g) * 3
@@ -88,6 +94,7 @@ def main() -> int:
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="runs of each setting per round (median)")
+    p.add_argument("--varied", action="store_true", help="max_tokens drawn from 16..--new per request")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "sampling.json"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -104,7 +111,8 @@ def main() -> int:
         if not os.path.isdir(os.path.join(tree, "src", "hybridmoe")):
             raise SystemExit(f"--trees: {tree} has no src/hybridmoe (give checkouts of this repository)")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--batch", str(a.batch), "--prompt", str(a.prompt),
-           "--new", str(a.new), "--threads", str(a.threads), "--repeats", str(a.repeats)]  # fmt: skip
+           "--new", str(a.new), "--threads", str(a.threads), "--repeats", str(a.repeats),
+           *(["--varied"] if a.varied else [])]  # fmt: skip
     rounds = {tree: [] for tree in trees}
     for r in range(a.rounds):
         for tree in trees:
@@ -121,7 +129,7 @@ def main() -> int:
         f"\n{_cpu_name()}, {a.threads} threads, {a.batch} requests x {a.new} new tokens, "
         f"median of {a.repeats} x {a.rounds} rounds"
     )
-    print("| tree | decode tokens/s: greedy | sampled | sampled + logprobs | one draw, us |")
+    print("| tree | tokens/s: greedy | sampled | sampled + logprobs | one draw, us |")
     print("|---|---:|---:|---:|---:|")
     for tree, s in summary.items():
         print(f"| {revisions[tree]} | {s['greedy_decode_tokens_per_s']:.0f} | {s['sampled_decode_tokens_per_s']:.0f} | "

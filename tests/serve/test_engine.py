@@ -57,8 +57,9 @@ def test_continuous_batching_equals_each_prompt_alone():
 
 def test_consecutive_slots_decode_in_place_and_others_through_copies(monkeypatch):
     """A decode batch of consecutive slots reads the pool's rows as views (the forward updates them in place, nothing
-    is gathered or scattered); other batches gather copies and write them back. The batching test above passes
-    through both (measured here), and its tokens equal each prompt's alone."""
+    is gathered or scattered); other batches gather copies and write them back. The engine keeps its occupied slots
+    0..n-1 (a finished request's slot is refilled from the highest one); with that turned off, the batching test
+    above passes through batches with holes, and its tokens still equal each prompt's alone."""
     engine = Engine(model(), max_num_seqs=4, max_model_len=32)
     pool_ssm = next(s.ssm for s in engine.pool.cache.layers if isinstance(s, MambaState))
     for slots, in_place in (([0, 1, 2], True), ([2, 3], True), ([0, 2], False), ([1, 0], False)):
@@ -74,9 +75,36 @@ def test_consecutive_slots_decode_in_place_and_others_through_copies(monkeypatch
         kinds.append(isinstance(batch.rows, slice))
         return batch, mask
 
+    def release_in_place(self, req):
+        self.pool.release(req.slot)
+        req.slot = None
+
     monkeypatch.setattr(SlotPool, "decode_batch", spy)
+    monkeypatch.setattr(Engine, "_release_slot", release_in_place)
     test_continuous_batching_equals_each_prompt_alone()
     assert True in kinds and False in kinds
+
+
+def test_finished_requests_slots_are_refilled_from_the_top():
+    """Requests finishing out of order: after every step the occupied slots are 0..n-1 (the request in the highest
+    slot moved down, its cache with it), every decode batch is consecutive, and the tokens equal each prompt's
+    alone (greedy; the moved requests go on decoding from the copied cache)."""
+    prompts = prompts_for([6, 11, 3, 9, 14, 5], seed=4)
+    max_tokens = [3, 12, 5, 9, 2, 7]
+    engine = Engine(model(), max_num_seqs=4, max_model_len=64, prefill_chunk=32)
+    ids = [engine.add_request(p, greedy(n)) for p, n in zip(prompts, max_tokens)]
+    got: dict[str, list[int]] = {}
+    moves = 0
+    while engine.has_unfinished():
+        before = {r.request_id: r.slot for r in engine._running}
+        for o in engine.step():
+            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+        occupied = sorted(r.slot for r in engine._running)
+        assert occupied == list(range(len(occupied))), occupied
+        moves += sum(1 for r in engine._running if r.request_id in before and before[r.request_id] != r.slot)
+    assert moves > 0
+    for rid, p, n in zip(ids, prompts, max_tokens):
+        assert got[rid] == reference(tuple(p), n)
 
 
 def test_requests_joining_mid_flight():

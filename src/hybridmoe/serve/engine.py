@@ -19,8 +19,10 @@ padding machinery the model already has (left-padded batches):
   - the forward is told that the new token sits at position S (`seq_len = S`): with no positional encoding (NoPE)
     a position only matters for the causal mask, and a query at S sees exactly the unmasked keys 0..S-1;
   - the Mamba layers take one recurrent step on the rows' states in place when the batch's slots follow each other
-    (views of the pool; slots are handed out lowest first and decoded in slot order, so a batch is consecutive
-    until requests finish out of order), else on gathered copies that are written back afterwards.
+    (views of the pool), else on gathered copies that are written back afterwards. Slots are handed out lowest
+    first, a finished request's slot is refilled by the request in the highest slot (its cache copied once), and
+    the step decodes in slot order, so the batch is consecutive except while a request that moved down is still
+    being prefilled.
 Greedy outputs therefore equal decoding each prompt alone (tested against `model.generate`).
 
 Decode modes (`decode_mode`). That batch has a new shape every step, which is cheap on a CPU but on a GPU costs
@@ -177,6 +179,19 @@ class SlotPool:
     def release(self, slot: int) -> None:
         self.lengths[slot] = 0
         heapq.heappush(self._free, slot)
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot `src`'s cache into slot `dst`: the Mamba layers' states and the `lengths[src]` cached keys and
+        values of the attention layers."""
+        n = self.lengths[src]
+        for state in self.cache.layers:
+            if isinstance(state, MambaState):
+                state.conv[dst].copy_(state.conv[src])
+                state.ssm[dst].copy_(state.ssm[src])
+            elif isinstance(state, KVState):
+                state.key[dst, :, :n].copy_(state.key[src, :, :n])
+                state.value[dst, :, :n].copy_(state.value[src, :, :n])
+        self.lengths[dst] = n
 
     def row(self, slot: int) -> _CacheRows:
         """A batch-1 cache over slot `slot` whose tensors are views of the pool: the model's cached forward writes
@@ -577,6 +592,17 @@ class Engine:
             return self._finish(req, [token], new_logprobs)
         return self._output(req, [token], new_logprobs)
 
+    def _release_slot(self, req: Request) -> None:
+        """Free the request's slot. The request in the highest occupied slot, when it is above, moves down into it
+        (its cache copied once), so that the occupied slots stay 0..n-1 and the decode batches consecutive: read in
+        place, where a batch with holes gathers and scatters every row's states at every step."""
+        slot, req.slot = req.slot, None
+        top = max((r for r in self._running if r.slot is not None), key=lambda r: r.slot, default=None)
+        if top is not None and top.slot > slot:
+            self.pool.move(top.slot, slot)
+            slot, top.slot = top.slot, slot
+        self.pool.release(slot)
+
     def _fail(self, req: Request, e: Exception) -> RequestOutput:
         logger.warning("request %s failed: %s: %s", req.request_id, type(e).__name__, e)
         req.finish_reason, req.error = "error", f"{type(e).__name__}: {e}"
@@ -584,8 +610,7 @@ class Engine:
 
     def _finish(self, req: Request, new_tokens: list[int], new_logprobs=None) -> RequestOutput:
         if req.slot is not None:
-            self.pool.release(req.slot)
-            req.slot = None
+            self._release_slot(req)
         if req in self._running:
             self._running.remove(req)
         if req in self._waiting:
