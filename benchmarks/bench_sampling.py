@@ -106,6 +106,8 @@ def main() -> int:
     from bench_server_latency import revision
     from bench_sft import _cpu_name
 
+    from hybridmoe.utils import atomic_write_text
+
     trees = [os.path.abspath(t) for t in a.trees.split(",")]
     for tree in trees:
         if not os.path.isdir(os.path.join(tree, "src", "hybridmoe")):
@@ -136,11 +138,7 @@ def main() -> int:
               f"{s['sampled_logprobs_decode_tokens_per_s']:.0f} | {s['draw_us']:.1f} |")  # fmt: skip
     record = {"machine": _cpu_name(), "args": vars(a), "summary": summary, "revisions": revisions, "rounds": rounds,
               "date": time.strftime("%Y-%m-%d")}  # fmt: skip
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    tmp = a.out + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(record, fh, indent=1)
-    os.replace(tmp, a.out)
+    atomic_write_text(a.out, json.dumps(record, indent=1))
     return 0
 
 

@@ -37,6 +37,7 @@ from bench_sft import _cpu_name  # noqa: E402 (also puts this checkout's src/ fi
 from hybridmoe.automodel import AutoModelForCausalLM  # noqa: E402
 from hybridmoe.kernels.loss import weighted_cross_entropy  # noqa: E402
 from hybridmoe.train.sft import loss_weights  # noqa: E402
+from hybridmoe.utils import atomic_write_text  # noqa: E402
 
 
 def packed_batch(batch: int, seq: int, vocab: int, g: torch.Generator) -> dict:
@@ -120,11 +121,7 @@ def main() -> int:
     record = {"machine": _cpu_name(), "threads": torch.get_num_threads(), "args": vars(a), "summary": summary,
               "loss_share": in_loss, "losses": losses, "max_loss_diff": diff,
               "date": time.strftime("%Y-%m-%d")}  # fmt: skip
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    tmp = a.out + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(record, fh, indent=1)
-    os.replace(tmp, a.out)
+    atomic_write_text(a.out, json.dumps(record, indent=1))
     return 0
 
 
