@@ -57,9 +57,9 @@ def test_continuous_batching_equals_each_prompt_alone():
 
 def test_consecutive_slots_decode_in_place_and_others_through_copies(monkeypatch):
     """A decode batch of consecutive slots reads the pool's rows as views (the forward updates them in place, nothing
-    is gathered or scattered); other batches gather copies and write them back. The engine keeps its occupied slots
-    0..n-1 (a finished request's slot is refilled from the highest one); with that turned off, the batching test
-    above passes through batches with holes, and its tokens still equal each prompt's alone."""
+    is gathered or scattered); other batches gather copies and write them back. The engine decodes slots 0..k-1 in
+    order (next test); decoding them highest first instead, the batching test above goes through gathered batches,
+    and its tokens still equal each prompt's alone."""
     engine = Engine(model(), max_num_seqs=4, max_model_len=32)
     pool_ssm = next(s.ssm for s in engine.pool.cache.layers if isinstance(s, MambaState))
     for slots, in_place in (([0, 1, 2], True), ([2, 3], True), ([0, 2], False), ([1, 0], False)):
@@ -75,34 +75,50 @@ def test_consecutive_slots_decode_in_place_and_others_through_copies(monkeypatch
         kinds.append(isinstance(batch.rows, slice))
         return batch, mask
 
-    def release_in_place(self, req):
-        self.pool.release(req.slot)
-        req.slot = None
+    def highest_slot_first(self):  # never consecutive ascending: every batch of several rows is gathered
+        return sorted((r for r in self._running if not r.prefilling), key=lambda r: -r.slot)
 
     monkeypatch.setattr(SlotPool, "decode_batch", spy)
-    monkeypatch.setattr(Engine, "_release_slot", release_in_place)
+    monkeypatch.setattr(Engine, "_decoding_in_front", highest_slot_first)
     test_continuous_batching_equals_each_prompt_alone()
     assert True in kinds and False in kinds
 
 
-def test_finished_requests_slots_are_refilled_from_the_top():
-    """Requests finishing out of order: after every step the occupied slots are 0..n-1 (the request in the highest
-    slot moved down, its cache with it), every decode batch is consecutive, and the tokens equal each prompt's
-    alone (greedy; the moved requests go on decoding from the copied cache)."""
-    prompts = prompts_for([6, 11, 3, 9, 14, 5], seed=4)
-    max_tokens = [3, 12, 5, 9, 2, 7]
-    engine = Engine(model(), max_num_seqs=4, max_model_len=64, prefill_chunk=32)
+def test_decoding_requests_hold_the_lowest_slots(monkeypatch):
+    """Requests finishing out of order, prompts prefilled over several steps: after every step the occupied slots
+    are 0..n-1 (a finished request's slot refilled from the highest one, its cache with it), every decode batch is
+    slots 0..k-1 (a request done with its prefill swaps slots with one still prefilling below it), both moves happen,
+    and the tokens equal each prompt's alone (greedy; the moved requests go on from their copied caches)."""
+    calls = {"decode_batch": [], "move": 0, "swap": 0}
+    decode_batch, move, swap = SlotPool.decode_batch, SlotPool.move, SlotPool.swap
+
+    def spy_batch(self, slots):
+        calls["decode_batch"].append(list(slots))
+        return decode_batch(self, slots)
+
+    def spy_move(self, src, dst):
+        calls["move"] += 1
+        return move(self, src, dst)
+
+    def spy_swap(self, a, b):
+        calls["swap"] += 1
+        return swap(self, a, b)
+
+    monkeypatch.setattr(SlotPool, "decode_batch", spy_batch)
+    monkeypatch.setattr(SlotPool, "move", spy_move)
+    monkeypatch.setattr(SlotPool, "swap", spy_swap)
+    prompts = prompts_for([6, 11, 3, 9, 14, 5, 12, 7], seed=4)
+    max_tokens = [3, 12, 5, 9, 2, 7, 4, 6]
+    engine = Engine(model(), max_num_seqs=4, max_model_len=64, prefill_chunk=4)
     ids = [engine.add_request(p, greedy(n)) for p, n in zip(prompts, max_tokens)]
     got: dict[str, list[int]] = {}
-    moves = 0
     while engine.has_unfinished():
-        before = {r.request_id: r.slot for r in engine._running}
         for o in engine.step():
             got.setdefault(o.request_id, []).extend(o.new_token_ids)
         occupied = sorted(r.slot for r in engine._running)
         assert occupied == list(range(len(occupied))), occupied
-        moves += sum(1 for r in engine._running if r.request_id in before and before[r.request_id] != r.slot)
-    assert moves > 0
+    assert all(slots == list(range(len(slots))) for slots in calls["decode_batch"]), calls["decode_batch"]
+    assert calls["move"] > 0 and calls["swap"] > 0, calls
     for rid, p, n in zip(ids, prompts, max_tokens):
         assert got[rid] == reference(tuple(p), n)
 

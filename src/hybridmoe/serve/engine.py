@@ -20,9 +20,9 @@ padding machinery the model already has (left-padded batches):
     a position only matters for the causal mask, and a query at S sees exactly the unmasked keys 0..S-1;
   - the Mamba layers take one recurrent step on the rows' states in place when the batch's slots follow each other
     (views of the pool), else on gathered copies that are written back afterwards. Slots are handed out lowest
-    first, a finished request's slot is refilled by the request in the highest slot (its cache copied once), and
-    the step decodes in slot order, so the batch is consecutive except while a request that moved down is still
-    being prefilled.
+    first, a finished request's slot is refilled by the request in the highest slot (its cache copied once), and a
+    request that finishes its prefill above one still waiting for its own swaps slots with it, so the decoding
+    requests hold slots 0..k-1 at every step.
 Greedy outputs therefore equal decoding each prompt alone (tested against `model.generate`).
 
 Decode modes (`decode_mode`). That batch has a new shape every step, which is cheap on a CPU but on a GPU costs
@@ -193,6 +193,19 @@ class SlotPool:
                 state.value[dst, :, :n].copy_(state.value[src, :, :n])
         self.lengths[dst] = n
 
+    def swap(self, a: int, b: int) -> None:
+        """Exchange the caches of slots `a` and `b` (and their lengths)."""
+        n = max(self.lengths[a], self.lengths[b])
+        pair, flipped = [a, b], [b, a]
+        for state in self.cache.layers:
+            if isinstance(state, MambaState):
+                state.conv[pair] = state.conv[flipped]
+                state.ssm[pair] = state.ssm[flipped]
+            elif isinstance(state, KVState):
+                state.key[pair, :, :n] = state.key[flipped, :, :n]
+                state.value[pair, :, :n] = state.value[flipped, :, :n]
+        self.lengths[a], self.lengths[b] = self.lengths[b], self.lengths[a]
+
     def row(self, slot: int) -> _CacheRows:
         """A batch-1 cache over slot `slot` whose tensors are views of the pool: the model's cached forward writes
         the slot in place."""
@@ -210,10 +223,9 @@ class SlotPool:
         """A cache over `slots` for one decode token each, and the attention_mask (b, S + 1) that gives every row its
         own length (see the module docstring). Call `write_back` after the forward.
 
-        Slots that follow each other (s, s + 1, ..., the usual case: slots are handed out lowest first and the
-        engine decodes in slot order) are read as views of the pool, which the forward updates in place; others are
-        gathered into copies that `write_back` scatters back (the Mamba states: every row's whole state, twice a
-        step)."""
+        Slots that follow each other (s, s + 1, ...: the engine decodes slots 0..k-1) are read as views of the pool,
+        which the forward updates in place; others are gathered into copies that `write_back` scatters back (the
+        Mamba states: every row's whole state, twice a step)."""
         lengths = torch.tensor([self.lengths[s] for s in slots], device=_device_of(self.cache))
         index = torch.tensor(slots, device=lengths.device)
         first = slots[0]
@@ -428,7 +440,7 @@ class Engine:
             req.slot = self.pool.allocate()
             self._running.append(req)
 
-        decoding = sorted((r for r in self._running if not r.prefilling), key=lambda r: r.slot)  # slot order: views
+        decoding = self._decoding_in_front()
         if decoding:
             try:
                 rows = list(zip(decoding, self._decode(decoding)))
@@ -591,6 +603,20 @@ class Engine:
         if req.finish_reason is not None:
             return self._finish(req, [token], new_logprobs)
         return self._output(req, [token], new_logprobs)
+
+    def _decoding_in_front(self) -> list[Request]:
+        """The decoding requests in slots 0..k-1, in slot order (one consecutive batch, read in place): one that
+        finished its prefill in a higher slot swaps caches with a request still waiting for its prefill below
+        (`_release_slot` keeps the occupied slots 0..n-1, so every slot below k is taken)."""
+        decoding = sorted((r for r in self._running if not r.prefilling), key=lambda r: r.slot)
+        k = len(decoding)
+        if not decoding or decoding[-1].slot == k - 1:
+            return decoding
+        waiting_below = sorted((r for r in self._running if r.prefilling and r.slot < k), key=lambda r: r.slot)
+        for req, other in zip([r for r in decoding if r.slot >= k], waiting_below):
+            self.pool.swap(req.slot, other.slot)
+            req.slot, other.slot = other.slot, req.slot
+        return sorted(decoding, key=lambda r: r.slot)
 
     def _release_slot(self, req: Request) -> None:
         """Free the request's slot. The request in the highest occupied slot, when it is above, moves down into it
