@@ -1,0 +1,114 @@
+"""What a new user copies from the READMEs works: every `hybridmoe` command in their shell blocks is one the CLI
+accepts (recipes that load and validate with their overrides, task domains and environments that exist), the
+README's set-up installs what CI installs, and the weekly newest-releases job (.ci/newest) names test files that
+exist.
+
+Commands are checked, not run: argparse, the recipe loader and the name resolvers each fail before any model loads.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from hybridmoe.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+READMES = ("README.md", "benchmarks/README.md")
+# What the READMEs write around a command rather than into it: `&` (in the background), `...` (the flags above),
+# `[--flag]` (optional).
+NOTATION = re.compile(r"^(&|\.\.\.|\[.*|.*\])$")
+
+
+def shell_commands(text: str, program: str = "hybridmoe") -> list[str]:
+    """The lines of the ```bash / ```sh / bare ``` blocks that start with `program`, continuation lines joined."""
+    commands, block = [], None
+    for line in text.splitlines():
+        if line.startswith("```"):
+            if block is None:
+                block = [] if line.strip() in ("```", "```bash", "```sh") else "other"
+            else:
+                if block != "other":
+                    commands += _joined(block)
+                block = None
+        elif block is not None and block != "other":
+            block.append(line)
+    return [c for c in commands if c.startswith(program + " ")]
+
+
+def _joined(lines: list[str]) -> list[str]:
+    out, current = [], ""
+    for line in lines:
+        current += line.strip()
+        if current.endswith("\\"):
+            current = current[:-1].rstrip() + " "
+            continue
+        out.append(current)
+        current = ""
+    return out + ([current] if current else [])
+
+
+def _readme_commands() -> list[tuple[str, str]]:
+    return [(name, c) for name in READMES for c in shell_commands((ROOT / name).read_text())]
+
+
+def test_the_commands_are_found():
+    found = _readme_commands()
+    assert len(found) > 20 and any("hybridmoe speedrun" in c for _, c in found)
+    text = "```bash\nhybridmoe sft r.yaml a=1 \\\n    b=2   # note\n```\n```python\nhybridmoe x\n```\n"
+    assert shell_commands(text) == ["hybridmoe sft r.yaml a=1 b=2   # note"]
+
+
+@pytest.mark.parametrize("readme,command", _readme_commands(), ids=lambda v: " ".join(v.split()[:3]))
+def test_a_readme_command_is_one_the_cli_accepts(readme, command, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # recipes/... paths are relative to the repository
+    argv = [a for a in shlex.split(command, comments=True)[1:] if not NOTATION.match(a)]
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit:
+        pytest.fail(f"{readme}: `{command}` does not parse: {capsys.readouterr().err.strip()}")
+    if args.command in ("pretrain", "sft", "rl", "distill"):
+        from hybridmoe.train.config import DistillRecipe, Recipe, RLRecipe, SFTRecipe
+
+        recipe_class = {"pretrain": Recipe, "sft": SFTRecipe, "rl": RLRecipe, "distill": DistillRecipe}[args.command]
+        recipe_class.from_yaml(args.recipe, args.overrides).validate()
+    if getattr(args, "domains", None) and args.command == "eval":
+        from hybridmoe.eval.tasks import resolve_domains
+
+        resolve_domains(args.domains, args.difficulty)
+    if getattr(args, "domains", None) and args.command == "tasks" and args.domains != "all":
+        from hybridmoe.tasks import get_domain
+
+        for name in args.domains.split(","):
+            get_domain(name.strip())
+    if getattr(args, "envs", None):
+        from hybridmoe.eval.envs import resolve_envs
+
+        resolve_envs(args.envs, args.difficulty)
+
+
+def test_the_readme_installs_what_ci_installs():
+    ci = (ROOT / ".ci" / "run").read_text()
+    readme = (ROOT / "README.md").read_text()
+    torch_pin = re.search(r"pip install --quiet (torch==\S+)", ci).group(1)
+    assert f"pip install {torch_pin}\n" in readme
+    assert '-c .ci/constraints.txt -e ".[test]"' in ci
+    assert 'pip install -c .ci/constraints.txt -e ".[test]"' in readme
+    # The pinned transformers lies in the range pyproject allows (the range .ci/newest tests the top of).
+    from packaging.specifiers import SpecifierSet
+
+    pinned = re.search(r"^transformers==(\S+)$", (ROOT / ".ci" / "constraints.txt").read_text(), re.M).group(1)
+    allowed = re.search(r'"transformers([^"]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert pinned in SpecifierSet(allowed), (pinned, allowed)
+
+
+def test_the_newest_releases_job_names_tests_that_exist():
+    script = (ROOT / ".ci" / "newest").read_text().replace("\\\n", " ")
+    line = next(line for line in script.splitlines() if line.startswith("python -m pytest"))
+    paths = [a for a in shlex.split(line) if a.startswith("tests")]
+    assert paths
+    missing = [p for p in paths if not list(ROOT.glob(p))]
+    assert not missing, f".ci/newest runs tests that do not exist: {missing}"
