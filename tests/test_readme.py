@@ -112,3 +112,16 @@ def test_the_newest_releases_job_names_tests_that_exist():
     assert paths
     missing = [p for p in paths if not list(ROOT.glob(p))]
     assert not missing, f".ci/newest runs tests that do not exist: {missing}"
+
+
+def test_the_using_the_model_example_runs(tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Using the model") :]
+    code = section[section.index("```python\n") + len("```python\n") :]
+    code = code[: code.index("```")]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md (Using the model)", "exec"), namespace)
+    tokens = namespace["tokens"]
+    assert tokens.shape[0] == 2 and 16 < tokens.shape[1] <= 16 + 32 and (tmp_path / "ckpt" / "config.json").exists()
+    assert namespace["big"].config.num_hidden_layers > 100
