@@ -8,7 +8,9 @@ the first. `--alphabet` draws the random tokens from that many ids only; `--patt
 copy at a fixed distance (N = 1: each token repeated once, which the Mamba conv window alone can predict).
 `--control llama` trains transformers' `LlamaForCausalLM` instead (attention with rotary positions and SwiGLU MLPs,
 `--layers` of them, hidden 256, 4 heads, 2 KV heads: the textbook architecture for induction heads) on the same data:
-whether a plateau is this hybrid's or the task's at this budget.
+whether a plateau is this hybrid's or the task's at this budget. `--control attention-only` trains the setting of
+the induction-head papers: `--layers` causal attention layers (hidden 256, 4 heads) with learned absolute positions,
+no MLPs, a LayerNorm before the output, over the token ids in use only.
 The default speedrun runs about 350 pretraining + 380 SFT steps of 8 x 512 tokens.
 
     python benchmarks/bench_induction.py --steps 200                    # 7,900 token ids
@@ -16,6 +18,8 @@ The default speedrun runs about 350 pretraining + 380 SFT steps of 8 x 512 token
     python benchmarks/bench_induction.py --steps 150 --alphabet 50 --pattern 'M*-M*-'
     python benchmarks/bench_induction.py --steps 150 --alphabet 50 --lag 20 --batch 4 --lr 1e-3   # fixed lag
     python benchmarks/bench_induction.py --control llama --steps 400 --alphabet 1000 --seq-len 256 --lr 1e-3
+    python benchmarks/bench_induction.py --control attention-only --seq-len 64 --batch 64 --alphabet 64 --lr 1e-3 \\
+        --steps 600
 """
 
 import argparse
@@ -24,11 +28,37 @@ import os
 import platform
 import random
 import time
+from types import SimpleNamespace
 
 import torch
 
 from hybridmoe.config import HybridMoEConfig
 from hybridmoe.modeling import HybridMoEForCausalLM
+
+
+class AttentionOnly(torch.nn.Module):
+    """Token and learned position embeddings, `layers` residual causal self-attention layers, LayerNorm, unembedding."""
+
+    def __init__(self, vocab: int, positions: int, layers: int, hidden: int = 256, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.embed, self.position = torch.nn.Embedding(vocab, hidden), torch.nn.Embedding(positions, hidden)
+        self.qkv = torch.nn.ModuleList(torch.nn.Linear(hidden, 3 * hidden, bias=False) for _ in range(layers))
+        self.out = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden, bias=False) for _ in range(layers))
+        self.norm, self.unembed = torch.nn.LayerNorm(hidden), torch.nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, ids, labels=None):
+        b, t = ids.shape
+        x = self.embed(ids) + self.position(torch.arange(t))
+        for qkv, out in zip(self.qkv, self.out):
+            q, k, v = qkv(x).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + out(y.transpose(1, 2).reshape(b, t, -1))
+        logits = self.unembed(self.norm(x))
+        loss = None
+        if labels is not None:
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        return SimpleNamespace(logits=logits, loss=loss)
 
 
 def main():
@@ -41,11 +71,17 @@ def main():
     p.add_argument("--pattern", default=None, help="hybrid_override_pattern instead of the preset's")
     p.add_argument("--lag", type=int, default=None, help="spans of exactly this many tokens: a copy at a fixed lag")
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--control", choices=["llama"], default=None, help="a transformers Llama instead of the preset")
+    p.add_argument(
+        "--control",
+        choices=["llama", "attention-only"],
+        default=None,
+        help="a transformers Llama, or attention layers alone, instead of the preset",
+    )
     p.add_argument("--layers", type=int, default=2, help="the control's layers")
+    p.add_argument("--seed", type=int, default=0, help="the model's initialization and the training data")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "induction.jsonl"))
     a = p.parse_args()
-    torch.manual_seed(0)
+    torch.manual_seed(a.seed)
     torch.set_num_threads(2)
     if a.control == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -54,12 +90,14 @@ def main():
             vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=a.layers,
             num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
         ))  # fmt: skip
+    elif a.control == "attention-only":
+        model = AttentionOnly(vocab=100 + a.alphabet, positions=max(a.seq_len, 128), layers=a.layers)
     else:
         overrides = {"hybrid_override_pattern": a.pattern} if a.pattern else {}
         model = HybridMoEForCausalLM(HybridMoEConfig.from_preset(a.preset, vocab_size=8192, **overrides))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    rng = random.Random(0)
+    rng = random.Random(a.seed)
 
     def row():
         out = []
