@@ -151,3 +151,17 @@ def test_shell_session_rejects_bad_files_and_limits():
             ShellSession(files)
     with pytest.raises(ValueError, match="timeout_s must be positive"):
         ShellSession(timeout_s=0)
+
+
+def test_the_cpu_limit_backs_up_the_wall_clock_and_never_races_it():
+    # A single-threaded run uses at most its wall time in CPU time: with the CPU limit above the timeout the wall clock
+    # always ends a busy loop first, and the result says "timed out" (at equal limits they raced; CI saw the CPU
+    # limit win once, reported through unshare as exit code 1 and "sigprocmask unblock failed").
+    for timeout_s in (0.5, 1.0, 2.5, 10.0):
+        assert sandbox._limits(timeout_s, 256, 8, 2**20)["RLIMIT_CPU"] >= timeout_s + 1
+    session = ShellSession(timeout_s=1.0)
+    try:
+        r = session.run("while :; do :; done")
+    finally:
+        session.close()
+    assert r.timed_out, r

@@ -25,8 +25,9 @@ itself; bubblewrap and nsjail combine the same kernel features):
   root from RLIMIT_NPROC, and a shared uid such as nobody would share one count between concurrent runs). After the
   run every process of that uid is killed (`kill(-1)` as that uid) and, without a mount namespace, whatever it left
   in the world-writable directories is removed;
-- limits (soft = hard, so the code cannot raise them): CPU seconds, address space (per process), processes, file
-  size (which also caps stdout and stderr: they go to files), open files, no core files;
+- limits (soft = hard, so the code cannot raise them): CPU seconds (one above the wall-clock timeout), address
+  space (per process), processes, file size (which also caps stdout and stderr: they go to files), open files, no
+  core files;
 - no new privileges (setuid programs do not elevate), then a seccomp filter (x86-64): `socket(2)` and `io_uring`
   fail with EACCES, so there is no network even without a network namespace, and 32-bit and x32 system calls fail;
 - Landlock (Linux >= 5.13): the file system is read-only except the working directory and /dev/null; from ABI 4 TCP
@@ -174,7 +175,11 @@ def _layers(iso: Isolation) -> dict:
 
 def _limits(timeout_s: float, memory_mb: int, processes: int, file_bytes: int) -> dict[str, int]:
     return {
-        "RLIMIT_CPU": max(1, math.ceil(timeout_s)),
+        # A backstop one second above the wall-clock limit: a single-threaded run uses no more CPU than wall time, so
+        # the wall clock ends it first and the result says it timed out. At equal limits the two raced, and when the
+        # CPU limit won, util-linux's unshare turned its child's SIGKILL into exit code 1 and "sigprocmask unblock
+        # failed: Invalid argument" (it cannot re-raise SIGKILL on itself).
+        "RLIMIT_CPU": max(1, math.ceil(timeout_s)) + 1,
         "RLIMIT_AS": memory_mb * 2**20,
         "RLIMIT_NPROC": processes,
         "RLIMIT_FSIZE": file_bytes,
