@@ -18,9 +18,18 @@ from hybridmoe.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 READMES = ("README.md", "benchmarks/README.md")
-# What the READMEs write around a command rather than into it: `&` (in the background), `...` (the flags above),
-# `[--flag]` (optional).
-NOTATION = re.compile(r"^(&|\.\.\.|\[.*|.*\])$")
+
+
+def arguments(command: str) -> list[str]:
+    """The arguments of a README command, without what the READMEs write around them rather than into them: `&` (in
+    the background), `...` (the flags above) and optional flags in brackets (`[--ep E]`)."""
+    out, optional = [], False
+    for token in shlex.split(command, comments=True)[1:]:
+        optional = optional or token.startswith("[-")
+        if not optional and token not in ("&", "..."):
+            out.append(token)
+        optional = optional and not token.endswith("]")
+    return out
 
 
 def shell_commands(text: str, program: str = "hybridmoe") -> list[str]:
@@ -60,12 +69,13 @@ def test_the_commands_are_found():
     assert len(found) > 20 and any("hybridmoe speedrun" in c for _, c in found)
     text = "```bash\nhybridmoe sft r.yaml a=1 \\\n    b=2   # note\n```\n```python\nhybridmoe x\n```\n"
     assert shell_commands(text) == ["hybridmoe sft r.yaml a=1 b=2   # note"]
+    assert arguments("hybridmoe x --a 1 [--b] [--c C] ... 'k=[1, 2]' &  # c") == ["x", "--a", "1", "k=[1, 2]"]
 
 
 @pytest.mark.parametrize("readme,command", _readme_commands(), ids=lambda v: " ".join(v.split()[:3]))
 def test_a_readme_command_is_one_the_cli_accepts(readme, command, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)  # recipes/... paths are relative to the repository
-    argv = [a for a in shlex.split(command, comments=True)[1:] if not NOTATION.match(a)]
+    argv = arguments(command)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit:
