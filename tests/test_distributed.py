@@ -13,9 +13,9 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import yaml
 from helpers import write_prepared
+from ranks import start_ranks
 from safetensors.torch import load_file
 from test_pretrain import VOCAB, pattern_docs, step_records
 
@@ -31,9 +31,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 def _spawn(fn, world: int, tmp_path, *args):
     """Run fn(rank, world, init_file, out_dir, *args) in `world` processes joined by a gloo group."""
-    mp.start_processes(
-        fn, args=(world, str(tmp_path / "store"), str(tmp_path), *args), nprocs=world, start_method="spawn"
-    )
+    start_ranks(fn, (world, str(tmp_path / "store"), str(tmp_path), *args), nprocs=world)
 
 
 # ---------------------------------------------------------------------------------------------- EP kernel

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import start_ranks
 
 from hybridmoe import HybridMoEConfig, HybridMoEForCausalLM
 from hybridmoe.cli import main
@@ -147,7 +147,7 @@ def test_tensor_parallel_parameters_are_what_each_rank_holds(tmp_path):
     """Under tp 2 each rank holds the split weights' halves and, whole, what tensor parallelism leaves whole (the
     embedding, the norms between mixers, the router, the latent projections, the routed experts): the plan's
     parameter bytes are those of the parallelized model on each gloo rank."""
-    mp.start_processes(_tp_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="spawn")
+    start_ranks(_tp_rank, (str(tmp_path / "store"), str(tmp_path)), nprocs=2)
     held = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
     planned = plan(HybridMoEConfig.from_preset("debug"), Layout(tp=2), 64, precision="fp32")
     assert held[0] == held[1] and planned.params == 4 * held[0], (planned.params / 4, held)

@@ -124,8 +124,12 @@ def test_a_slow_machine_stops_at_the_deadlines_and_the_report_says_so(tmp_path, 
 
 
 def test_stages_can_be_left_out_and_bad_ones_are_refused(tmp_path, monkeypatch):
+    # On the slow machine's fake clock (as above): which stages run is what counts here, not how long they train.
+    clock = SlowClock(5.0)
+    clock.slow_down(monkeypatch, loop_mod)
+    monkeypatch.setattr(speedrun_mod, "time", clock)
     monkeypatch.setattr(speedrun_mod, "measure_matmul_peak", lambda **kw: {"float32": 100.0})
-    plan = Plan(minutes=0.5, eval_reserve_s=10, **TOY)
+    plan = Plan(minutes=1.0, eval_reserve_s=15, **TOY)
     speedrun(out_dir=str(tmp_path / "run"), plan=plan, stages=("pretrain", "sft"))
     stages = json.loads((tmp_path / "run" / "stages.json").read_text())
     assert [r["stage"] for r in stages] == ["pretrain phase 1", "pretrain phase 2", "sft"]

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import start_ranks
 from test_automodel import FAMILIES, _randomize_constant_tensors_
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
@@ -106,9 +106,7 @@ def _worker(rank, world, store, out_dir, family, ep, lora=False):
     "family,ep", [("qwen3_moe", 2), ("mixtral", 2), ("nemotron_h", 2), ("gpt_oss", 2), ("qwen3_moe", 1)]
 )
 def test_parallel_equals_single_process(tmp_path, family, ep):
-    mp.start_processes(
-        _worker, args=(WORLD, str(tmp_path / "store"), str(tmp_path), family, ep), nprocs=WORLD, start_method="spawn"
-    )
+    start_ranks(_worker, (WORLD, str(tmp_path / "store"), str(tmp_path), family, ep), nprocs=WORLD)
     for rank in range(WORLD):
         with open(tmp_path / f"{family}-{ep}-{rank}.json") as fh:
             r = json.load(fh)
@@ -123,10 +121,7 @@ def test_parallel_equals_single_process(tmp_path, family, ep):
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
 def test_expert_lora_under_expert_parallelism_equals_single_process(tmp_path, family):
-    mp.start_processes(
-        _worker, args=(WORLD, str(tmp_path / "store"), str(tmp_path), family, 2, True), nprocs=WORLD,
-        start_method="spawn",
-    )  # fmt: skip
+    start_ranks(_worker, (WORLD, str(tmp_path / "store"), str(tmp_path), family, 2, True), nprocs=WORLD)
     for rank in range(WORLD):
         with open(tmp_path / f"{family}-2-{rank}.json") as fh:
             r = json.load(fh)

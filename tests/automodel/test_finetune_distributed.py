@@ -10,8 +10,8 @@ import shutil
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import transformers
+from ranks import start_ranks
 from test_finetune import CHATS, _model_dir, _qwen3_moe, _write_chats, tokenizer_dir  # noqa: F401 (fixture)
 
 from hybridmoe.train.metrics import read_log
@@ -32,7 +32,7 @@ def _rank(rank, world, port, flags, resume):
 
 
 def _torchrun(flags: dict, port: int, resume: bool = False) -> None:
-    mp.start_processes(_rank, args=(WORLD, port, flags, resume), nprocs=WORLD, start_method="spawn")
+    start_ranks(_rank, (WORLD, port, flags, resume), nprocs=WORLD)
 
 
 @pytest.mark.parametrize("lora", [False, True])

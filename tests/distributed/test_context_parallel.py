@@ -11,7 +11,7 @@ import pytest
 import test_distributed
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import start_ranks
 from test_distributed import _assert_same_trajectory, _torchrun
 from test_pretrain import step_records
 
@@ -110,8 +110,8 @@ def _cp_worker(rank, world, store, out_dir, cp, steps, packed, tp=1, ep=1):
 )  # fmt: skip
 def test_context_parallel_matches_single_process(tmp_path, world, cp, packed, tp, ep):
     # ep borrows its ranks from cp and tp too (the experts' mesh folds every rank of the stage: `distributed.mesh`)
-    mp.start_processes(_cp_worker, args=(world, str(tmp_path / "store"), str(tmp_path), cp, 3, packed, tp, ep),
-                       nprocs=world, start_method="spawn")  # fmt: skip
+    start_ranks(_cp_worker, (world, str(tmp_path / "store"), str(tmp_path), cp, 3, packed, tp, ep),
+                       nprocs=world)  # fmt: skip
     r = json.loads((tmp_path / "cp.json").read_text())
     assert r["losses"] == pytest.approx(r["ref"], rel=1e-4), r
     assert max(r["grad_errors"]) < 1e-4, r

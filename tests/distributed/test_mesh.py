@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import start_ranks
 
 from hybridmoe.distributed import ParallelDims
 
@@ -50,8 +50,7 @@ def test_the_experts_mesh_folds_the_ranks_of_a_stage(tmp_path):
     """pp 2 x cp 2 x tp 2 on 8 ranks (stage 0: ranks 0-3, cp-major, tp innermost), ep 2: the experts' groups are
     consecutive ranks of a stage (here the tp pairs), "edp" the ranks holding the same experts; the experts'
     gradients are scaled by tp / ep."""
-    mp.start_processes(_mesh_worker, args=(8, str(tmp_path / "store"), str(tmp_path), 2, 2, 2, 2), nprocs=8,
-                       start_method="spawn")  # fmt: skip
+    start_ranks(_mesh_worker, (8, str(tmp_path / "store"), str(tmp_path), 2, 2, 2, 2), nprocs=8)
     r = {rank: json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(8)}
     assert r[0]["tp"] == [0, 1] and r[2]["tp"] == [2, 3]
     assert r[0]["ep"] == [0, 1] and r[6]["ep"] == [6, 7]
@@ -79,8 +78,7 @@ def test_a_failed_rank_leaves_without_a_barrier(tmp_path):
     """Before, a rank leaving on an exception waited at a barrier that the other ranks (still in their step's
     collectives) never reached: the job hung until the 30-minute collective timeout instead of exiting, and
     torchrun never got to stop the others. (Here that would deadlock, and the join below would time out.)"""
-    ctx = mp.start_processes(_failing_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2,
-                             start_method="spawn", join=False)  # fmt: skip
+    ctx = start_ranks(_failing_worker, (2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=False)
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:

@@ -11,7 +11,7 @@ import pytest
 import test_distributed
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import start_ranks
 from test_distributed import _assert_exported_equals, _assert_same_trajectory, _resume_from_step5, _torchrun
 from test_pretrain import step_records
 
@@ -116,8 +116,8 @@ def test_pipeline_parallel_matches_single_process(tmp_path, world, pp, tp, cp, e
     layout is the issue's: every dimension at once, ep borrowing its ranks from tp (`distributed.mesh`). dp 2 x pp 2,
     tp 2 x pp 2 and cp 2 x pp 2 alone: `benchmarks/bench_parallel_layouts.py` (10 steps each) and the torchrun tests
     below (dp x pp, tp x pp), kept out of the suite for time."""
-    mp.start_processes(_pp_worker, args=(world, str(tmp_path / "store"), str(tmp_path), pp, 3, 2, tp, cp, ep),
-                       nprocs=world, start_method="spawn")  # fmt: skip
+    start_ranks(_pp_worker, (world, str(tmp_path / "store"), str(tmp_path), pp, 3, 2, tp, cp, ep),
+                       nprocs=world)  # fmt: skip
     r = json.loads((tmp_path / "pp.json").read_text())
     assert r["losses"] == pytest.approx(r["ref"], rel=1e-4), r
     assert max(r["grad_errors"]) < 1e-4, r

@@ -11,7 +11,7 @@ import pytest
 import test_distributed
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import start_ranks
 from safetensors.torch import load_file, save_file
 from test_distributed import _assert_same_trajectory, _resume_from_step5, _torchrun
 from test_pretrain import step_records
@@ -83,7 +83,7 @@ def _run(tmp_path, world, tp, role, overrides):
     if world == 1:
         _state_worker(0, *args)
     else:
-        mp.start_processes(_state_worker, args=args, nprocs=world, start_method="spawn")
+        start_ranks(_state_worker, args, nprocs=world)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import pytest
 import test_distributed
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import start_ranks
 from safetensors.torch import load_file
 from test_distributed import _assert_exported_equals, _assert_same_trajectory, _torchrun
 from test_pretrain import step_records
@@ -99,7 +99,7 @@ def test_tensor_parallel_matches_single_process(tmp_path, world, tp, ep, overrid
     models have 2) each rank computes the KV head its query heads read; SFT's loss weights (tp2-loss-weights) go
     through the vocab-parallel loss."""
     args = (world, str(tmp_path / "store"), str(tmp_path), tp, 3, ep, overrides, weighted)
-    mp.start_processes(_tp_worker, args=args, nprocs=world, start_method="spawn")
+    start_ranks(_tp_worker, args, nprocs=world)
     r = json.loads((tmp_path / "tp.json").read_text())
     assert r["losses"] == pytest.approx(r["ref"], rel=1e-4), r
     assert max(r["grad_errors"]) < 1e-4, r

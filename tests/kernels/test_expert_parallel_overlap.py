@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import start_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -131,9 +131,7 @@ def _worker(rank, world, store, out_dir):
 
 
 def test_overlapped_expert_parallelism_matches_reference(tmp_path):
-    mp.start_processes(
-        _worker, args=(WORLD, str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, start_method="spawn"
-    )
+    start_ranks(_worker, (WORLD, str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD)
     for rank in range(WORLD):
         results = json.loads((tmp_path / f"ep-{rank}.json").read_text())
         assert len(results) == 7

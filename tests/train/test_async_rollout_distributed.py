@@ -10,7 +10,7 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import start_ranks
 from test_async_rollout import checkpoint, greedy_of, rollouts  # noqa: F401 (fixture)
 
 from hybridmoe import HybridMoEConfig, HybridMoEForCausalLM
@@ -48,7 +48,7 @@ def test_rank_zero_owns_the_workers_and_every_rank_gets_the_batch(checkpoint, tm
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_rank, args=(2, port, checkpoint, str(tmp_path)), nprocs=2, start_method="spawn")
+    start_ranks(_rank, (2, port, checkpoint, str(tmp_path)), nprocs=2)
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert records[0] == records[1]
     expected = greedy_of(other_model(checkpoint), range(8))

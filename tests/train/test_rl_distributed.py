@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import start_ranks
 from test_finetune import tokenizer_dir  # noqa: F401 (fixture)
 from test_rl import fake_agent, rl_recipe, step_records
 
@@ -34,7 +34,7 @@ def test_two_processes_with_expert_parallelism_match_one(tmp_path, tokenizer_dir
     sections = {"rl": {"seq_len": 0, "micro_batch_size": 3}, "parallel": {"consolidate": False}}
     rl(rl_recipe(tmp_path / "one", tokenizer_dir, steps=3, **sections))
     args = (str(tmp_path / "two"), tokenizer_dir, dict(sections, parallel={"ep": 2, "consolidate": False}))
-    mp.start_processes(_rank, args=(2, 29470, args), nprocs=2, start_method="spawn")
+    start_ranks(_rank, (2, 29470, args), nprocs=2)
     ref, got = step_records(tmp_path / "one"), step_records(tmp_path / "two")
     assert [r["step"] for r in got] == [1, 2, 3]
     for a, b in zip(ref, got):

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import start_ranks
 from test_finetune import tokenizer_dir  # noqa: F401 (fixture)
 from test_sft import chats, native_recipe, step_records  # noqa: F401 (fixture)
 
@@ -32,7 +32,7 @@ def test_two_processes_with_expert_parallelism_match_one(tmp_path, chats, tokeni
     sft(native_recipe(tmp_path / "one", chats, tokenizer_dir, steps=3, **sections))
     two = dict(sections, parallel={"ep": 2})
     args = (str(tmp_path / "two"), chats, tokenizer_dir, two)
-    mp.start_processes(_rank, args=(2, 29460, args), nprocs=2, start_method="spawn")
+    start_ranks(_rank, (2, 29460, args), nprocs=2)
     ref, got = step_records(tmp_path / "one"), step_records(tmp_path / "two")
     assert [r["step"] for r in got] == [1, 2, 3]
     for a, b in zip(ref, got):
