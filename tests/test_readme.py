@@ -1,15 +1,18 @@
 """What a new user copies from the READMEs works: every `hybridmoe` command in their shell blocks is one the CLI
-accepts (recipes that load and validate with their overrides, task domains and environments that exist), the
-README's set-up installs what CI installs, and the weekly newest-releases job (.ci/newest) names test files that
-exist.
+accepts (recipes that load and validate with their overrides, task domains and environments that exist), every
+`python benchmarks/...` command one its script's parser accepts, the README's set-up installs what CI installs, and
+the weekly newest-releases job (.ci/newest) names test files that exist.
 
 Commands are checked, not run: argparse, the recipe loader and the name resolvers each fail before any model loads.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,6 +101,56 @@ def test_a_readme_command_is_one_the_cli_accepts(readme, command, capsys, monkey
         from hybridmoe.eval.envs import resolve_envs
 
         resolve_envs(args.envs, args.difficulty)
+
+
+# Runs each benchmark script as `__main__` until its parser has parsed (argparse's own errors exit with 2 before
+# that), in one subprocess: the scripts import their heavy modules and set threads at the top, none of which
+# should reach the test process.
+_PARSE_ONLY = r"""
+import argparse, contextlib, io, json, runpy, sys
+
+class Parsed(Exception):
+    pass
+
+parse_args = argparse.ArgumentParser.parse_args
+
+def parse_and_stop(self, *args, **kwargs):
+    parse_args(self, *args, **kwargs)
+    raise Parsed
+
+argparse.ArgumentParser.parse_args = parse_and_stop
+errors = {}
+for i, argv in enumerate(json.loads(sys.argv[1])):
+    sys.argv, err = argv, io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            runpy.run_path(argv[0], run_name="__main__")
+        errors[i] = "ran to the end without parsing its arguments"
+    except Parsed:
+        pass
+    except SystemExit as e:
+        errors[i] = f"exit {e.code}: {err.getvalue().strip()[-500:]}"
+print(json.dumps(errors))
+"""
+
+
+def test_the_benchmark_commands_are_ones_their_scripts_accept():
+    commands = [
+        (name, c)
+        for name in READMES
+        for c in shell_commands((ROOT / name).read_text(), program="python")
+        if c.split()[1].startswith("benchmarks/")
+    ]
+    assert len(commands) > 30
+    argvs = [arguments(c) for _, c in commands]
+    missing = [c for (_, c), argv in zip(commands, argvs) if not (ROOT / argv[0]).is_file()]
+    assert not missing, f"README commands name benchmark scripts that do not exist: {missing}"
+    proc = subprocess.run([sys.executable, "-c", _PARSE_ONLY, json.dumps(argvs)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    bad = {f"{commands[int(i)][0]}: {commands[int(i)][1]}": e for i, e in errors.items()}
+    assert not bad, bad
 
 
 def test_the_readme_installs_what_ci_installs():
