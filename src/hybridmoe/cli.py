@@ -8,6 +8,31 @@ import os
 import sys
 
 
+def _number(kind, low: float, *, inclusive: bool = True):
+    """An argparse type: `kind(text)`, refused unless at least `low` (above it where not `inclusive`)."""
+
+    def parse(text: str):
+        value = kind(text)
+        if not (value >= low if inclusive else value > low):
+            bound = f"{'>=' if inclusive else '>'} {low:g}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give a number {bound}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
+    return parse
+
+
+positive_int, nonnegative_int = _number(int, 1), _number(int, 0)
+positive_float, nonnegative_float = _number(float, 0.0, inclusive=False), _number(float, 0.0)
+
+
+def port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a TCP port: give 0-65535 (0: any free port)")
+    return value
+
+
 def _parse_overrides(pairs: list[str]) -> dict:
     """key=value pairs; values are read as JSON when they parse (numbers, true/false, null, lists), else strings."""
     out = {}
@@ -461,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="directory for the shards and manifest.json")
     p.add_argument("--field", default="text", help="the text field of .jsonl records / column of .parquet files")
     p.add_argument("--workers", type=int, default=2, help="worker processes")
-    p.add_argument("--shard-size-mb", type=float, default=64, help="input MiB per shard")
+    p.add_argument("--shard-size-mb", type=positive_float, default=64, help="input MiB per shard")
     p.add_argument("--max-bad-fraction", type=float, default=0.01, help=BAD_FRACTION_HELP)
     p.set_defaults(func=cmd_prepare)
 
@@ -512,13 +537,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="per-GPU memory and FLOPs of a training layout, or the layouts that fit")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--config", help="a config.json or model directory instead of a preset")
-    p.add_argument("--gpus", type=int, required=True)
-    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
-    p.add_argument("--seq", type=int, default=8192, help="tokens per sequence")
-    p.add_argument("--global-batch", type=int, help="sequences per optimizer step (default: dp x micro-batch x pp)")
-    p.add_argument("--micro-batch", type=int, default=1, help="sequences per rank per micro-step")
+    p.add_argument("--gpus", type=positive_int, required=True)
+    p.add_argument("--gpu-memory", type=positive_float, default=80.0, help="GiB per GPU")
+    p.add_argument("--seq", type=positive_int, default=8192, help="tokens per sequence")
+    p.add_argument(
+        "--global-batch", type=positive_int, help="sequences per optimizer step (default: dp x micro-batch x pp)"
+    )
+    p.add_argument("--micro-batch", type=positive_int, default=1, help="sequences per rank per micro-step")
     for dim in ("dp", "tp", "pp", "cp", "ep"):
-        p.add_argument(f"--{dim}", type=int, help=f"{dim} degree (give any of dp/tp/pp/cp/ep for one layout)")
+        p.add_argument(f"--{dim}", type=positive_int, help=f"{dim} degree (give any of dp/tp/pp/cp/ep for one layout)")
     p.add_argument("--checkpointing", action="store_true", help="full activation recomputation")
     p.add_argument(
         "--implemented",
@@ -526,16 +553,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="only layouts hybridmoe runs today (dp x pp x cp x tp x ep, tp splitting the heads)",
     )
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
-    p.add_argument("--overhead-gib", type=float, default=4.0, help="reserve for CUDA context, NCCL, fragmentation")
-    p.add_argument("--moe-imbalance", type=float, default=1.0, help="max/mean tokens per EP rank")
-    p.add_argument("--gpu-tflops", type=float, help="peak TFLOP/s per GPU, to estimate the step time")
-    p.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for the step-time estimate")
+    p.add_argument(
+        "--overhead-gib", type=nonnegative_float, default=4.0, help="reserve for CUDA context, NCCL, fragmentation"
+    )
+    p.add_argument("--moe-imbalance", type=_number(float, 1.0), default=1.0, help="max/mean tokens per EP rank")
+    p.add_argument("--gpu-tflops", type=positive_float, help="peak TFLOP/s per GPU, to estimate the step time")
+    p.add_argument("--mfu", type=positive_float, default=0.4, help="assumed MFU for the step-time estimate")
     p.add_argument("--json", action="store_true", help="one line of JSON (bytes)")
     p.add_argument("overrides", nargs="*", help="config fields as key=value")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("speedrun", help="the whole CPU pipeline on the embedded default (stdlib sources, tiny)")
-    p.add_argument("--minutes", type=float, default=30.0, help="time budget; step counts are fitted to it")
+    p.add_argument("--minutes", type=positive_float, default=30.0, help="time budget; step counts are fitted to it")
     p.add_argument("--out", help="run directory (default: a new speedrun-<time> folder here)")
     p.add_argument("--stages", help="comma-separated stages to run, pretrain included (default: "
                                     "pretrain,long-context,sft,rl); the time of the others goes to these")  # fmt: skip
@@ -544,11 +573,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("posttrain", help="RL teachers, RL student, MOPD and evaluation from an SFT model (resumable)")
     p.add_argument("--init-from", help="the SFT model (model or run directory); default: the speedrun's pretraining, "
                                        "long context and SFT first, in half the budget")  # fmt: skip
-    p.add_argument("--minutes", type=float, default=60.0, help="time budget of the whole command")
+    p.add_argument("--minutes", type=positive_float, default=60.0, help="time budget of the whole command")
     p.add_argument("--out", help="run directory (default: a new posttrain-<time> folder); again to resume")
     p.add_argument("--size", default="tiny", help="recipes/SIZE-rl.yaml, SIZE-rl-teacher-*.yaml, SIZE-distill.yaml")
     p.add_argument("--recipes", help="the recipes directory (default: the repository's recipes/)")
-    p.add_argument("--samples", type=int, default=40, help="held-out tasks per domain in the evaluations")
+    p.add_argument("--samples", type=positive_int, default=40, help="held-out tasks per domain in the evaluations")
     p.add_argument("--no-compare", action="store_true", help="skip continuing RL for MOPD's student-sampled tokens")
     p.add_argument("overrides", nargs="*", help="recipe keys for every stage, e.g. rl.max_new_tokens=96 (distill.* "
                                                 "for MOPD only)")  # fmt: skip
@@ -678,10 +707,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, models, health, metrics)")
     add_model_args(p, max_tokens=0)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port, default=8000)
     p.add_argument("--served-model-name", help="the model id clients send (default: the checkpoint folder name)")
     p.add_argument("--max-num-seqs", type=int, default=8, help="requests decoded together (engine slots)")
-    p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get on shutdown")
+    p.add_argument("--grace", type=nonnegative_float, default=30.0, help="seconds in-flight requests get on shutdown")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $HYBRIDMOE_API_KEY, else none)")
     p.add_argument(
         "--allowed-host",
@@ -692,7 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--weight-version",
-        type=int,
+        type=nonnegative_int,
         default=0,
         help="the version the weights are reported as (POST /v1/weights raises it)",
     )
@@ -715,7 +744,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="send the prompt as a user message with the chat template")
     p.add_argument(
-        "--speculative", type=int, metavar="K", help="MTP speculative decoding, K drafts per step (not streamed)"
+        "--speculative",
+        type=positive_int,
+        metavar="K",
+        help="MTP speculative decoding, K drafts per step (not streamed)",
     )
     p.set_defaults(func=cmd_generate)
 
@@ -747,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:  # bad input: the message names it, a traceback would bury it
         print(f"error: {e}", file=sys.stderr)
         return 2
 

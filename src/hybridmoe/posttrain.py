@@ -183,6 +183,8 @@ def load_recipes(plan: PostPlan) -> Recipes:
 def posttrain(out_dir: str | None = None, plan: PostPlan | None = None, command: str | None = None) -> str:
     """Run (or resume, in an existing out_dir) the pipeline; the path of report.md."""
     plan = plan or PostPlan()
+    if not plan.minutes > 0:
+        raise ValueError(f"posttrain: minutes must be > 0, got {plan.minutes}")
     t_start = time.monotonic()
     end = t_start + plan.minutes * 60
     recipes = load_recipes(plan)  # bad recipes fail before anything runs

@@ -132,6 +132,8 @@ def speedrun(
     minutes: float = 30.0, out_dir: str | None = None, plan: Plan | None = None, stages: tuple[str, ...] | None = None
 ) -> str:
     plan = plan or Plan(minutes=minutes)
+    if not plan.minutes > 0:
+        raise ValueError(f"speedrun: minutes must be > 0, got {plan.minutes}")
     if stages is not None:
         plan.stages = tuple(stages)
     _check_stages(plan.stages)

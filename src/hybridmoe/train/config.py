@@ -169,8 +169,13 @@ class _RecipeFile:
 
     @classmethod
     def from_yaml(cls, path: str, overrides: list[str] | None = None):
-        with open(path) as fh:
-            d = yaml.safe_load(fh) or {}
+        try:
+            with open(path) as fh:
+                d = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            raise ValueError(f"recipe {path}: no such file (the recipes/ folder holds one per stage)") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"recipe {path} is not valid YAML: {e}") from None
         if not isinstance(d, dict):
             sections = ", ".join(f.name for f in dataclasses.fields(cls))
             raise ValueError(f"{path}: a recipe is a YAML mapping of sections ({sections})")

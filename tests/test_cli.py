@@ -1,0 +1,60 @@
+"""Bad command lines get one line naming what is wrong, exit code 2 and no traceback, before any work starts:
+numbers out of range (argparse's own error), recipes that are missing or not YAML, data that is not there."""
+
+from __future__ import annotations
+
+import pytest
+
+from hybridmoe import posttrain, speedrun
+from hybridmoe.cli import main
+
+
+@pytest.fixture(autouse=True)
+def no_long_runs(monkeypatch):
+    """Were a check to let a bad number through, the command would start an hour-long run inside the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the command got past its argument checks")
+
+    monkeypatch.setattr(speedrun, "speedrun", refuse)
+    monkeypatch.setattr(posttrain, "posttrain", refuse)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["speedrun", "--minutes", "-1"], "argument --minutes: -1 is out of range: give a number > 0"),
+        (["posttrain", "--minutes", "0"], "argument --minutes: 0 is out of range: give a number > 0"),
+        (["posttrain", "--samples", "0"], "argument --samples: 0 is out of range: give a number >= 1"),
+        (["plan", "--gpus", "0"], "argument --gpus: 0 is out of range: give a number >= 1"),
+        (["plan", "--gpus", "8", "--seq", "0"], "argument --seq: 0 is out of range"),
+        (["plan", "--gpus", "8", "--moe-imbalance", "0.5"], "argument --moe-imbalance: 0.5 is out of range"),
+        (["prepare", "x.txt", "--tokenizer", "t", "--output", "o", "--shard-size-mb", "0"], "--shard-size-mb: 0 is"),
+        (["serve", "ckpt", "--port", "70000"], "argument --port: 70000 is not a TCP port: give 0-65535"),
+        (["serve", "ckpt", "--port", "http"], "argument --port: invalid port value: 'http'"),
+        (["serve", "ckpt", "--grace", "-1"], "argument --grace: -1 is out of range: give a number >= 0"),
+        (["generate", "ckpt", "--prompt", "hi", "--speculative", "0"], "argument --speculative: 0 is out of range"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
+def test_numbers_out_of_range_are_refused_by_the_parser(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_recipes_and_data_that_are_not_there_or_not_yaml(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "broken.yaml").write_text("model: [\n")
+    (tmp_path / "nodata.yaml").write_text("data: {phases: [{datasets: {/nonexistent/tokens: 1.0}}]}\n")
+    for argv, message in (
+        (["pretrain", "missing.yaml"], "error: recipe missing.yaml: no such file"),
+        (["sft", "missing.yaml"], "error: recipe missing.yaml: no such file"),
+        (["pretrain", "broken.yaml"], "error: recipe broken.yaml is not valid YAML: "),
+        (["pretrain", "nodata.yaml"], "error: no prepared data directory at /nonexistent/tokens; create one with"),
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(message) and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "runs").exists()
