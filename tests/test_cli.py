@@ -34,6 +34,8 @@ def no_long_runs(monkeypatch):
         (["serve", "ckpt", "--port", "http"], "argument --port: invalid port value: 'http'"),
         (["serve", "ckpt", "--grace", "-1"], "argument --grace: -1 is out of range: give a number >= 0"),
         (["generate", "ckpt", "--prompt", "hi", "--speculative", "0"], "argument --speculative: 0 is out of range"),
+        (["finetune", "--model", "m", "--data", "d.jsonl", "--steps", "0"], "argument --steps: 0 is out of range"),
+        (["finetune", "--model", "m", "--data", "d.jsonl", "--warmup-steps", "-1"], "--warmup-steps: -1 is out of"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )
@@ -53,6 +55,7 @@ def test_recipes_and_data_that_are_not_there_or_not_yaml(tmp_path, capsys, monke
         (["sft", "missing.yaml"], "error: recipe missing.yaml: no such file"),
         (["pretrain", "broken.yaml"], "error: recipe broken.yaml is not valid YAML: "),
         (["pretrain", "nodata.yaml"], "error: no prepared data directory at /nonexistent/tokens; create one with"),
+        (["pretrain", "nodata.yaml", "optim.lr=-1"], "error: optim.lr=-1.0 must be > 0 and optim.min_lr="),
     ):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err

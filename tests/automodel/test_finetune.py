@@ -135,6 +135,8 @@ def test_finetune_rejects_bad_arguments(tmp_path, tokenizer_dir):
         finetune_recipe(model=base, data=str(data), batch_size=3, world_size=2)
     with pytest.raises(ValueError, match="dtype='float16'"):
         finetune_recipe(model=base, data=str(data), dtype="float16")
+    with pytest.raises(ValueError, match="steps=0: must be >= 1"):  # it trained an epoch instead
+        finetune_recipe(model=base, data=str(data), steps=0)
     with pytest.raises(ValueError, match="more than seq_len"):
         sft(finetune_recipe(model=base, data=str(data), seq_len=8, progress=False, out_dir=str(tmp_path / "r")))
 

@@ -240,6 +240,8 @@ def _validate_common(o: OptimSection, t: TrainSection, d=None) -> None:
         raise ValueError("optim.decay_fraction must be in [0, 1] and optim.warmup_steps >= 0")
     if t.time_limit_s is not None and not t.time_limit_s > 0:
         raise ValueError(f"train.time_limit_s={t.time_limit_s}: give a positive number of seconds, or null")
+    if not o.lr > 0 or o.min_lr < 0:
+        raise ValueError(f"optim.lr={o.lr} must be > 0 and optim.min_lr={o.min_lr} >= 0")
     if o.min_lr > o.lr:
         raise ValueError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}")
 

@@ -286,6 +286,8 @@ def finetune_recipe(
                         ("save_every", save_every)):  # fmt: skip
         if value < 1:
             raise ValueError(f"{name}={value}: must be >= 1")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps={steps}: must be >= 1, or None to train `epochs` epochs")
     if batch_size % micro_batch_size:
         raise ValueError(f"batch_size={batch_size} is not a multiple of micro_batch_size={micro_batch_size}")
     if batch_size % (world * micro_batch_size):
