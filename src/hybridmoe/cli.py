@@ -661,7 +661,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overlap-seeds", type=int, default=1000, help="count evaluated prompts that also come from "
                    "this many training seeds")  # fmt: skip
     e.add_argument("--max-num-seqs", type=int, default=16, help="requests decoded together (engine slots)")
-    e.add_argument("--max-model-len", type=int, help="prompt + output tokens per request (default: the config's)")
+    e.add_argument(
+        "--max-model-len", type=positive_int, help="prompt + output tokens per request (default: the config's)"
+    )
     e.add_argument("--out", help="results folder (default: eval/tasks-<checkpoint name>)")
     e.add_argument("--tokenizer", help="tokenizer directory, if not in the checkpoint")
     e.add_argument("--device", help="default: cuda if available, else cpu")
@@ -678,7 +680,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "both measured separately")  # fmt: skip
     e.add_argument("--max-new-tokens", type=int, default=512, help="generated tokens per episode (all turns)")
     e.add_argument("--max-num-seqs", type=int, default=16, help="requests decoded together (engine slots)")
-    e.add_argument("--max-model-len", type=int, help="prompt + output tokens per request (default: the config's)")
+    e.add_argument(
+        "--max-model-len", type=positive_int, help="prompt + output tokens per request (default: the config's)"
+    )
     e.add_argument("--out", help="results folder (default: eval/envs-<checkpoint name>)")
     e.add_argument("--tokenizer", help="tokenizer directory, if not in the checkpoint")
     e.add_argument("--device", help="default: cuda if available, else cpu")
@@ -688,7 +692,9 @@ def build_parser() -> argparse.ArgumentParser:
     def add_model_args(p, max_tokens: int):
         p.add_argument("checkpoint", help="a Hugging Face model directory with its tokenizer")
         p.add_argument("--tokenizer", help="tokenizer directory, if not in the checkpoint")
-        p.add_argument("--max-model-len", type=int, help="prompt + output tokens per request (default: the config's)")
+        p.add_argument(
+            "--max-model-len", type=positive_int, help="prompt + output tokens per request (default: the config's)"
+        )
         p.add_argument("--device", help="default: cuda if available, else cpu")
         p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: bfloat16 on GPU, else fp32")
         p.add_argument("--reasoning-budget", type=int, help="force </think> after this many thinking tokens")

@@ -80,6 +80,21 @@ def test_serve_defaults_to_loopback():
     assert args.host == "127.0.0.1" and args.port == 8000
 
 
+def test_an_address_it_cannot_listen_on_is_one_error_line(checkpoint, capsys):
+    """A port in use, a host name that does not resolve: before, a traceback (and an OverflowError for a port
+    above 65535, now refused by the parser)."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", checkpoint, "--port", str(port)]) == 2
+        assert f"error: cannot listen on 127.0.0.1:{port}: Address already in use" in capsys.readouterr().err
+    assert main(["serve", checkpoint, "--host", "no-such-host.invalid", "--port", "0"]) == 2
+    assert "error: cannot listen on no-such-host.invalid:0: " in capsys.readouterr().err
+
+
 def test_serve_subprocess_answers_and_stops_on_sigterm(checkpoint):
     cmd = [sys.executable, "-m", "hybridmoe.cli", "serve", checkpoint, "--port", "0", "--max-model-len", "512",
            "--served-model-name", "tiny", "--grace", "5", "--max-stop", "1"]  # fmt: skip

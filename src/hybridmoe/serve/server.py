@@ -374,7 +374,11 @@ def build_server(
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # and Linux passes it on to accepted connections
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as e:  # an unknown host name, an address not on this machine, a port in use or privileged
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --host or --port") from None
     return GracefulServer(config, serving, grace_s), sock
 
 
