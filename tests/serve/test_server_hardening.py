@@ -361,11 +361,13 @@ def test_a_full_queue_is_a_503_and_a_slow_request_a_504(checkpoint):
         results = []
         threads = [threading.Thread(target=lambda: results.append(post(server, "/v1/completions", body)))
                    for _ in range(2)]  # fmt: skip
-        for t in threads:  # one holds the slot, one waits
+        # One holds the slot, then one waits. (Started together, both could arrive before the engine scheduled the
+        # first: the second found the queue full and got the 503 meant for the third.)
+        for t, state in zip(threads, ((1, 0), (1, 1))):
             t.start()
-        deadline = time.monotonic() + 30
-        while (engine.num_running, engine.num_waiting) != (1, 1) and time.monotonic() < deadline:
-            time.sleep(0.01)
+            deadline = time.monotonic() + 30
+            while (engine.num_running, engine.num_waiting) != state and time.monotonic() < deadline:
+                time.sleep(0.01)
         r = post(server, "/v1/completions", body)
         error_of(r, 503, code="queue_full")
         assert r.headers["retry-after"] == "1"
