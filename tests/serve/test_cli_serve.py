@@ -80,10 +80,17 @@ def test_serve_defaults_to_loopback():
     assert args.host == "127.0.0.1" and args.port == 8000
 
 
-def test_an_address_it_cannot_listen_on_is_one_error_line(checkpoint, capsys):
-    """A port in use, a host name that does not resolve: before, a traceback (and an OverflowError for a port
-    above 65535, now refused by the parser)."""
+def test_an_address_it_cannot_listen_on_is_one_error_line_before_the_model_loads(checkpoint, capsys, monkeypatch):
+    """A port in use, a host name that does not resolve: before, a traceback after the load (and an OverflowError
+    for a port above 65535, now refused by the parser)."""
     import socket
+
+    from hybridmoe.serve import load
+
+    def not_yet(*args, **kwargs):
+        raise AssertionError("the model was loaded before the address was checked")
+
+    monkeypatch.setattr(load, "load_engine", not_yet)
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

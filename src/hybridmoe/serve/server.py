@@ -355,8 +355,10 @@ def build_server(
     log_level="info",
     api_key: str | None = None,
     allowed_hosts: list[str] | tuple[str, ...] = (),
+    sock: socket.socket | None = None,
 ) -> tuple[GracefulServer, socket.socket]:
-    """A GracefulServer and its bound listening socket (port 0: a free port, read it from the socket)."""
+    """A GracefulServer and its bound listening socket (port 0: a free port, read it from the socket); `sock`: one
+    `listen_socket` bound already."""
     limits = serving.limits
     app = create_app(serving, api_key=api_key, allowed_hosts=allowed_host_names(host, allowed_hosts))
     protocol = type("HeadTimeoutH11Protocol", (_HeadTimeoutH11Protocol,), {"head_timeout": limits.header_timeout_s})
@@ -367,6 +369,12 @@ def build_server(
         app, http=protocol, log_level=log_level, timeout_graceful_shutdown=max(1, int(grace_s)),
         limit_concurrency=limits.max_connections, timeout_keep_alive=max(5, math.ceil(limits.header_timeout_s)),
     )  # fmt: skip
+    return GracefulServer(config, serving, grace_s), sock or listen_socket(host, port)
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound to host:port (port 0: a free one); uvicorn listens on it. `serve` binds it before
+    loading the model, so that a port in use or an unknown host is an error within a second, not after the load."""
     # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY only on connections whose socket says TCP, and without it
     # Nagle's algorithm holds a response's body behind its head until the client's delayed ACK (~40 ms) on every
     # request after a keep-alive connection's first (streamed chunks can wait the same way).
@@ -379,7 +387,7 @@ def build_server(
     except OSError as e:  # an unknown host name, an address not on this machine, a port in use or privileged
         sock.close()
         raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --host or --port") from None
-    return GracefulServer(config, serving, grace_s), sock
+    return sock
 
 
 class ServerThread:
@@ -423,11 +431,16 @@ def serve(
     from .load import load_engine
 
     api_key = api_key or os.environ.get("HYBRIDMOE_API_KEY") or None
-    engine, tokenizer = load_engine(checkpoint, **engine_kwargs)
+    sock = listen_socket(host, port)
+    try:
+        engine, tokenizer = load_engine(checkpoint, **engine_kwargs)
+    except BaseException:
+        sock.close()
+        raise
     engine.weight_version = weight_version
     name = model_name or os.path.basename(os.path.normpath(checkpoint))
     serving = OpenAIServing(engine, tokenizer, name, reasoning_budget, limits)
-    server, sock = build_server(serving, host, port, grace_s, api_key=api_key, allowed_hosts=allowed_hosts)
+    server, sock = build_server(serving, host, port, grace_s, api_key=api_key, allowed_hosts=allowed_hosts, sock=sock)
     bound = sock.getsockname()
     key = "required" if api_key else "not required"
     print(f"serving {name} ({checkpoint}) on http://{bound[0]}:{bound[1]} ({engine.max_num_seqs} slots of "
