@@ -50,12 +50,15 @@ def test_recipes_and_data_that_are_not_there_or_not_yaml(tmp_path, capsys, monke
     monkeypatch.chdir(tmp_path)
     (tmp_path / "broken.yaml").write_text("model: [\n")
     (tmp_path / "nodata.yaml").write_text("data: {phases: [{datasets: {/nonexistent/tokens: 1.0}}]}\n")
+    # the tokenizer a speedrun would have written (a transformers hub error before)
+    (tmp_path / "sft.yaml").write_text("data: {datasets: {chats.jsonl: 1.0}, tokenizer: runs/speedrun/tokenizer}\n")
     for argv, message in (
         (["pretrain", "missing.yaml"], "error: recipe missing.yaml: no such file"),
         (["sft", "missing.yaml"], "error: recipe missing.yaml: no such file"),
         (["pretrain", "broken.yaml"], "error: recipe broken.yaml is not valid YAML: "),
         (["pretrain", "nodata.yaml"], "error: no prepared data directory at /nonexistent/tokens; create one with"),
         (["pretrain", "nodata.yaml", "optim.lr=-1"], "error: optim.lr=-1.0 must be > 0 and optim.min_lr="),
+        (["sft", "sft.yaml"], "error: tokenizer runs/speedrun/tokenizer: not a directory; pass a directory"),
     ):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err

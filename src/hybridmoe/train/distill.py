@@ -144,12 +144,12 @@ def load_teacher(path: str, precision: str, device) -> torch.nn.Module:
 
 class DistillStage(RLStage):
     def __init__(self, recipe: DistillRecipe, ckpt: str | None, par):
-        from transformers import AutoTokenizer
+        from ..data.tokenizer import load_tokenizer
 
         d = recipe.distill
         # the teachers' tokenizers are checked before anything costly (the student, the pass-rate filter)
         student_name = recipe.model.tokenizer or resolve_init(recipe.model.init_from)
-        student_tok = AutoTokenizer.from_pretrained(student_name)
+        student_tok = load_tokenizer(student_name)
         self.routes = {}  # env -> (teacher name, checkpoint)
         for env in sorted(recipe.envs.ratios):
             name, path = route(env, d.teachers, d.default_teacher)
@@ -280,9 +280,9 @@ def warmup(recipe: DistillRecipe) -> dict:
     report_path = os.path.join(out, "samples.json")
     student_name = recipe.model.tokenizer or resolve_init(recipe.model.init_from)
     if not os.path.exists(data):
-        from transformers import AutoTokenizer
+        from ..data.tokenizer import load_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(student_name)
+        tok = load_tokenizer(student_name)
         envs = make_envs(sorted(e.ratios))
         params = SamplingParams(temperature=r.temperature, max_tokens=r.max_new_tokens, logprobs=0)
         lines, kept, sampled = [], {}, {}

@@ -65,8 +65,7 @@ def rl(recipe: RLRecipe, resume: bool = False, stop_after: int | None = None, pe
 
 class RLStage(Stage):
     def __init__(self, recipe: RLRecipe, ckpt: str | None, par):
-        from transformers import AutoTokenizer
-
+        from ..data.tokenizer import load_tokenizer
         from ..envs.agent import make_envs
 
         self.recipe, self.par = recipe, par
@@ -78,7 +77,7 @@ class RLStage(Stage):
         self.main = par is None or par.is_main
         r, e = recipe.rl, recipe.envs
         self.tokenizer = recipe.model.tokenizer or resolve_init(recipe.model.init_from)
-        self.tok = AutoTokenizer.from_pretrained(self.tokenizer)
+        self.tok = load_tokenizer(self.tokenizer)
         self.model = self._load_model(ckpt)
         if len(self.tok) > self.model.config.vocab_size:
             raise ValueError(f"the tokenizer has {len(self.tok)} tokens but the model has "

@@ -50,7 +50,7 @@ def sft(recipe: SFTRecipe, resume: bool = False, stop_after: int | None = None, 
 
 class SFTStage(Stage):
     def __init__(self, recipe: SFTRecipe, ckpt: str | None, par):
-        from transformers import AutoTokenizer
+        from ..data.tokenizer import load_tokenizer
 
         d = recipe.data
         self.recipe, self.par = recipe, par
@@ -68,7 +68,7 @@ class SFTStage(Stage):
         self.tokenizer = d.tokenizer or resolve_init(recipe.model.init_from)
         if self.tokenizer is None:
             raise ValueError("data.tokenizer: give a tokenizer directory with a chat template (or model.init_from)")
-        self.tok = AutoTokenizer.from_pretrained(self.tokenizer)
+        self.tok = load_tokenizer(self.tokenizer)
         self.samples, self.report = load_samples(recipe, self.tok, main=par is None or par.is_main)
         if par is None or par.is_main:
             print(f"sft data: {self.report.summary()}", flush=True)
