@@ -59,6 +59,7 @@ def test_recipes_and_data_that_are_not_there_or_not_yaml(tmp_path, capsys, monke
         (["pretrain", "nodata.yaml"], "error: no prepared data directory at /nonexistent/tokens; create one with"),
         (["pretrain", "nodata.yaml", "optim.lr=-1"], "error: optim.lr=-1.0 must be > 0 and optim.min_lr="),
         (["sft", "sft.yaml"], "error: tokenizer runs/speedrun/tokenizer: not a directory; pass a directory"),
+        (["tasks", "write", "broken.yaml/chats.jsonl", "--per-domain", "1"], "error: [Errno 17] File exists: "),
     ):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err

@@ -81,8 +81,15 @@ def test_bad_input_is_refused(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "run.json").write_text(json.dumps({"init_from": "/somewhere/else", "size": "tiny"}))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="same\n?.*--init-from"):
-        posttrain(str(out), PostPlan(init_from=str(tmp_path)))
+        posttrain(str(out), PostPlan(init_from=str(model)))
+    # a starting model that is not there is refused before the run directory is made
+    with pytest.raises(ValueError, match="neither a model directory nor a run"):
+        posttrain(str(tmp_path / "new"), PostPlan(init_from=str(tmp_path / "missing")))
+    assert not (tmp_path / "new").exists()
 
 
 def test_posttrain_end_to_end_resumes_and_reruns_nothing(tmp_path, tokenizer_dir, monkeypatch):  # noqa: F811

@@ -785,7 +785,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: the message names it, a traceback would bury it
+    # Bad input or a path that cannot be used as given (e.g. --out naming a file): the message names it, a
+    # traceback would bury it.
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

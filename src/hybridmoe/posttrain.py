@@ -187,12 +187,13 @@ def posttrain(out_dir: str | None = None, plan: PostPlan | None = None, command:
         raise ValueError(f"posttrain: minutes must be > 0, got {plan.minutes}")
     t_start = time.monotonic()
     end = t_start + plan.minutes * 60
-    recipes = load_recipes(plan)  # bad recipes fail before anything runs
+    recipes = load_recipes(plan)  # bad recipes, and a bad init_from below, fail before anything is written
+    given = resolve_init(plan.init_from) if plan.init_from else None
     out = os.path.abspath(out_dir or time.strftime("posttrain-%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
     _check_run(out, plan)
     base_end = t_start + plan.base_share * plan.minutes * 60
-    sft = resolve_init(plan.init_from) if plan.init_from else _base(out, plan, base_end)
+    sft = given or _base(out, plan, base_end)
     groups = list(recipes.teachers)
     training = [f"teacher-{g}" for g in groups] + ["rl-student", "mopd"] + (["rl-continued"] if plan.compare else [])
     shares = {**{f"teacher-{g}": plan.teacher_share for g in groups}, "rl-student": plan.student_share,
