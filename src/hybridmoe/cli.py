@@ -33,6 +33,23 @@ def port(text: str) -> int:
     return value
 
 
+def device(text: str) -> str:
+    """An argparse type: a torch device this machine has (cpu, cuda, cuda:N)."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(
+            f"{text}: this machine has no CUDA device (torch {torch.__version__}); use cpu"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
 def _parse_overrides(pairs: list[str]) -> dict:
     """key=value pairs; values are read as JSON when they parse (numbers, true/false, null, lists), else strings."""
     out = {}
@@ -622,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--haystack", nargs="+", metavar="FILE", help="prose documents for the essay haystacks "
                    "(text/.jsonl/.parquet; default: the Python standard library's docstrings)")  # fmt: skip
     e.add_argument("--tokenizer", help="tokenizer directory, if not in the checkpoint")
-    e.add_argument("--device", help="default: cuda if available, else cpu")
+    e.add_argument("--device", type=device, help="default: cuda if available, else cpu")
     e.add_argument("--dtype", choices=DTYPE_NAMES, help="default: bfloat16 on GPU, else fp32")
     e.set_defaults(func=cmd_eval_ruler)
     e = eval_sub.add_parser("ppl", help="perplexity and bits per byte on documents or a prepared token directory")
@@ -637,7 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-verify", dest="verify", action="store_false",
                    help="open a prepared folder without checking its shards' sha256 against the manifest")  # fmt: skip
     e.add_argument("--out", help="JSON result file (default: eval/ppl-<checkpoint>-<data>-<seq-len>.json)")
-    e.add_argument("--device", help="default: cuda if available, else cpu")
+    e.add_argument("--device", type=device, help="default: cuda if available, else cpu")
     e.add_argument("--dtype", choices=DTYPE_NAMES, help="default: bfloat16 on GPU, else fp32")
     e.set_defaults(func=cmd_eval_ppl)
 
@@ -666,7 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--out", help="results folder (default: eval/tasks-<checkpoint name>)")
     e.add_argument("--tokenizer", help="tokenizer directory, if not in the checkpoint")
-    e.add_argument("--device", help="default: cuda if available, else cpu")
+    e.add_argument("--device", type=device, help="default: cuda if available, else cpu")
     e.add_argument("--dtype", choices=DTYPE_NAMES, help="default: bfloat16 on GPU, else fp32")
     e.set_defaults(func=cmd_eval_tasks)
 
@@ -685,7 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--out", help="results folder (default: eval/envs-<checkpoint name>)")
     e.add_argument("--tokenizer", help="tokenizer directory, if not in the checkpoint")
-    e.add_argument("--device", help="default: cuda if available, else cpu")
+    e.add_argument("--device", type=device, help="default: cuda if available, else cpu")
     e.add_argument("--dtype", choices=DTYPE_NAMES, help="default: bfloat16 on GPU, else fp32")
     e.set_defaults(func=cmd_eval_envs)
 
@@ -695,7 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--max-model-len", type=positive_int, help="prompt + output tokens per request (default: the config's)"
         )
-        p.add_argument("--device", help="default: cuda if available, else cpu")
+        p.add_argument("--device", type=device, help="default: cuda if available, else cpu")
         p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: bfloat16 on GPU, else fp32")
         p.add_argument("--reasoning-budget", type=int, help="force </think> after this many thinking tokens")
         p.add_argument(

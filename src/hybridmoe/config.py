@@ -372,7 +372,11 @@ class HybridMoEConfig:
         if not os.path.exists(file):
             raise ValueError(f"no config.json at {path!s}. Fix: pass a Hugging Face model directory.")
         with open(file) as fh:
-            return cls.from_hf_dict(json.load(fh))
+            try:
+                d = json.load(fh)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{file} is not a JSON config ({e}). Fix: pass a Hugging Face config.json.") from None
+        return cls.from_hf_dict(d)
 
     def save_pretrained(self, path: str | os.PathLike, dtype: str | None = None) -> None:
         from .utils import atomic_write_text
