@@ -18,6 +18,11 @@ def test_names_and_aliases():
         resolve_dtype("float8")
     assert inference_device_dtype("cpu") == ("cpu", torch.float32)
     assert inference_device_dtype("cpu", "bf16") == ("cpu", torch.bfloat16)
+    with pytest.raises(ValueError, match="'tpu' is not a torch device"):
+        inference_device_dtype("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            inference_device_dtype("cuda")
 
 
 def test_one_loader_for_serve_and_eval(tmp_path):

@@ -34,20 +34,13 @@ def port(text: str) -> int:
 
 
 def device(text: str) -> str:
-    """An argparse type: a torch device this machine has (cpu, cuda, cuda:N)."""
-    import torch
+    """An argparse type: a torch device this machine has (`dtypes.check_device`)."""
+    from .dtypes import check_device
 
     try:
-        dev = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device: use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(
-            f"{text}: this machine has no CUDA device (torch {torch.__version__}); use cpu"
-        )
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return text
+        return check_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _parse_overrides(pairs: list[str]) -> dict:

@@ -23,10 +23,25 @@ def resolve_dtype(dtype):
     return getattr(torch, name)
 
 
+def check_device(device: str) -> str:
+    """`device` if it names a torch device this machine has (cpu, cuda, cuda:N), else a ValueError saying why."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"{device!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{device}: this machine has no CUDA device (torch {torch.__version__}); use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"{device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def inference_device_dtype(device: str | None = None, dtype=None):
     """(device, torch.dtype) for inference: cuda when available, else cpu; bfloat16 on a GPU, float32 otherwise."""
     import torch
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(str(device)) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(dtype) or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     return device, dtype
