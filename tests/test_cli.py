@@ -54,6 +54,8 @@ def test_recipes_and_data_that_are_not_there_or_not_yaml(tmp_path, capsys, monke
     (tmp_path / "nodata.yaml").write_text("data: {phases: [{datasets: {/nonexistent/tokens: 1.0}}]}\n")
     # the tokenizer a speedrun would have written (a transformers hub error before)
     (tmp_path / "sft.yaml").write_text("data: {datasets: {chats.jsonl: 1.0}, tokenizer: runs/speedrun/tokenizer}\n")
+    (tmp_path / "notok").mkdir()  # a directory without tokenizer files (transformers' message asked for sentencepiece)
+    (tmp_path / "x.txt").write_text("text\n")
     for argv, message in (
         (["pretrain", "missing.yaml"], "error: recipe missing.yaml: no such file"),
         (["sft", "missing.yaml"], "error: recipe missing.yaml: no such file"),
@@ -62,6 +64,10 @@ def test_recipes_and_data_that_are_not_there_or_not_yaml(tmp_path, capsys, monke
         (["pretrain", "nodata.yaml"], "error: no prepared data directory at /nonexistent/tokens; create one with"),
         (["pretrain", "nodata.yaml", "optim.lr=-1"], "error: optim.lr=-1.0 must be > 0 and optim.min_lr="),
         (["sft", "sft.yaml"], "error: tokenizer runs/speedrun/tokenizer: not a directory; pass a directory"),
+        (
+            ["prepare", "x.txt", "--tokenizer", "notok", "--output", "o"],
+            f"error: tokenizer {tmp_path}/notok: the directory",
+        ),
         (["tasks", "write", "broken.yaml/chats.jsonl", "--per-domain", "1"], "error: [Errno 17] File exists: "),
     ):
         assert main(argv) == 2, argv

@@ -320,6 +320,18 @@ def _save_atomically(hf_tokenizer, output_dir: str | os.PathLike) -> None:
             atomic_write(os.path.join(output_dir, name), functools.partial(shutil.copyfile, src))
 
 
+# A directory with none of these has no tokenizer transformers could load (the fast serialization, the config that
+# names the class, or the vocabulary files of the common slow tokenizers).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "config.json",
+    "vocab.json",
+    "vocab.txt",
+    "tokenizer.model",
+)
+
+
 def load_tokenizer(path: str | os.PathLike):
     """Load a Hugging Face tokenizer directory (ours or any other) and check it has the eos token we need."""
     from transformers import AutoTokenizer
@@ -329,6 +341,11 @@ def load_tokenizer(path: str | os.PathLike):
         raise ValueError(
             f"tokenizer {path}: not a directory; pass a directory saved by `hybridmoe tokenizer train` "
             "or by a transformers tokenizer's save_pretrained"
+        )
+    if not any(os.path.exists(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        raise ValueError(
+            f"tokenizer {path}: the directory holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); train one "
+            "with `hybridmoe tokenizer train` or pass a directory a transformers tokenizer was saved to"
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
