@@ -3,6 +3,7 @@ and on a machine slower than at calibration (a fake clock), where every stage st
 
 import json
 import os
+import signal
 
 import httpx
 import pytest
@@ -137,3 +138,24 @@ def test_stages_can_be_left_out_and_bad_ones_are_refused(tmp_path, monkeypatch):
     for bad in (("sft",), ("pretrain", "distill")):
         with pytest.raises(ValueError, match="pretrain included"):
             speedrun(out_dir=str(tmp_path / "bad"), plan=Plan(**TOY), stages=bad)
+
+
+def test_ctrl_c_stops_the_whole_run_not_just_the_stage(tmp_path, monkeypatch):
+    """A SIGTERM (or the first Ctrl-C) ends the running stage at a checkpoint; the speedrun must then stop too.
+    Before, pretraining stopped and long context started: an interrupted run went on to its next stage."""
+    clock = SlowClock(5.0)
+    clock.slow_down(monkeypatch, loop_mod)
+    monkeypatch.setattr(speedrun_mod, "time", clock)
+    monkeypatch.setattr(speedrun_mod, "measure_matmul_peak", lambda **kw: {"float32": 100.0})
+    real_step = loop_mod.train_step
+
+    def step_then_terminate(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # the session's handler asks the loop to stop after this step
+        return out
+
+    monkeypatch.setattr(loop_mod, "train_step", step_then_terminate)
+    with pytest.raises(KeyboardInterrupt, match="speedrun interrupted at step 1 of .*pretrain"):
+        speedrun(out_dir=str(tmp_path / "run"), plan=Plan(minutes=1.0, eval_reserve_s=15, **TOY))
+    assert (tmp_path / "run" / "pretrain" / "checkpoints" / "step-0000001").is_dir()
+    assert not (tmp_path / "run" / "long-context").exists() and not (tmp_path / "run" / "report.md").exists()

@@ -29,7 +29,7 @@ still ends within the budget: each training stage has a deadline (`train.time_li
 with a checkpoint (a phase 1 cut short moves phase 2, the decay, to where it stopped), a stage with no time left
 is skipped, evaluation leaves out what it has no time for, and the report says which stages were cut and where.
 The tokenizer and data stages always run whole: everything after needs them (they take a few percent of the
-budget).
+budget). Ctrl-C or SIGTERM ends the running stage at a checkpoint and the run with it (a speedrun does not resume).
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def speedrun(
     pre.train.peak_gflops = peak
     phase1_steps = math.ceil(0.8 * pre_steps)
     t0 = time.monotonic()
-    first = _train_until(pre, t0 + 0.8 * (pre_end - t0), stop_after=phase1_steps)  # phase 1: 80% of the time
+    first = _run_stage(pre, t0 + 0.8 * (pre_end - t0), stop_after=phase1_steps)  # phase 1: 80% of the time
     phase1_ckpt = first["checkpoint"]
     runs.append(_ran("pretrain phase 1", 0, phase1_steps, first))
     slowdown = max(1.0, (time.monotonic() - t0) / first["steps"] / step_s)  # against the calibration
@@ -210,7 +210,7 @@ def speedrun(
     if time.monotonic() + step_s * slowdown > pre_end:
         runs.append(_skipped("pretrain phase 2", pre.train.steps - first["steps"]))
     else:
-        pre_summary = _train_until(pre, pre_end, resume=True)
+        pre_summary = _run_stage(pre, pre_end, resume=True)
         runs.append(_ran("pretrain phase 2", first["steps"], pre.train.steps, pre_summary))
         if pre.train.steps != pre_steps:
             runs[-1]["note"] = f"moved to steps {first['steps'] + 1}-{pre.train.steps} as phase 1 was cut short"
@@ -224,7 +224,7 @@ def speedrun(
     elif time.monotonic() + long_step_s * slowdown > long_end:
         runs.append(_skipped("long context", long_steps))
     else:
-        lc_summary = _train_until(lc, long_end)
+        lc_summary = _run_stage(lc, long_end)
         runs.append(_ran("long context", 0, long_steps, lc_summary))
     base_ckpt = (lc_summary or pre_summary)["checkpoint"]  # the base model SFT starts from
 
@@ -249,7 +249,7 @@ def speedrun(
     elif time.monotonic() + sft_step_s * slowdown > sft_end:
         runs.append(_skipped("sft", sft_steps))
     else:
-        sft_summary = _train_until(sft_recipe, sft_end)
+        sft_summary = _run_stage(sft_recipe, sft_end)
         runs.append(_ran("sft", 0, sft_steps, sft_summary))
 
     stage("rl")
@@ -263,7 +263,7 @@ def speedrun(
     else:
         rl_recipe = _rl_recipe(plan, sft_summary["checkpoint"], os.path.join(out, "rl"), rl_steps)
         rl_recipe.train.peak_gflops = peak
-        rl_summary = _train_until(rl_recipe, train_end)
+        rl_summary = _run_stage(rl_recipe, train_end)
         runs.append(_ran("rl", 0, rl_steps, rl_summary))
 
     stage("evaluate")
@@ -330,6 +330,18 @@ def _train_until(recipe: Recipe | SFTRecipe | RLRecipe | DistillRecipe, deadline
     if isinstance(recipe, RLRecipe):
         return train_rl(recipe, **kwargs)
     return (train_sft if isinstance(recipe, SFTRecipe) else train)(recipe, **kwargs)
+
+
+def _run_stage(recipe, deadline: float, **kwargs) -> dict:
+    """`_train_until`, where a Ctrl-C or SIGTERM, which ends the stage at a checkpoint, ends the whole speedrun: the
+    next stage must not start on the user's interrupt."""
+    summary = _train_until(recipe, deadline, **kwargs)
+    if summary.get("stopped") == "signal":
+        raise KeyboardInterrupt(
+            f"speedrun interrupted at step {summary['steps']} of {recipe.train.out_dir} (its checkpoint is kept); "
+            "a speedrun does not resume: start it again"
+        )
+    return summary
 
 
 def _check_stages(stages) -> None:
