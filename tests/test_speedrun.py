@@ -13,6 +13,7 @@ from test_server import MODEL, make_serving
 from test_session import SlowClock
 
 from hybridmoe import speedrun as speedrun_mod
+from hybridmoe.modeling import HybridMoEForCausalLM
 from hybridmoe.serve.server import ServerThread
 from hybridmoe.speedrun import Plan, speedrun, stdlib_sources
 from hybridmoe.tasks import DOMAINS
@@ -159,3 +160,25 @@ def test_ctrl_c_stops_the_whole_run_not_just_the_stage(tmp_path, monkeypatch):
         speedrun(out_dir=str(tmp_path / "run"), plan=Plan(minutes=1.0, eval_reserve_s=15, **TOY))
     assert (tmp_path / "run" / "pretrain" / "checkpoints" / "step-0000001").is_dir()
     assert not (tmp_path / "run" / "long-context").exists() and not (tmp_path / "run" / "report.md").exists()
+
+
+def test_sft_is_calibrated_on_packed_rows_with_the_loss_on_a_share_of_the_tokens(monkeypatch):
+    # An SFT step runs the LM head on its assistant tokens only and keeps packed conversations apart; planned at
+    # pretraining's pace, SFT ended minutes early. The calibration must time such a step.
+    seen = []
+
+    def spy(self, input_ids, labels=None, document_ids=None, **kwargs):
+        seen.append((labels, document_ids))
+        return original(self, input_ids, labels=labels, document_ids=document_ids, **kwargs)
+
+    original = HybridMoEForCausalLM.forward
+    monkeypatch.setattr(HybridMoEForCausalLM, "forward", spy)
+    recipe = speedrun_mod._recipe(Plan(**TOY), None, {"modules": "m", "tests": "t"}, "unused", steps=1)
+    assert speedrun_mod._calibrate(recipe, 4, 256, doc_len=64, loss_share=0.25) > 0
+    assert len(seen) == 2
+    labels, docs = seen[-1]
+    assert 0.18 < (labels != -100).float().mean().item() < 0.32  # about 0.25 of the 1024 tokens
+    assert docs.shape == (4, 256) and docs[0].tolist() == [i // 64 for i in range(256)]
+    speedrun_mod._calibrate(recipe, 4, 64)
+    labels, docs = seen[-1]
+    assert bool((labels != -100).all()) and docs is None

@@ -51,6 +51,7 @@ from .data.prepare import prepare
 from .data.sources import expand_inputs
 from .data.synthetic import write_retrieval_jsonl
 from .data.tokenizer import train_tokenizer
+from .kernels.loss import IGNORE_INDEX
 from .train.config import DistillRecipe, Recipe, RLRecipe, SFTRecipe
 from .train.distill import distill as train_distill
 from .train.metrics import read_log
@@ -60,6 +61,9 @@ from .train.rl import rl as train_rl
 from .train.sft import sft as train_sft
 
 STAGES = ("pretrain", "long-context", "sft", "rl")
+# The SFT step time is calibrated on rows like the task conversations' (2026-12-05, the 30-minute run): packed
+# samples of 147 tokens on average, 26% of the tokens in the loss.
+SFT_DOC_LEN, SFT_LOSS_SHARE = 147, 0.26
 
 
 @dataclass
@@ -83,7 +87,8 @@ class Plan:
     long_share: float = 0.08
     sft_share: float = 0.30
     rl_share: float = 0.12
-    eval_reserve_s: float = 360.0  # task evaluations before/after SFT and after RL, validation of six checkpoints
+    # task evaluations before/after SFT and after RL, validation of six checkpoints: 168 s of the 30-minute run here
+    eval_reserve_s: float = 270.0
     validation_reserve_s: float = 45.0  # of which kept for the final model's validation and the report
     # SFT: conversations of every task domain (training seeds), packed at the pretraining shape by default
     sft_per_domain: int = 2000
@@ -104,7 +109,7 @@ class Plan:
     rl_group_size: int = 8
     rl_prompts_per_step: int = 6
     rl_max_new_tokens: int = 128
-    rl_step_s: float = 8.0  # a guess for planning (measured here: 5-8 s); the deadline is what holds
+    rl_step_s: float = 6.0  # for planning (measured here: a mean of 5.0-6.3 s); the deadline is what holds
     max_files: int | None = None  # use only this many source files (quick runs, tests)
     seed: int = 0
 
@@ -184,7 +189,10 @@ def speedrun(
     pre_steps = max(10, int(budget * share["pretrain"] / step_s))
     long_steps = max(4, int(budget * share["long-context"] / long_step_s))
     sft_seq_len = plan.sft_seq_len or plan.seq_len
-    sft_step_s = step_s if sft_seq_len == plan.seq_len else _calibrate(base, plan.batch_size, sft_seq_len)
+    # An SFT step computes the LM head and the loss on the assistant tokens only, so it is faster than a
+    # pretraining step of the same shape (1.3 s against 1.7 s here); planned at pretraining's pace, SFT ended
+    # minutes early and the time was lost.
+    sft_step_s = _calibrate(base, plan.batch_size, sft_seq_len, doc_len=SFT_DOC_LEN, loss_share=SFT_LOSS_SHARE)
     sft_steps = max(4, int(budget * share["sft"] / sft_step_s))
     rl_steps = max(2, int(budget * share["rl"] / plan.rl_step_s))
     pre_end = time.monotonic() + budget * share["pretrain"]  # the pretraining deadline
@@ -235,10 +243,12 @@ def speedrun(
     write_sft_jsonl(sft_data, {name: plan.sft_per_domain for name in DOMAINS}, difficulty=plan.task_difficulty)
     # The calibration is a guess; pretraining measured the step time at this shape. SFT plans its steps (and so its
     # learning-rate schedule) from that and the time left, so it also uses what the earlier stages left over.
-    # Allowance: reading and packing the conversations (about 3 ms each here), 5% for logging and saving.
+    # Allowance: reading and packing the conversations (about 3 ms each here); 8% per step for what the calibration
+    # leaves out (batching the samples, logging, saving: SFT steps took 0.84 of a pretraining step here, the
+    # calibration says 0.78-0.80).
     measured = _median(r["step_s"] for r in read_log(os.path.join(pre.train.out_dir, "log.jsonl")) if "step_s" in r)
     if measured is not None:
-        sft_step_s = 1.05 * measured * sft_step_s / step_s
+        sft_step_s = 1.08 * measured * sft_step_s / step_s
         left = sft_end - time.monotonic() - 0.003 * plan.sft_per_domain * len(DOMAINS)
         sft_steps = max(4, int(left / sft_step_s))
     sft_recipe = _sft_recipe(plan, tok_dir, sft_data, os.path.join(out, "sft"), base_ckpt, sft_steps)
@@ -261,6 +271,8 @@ def speedrun(
     elif time.monotonic() + plan.rl_step_s > train_end:
         runs.append(_skipped("rl", rl_steps))
     else:
+        # RL's learning rate is constant: its steps are planned from the time SFT actually left it.
+        rl_steps = max(2, int((train_end - time.monotonic()) / plan.rl_step_s))
         rl_recipe = _rl_recipe(plan, sft_summary["checkpoint"], os.path.join(out, "rl"), rl_steps)
         rl_recipe.train.peak_gflops = peak
         rl_summary = _run_stage(rl_recipe, train_end)
@@ -525,16 +537,31 @@ def _fresh_model(recipe: Recipe):
     return build_model(recipe, None)
 
 
-def _calibrate(recipe: Recipe, batch: int, seq_len: int, checkpointing: bool = False) -> float:
-    """Seconds per training step of this shape (two warm steps on random tokens, the second timed)."""
+def _calibrate(
+    recipe: Recipe,
+    batch: int,
+    seq_len: int,
+    checkpointing: bool = False,
+    doc_len: int | None = None,
+    loss_share: float = 1.0,
+) -> float:
+    """Seconds per training step of this shape (two warm steps on random tokens, the second timed). With `doc_len`,
+    an SFT step: rows packed with documents of that length and the loss on a random `loss_share` of the tokens
+    (the assistant tokens; the LM head skips the others)."""
     model = _fresh_model(recipe)
     model.backbone.gradient_checkpointing = checkpointing
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len))
+    kwargs = {"labels": ids}
+    if doc_len is not None:  # packed conversations: no attention or state across them, the loss on a share
+        labels = ids.masked_fill(torch.rand(ids.shape) >= loss_share, IGNORE_INDEX)
+        weights = (labels != IGNORE_INDEX).float() / (labels != IGNORE_INDEX).sum().clamp(min=1)
+        kwargs = {"labels": labels, "document_ids": torch.arange(seq_len).expand(batch, -1) // doc_len,
+                  "loss_weights": weights}  # fmt: skip
     times = []
     for _ in range(2):
         t0 = time.perf_counter()
-        model(ids, labels=ids, return_logits=False).loss.backward()
+        model(ids, return_logits=False, **kwargs).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
