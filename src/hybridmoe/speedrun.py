@@ -190,7 +190,7 @@ def speedrun(
     long_steps = max(4, int(budget * share["long-context"] / long_step_s))
     sft_seq_len = plan.sft_seq_len or plan.seq_len
     # An SFT step computes the LM head and the loss on the assistant tokens only, so it is faster than a
-    # pretraining step of the same shape (1.3 s against 1.7 s here); planned at pretraining's pace, SFT ended
+    # pretraining step of the same shape (1.33 s against 1.58 s here); planned at pretraining's pace, SFT ended
     # minutes early and the time was lost.
     sft_step_s = _calibrate(base, plan.batch_size, sft_seq_len, doc_len=SFT_DOC_LEN, loss_share=SFT_LOSS_SHARE)
     sft_steps = max(4, int(budget * share["sft"] / sft_step_s))
