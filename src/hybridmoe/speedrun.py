@@ -192,7 +192,9 @@ def speedrun(
     # An SFT step computes the LM head and the loss on the assistant tokens only, so it is faster than a
     # pretraining step of the same shape (1.33 s against 1.58 s here); planned at pretraining's pace, SFT ended
     # minutes early and the time was lost.
-    sft_step_s = _calibrate(base, plan.batch_size, sft_seq_len, doc_len=SFT_DOC_LEN, loss_share=SFT_LOSS_SHARE)
+    sft_step_s = step_s  # only planned with when SFT runs
+    if "sft" in plan.stages:
+        sft_step_s = _calibrate(base, plan.batch_size, sft_seq_len, doc_len=SFT_DOC_LEN, loss_share=SFT_LOSS_SHARE)
     sft_steps = max(4, int(budget * share["sft"] / sft_step_s))
     rl_steps = max(2, int(budget * share["rl"] / plan.rl_step_s))
     pre_end = time.monotonic() + budget * share["pretrain"]  # the pretraining deadline
