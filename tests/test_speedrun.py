@@ -15,7 +15,7 @@ from test_session import SlowClock
 from hybridmoe import speedrun as speedrun_mod
 from hybridmoe.modeling import HybridMoEForCausalLM
 from hybridmoe.serve.server import ServerThread
-from hybridmoe.speedrun import Plan, speedrun, stdlib_sources
+from hybridmoe.speedrun import Plan, eval_reserve_s, rl_step_estimate, speedrun, stdlib_sources
 from hybridmoe.tasks import DOMAINS
 from hybridmoe.train import session as loop_mod
 
@@ -139,6 +139,9 @@ def test_stages_can_be_left_out_and_bad_ones_are_refused(tmp_path, monkeypatch):
     for bad in (("sft",), ("pretrain", "distill")):
         with pytest.raises(ValueError, match="pretrain included"):
             speedrun(out_dir=str(tmp_path / "bad"), plan=Plan(**TOY), stages=bad)
+    with pytest.raises(ValueError, match="unknown preset 'nano'; known: .*micro"):
+        speedrun(out_dir=str(tmp_path / "bad"), plan=Plan(**TOY), preset="nano")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_ctrl_c_stops_the_whole_run_not_just_the_stage(tmp_path, monkeypatch):
@@ -182,3 +185,14 @@ def test_sft_is_calibrated_on_packed_rows_with_the_loss_on_a_share_of_the_tokens
     speedrun_mod._calibrate(recipe, 4, 64)
     labels, docs = seen[-1]
     assert bool((labels != -100).all()) and docs is None
+
+
+def test_the_evaluation_reserve_and_rl_steps_follow_the_model_not_one_guess():
+    # What the evaluation and an RL step took in 30-minute runs here, against the calibrated / measured pretraining
+    # step: tiny 176 s at 1.92 s, RL 5.5 s at 1.6 s; micro 89 s at 0.66 s, RL 2.1 s at 0.594 s.
+    for step_s, took in ((1.92, 176), (0.66, 89)):
+        assert took < eval_reserve_s(step_s) < 1.6 * took
+    assert eval_reserve_s(0.66) < eval_reserve_s(1.92) <= 270
+    for pre_s, rl_s in ((1.6, 5.5), (0.594, 2.07)):
+        assert abs(rl_step_estimate(pre_s) - rl_s) / rl_s < 0.05
+    assert Plan().eval_reserve_s is None and Plan().rl_step_s is None  # derived at run time unless given

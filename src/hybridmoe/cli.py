@@ -267,7 +267,7 @@ def cmd_speedrun(args) -> int:
     from .speedrun import speedrun
 
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip()) if args.stages else None
-    speedrun(minutes=args.minutes, out_dir=args.out, stages=stages)
+    speedrun(minutes=args.minutes, out_dir=args.out, stages=stages, preset=args.preset)
     return 0
 
 
@@ -573,8 +573,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config fields as key=value")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("speedrun", help="the whole CPU pipeline on the embedded default (stdlib sources, tiny)")
+    p = sub.add_parser("speedrun", help="the whole CPU pipeline on the embedded default (stdlib sources, micro)")
     p.add_argument("--minutes", type=positive_float, default=30.0, help="time budget; step counts are fitted to it")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="the model (default: micro, the size a 30-minute "
+                   "budget affords here)")  # fmt: skip
     p.add_argument("--out", help="run directory (default: a new speedrun-<time> folder here)")
     p.add_argument("--stages", help="comma-separated stages to run, pretrain included (default: "
                                     "pretrain,long-context,sft,rl); the time of the others goes to these")  # fmt: skip

@@ -1,10 +1,12 @@
-"""Model presets: `debug` for tests, `tiny` and `small` for this CPU, and the published Nemotron 3 shapes.
+"""Model presets: `debug` for tests, `micro`, `tiny` and `small` for this CPU, and the published Nemotron 3 shapes.
 
 The published shapes (Nano 30B-A3B, Super 120B-A12B, Ultra 550B-A55B) are those of the Nemotron 3 Nano, Super and
 Ultra technical reports (NVIDIA, 2025), read from the released checkpoints' `config.json` and NVIDIA/Megatron-LM's
-launch configs. `tiny` and `small` keep the family's proportions (Mamba-2 and LatentMoE layers alternating, an
-attention layer every few blocks, experts in a latent space a quarter of the width) scaled down to what two CPU
-cores can train.
+launch configs. `micro`, `tiny` and `small` keep the family's proportions (Mamba-2 and LatentMoE layers
+alternating, attention layers between them, experts in a latent space a quarter of the width) scaled down to what
+two CPU cores can train. `micro` is the speedrun's: on a 30-minute budget (about 1.5e14 FLOPs here) the
+compute-optimal size of Hoffmann et al. 2022 (arXiv:2203.15556, ~20 tokens per parameter) is a few million
+parameters, and `micro` trains 3.7x the tokens per second of `tiny`.
 """
 
 from __future__ import annotations
@@ -56,6 +58,31 @@ PRESETS: dict[str, dict] = {
         initializer_range=0.1,
         router_aux_loss_coef=1e-4,
         max_position_embeddings=4096,
+    ),
+    # The speedrun's model: `tiny` at half the width and six layers (2.9M parameters, 2.6M active; 2.1M of them the
+    # embedding and LM head).
+    "micro": dict(
+        vocab_size=8192,
+        hidden_size=128,
+        hybrid_override_pattern="M*EM*E",
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        intermediate_size=512,
+        mamba_num_heads=4,
+        mamba_head_dim=64,
+        ssm_state_size=64,
+        n_groups=1,
+        chunk_size=64,
+        n_routed_experts=24,
+        num_experts_per_tok=4,
+        moe_intermediate_size=96,
+        moe_shared_expert_intermediate_size=256,
+        moe_latent_size=32,
+        routed_scaling_factor=2.5,
+        initializer_range=0.056,
+        router_aux_loss_coef=1e-4,
+        max_position_embeddings=32768,
     ),
     "tiny": dict(
         vocab_size=8192,

@@ -4,7 +4,7 @@
               with the chat format's special tokens and its Jinja chat template
 2. data       two datasets from the same files, library modules and their tests, plus synthetic long-range
               retrieval documents; tokenized into shards
-3. pretrain   `tiny`, a two-phase curriculum as in Nemotron 3: phase 1 a diverse blend (modules and tests
+3. pretrain   `micro` (`--preset`), a two-phase curriculum as in Nemotron 3: phase 1 a diverse blend (modules and tests
               alike), phase 2 (the last 20% of tokens, as in Super's 20T + 5T) a higher-quality blend (mostly
               modules), warmup-stable-decay with minus-sqrt decay over the last 20% of steps
 4. long ctx   continue at 8x the sequence length, 92% of steps long and 8% short (Ultra's mix), with some
@@ -71,7 +71,10 @@ class Plan:
     """The fixed part of the speedrun; step counts are derived from `minutes` at run time."""
 
     minutes: float = 30.0
-    preset: str = "tiny"
+    # `micro`, not `tiny`: 420 s of SFT from scratch (8 x 512 packed task conversations) gave `micro` 3.85M tokens,
+    # loss 0.44 and 70% / 62% / 46% on json_schema / python / calculator; `tiny` 1.1M tokens, loss 0.95 and under
+    # 15% on each (benchmarks/README.md, "The model size the budget affords")
+    preset: str = "micro"
     vocab_size: int = 8192
     seq_len: int = 512
     batch_size: int = 8
@@ -82,13 +85,15 @@ class Plan:
     min_lr: float = 3e-5
     long_lr: float = 1e-4
     stages: tuple[str, ...] = STAGES  # pretraining always runs; the others can be left out
-    # shares of the training time (what is left after data, calibration and the evaluation reserve)
-    pretrain_share: float = 0.50
-    long_share: float = 0.08
-    sft_share: float = 0.30
+    # shares of the training time (what is left after data, calibration and the evaluation reserve); SFT's tokens,
+    # not the base's, decide the task accuracy (benchmarks/README.md, "Where the 30 minutes go")
+    pretrain_share: float = 0.40
+    long_share: float = 0.06
+    sft_share: float = 0.42
     rl_share: float = 0.12
-    # task evaluations before/after SFT and after RL, validation of six checkpoints: 168 s of the 30-minute run here
-    eval_reserve_s: float = 270.0
+    # task evaluations before/after SFT and after RL, validation of six checkpoints; None: 1.5 x (45 s + 70 x the
+    # calibrated pretraining step), from what it took here: 176 s at tiny's 1.92 s a step, 89 s at micro's 0.66 s
+    eval_reserve_s: float | None = None
     validation_reserve_s: float = 45.0  # of which kept for the final model's validation and the report
     # SFT: conversations of every task domain (training seeds), packed at the pretraining shape by default
     sft_per_domain: int = 2000
@@ -109,9 +114,24 @@ class Plan:
     rl_group_size: int = 8
     rl_prompts_per_step: int = 6
     rl_max_new_tokens: int = 128
-    rl_step_s: float = 6.0  # for planning (measured here: a mean of 5.0-6.3 s); the deadline is what holds
+    # for planning; None: 3.5 x pretraining's measured step (RL took 3.4-3.5x here: 5.5 s against 1.6 s with tiny,
+    # 2.1 s against 0.59 s with micro); the deadline is what holds
+    rl_step_s: float | None = None
     max_files: int | None = None  # use only this many source files (quick runs, tests)
     seed: int = 0
+
+
+def eval_reserve_s(step_s: float) -> float:
+    """Seconds kept for the task evaluations, validation and the report, from the calibrated pretraining step: what
+    they took here (176 s with `tiny` at 1.92 s a step, 89 s with `micro` at 0.66 s) is about 45 s + 70 x the step;
+    1.5x that. The evaluation has its own deadline, so a slower one leaves answers out rather than overrun."""
+    return round(1.5 * (45.0 + 70.0 * step_s))
+
+
+def rl_step_estimate(pretrain_step_s: float) -> float:
+    """An RL step (6 prompts x 8 samples generated, then trained on) took 3.4-3.5 pretraining steps of 8 x 512 here:
+    5.5 s against 1.6 s with `tiny`, 2.1 s against 0.59 s with `micro`."""
+    return 3.5 * pretrain_step_s
 
 
 def stdlib_sources(max_files: int | None = None) -> tuple[list[str], list[str]]:
@@ -134,9 +154,19 @@ def _is_test(rel: str) -> bool:
 
 
 def speedrun(
-    minutes: float = 30.0, out_dir: str | None = None, plan: Plan | None = None, stages: tuple[str, ...] | None = None
+    minutes: float = 30.0,
+    out_dir: str | None = None,
+    plan: Plan | None = None,
+    stages: tuple[str, ...] | None = None,
+    preset: str | None = None,
 ) -> str:
     plan = plan or Plan(minutes=minutes)
+    if preset is not None:
+        from .presets import PRESETS
+
+        if preset not in PRESETS:
+            raise ValueError(f"speedrun: unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
+        plan.preset = preset
     if not plan.minutes > 0:
         raise ValueError(f"speedrun: minutes must be > 0, got {plan.minutes}")
     if stages is not None:
@@ -149,7 +179,6 @@ def speedrun(
     share = {name: (shares[name] / total_share if name in plan.stages else 0.0) for name in STAGES}
     t_start = time.monotonic()
     end = t_start + plan.minutes * 60  # everything, the report included, is done by then
-    train_end = end - plan.eval_reserve_s  # the training stages' last deadline
     out = os.path.abspath(out_dir or time.strftime("speedrun-%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(plan.seed)
@@ -185,6 +214,9 @@ def speedrun(
     long_step_s = _calibrate(base, plan.long_batch_size, plan.long_seq_len, checkpointing=True)
     peak = measure_matmul_peak(dtypes=(torch.float32,), rounds=1)["float32"]  # once, for every stage's MFU
     print(f"matmul peak (fp32): {peak:.1f} GFLOP/s")
+    if plan.eval_reserve_s is None:
+        plan.eval_reserve_s = eval_reserve_s(step_s)
+    train_end = end - plan.eval_reserve_s  # the training stages' last deadline
     budget = max(0.0, train_end - time.monotonic())
     pre_steps = max(10, int(budget * share["pretrain"] / step_s))
     long_steps = max(4, int(budget * share["long-context"] / long_step_s))
@@ -196,7 +228,8 @@ def speedrun(
     if "sft" in plan.stages:
         sft_step_s = _calibrate(base, plan.batch_size, sft_seq_len, doc_len=SFT_DOC_LEN, loss_share=SFT_LOSS_SHARE)
     sft_steps = max(4, int(budget * share["sft"] / sft_step_s))
-    rl_steps = max(2, int(budget * share["rl"] / plan.rl_step_s))
+    rl_step_s = plan.rl_step_s or rl_step_estimate(step_s / 1.15)  # replaced by the measured one below
+    rl_steps = max(2, int(budget * share["rl"] / rl_step_s))
     pre_end = time.monotonic() + budget * share["pretrain"]  # the pretraining deadline
     long_end = pre_end + budget * share["long-context"]  # long context's
     sft_end = train_end - budget * share["rl"]  # SFT's; RL's is train_end
@@ -250,6 +283,7 @@ def speedrun(
     # calibration says 0.78-0.80).
     measured = _median(r["step_s"] for r in read_log(os.path.join(pre.train.out_dir, "log.jsonl")) if "step_s" in r)
     if measured is not None:
+        rl_step_s = plan.rl_step_s or rl_step_estimate(measured)
         sft_step_s = 1.08 * measured * sft_step_s / step_s
         left = sft_end - time.monotonic() - 0.003 * plan.sft_per_domain * len(DOMAINS)
         sft_steps = max(4, int(left / sft_step_s))
@@ -270,11 +304,11 @@ def speedrun(
         pass
     elif sft_summary is None:
         runs.append({"stage": "rl", "planned": rl_steps, "ran": 0, "ended": "skipped: no SFT model to start from"})
-    elif time.monotonic() + plan.rl_step_s > train_end:
+    elif time.monotonic() + rl_step_s > train_end:
         runs.append(_skipped("rl", rl_steps))
     else:
         # RL's learning rate is constant: its steps are planned from the time SFT actually left it.
-        rl_steps = max(2, int((train_end - time.monotonic()) / plan.rl_step_s))
+        rl_steps = max(2, int((train_end - time.monotonic()) / rl_step_s))
         rl_recipe = _rl_recipe(plan, sft_summary["checkpoint"], os.path.join(out, "rl"), rl_steps)
         rl_recipe.train.peak_gflops = peak
         rl_summary = _run_stage(rl_recipe, train_end)
