@@ -139,8 +139,14 @@ def test_pass_rate_filter():  # rl.pass_rate_filter.drop_at
     rates = {("a", 1): 1.0, ("a", 2): 0.5, ("a", 3): 1.0, ("b", 7): 0.0}
     kept, dropped = pass_rate_filter(pools, rates, drop_at=1.0)
     assert kept == {"a": [2], "b": [7]} and dropped == {"a": 2, "b": 0}
-    with pytest.raises(ValueError, match="every one of the 3 prompts of environment 'a'"):
+    with pytest.raises(ValueError, match="none of the 3 prompts of environment 'a' has a pass rate .* in rate < 0.5"):
         pass_rate_filter(pools, rates, drop_at=0.5)
+    # rl.pass_rate_filter.drop_unsolved: 0 < rate < drop_at kept, so 'b' (never solved) has nothing left
+    rates[("b", 8)] = 0.25
+    kept, dropped = pass_rate_filter({"a": [1, 2, 3], "b": [7, 8]}, rates, drop_at=1.0, drop_unsolved=True)
+    assert kept == {"a": [2], "b": [8]} and dropped == {"a": 2, "b": 1}
+    with pytest.raises(ValueError, match=r"environment 'b' has a pass rate .* in 0 < rate < 1.0"):
+        pass_rate_filter(pools, rates, drop_at=1.0, drop_unsolved=True)
     with pytest.raises(ValueError, match="no pass rate"):
         pass_rate_filter(pools, {("a", 1): 1.0}, drop_at=1.0)
 

@@ -360,10 +360,13 @@ class EnvsSection:
 @dataclass
 class PassRateSection:
     """Prompts the starting model always solves are dropped before training (NeMo-RL / Nemotron 3's offline
-    filter): each prompt of the pools is sampled `samples` times with the starting model at rl.temperature."""
+    filter): each prompt of the pools is sampled `samples` times with the starting model at rl.temperature. With
+    drop_unsolved the prompts it never solves go too, so that every kept group starts with a spread of rewards (the
+    two-sided difficulty filter of DAPO, Yu et al., 2025, applied once up front instead of per batch)."""
 
     samples: int = 0  # 0: no filter
     drop_at: float = 1.0  # drop a prompt whose fraction of fully rewarded samples is >= this
+    drop_unsolved: bool = False  # also drop a prompt no sample fully solved (pass rate 0): keep 0 < rate < drop_at
 
 
 @dataclass

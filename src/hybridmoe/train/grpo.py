@@ -241,22 +241,30 @@ class _TokenLogprobs(torch.autograd.Function):
 
 
 def pass_rate_filter(
-    pools: dict[str, list[int]], pass_rates: dict[tuple[str, int], float], drop_at: float = 1.0
+    pools: dict[str, list[int]],
+    pass_rates: dict[tuple[str, int], float],
+    drop_at: float = 1.0,
+    drop_unsolved: bool = False,
 ) -> tuple[dict[str, list[int]], dict[str, int]]:
     """Drop up front the prompts the starting model already solves: those whose measured pass rate is >= drop_at
-    (1.0: solved by every sample). pools: env -> training seeds; pass_rates: (env, seed) -> the fraction of samples
-    with full reward (every prompt of the pools must have one). Returns (kept pools, dropped count per env)."""
+    (1.0: solved by every sample); with drop_unsolved also those it never solves (rate 0). pools: env -> training
+    seeds; pass_rates: (env, seed) -> the fraction of samples with full reward (every prompt of the pools must have
+    one). Returns (kept pools, dropped count per env)."""
     kept, dropped = {}, {}
     for env, seeds in pools.items():
         missing = [s for s in seeds if (env, s) not in pass_rates]
         if missing:
             raise ValueError(f"no pass rate for {len(missing)} prompts of {env!r} (seeds {missing[:5]} ...)")
-        kept[env] = [s for s in seeds if pass_rates[(env, s)] < drop_at]
+        kept[env] = [
+            s for s in seeds if pass_rates[(env, s)] < drop_at and (pass_rates[(env, s)] > 0 or not drop_unsolved)
+        ]
         dropped[env] = len(seeds) - len(kept[env])
         if not kept[env]:
+            kept_range = f"0 < rate < {drop_at}" if drop_unsolved else f"rate < {drop_at}"
             raise ValueError(
-                f"every one of the {len(seeds)} prompts of environment {env!r} has a pass rate >= {drop_at} with the "
-                "starting model: nothing is left to learn; raise envs.pool or envs.difficulty, or drop the environment"
+                f"none of the {len(seeds)} prompts of environment {env!r} has a pass rate with the starting model in "
+                f"{kept_range}: nothing is left to learn; raise envs.pool, change envs.difficulty, or drop the "
+                "environment"
             )
     return kept, dropped
 

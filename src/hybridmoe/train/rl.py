@@ -12,8 +12,9 @@ optimizer step on the clipped, importance-weighted policy-gradient loss (`train.
      engine's log-probabilities, the loss over the GLOBAL batch's loss-token count, backward;
   4. after the session's optimizer step, the new weights are published to the rollout source (version step + 1).
 Prompts come from `grpo.PromptIterator` over per-environment pools of training seeds, with the prompts the starting
-model always solves dropped up front (`rl.pass_rate_filter`, measured once and kept in train.out_dir/pass_rates.json)
-and each batch holding a fixed share of every environment. With rl.freeze_router the routers' weights get no
+model always solves (and, with rl.pass_rate_filter.drop_unsolved, those it never solves) dropped up front
+(`rl.pass_rate_filter`, measured once and kept in train.out_dir/pass_rates.json) and each batch holding a fixed share
+of every environment. With rl.freeze_router the routers' weights get no
 gradient and their selection biases no update. Everything else (torchrun, resume, stop, clip and step, logging,
 checkpoints) is the session's (`train.session`). Under torchrun rank 0 alone talks to the rollout source: it
 broadcasts each batch's trajectories, every rank trains on its rows, and the full weights are gathered for publishing.
@@ -92,11 +93,12 @@ class RLStage(Stage):
         pools = {name: list(split_seeds("train", e.pool, e.offset)) for name in sorted(e.ratios)}
         self.filtered = {name: 0 for name in pools}
         if r.pass_rate_filter.samples:
-            pools, self.filtered = pass_rate_filter(pools, self._pass_rates(pools), r.pass_rate_filter.drop_at)
+            f = r.pass_rate_filter
+            pools, self.filtered = pass_rate_filter(pools, self._pass_rates(pools), f.drop_at, f.drop_unsolved)
             if self.main:
                 left = {k: len(v) for k, v in pools.items()}
-                print(f"pass-rate filter: dropped {self.filtered} prompts solved at a rate >= "
-                      f"{r.pass_rate_filter.drop_at}; left {left}", flush=True)  # fmt: skip
+                print(f"pass-rate filter: dropped {self.filtered} prompts solved at a rate >= {f.drop_at}"
+                      f"{' or never' if f.drop_unsolved else ''}; left {left}", flush=True)  # fmt: skip
         self.pools = {name: len(seeds) for name, seeds in pools.items()}
         self.prompts = PromptIterator(pools, e.ratios, r.prompts_per_step, seed=recipe.train.seed)
         self.reference = None
