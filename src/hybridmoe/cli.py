@@ -356,7 +356,7 @@ def cmd_eval_envs(args) -> int:
     engine, tokenizer = load_engine(checkpoint, max_num_seqs=args.max_num_seqs, **_engine_kwargs(args))
     result = evaluate_envs(
         engine, tokenizer, envs, args.samples, difficulty=args.difficulty, reasoning=args.reasoning,
-        max_new_tokens=args.max_new_tokens, offset=args.offset, checkpoint=checkpoint,
+        max_new_tokens=args.max_new_tokens, split=args.split, offset=args.offset, checkpoint=checkpoint,
     )  # fmt: skip
     files = write_env_report(result, args.out or os.path.join("eval", f"envs-{os.path.basename(checkpoint)}"))
     print(result.table())
@@ -687,7 +687,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--envs", help="comma-separated environments (default: all)")
     e.add_argument("--samples", type=int, default=20, help="episodes per environment")
     e.add_argument("--difficulty", type=int, default=1, help="task difficulty (1 = easiest)")
-    e.add_argument("--offset", type=int, default=0, help="skip this many held-out seeds (a fresh slice)")
+    e.add_argument("--offset", type=int, default=0, help="skip this many seeds of the split (a fresh slice)")
+    e.add_argument("--split", choices=("heldout", "train"), default="heldout",
+                   help="the seeds' split; train with --offset 1000000: the RL stage's prompt pools")  # fmt: skip
     e.add_argument("--reasoning", choices=("on", "off", "both"), default="both", help="thinking block on, off, or "
                    "both measured separately")  # fmt: skip
     e.add_argument("--max-new-tokens", type=int, default=512, help="generated tokens per episode (all turns)")

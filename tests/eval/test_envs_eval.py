@@ -75,5 +75,9 @@ def test_cli(checkpoint, tmp_path, capsys):
     assert "instructions" in printed and "wrote" in printed
     data = json.loads((out / "envs.json").read_text())
     assert len(data["records"]) == 4 and all(r["seed"] >= 1_000_000_000 for r in data["records"])
+    # --split train --offset 1000000: the RL stage's own prompt pools (envs.offset)
+    assert main(args + ["--split", "train", "--offset", "1000000", "--samples", "1"]) == 0
+    data = json.loads((out / "envs.json").read_text())
+    assert [r["seed"] for r in data["records"]] == [1_000_000, 1_000_000]
     assert main(args[:3] + ["--envs", "math,nope"]) == 2
     assert "unknown environment 'nope'" in capsys.readouterr().err
