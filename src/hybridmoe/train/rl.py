@@ -14,10 +14,10 @@ optimizer step on the clipped, importance-weighted policy-gradient loss (`train.
 Prompts come from `grpo.PromptIterator` over per-environment pools of training seeds, with the prompts the starting
 model always solves (and, with rl.pass_rate_filter.drop_unsolved, those it never solves) dropped up front
 (`rl.pass_rate_filter`, measured once and kept in train.out_dir/pass_rates.json) and each batch holding a fixed share
-of every environment. With rl.freeze_router the routers' weights get no
-gradient and their selection biases no update. Everything else (torchrun, resume, stop, clip and step, logging,
-checkpoints) is the session's (`train.session`). Under torchrun rank 0 alone talks to the rollout source: it
-broadcasts each batch's trajectories, every rank trains on its rows, and the full weights are gathered for publishing.
+of every environment. With rl.freeze_router the routers' weights get no gradient and their selection biases no
+update. Everything else (torchrun, resume, stop, clip and step, logging, checkpoints) is the session's
+(`train.session`). Under torchrun rank 0 alone talks to the rollout source: it broadcasts each batch's trajectories,
+every rank trains on its rows, and the full weights are gathered for publishing.
 
 Log keys beyond every stage's: pg, kl, reward, reward_<env>, accuracy (the fraction of trajectories with the full
 reward), staleness_max / staleness_mean, trajectories, loss_tokens, zero_variance_groups (groups that contribute
