@@ -173,6 +173,30 @@ def test_logprobs_equal_log_softmax_of_the_model_logits():
 
 
 @torch.no_grad()
+def test_processed_logprobs_are_those_of_the_sampling_distribution():
+    # vLLM's processed_logprobs: after temperature (and top-k), what an RL trainer at that temperature compares with
+    prompt = prompts_for([11], seed=4)[0]
+    engine = Engine(model(), max_num_seqs=2, max_model_len=64)
+    for top_k in (None, 5):
+        params = SamplingParams(temperature=0.6, top_k=top_k, max_tokens=6, seed=3, logprobs=2,
+                                logprobs_mode="processed_logprobs")  # fmt: skip
+        (r,) = engine.generate([prompt], params)
+        logits = model()(torch.tensor([prompt + r.token_ids])).logits[0].float() / 0.6
+        if top_k:
+            kth = logits.topk(top_k, -1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, -torch.inf)
+        logp = torch.log_softmax(logits, -1)
+        raw = torch.log_softmax(model()(torch.tensor([prompt + r.token_ids])).logits[0].float(), -1)
+        for i, (tok, lp) in enumerate(zip(r.token_ids, r.logprobs)):
+            row = logp[len(prompt) - 1 + i]
+            assert abs(lp.logprob - row[tok].item()) <= 1e-4
+            assert abs(lp.logprob - raw[len(prompt) - 1 + i, tok].item()) > 1e-3  # not the raw one
+            assert [t for t, _ in lp.top] == row.topk(2).indices.tolist()
+    with pytest.raises(ValueError, match="logprobs_mode must be one of raw_logprobs, processed_logprobs"):
+        SamplingParams(logprobs_mode="processed")
+
+
+@torch.no_grad()
 def test_prompt_logprobs_equal_a_full_forward():
     # Prompts over several prefill chunks of 8 (and a 1-token one), next to a request without prompt logprobs;
     # max_tokens=0 scores the prompt and generates nothing.

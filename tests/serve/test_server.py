@@ -196,6 +196,20 @@ def test_reasoning_budget_closes_thinking(client, engine, live):
     assert m.content == decode(script[4:-1]).strip() and r.usage.completion_tokens == len(script)
 
 
+def test_completions_logprobs_mode(client):
+    # processed_logprobs: the same seeded sample, reported under the temperature's distribution instead of the raw one
+    kw = dict(model=MODEL, prompt="The quick brown fox", max_tokens=6, temperature=0.5, seed=7, logprobs=0)
+    out = {}
+    for mode in ("raw_logprobs", "processed_logprobs"):
+        extra = {"logprobs_mode": mode, "return_token_ids": True}
+        choice = client.completions.create(**kw, extra_body=extra).choices[0]
+        out[mode] = (choice.model_extra["token_ids"], choice.logprobs.token_logprobs)
+    assert out["raw_logprobs"][0] == out["processed_logprobs"][0]
+    assert all(abs(a - b) > 1e-4 for a, b in zip(out["raw_logprobs"][1], out["processed_logprobs"][1]))
+    with pytest.raises(openai.BadRequestError, match="logprobs_mode"):
+        client.completions.create(**kw, extra_body={"logprobs_mode": "processed"})
+
+
 def test_completions_stream_echo_stop_and_logprobs(client, engine):
     kw = dict(model=MODEL, prompt="The quick brown fox", max_tokens=10, temperature=0)
     full = client.completions.create(**kw, logprobs=2)

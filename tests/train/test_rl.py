@@ -149,6 +149,15 @@ def test_rl_trains_on_engine_samples_logs_and_resumes_exactly(tmp_path, tokenize
             assert a[key] == b[key], (a["step"], key, a[key], b[key])
 
 
+def test_rl_at_a_temperature_scores_tokens_as_the_engine_sampled_them(tmp_path, tokenizer_dir, agent):  # noqa: F811
+    # rl.temperature 0.6: the engine reports logprobs of softmax(logits / 0.6) and the trainer computes the same,
+    # so with the weights that sampled them the two agree (raw logprobs on either side would differ by ~0.1-1)
+    rl(rl_recipe(tmp_path / "t", tokenizer_dir, steps=2, rl={"temperature": 0.6}))
+    records = step_records(tmp_path / "t")
+    assert len(records) == 2 and max(x["mismatch_max"] for x in records) < 1e-3
+    assert max(x["tis_clipped"] for x in records) == 0
+
+
 def _even_mass(model, seeds) -> float:
     """The model's mean probability of an even first token over the `even` prompts of these seeds."""
     prompts = torch.tensor([[5 + s % 40, 6, 7 + len("even")] for s in seeds])

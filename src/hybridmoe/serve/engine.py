@@ -592,7 +592,8 @@ class Engine:
         req.output_token_ids.append(token)
         new_logprobs = None
         if p.logprobs is not None:
-            new_logprobs = [token_logprob(logits_v, token, p.logprobs)]
+            processed = p.logprobs_mode == "processed_logprobs"
+            new_logprobs = [token_logprob(sample_logits if processed else logits_v, token, p.logprobs, p)]
             req.logprobs.extend(new_logprobs)
         if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
             req.finish_reason, req.stop_reason = "stop", token

@@ -165,7 +165,7 @@ class OpenAIServing:
                 temperature=1.0 if body.temperature is None else body.temperature,
                 top_p=1.0 if body.top_p is None else body.top_p,
                 top_k=body.top_k, max_tokens=max_tokens, stop=stop, seed=seed, stop_token_ids=stop_ids,
-                ignore_eos=body.ignore_eos, **kw,
+                ignore_eos=body.ignore_eos, logprobs_mode=body.logprobs_mode, **kw,
             )  # fmt: skip
         except ValueError as e:
             raise APIError(400, str(e)) from e

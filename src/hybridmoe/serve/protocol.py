@@ -2,8 +2,9 @@
 
 Request fields and their meanings follow OpenAI's API reference (https://platform.openai.com/docs/api-reference/chat
 and /completions) with vLLM's extensions where users expect them (`top_k`, `stop_token_ids`, `ignore_eos`,
-`chat_template_kwargs`, `reasoning_budget`, `max_tokens: 0` with `echo`, `return_token_ids`, the `/tokenize` and
-`/detokenize` bodies). Fields we do not use (`user`, `metadata`, ...) are accepted and ignored.
+`chat_template_kwargs`, `reasoning_budget`, `max_tokens: 0` with `echo`, `return_token_ids`, `logprobs_mode` (vLLM's
+engine option, per request here), the `/tokenize` and `/detokenize` bodies). Fields we do not use (`user`,
+`metadata`, ...) are accepted and ignored.
 
 Bodies are read by `parse_body`, never by a framework's implicit parser, so that every malformed body is a 400 with
 OpenAI's error JSON: invalid UTF-8 or JSON, `NaN`/`Infinity` literals (not JSON), numbers with thousands of digits,
@@ -76,6 +77,9 @@ class _SamplingFields(_Body):
     frequency_penalty: float = 0.0
     stop_token_ids: list[int] | None = Field(None, max_length=64)  # vLLM's: token ids that also end the request
     ignore_eos: bool = False  # vLLM's: the model's end tokens do not end the request (stop_token_ids still do)
+    # vLLM's engine option, here per request: the returned logprobs are the model's ("raw_logprobs") or those of the
+    # distribution sampled from, after temperature, top-k and top-p ("processed_logprobs", what an RL trainer needs)
+    logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = "raw_logprobs"
 
 
 class ChatTemplateKwargs(_Body):

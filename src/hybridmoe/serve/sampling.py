@@ -8,8 +8,12 @@ prompt, generate nothing), and `logits_processors` (vLLM's hook: callables `(out
 that the engine applies before sampling; the chat layer's reasoning budget is one). Temperature, top-k and top-p
 are applied by `hybridmoe.generation.sampling_distribution`, in transformers' order, as offline `generate` does.
 
-Reported logprobs are those of the model's own distribution, `log_softmax(logits)`, before temperature and the
-filters (vLLM's default), so they mean the same thing whatever the request's sampling settings.
+Reported logprobs are by default those of the model's own distribution, `log_softmax(logits)`, before temperature
+and the filters (vLLM's default `logprobs_mode="raw_logprobs"`), so they mean the same thing whatever the request's
+sampling settings. `logprobs_mode="processed_logprobs"` (vLLM's engine option, here per request) reports those of the
+distribution the token was drawn from: after the logits processors, temperature, top-k and top-p (`-inf` for a token
+the filters removed). An RL trainer that samples at a temperature other than 1 needs these: its importance weights
+compare the sampling policy's probabilities with its own at the same temperature. Prompt logprobs are always raw.
 
 Legend: t tokens, v vocab.
 """
@@ -24,6 +28,7 @@ import torch
 from ..generation import sample_from, sampling_distribution
 
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (vLLM's _SAMPLING_EPS)
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
 
 
 @dataclass
@@ -40,9 +45,11 @@ class SamplingParams:
     # The same for every prompt token after the first (its logprob given the tokens before it): vLLM's
     # prompt_logprobs, what scoring a text needs (OpenAI's legacy `echo` with `logprobs`).
     prompt_logprobs: int | None = None
-    # Applied in order to each step's logits before sampling (reported logprobs stay the model's own); the engine
+    # Applied in order to each step's logits before sampling (raw logprobs stay the model's own); the engine
     # calls them from its worker thread. Not used by speculative decoding.
     logits_processors: list[Callable[[list[int], torch.Tensor], torch.Tensor]] = field(default_factory=list)
+    # vLLM's names: "raw_logprobs" (the model's log_softmax) or "processed_logprobs" (of the sampling distribution)
+    logprobs_mode: str = "raw_logprobs"
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -63,6 +70,8 @@ class SamplingParams:
                                  f"{getattr(self, name)}")  # fmt: skip
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, got {self.logprobs_mode!r}")
 
     @property
     def greedy(self) -> bool:
@@ -122,9 +131,18 @@ def prompt_token_logprobs(logits_tv: torch.Tensor, targets: list[int], top_n: in
     return [TokenLogprob(t, v, list(zip(i, w))) for t, v, i, w in zip(targets, chosen, ids.tolist(), values.tolist())]
 
 
-def token_logprob(logits_v: torch.Tensor, token_id: int, top_n: int) -> TokenLogprob:
-    """log_softmax of the raw logits (v,) at `token_id`, plus the `top_n` most likely tokens."""
-    logp = torch.log_softmax(logits_v.float(), dim=-1)
+def token_logprob(
+    logits_v: torch.Tensor, token_id: int, top_n: int, params: SamplingParams | None = None
+) -> TokenLogprob:
+    """The logprob (v,) at `token_id`, plus the `top_n` most likely tokens: of log_softmax(logits_v), or with
+    `params.logprobs_mode == "processed_logprobs"` of the distribution `params` samples from (logits_v then being the
+    processed logits). Greedy requests report raw logprobs in either mode (their distribution is a one-hot)."""
+    if params is None or params.logprobs_mode == "raw_logprobs" or params.greedy:
+        logp = torch.log_softmax(logits_v.float(), dim=-1)
+    elif params.top_k or params.top_p < 1:
+        logp = sampling_probs(logits_v, params).log()
+    else:  # log_softmax(logits / T) directly: exact where the log of a tiny probability would lose digits
+        logp = torch.log_softmax(logits_v.float() / params.temperature, dim=-1)
     top = []
     if top_n:
         values, ids = logp.topk(min(top_n, logp.shape[-1]))

@@ -7,8 +7,8 @@ version of the weights that sampled it, the trainer publishes new weights to the
 only trajectories at most `max_staleness` versions old (the reference uses 1; 0 is synchronous).
 
 - `HTTPGenerator`: the `envs.base.Generator` protocol over one server's `/v1/completions`: token-id prompts,
-  `logprobs: 0` and `return_token_ids: true` (the exact sampled tokens, the end token included, and their
-  log-probabilities), one request per prompt, sent concurrently (the engine batches them).
+  `logprobs: 0`, the params' `logprobs_mode` and `return_token_ids: true` (the exact sampled tokens, the end token
+  included, and their log-probabilities), one request per prompt, sent concurrently (the engine batches them).
 - `AsyncRollouts`: the `RolloutSource` of `hybridmoe.train.rollout` (next_batch / publish / close) over `workers`
   server subprocesses on 127.0.0.1 (a free port each, a random API key, `threads_per_worker` torch threads).
   Background threads run `hybridmoe.envs.agent.run_episodes` one group (one prompt, `group_size` episodes) at a time
@@ -105,7 +105,7 @@ class HTTPGenerator:
             raise ValueError("logits_processors cannot be sent to a server; leave them out of the rollout params")
         body = {"model": self.model_name, "max_tokens": params.max_tokens, "temperature": params.temperature,
                 "top_p": params.top_p, "ignore_eos": params.ignore_eos, "logprobs": 0,
-                "return_token_ids": True}  # fmt: skip
+                "logprobs_mode": params.logprobs_mode, "return_token_ids": True}  # fmt: skip
         if params.top_k:
             body["top_k"] = params.top_k
         if params.stop:

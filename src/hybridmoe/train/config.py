@@ -374,7 +374,7 @@ class RLSection:
     group_size: int = 16  # samples per prompt (GRPO's group)
     prompts_per_step: int = 128  # prompts per optimizer step (all ranks together)
     max_new_tokens: int = 1024  # per model turn
-    temperature: float = 1.0
+    temperature: float = 1.0  # sampling; the trainer's and the engine's logprobs are of softmax(logits / T)
     advantage_std_norm: bool = True  # divide by the leave-one-out std (+ 1e-6)
     advantage_clip: float | None = None  # clip advantages to [-c, c]; None: no clip
     eps_low: float = 0.2  # ratio clip 1 - eps_low ...

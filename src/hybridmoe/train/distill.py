@@ -19,8 +19,8 @@ Everything else is `train.rl.RLStage`'s: the session, the prompts, rollouts (syn
 check, packing, the trainer's log-probabilities, the loss and its log keys. `DistillStage` overrides three methods:
 the per-trajectory advantage (the group advantage only when orm_weight > 0 and groups have >= 2 samples), the rows'
 per-token teacher log-probabilities (`_prepare_rows`: this rank's trajectories, grouped by teacher and packed into
-rows as the trainer packs them, scored with the teacher's forward and the chunked LM head,
-`grpo.linear_token_logprobs`, so no (tokens, vocab) tensor is kept) and the per-token advantage.
+rows as the trainer packs them, scored with the teacher's forward and the chunked LM head at rl.temperature, like
+the student's, `grpo.linear_token_logprobs`, so no (tokens, vocab) tensor is kept) and the per-token advantage.
 
 Teachers are loaded once, frozen and in eval mode, each checkpoint once however many environments share it, and
 whole on every rank (a teacher must fit on one device). They may be another preset or size but must use the

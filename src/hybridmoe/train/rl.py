@@ -9,7 +9,8 @@ optimizer step on the clipped, importance-weighted policy-gradient loss (`train.
      attends or carries Mamba state across them; or one per row);
   3. per micro-batch, the trainer's log-probability of every generated token (the model's forward, then the LM head
      on those positions only, in chunks: `grpo.linear_token_logprobs`), the importance weights against the rollout
-     engine's log-probabilities, the loss over the GLOBAL batch's loss-token count, backward;
+     engine's log-probabilities (both of softmax(logits / rl.temperature), the policy that sampled: the engine's
+     `processed_logprobs`), the loss over the GLOBAL batch's loss-token count, backward;
   4. after the session's optimizer step, the new weights are published to the rollout source (version step + 1).
 Prompts come from `grpo.PromptIterator` over per-environment pools of training seeds, with the prompts the starting
 model always solves (and, with rl.pass_rate_filter.drop_unsolved, those it never solves) dropped up front
@@ -89,7 +90,9 @@ class RLStage(Stage):
         unknown = sorted(set(e.ratios) - set(self.envs))
         if unknown:
             raise ValueError(f"envs.ratios names unknown environment(s) {unknown}; known: {sorted(self.envs)}")
-        self.params = SamplingParams(temperature=r.temperature, max_tokens=r.max_new_tokens, logprobs=0)
+        # The rollout logprobs are those of the distribution sampled from (logits / rl.temperature), as the trainer's
+        self.params = SamplingParams(temperature=r.temperature, max_tokens=r.max_new_tokens, logprobs=0,
+                                     logprobs_mode="processed_logprobs")  # fmt: skip
         pools = {name: list(split_seeds("train", e.pool, e.offset)) for name in sorted(e.ratios)}
         self.filtered = {name: 0 for name in pools}
         if r.pass_rate_filter.samples:
@@ -311,12 +314,15 @@ class RLStage(Stage):
         return sums
 
     def _token_logprobs(self, model, m: dict, sel: torch.Tensor) -> torch.Tensor:
-        """log p(token) of the selected targets under `model`: its forward for the hidden states (only the last
-        position's logits are formed), then the LM head on the selected positions, chunk by chunk."""
+        """log p(token) of the selected targets under `model` at rl.temperature (the policy that sampled them:
+        softmax(logits / T), as NeMo-RL and verl do): its forward for the hidden states (only the last position's
+        logits are formed), then the LM head on the selected positions, chunk by chunk. The head has no bias, so
+        dividing the hidden states by T divides the logits by T."""
         with autocast(model, self.recipe.train.precision):
             out = model(m["input_ids"], document_ids=m["document_ids"], logits_to_keep=1)
         h = out.hidden_states[:, :-1][sel]
-        return linear_token_logprobs(h, model.lm_head.weight, m["input_ids"][:, 1:][sel])
+        t = self.recipe.rl.temperature
+        return linear_token_logprobs(h if t == 1 else h.float() / t, model.lm_head.weight, m["input_ids"][:, 1:][sel])
 
     def _log_keys(self, batch: list[Trajectory], stale: list[int], sums: dict, num_tokens: int) -> dict:
         if self.par is not None:  # the per-token sums of every rank
