@@ -14,7 +14,8 @@ OUT/rl-gain.png (training reward per environment along the run; held-out accurac
         --run-dir runs/rl-gain --steps 40,80 -- \
         rl.prompts_per_step=28 optim.lr=2e-4 rl.pass_rate_filter.samples=4 rl.pass_rate_filter.drop_unsolved=true
 
-Everything after `--` is a recipe override for the RL run.
+Everything after `--` is a recipe override for the RL run. `--train-envs` trains on some of the `--envs` only (the
+others are still evaluated, so that a loss there shows).
 """
 
 import argparse
@@ -35,8 +36,11 @@ def main():
     p.add_argument("--out", required=True, help="results folder (the evaluations and the summary)")
     p.add_argument("--run-dir", help="the RL run's folder (default: OUT/rl)")
     p.add_argument("--recipe", default=RECIPE)
+    p.add_argument("--envs", default=ENVS, help="comma-separated environments to evaluate (and train on)")
     p.add_argument(
-        "--envs", default=ENVS, help="comma-separated environments, trained on in equal shares and evaluated"
+        "--train-envs",
+        help="comma-separated environments trained on in equal shares (default: --envs); a subset of "
+        "--envs, so that those left out are still checked for losses",
     )
     p.add_argument("--steps", default="40,80", help="comma-separated step counts to evaluate after")
     p.add_argument("--samples", type=int, default=200, help="held-out episodes per environment")
@@ -45,7 +49,9 @@ def main():
     steps = [int(s) for s in a.steps.split(",")]
     if not steps or steps != sorted(set(steps)) or steps[0] < 1:
         p.error(f"--steps {a.steps}: give increasing positive step counts, e.g. 40,80")
-    envs = a.envs.split(",")
+    envs = (a.train_envs or a.envs).split(",")
+    if not set(envs) <= set(a.envs.split(",")):
+        p.error(f"--train-envs {a.train_envs}: every environment trained on must be evaluated too (in --envs {a.envs})")
     os.makedirs(a.out, exist_ok=True)
     run_dir = a.run_dir = a.run_dir or os.path.join(a.out, "rl")
     evaluate(a.init, os.path.join(a.out, "before"), a)
@@ -110,6 +116,7 @@ def summarize(a, steps: list[int]) -> dict:
             "init": a.init,
             "recipe": a.recipe,
             "envs": a.envs,
+            "train_envs": a.train_envs or a.envs,
             "steps": steps,
             "samples": a.samples,
             "overrides": a.overrides,

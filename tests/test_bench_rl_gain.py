@@ -61,3 +61,35 @@ def test_step_counts_must_increase(tmp_path):
     p = subprocess.run([sys.executable, SCRIPT, "--init", "x", "--out", str(tmp_path), "--steps", "40,20"],
                        capture_output=True, text=True)  # fmt: skip
     assert p.returncode == 2 and "give increasing positive step counts" in p.stderr
+
+
+def test_train_envs_are_trained_on_and_every_env_is_evaluated(tmp_path, monkeypatch):
+    out, run = tmp_path / "out", tmp_path / "run"
+    ran = []
+
+    def fake_run(cmd, **kw):  # the evaluation writes its table, the RL run its log
+        ran.append(cmd)
+        if cmd[:3] == ["hybridmoe", "eval", "envs"]:
+            envs = cmd[cmd.index("--envs") + 1].split(",")
+            write_eval(cmd[cmd.index("--out") + 1], {e: 0.5 for e in envs})
+        elif cmd[:2] == ["hybridmoe", "rl"]:
+            run.mkdir(exist_ok=True)
+            (run / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 0.0, "reward": 0.5, "reward_a": 0.5}) + "\n")
+        return subprocess.CompletedProcess(cmd, 0, "")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    bench = load()
+    monkeypatch.setattr(sys, "argv", ["bench_rl_gain.py", "--init", "sft", "--out", str(out), "--run-dir", str(run),
+                                      "--envs", "a,b,c", "--train-envs", "a,c", "--steps", "1"])  # fmt: skip
+    bench.main()
+    (rl_cmd,) = [c for c in ran if c[:2] == ["hybridmoe", "rl"]]
+    assert "envs.ratios={a: 0.5000, c: 0.5000}" in rl_cmd
+    evals = [c[c.index("--envs") + 1] for c in ran if c[:3] == ["hybridmoe", "eval", "envs"]]
+    assert evals == ["a,b,c", "a,b,c"]  # before and after: b too, though not trained on
+    assert json.loads((out / "rl-gain.json").read_text())["settings"]["train_envs"] == "a,c"
+
+
+def test_train_envs_must_be_evaluated(tmp_path):
+    p = subprocess.run([sys.executable, SCRIPT, "--init", "x", "--out", str(tmp_path), "--envs", "a,b",
+                        "--train-envs", "a,z"], capture_output=True, text=True)  # fmt: skip
+    assert p.returncode == 2 and "every environment trained on must be evaluated too" in p.stderr
