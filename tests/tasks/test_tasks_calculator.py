@@ -1,9 +1,12 @@
 """The calculator tool: exact arithmetic from an `ast` whitelist, never eval."""
 
+import importlib
+import warnings
 from fractions import Fraction
 
 import pytest
 
+import hybridmoe.tasks.calculator as calculator_module
 from hybridmoe.tasks import get_domain
 from hybridmoe.tasks.calculator import calculator, evaluate
 
@@ -32,6 +35,18 @@ def test_refuses_everything_but_numbers_and_four_operators(expression, reason):
     with pytest.raises(ValueError, match=reason):
         evaluate(expression)
     assert calculator(expression).startswith("error:")
+
+
+def test_parser_warnings_on_model_text_stay_off_the_console():
+    # `2and 3` makes Python's parser warn (SyntaxWarning: invalid decimal literal) before it is refused; a model
+    # writes such text now and then, and RL runs printed the warning among their progress bars
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # everything shown, as outside a test runner...
+        module = importlib.reload(calculator_module)  # ...but the filter the module installs on import
+        with pytest.raises(ValueError, match="BoolOp is not allowed"):
+            module.evaluate("2and 3")
+        warnings.warn_explicit("another text's warning", SyntaxWarning, "<unknown>", 1)  # others still show
+    assert [str(w.message) for w in caught] == ["another text's warning"]
 
 
 def test_run_tool_answers_bad_calls_with_an_error_message():

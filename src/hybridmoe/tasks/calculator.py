@@ -17,6 +17,7 @@ import ast
 import json
 import operator
 import random
+import warnings
 from fractions import Fraction
 
 from .base import Domain, Task
@@ -26,6 +27,11 @@ MAX_EXPRESSION_CHARS = 200
 MAX_VALUE = 10**30  # bound on every value's magnitude and denominator: no huge numbers from long products
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+# Python's parser warns (on stderr, once per text) about model-written oddities such as `2and 3` before they are
+# refused below; parsed under this filename those warnings are silenced, whatever thread parses (a global filter that
+# matches only this filename, unlike `warnings.catch_warnings`, which is not thread-safe).
+_FILENAME = "<calculator expression>"
+warnings.filterwarnings("ignore", category=SyntaxWarning, module=_FILENAME)
 
 TOOL = {
     "type": "function",
@@ -48,7 +54,7 @@ def evaluate(expression: str) -> Fraction:
     if len(expression) > MAX_EXPRESSION_CHARS:
         raise ValueError(f"the expression is longer than {MAX_EXPRESSION_CHARS} characters")
     try:
-        tree = ast.parse(expression.strip(), mode="eval")
+        tree = ast.parse(expression.strip(), filename=_FILENAME, mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
         raise ValueError(f"cannot parse {expression!r}: use numbers, + - * / and parentheses") from e
     return _evaluate(tree.body)
