@@ -27,7 +27,7 @@ MAX_EXPRESSION_CHARS = 200
 MAX_VALUE = 10**30  # bound on every value's magnitude and denominator: no huge numbers from long products
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
-# Python's parser warns (on stderr, once per text) about model-written oddities such as `2and 3` before they are
+# Python's parser warns (on stderr) about model-written oddities such as `2and 3` before they are
 # refused below; parsed under this filename those warnings are silenced, whatever thread parses (a global filter that
 # matches only this filename, unlike `warnings.catch_warnings`, which is not thread-safe).
 _FILENAME = "<calculator expression>"
