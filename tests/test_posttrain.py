@@ -78,6 +78,14 @@ def test_bad_input_is_refused(tmp_path):
         load_recipes(PostPlan(recipes=str(tmp_path)))
     with pytest.raises(ValueError, match="unknown key"):
         load_recipes(PostPlan(overrides=("rl.no_such_key=1",)))
+    # keys posttrain sets per stage are refused, not silently replaced
+    for override, hint in (
+        ("train.seed=1", "--seed"),
+        ("model.init_from=x", "--init-from"),
+        ("train.out_dir=y", "--out"),
+    ):
+        with pytest.raises(ValueError, match=f"posttrain sets {override.split('=')[0]}.*{hint}"):
+            load_recipes(PostPlan(overrides=(override,)))
     out = tmp_path / "run"
     out.mkdir()
     (out / "run.json").write_text(json.dumps({"init_from": "/somewhere/else", "size": "tiny"}))

@@ -57,6 +57,13 @@ from .utils import atomic_write_text
 
 RECIPES = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "recipes"))
 FORMAT = "hybridmoe-posttrain-1"
+# recipe keys posttrain fills in per stage, and what to use instead
+OWNED_KEYS = {
+    "model.init_from": "give the SFT model with --init-from",
+    "train.out_dir": "give the run directory with --out (each stage gets a folder in it)",
+    "train.seed": "use --seed",
+    "train.tensorboard": "it is off in posttrain; use the stages' log.jsonl",
+}
 
 
 @dataclass
@@ -80,7 +87,6 @@ class PostPlan:
     min_steps: int = 2
     rl_step_s: float = 6.0  # a guess for planning the first RL stage (issue 14 measured 4.4-6 s here)
     mopd_step_s: float = 8.0  # a guess for MOPD (32 samples of 192 tokens, scored by a teacher)
-    pass_rate_samples: int = 0  # the recipes' offline prompt filter; 0: off (it dropped none from this SFT model)
     task_samples: int = 40  # held-out tasks per domain
     task_max_new_tokens: int = 128
     task_difficulty: int = 1
@@ -145,6 +151,10 @@ def load_recipes(plan: PostPlan) -> Recipes:
                          f"{plan.size}-rl-teacher-GROUP.yaml in {root}; missing: "
                          f"{', '.join(missing) or 'the teacher recipes'} (pass --recipes DIR or another "
                          "--size)")  # fmt: skip
+    for o in plan.overrides:  # keys posttrain sets for every stage: an override of one would be lost, so refuse it
+        key = o.split("=", 1)[0].strip()
+        if key in OWNED_KEYS:
+            raise ValueError(f"posttrain sets {key} for every stage; {OWNED_KEYS[key]} instead of the override {o!r}")
     rl_overrides = [o for o in plan.overrides if not o.startswith("distill.")]
     teachers = {}
     for path in teacher_files:
@@ -331,7 +341,6 @@ def _stage(out, name, recipe, init_from, deadline, plan, steps: int | None = Non
     recipe.train.steps = steps
     recipe.train.seed = plan.seed
     recipe.train.tensorboard = False
-    recipe.rl.pass_rate_filter.samples = plan.pass_rate_samples
     recipe.validate()
     resumed = latest_checkpoint(stage_dir)
     print(f"\n== {name}: to step {steps}, {until - time.monotonic():.0f}s"
