@@ -66,7 +66,8 @@ def _run_episodes(envs, requests, generator, tokenizer, *, group_size=1, params,
         mask = [0] * len(p) + [1] * len(a.token_ids) + [0] * len(TOOL_OUTPUT) + [1] * len(b.token_ids)
         logp = [0.0] * len(p) + a.logprobs + [0.0] * len(TOOL_OUTPUT) + b.logprobs
         out.append(Trajectory(env, seed, group_offset + i, ids, mask, logp, _reward(env, seed, a.token_ids[0]),
-                              finish_reason="length", num_tool_calls=1))  # fmt: skip
+                              weight_version=min(a.weight_version, b.weight_version), finish_reason="length",
+                              num_tool_calls=1))  # fmt: skip
     return out
 
 
@@ -156,6 +157,19 @@ def test_rl_at_a_temperature_scores_tokens_as_the_engine_sampled_them(tmp_path, 
     records = step_records(tmp_path / "t")
     assert len(records) == 2 and max(x["mismatch_max"] for x in records) < 1e-3
     assert max(x["tis_clipped"] for x in records) == 0
+
+
+def test_rl_with_asynchronous_rollouts_on_a_serve_worker(tmp_path, tokenizer_dir, agent):  # noqa: F811
+    # rl.rollout=async: a `hybridmoe serve` worker process samples over HTTP (processed logprobs at temperature 0.6)
+    # and the trainer posts its weights to it after every step. At staleness 0 every batch must come from the
+    # trainer's current weights, so the trainer reproduces the worker's logprobs at every step, the first (the
+    # starting weights) and the later ones (only if the posted weights arrived and the worker stamped their version).
+    out = tmp_path / "a"
+    rl(rl_recipe(out, tokenizer_dir, steps=3, rl={"rollout": "async", "max_staleness": 0, "temperature": 0.6}))
+    records = step_records(out)
+    assert [x["step"] for x in records] == [1, 2, 3]
+    assert max(x["staleness_max"] for x in records) == 0 and max(x["mismatch_max"] for x in records) < 1e-3
+    assert sum(x["trajectories"] for x in records) == 3 * 2 * 4 and len({x["loss"] for x in records}) == 3
 
 
 def _even_mass(model, seeds) -> float:
