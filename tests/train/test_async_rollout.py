@@ -20,6 +20,7 @@ import textwrap
 import threading
 import time
 
+import httpx
 import pytest
 import torch
 from test_server import make_checkpoint
@@ -169,6 +170,54 @@ def test_a_kept_alive_connection_closed_by_the_server_is_retried():
             generator.close()
             server.shutdown()
     assert len(served) == 3 and len(set(served)) == 3  # each answered on its own connection
+
+
+def test_each_sending_thread_has_its_own_connection(monkeypatch):
+    """No connection pool is shared between the sending threads: one shared pool can close a connection it has
+    just handed to another thread's request (encode/httpcore#1110), which then hangs and fails with EBADF."""
+    answer = json.dumps({"choices": [{"token_ids": [9], "logprobs": {"token_logprobs": [-0.5]},
+                                      "finish_reason": "length", "weight_version": 0}]}).encode()  # fmt: skip
+    connections = set()
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self):  # keep-alive: every request on the connection answered, after a short wait
+            while True:
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):
+                    byte = self.rfile.read(1)
+                    if not byte:
+                        return
+                    head += byte
+                self.rfile.read(int(re.search(rb"(?i)content-length: *(\d+)", head).group(1)))
+                connections.add(self.client_address)
+                time.sleep(0.02)
+                self.wfile.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+                                 + str(len(answer)).encode() + b"\r\n\r\n" + answer)  # fmt: skip
+
+    used = []  # (sending thread, client) per request
+    send = httpx.Client.send
+
+    def recording_send(client, request, **kwargs):
+        used.append((threading.get_ident(), id(client)))
+        return send(client, request, **kwargs)
+
+    monkeypatch.setattr(httpx.Client, "send", recording_send)
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        generator = HTTPGenerator(f"http://127.0.0.1:{server.server_address[1]}", max_concurrency=3)
+        try:
+            for _ in range(2):
+                out = generator.generate([[5, 6, k] for k in range(12)], GREEDY)
+                assert [c.token_ids for c in out] == [[9]] * 12
+            clients = list(generator._clients)
+        finally:
+            generator.close()
+            server.shutdown()
+    threads_of = {c: {t for t, k in used if k == c} for _, c in used}
+    clients_of = {t: {k for u, k in used if u == t} for t, _ in used}
+    assert len(used) == 24 and len(clients_of) <= 3
+    assert all(len(v) == 1 for v in threads_of.values()) and all(len(v) == 1 for v in clients_of.values())
+    assert len(connections) == len(clients) <= 3 and all(c.is_closed for c in clients)
 
 
 def test_workers_stop_on_close_on_errors_and_when_a_worker_dies(checkpoint):

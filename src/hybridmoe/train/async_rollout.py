@@ -81,19 +81,37 @@ class HTTPGenerator:
     Completion with no tokens and finish_reason "length"; one the engine failed on (500 generation_failed) gives
     finish_reason "error"; both carry the server's current weight version. A full queue (503) is retried, and so is
     a kept-alive connection the server closed as the request went out (no response at all); any other refusal, or
-    a server that cannot be reached, raises."""
+    a server that cannot be reached, raises.
+
+    Every sending thread has its own `httpx.Client` of one connection. One client's pool shared by the threads can
+    close a connection another thread was just handed, under a request waiting for its response (httpcore 1.0.9,
+    encode/httpcore#1110: a surplus, expired or room-making idle connection is closed while assigned); the request
+    then hangs until its read timeout and fails with EBADF. It stopped an asynchronous RL run here after 5 steps."""
 
     def __init__(self, base_url: str, api_key: str | None = None, model_name: str = MODEL_NAME, *,
                  max_concurrency: int = 64, timeout_s: float = 900.0, retries: int = 20):  # fmt: skip
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.model_name, self.retries = model_name, retries
-        self.client = httpx.Client(
-            base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s,
-            # idle connections are dropped after 2 s, before the server's idle timeout (uvicorn's 5 s) closes them
-            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency,
-                                keepalive_expiry=2.0),
-        )  # fmt: skip
+        self.base_url = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.model_name, self.retries, self.timeout_s = model_name, retries, timeout_s
+        self._local = threading.local()
+        self._clients: list[httpx.Client] = []  # every thread's, closed by close()
+        self._clients_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="hybridmoe-http")
+
+    @property
+    def client(self) -> httpx.Client:
+        """This thread's client: one connection, never used by another thread."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = httpx.Client(
+                base_url=self.base_url, headers=self._headers, timeout=self.timeout_s,
+                # an idle connection is dropped after 2 s, before the server's idle timeout (uvicorn's 5 s) closes it
+                limits=httpx.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=2.0),
+            )  # fmt: skip
+            with self._clients_lock:
+                self._clients.append(client)
+            self._local.client = client
+        return client
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         body = self.request_body(params)
@@ -129,7 +147,7 @@ class HTTPGenerator:
                 if attempt == self.retries:
                     raise
                 logger.warning("%s closed a connection without answering; sending the request again",
-                               self.client.base_url)  # fmt: skip
+                               self.base_url)  # fmt: skip
                 continue
             if r.status_code == 200:
                 choice = r.json()["choices"][0]
@@ -143,13 +161,16 @@ class HTTPGenerator:
             if r.status_code == 503 and error.get("code") == "queue_full" and attempt < self.retries:
                 time.sleep(float(r.headers.get("Retry-After", 1)))
                 continue
-            raise RuntimeError(f"{self.client.base_url}/v1/completions answered {r.status_code}: "
+            raise RuntimeError(f"{self.base_url}/v1/completions answered {r.status_code}: "
                                f"{error.get('message', r.text[:500])}")  # fmt: skip
         raise AssertionError("unreachable")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self.client.close()
+        with self._clients_lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()
 
 
 def _error_of(r: httpx.Response) -> dict:
