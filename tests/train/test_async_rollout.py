@@ -135,6 +135,23 @@ def test_prompts_running_out_and_the_generator(checkpoint):
         generator.close()
 
 
+def read_request(rfile) -> bool:
+    """Read one HTTP/1.1 request (head and body) off a raw connection; False when the client closed it."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        byte = rfile.read(1)
+        if not byte:
+            return False
+        head += byte
+    rfile.read(int(re.search(rb"(?i)content-length: *(\d+)", head).group(1)))
+    return True
+
+
+def answer_with(wfile, body: bytes) -> None:
+    wfile.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: " + str(len(body)).encode()
+                + b"\r\n\r\n" + body)  # fmt: skip
+
+
 def test_a_kept_alive_connection_closed_by_the_server_is_retried():
     """A server may close an idle kept-alive connection just as the client sends on it (uvicorn after 5 s idle):
     the request gets no response at all, and the generator sends it again on a new connection."""
@@ -145,19 +162,10 @@ def test_a_kept_alive_connection_closed_by_the_server_is_retried():
     class Handler(socketserver.StreamRequestHandler):
         def handle(self):  # the first request on each connection is answered, a second one is dropped unanswered
             for n in itertools.count():
-                head = b""
-                while not head.endswith(b"\r\n\r\n"):
-                    byte = self.rfile.read(1)
-                    if not byte:
-                        return
-                    head += byte
-                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
-                self.rfile.read(length)
-                if n > 0:
-                    return  # closed without a response
+                if not read_request(self.rfile) or n > 0:
+                    return  # a second request: closed without a response
                 served.append(self.client_address)
-                self.wfile.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
-                                 + str(len(answer)).encode() + b"\r\n\r\n" + answer)  # fmt: skip
+                answer_with(self.wfile, answer)
 
     with socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler) as server:
         threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -181,18 +189,10 @@ def test_each_sending_thread_has_its_own_connection(monkeypatch):
 
     class Handler(socketserver.StreamRequestHandler):
         def handle(self):  # keep-alive: every request on the connection answered, after a short wait
-            while True:
-                head = b""
-                while not head.endswith(b"\r\n\r\n"):
-                    byte = self.rfile.read(1)
-                    if not byte:
-                        return
-                    head += byte
-                self.rfile.read(int(re.search(rb"(?i)content-length: *(\d+)", head).group(1)))
+            while read_request(self.rfile):
                 connections.add(self.client_address)
                 time.sleep(0.02)
-                self.wfile.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
-                                 + str(len(answer)).encode() + b"\r\n\r\n" + answer)  # fmt: skip
+                answer_with(self.wfile, answer)
 
     used = []  # (sending thread, client) per request
     send = httpx.Client.send
