@@ -86,7 +86,7 @@ class HTTPGenerator:
     Every sending thread has its own `httpx.Client` of one connection. One client's pool shared by the threads can
     close a connection another thread was just handed, under a request waiting for its response (httpcore 1.0.9,
     encode/httpcore#1110: a surplus, expired or room-making idle connection is closed while assigned); the request
-    then hangs until its read timeout and fails with EBADF. It stopped an asynchronous RL run here after 5 steps."""
+    then hangs until its read timeout and fails with EBADF (it stopped a benchmark RL run after 5 steps)."""
 
     def __init__(self, base_url: str, api_key: str | None = None, model_name: str = MODEL_NAME, *,
                  max_concurrency: int = 64, timeout_s: float = 900.0, retries: int = 20):  # fmt: skip
