@@ -6,8 +6,10 @@ random model through `EngineGenerator`, whose log-probs must equal the model's o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import threading
 from itertools import groupby
 
 import pytest
@@ -19,6 +21,7 @@ from hybridmoe import HybridMoEForCausalLM
 from hybridmoe.data.tokenizer import load_tokenizer
 from hybridmoe.envs import Completion, EngineGenerator, Environment, Reward, make_envs, run_episodes
 from hybridmoe.envs.agent import ENVIRONMENTS, play
+from hybridmoe.envs.calculator import CalculatorEnv
 from hybridmoe.serve.chat import render_chat
 from hybridmoe.serve.sampling import SamplingParams
 from hybridmoe.tasks import split_seeds
@@ -154,6 +157,37 @@ def test_tool_turns_are_rendered_by_the_template_and_masked(tok):
     first, second = gen.calls
     for p1, p2 in zip(first[0], second[0]):
         assert p2[: len(p1)] == p1
+
+
+class Gathering(CalculatorEnv):
+    """A calculator whose tool waits until `n` calls are in flight at once (a barrier): its episodes get their
+    tool's result only when the agent loop runs a round's tool calls side by side."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.barrier = threading.Barrier(n, timeout=5)
+
+    def call_tool(self, episode, name, arguments):
+        self.barrier.wait()  # raises BrokenBarrierError (the episode fails) when fewer than n calls arrive
+        return super().call_tool(episode, name, arguments)
+
+
+def test_a_rounds_tool_calls_run_side_by_side(tok):
+    requests = [("calculator", s) for s in SEEDS]
+    serial = run_episodes(make_envs(["calculator"]), requests, FakeGenerator(tok, calculator_script), tok,
+                          params=GREEDY, max_new_tokens=200, workers=1)  # fmt: skip
+    gathered = run_episodes({"calculator": Gathering(len(SEEDS))}, requests, FakeGenerator(tok, calculator_script),
+                            tok, params=GREEDY, max_new_tokens=200, workers=len(SEEDS))  # fmt: skip
+    assert [t.finish_reason for t in gathered] == ["stop"] * len(SEEDS)  # every call passed the barrier
+
+    def same(t):  # the tool call ids are random
+        return {k: v for k, v in dataclasses.asdict(t).items() if k != "messages"}, [m["content"] for m in t.messages]
+
+    assert [same(t) for t in gathered] == [same(t) for t in serial]
+    assert all(t.reward == 1.0 for t in serial)
+    with pytest.raises(ValueError, match="workers >= 1"):
+        run_episodes(make_envs(["calculator"]), requests, FakeGenerator(tok, calculator_script), tok, params=GREEDY,
+                     workers=0)  # fmt: skip
 
 
 def test_reasoning_off_renders_an_empty_thinking_block(tok):

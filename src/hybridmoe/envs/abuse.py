@@ -100,7 +100,8 @@ ABUSES = [
     Abuse(
         "background_process",
         "import subprocess\nsubprocess.Popen(['sleep', {marker!r}])\npwned = True",
-        "sleep {marker} & setsid sleep {marker} & (sleep {marker} &); nohup sleep {marker} > /dev/null 2>&1 &",
+        "sleep {marker} & setsid sleep {marker} & (sleep {marker} &); nohup sleep {marker} > /dev/null 2>&1 & "
+        "sleep 0.2",  # the shell waits for setsid to leave its group: the run's group is killed the moment it ends
         lambda iso: iso.own_uid or iso.pid_namespace,
         "without another uid or a PID namespace, a process that leaves the session cannot be found to be killed",
     ),

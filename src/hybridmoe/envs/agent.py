@@ -34,6 +34,7 @@ import json
 import logging
 import random
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..serve.sampling import SamplingParams
@@ -175,13 +176,16 @@ def run_episodes(
     reasoning: bool = True,
     max_new_tokens: int = 256,
     group_offset: int = 0,
+    workers: int = 8,
 ) -> list[Trajectory]:
     """Run `group_size` episodes of each request (env name, seed), all batched turn by turn through `generator`;
     returns their trajectories in request order (a request's group together; trajectory.group = group_offset +
-    request index). max_new_tokens: the tokens the model may generate in one episode, all turns together."""
+    request index). max_new_tokens: the tokens the model may generate in one episode, all turns together.
+    workers: threads that take a round's turns (tool calls and verification, sandboxed processes for code and
+    terminal) side by side."""
     rollouts = play(envs, requests, generator, tokenizer, group_size=group_size, params=params,
                     difficulty=difficulty, reasoning=reasoning, max_new_tokens=max_new_tokens,
-                    group_offset=group_offset)  # fmt: skip
+                    group_offset=group_offset, workers=workers)  # fmt: skip
     return [r.trajectory() for r in rollouts]
 
 
@@ -197,12 +201,14 @@ def play(
     reasoning: bool = True,
     max_new_tokens: int = 256,
     group_offset: int = 0,
+    workers: int = 8,
 ) -> list[Rollout]:
     """`run_episodes`, returning the finished `Rollout`s (with their error messages and texts, for reports)."""
     from ..serve.load import stop_token_ids
 
-    if group_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"need group_size >= 1 and max_new_tokens >= 1, got {group_size} and {max_new_tokens}")
+    if group_size < 1 or max_new_tokens < 1 or workers < 1:
+        raise ValueError(f"need group_size, max_new_tokens and workers >= 1, got {group_size}, {max_new_tokens} "
+                         f"and {workers}")  # fmt: skip
     for name, _ in requests:
         if name not in envs:
             raise ValueError(f"request for environment {name!r}, which is not among the given ones: "
@@ -215,6 +221,10 @@ def play(
     loop = _Loop(tokenizer, reasoning, max_new_tokens, stops)
     rollouts = [Rollout(envs[name], seed, group_offset + i)
                 for i, (name, seed) in enumerate(requests) for _ in range(group_size)]  # fmt: skip
+    # A round's turns are independent (each touches its own episode), and a tool call or verification may wait
+    # tens of milliseconds on a sandboxed process: they run on a pool of threads. Starts stay in this thread, so the
+    # tokenizer's first call (which may reset its padding state) happens before any concurrent one.
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="agent-turn") if workers > 1 else None
     try:
         for r in rollouts:
             loop.guard(r, lambda r=r: loop.start(r, difficulty))
@@ -224,9 +234,10 @@ def play(
             completions = generator.generate([r.token_ids for r in running], round_params)
             if len(completions) != len(running):
                 raise RuntimeError(f"the generator returned {len(completions)} completions for {len(running)} prompts")
-            for r, c in zip(running, completions):
-                loop.guard(r, lambda r=r, c=c: loop.turn(r, c))
+            list((pool.map if pool else map)(loop.take, running, completions))
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
         for r in rollouts:
             if r.episode is not None:
                 try:
@@ -242,6 +253,10 @@ class _Loop:
     def __init__(self, tokenizer, reasoning: bool, max_new_tokens: int, stop_ids: list[int]):
         self.tok, self.reasoning, self.max_new_tokens = tokenizer, reasoning, max_new_tokens
         self.stop_ids = set(stop_ids)
+
+    def take(self, r: Rollout, c: Completion) -> None:
+        """Take one completion into its episode (the guarded `turn`)."""
+        self.guard(r, lambda: self.turn(r, c))
 
     def guard(self, r: Rollout, step) -> None:
         """Run one step; anything it raises ends this episode alone (finish_reason "error", reward 0)."""
