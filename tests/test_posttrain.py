@@ -4,7 +4,9 @@ reruns nothing; the recovery arithmetic on hand numbers; the recipes' domain gro
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import time
 
@@ -14,7 +16,7 @@ from test_finetune import tokenizer_dir  # noqa: F401 (fixture)
 
 from hybridmoe import posttrain as posttrain_mod
 from hybridmoe import speedrun as speedrun_mod
-from hybridmoe.posttrain import PostPlan, accuracy_table, load_recipes, posttrain, recovery
+from hybridmoe.posttrain import PostPlan, accuracy_table, clear_gain, load_recipes, paired_se, posttrain, recovery
 
 TOY = ("train.steps=2", "rl.group_size=2", "rl.prompts_per_step=4", "rl.max_new_tokens=6", "rl.max_num_seqs=8",
        "envs.pool=8", "rl.micro_batch_size=4", "train.peak_gflops=100", "train.progress=false",
@@ -37,8 +39,8 @@ def test_recovery_on_hand_numbers():
 
 
 class Result:
-    def __init__(self, acc: dict[str, float]):
-        self.acc = acc
+    def __init__(self, acc: dict[str, float], records: list[dict] | None = None):
+        self.acc, self.records = acc, records or []
 
     def accuracy(self, domain, reasoning="on"):
         assert reasoning == "on"
@@ -62,6 +64,25 @@ def test_accuracy_table_recovery_per_domain():
     assert rows["json_schema"]["recovery"] == pytest.approx(-0.25)  # (0.35 - 0.4) / (0.6 - 0.4)
     assert rows["orphan"]["teacher"] is None and rows["orphan"]["recovery"] is None
     assert rows["arithmetic"]["rl_continued"] is None  # not evaluated
+
+
+def records(domain: str, rewards: list[float]) -> list[dict]:
+    return [{"domain": domain, "seed": i, "sample": 0, "reasoning": "on", "reward": r} for i, r in enumerate(rewards)]
+
+
+def test_the_teachers_gain_has_a_paired_standard_error():
+    sft = Result({"calculator": 0.5}, records("calculator", [0, 0, 1, 1]))
+    teacher = Result({"calculator": 0.75}, records("calculator", [1, 0, 1, 1]))  # differences 1, 0, 0, 0
+    assert paired_se(sft, teacher, "calculator") == pytest.approx(0.25)  # std 0.5 / sqrt(4)
+    other = Result({"calculator": 0.75}, records("calculator", [1, 1, 1, 0]))  # same accuracy, differences 1 1 0 -1
+    assert paired_se(sft, other, "calculator") == pytest.approx(math.sqrt(11 / 12) / 2)
+    assert paired_se(sft, Result({}, records("math", [1, 1])), "calculator") is None  # no shared tasks
+    rows = accuracy_table({"calculator": "tools"}, {"SFT": sft, "teacher tools": teacher})
+    assert rows["calculator"]["teacher_gain_se"] == pytest.approx(0.25) and not clear_gain(rows["calculator"])
+    many = Result({"calculator": 0.9}, records("calculator", [1, 1, 1, 1] * 25))  # 0.5 -> 1.0 over 100 tasks
+    rows = accuracy_table({"calculator": "tools"}, {"SFT": Result({"calculator": 0.5}, records("calculator",
+                          [0, 0, 1, 1] * 25)), "teacher tools": many})  # fmt: skip
+    assert clear_gain(rows["calculator"])  # 0.4 > 2 * 0.05
 
 
 def test_recipe_groups_and_domains():
@@ -154,9 +175,18 @@ def test_posttrain_end_to_end_resumes_and_reruns_nothing(tmp_path, tokenizer_dir
 
     for name in ("train_rl", "train_distill"):
         monkeypatch.setattr(speedrun_mod, name, refuse)
+    real_evaluate = posttrain_mod._evaluate
     monkeypatch.setattr(posttrain_mod, "_evaluate", refuse)
     posttrain(str(out), toy_plan(sft))
     assert json.loads((out / "posttrain.json").read_text())["domains"] == record["domains"]
+
+    # A fourth with another number of tasks evaluates every model again, and trains nothing.
+    evaluated = []
+    monkeypatch.setattr(posttrain_mod, "_evaluate", lambda *a: evaluated.append(a[3]) or real_evaluate(*a))
+    posttrain(str(out), dataclasses.replace(toy_plan(sft), task_samples=3))
+    assert sorted(os.path.basename(p) for p in evaluated) == sorted(os.listdir(out / "eval")) and len(evaluated) == 7
+    for slug in os.listdir(out / "eval"):
+        assert json.loads((out / "eval" / slug / "tasks.json").read_text())["run"]["settings"]["samples"] == 3
 
 
 def test_without_an_sft_model_the_speedrun_base_runs_once(tmp_path, monkeypatch):

@@ -275,8 +275,9 @@ def cmd_posttrain(args) -> int:
     from .posttrain import PostPlan, posttrain
 
     plan = PostPlan(minutes=args.minutes, init_from=args.init_from, size=args.size, overrides=tuple(args.overrides),
-                    compare=not args.no_compare, task_samples=args.samples, seed=args.seed,
-                    **({"recipes": args.recipes} if args.recipes else {}))  # fmt: skip
+                    compare=not args.no_compare, seed=args.seed,
+                    **({"recipes": args.recipes} if args.recipes else {}),
+                    **({"task_samples": args.samples} if args.samples else {}))  # fmt: skip
     posttrain(out_dir=args.out, plan=plan, command=" ".join(["hybridmoe", *sys.argv[1:]]))
     return 0
 
@@ -589,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default: a new posttrain-<time> folder); again to resume")
     p.add_argument("--size", default="tiny", help="recipes/SIZE-rl.yaml, SIZE-rl-teacher-*.yaml, SIZE-distill.yaml")
     p.add_argument("--recipes", help="the recipes directory (default: the repository's recipes/)")
-    p.add_argument("--samples", type=positive_int, default=40, help="held-out tasks per domain in the evaluations")
+    p.add_argument("--samples", type=positive_int, help="held-out tasks per domain in the evaluations (default 200)")
     p.add_argument("--no-compare", action="store_true", help="skip continuing RL for MOPD's student-sampled tokens")
     p.add_argument("--seed", type=int, default=0, help="train.seed of every stage (prompt order, sampling)")
     p.add_argument("overrides", nargs="*", help="recipe keys for every stage, e.g. rl.max_new_tokens=96 (distill.* "

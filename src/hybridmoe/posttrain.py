@@ -87,7 +87,7 @@ class PostPlan:
     min_steps: int = 2
     rl_step_s: float = 6.0  # a guess for planning the first RL stage (issue 14 measured 4.4-6 s here)
     mopd_step_s: float = 8.0  # a guess for MOPD (32 samples of 192 tokens, scored by a teacher)
-    task_samples: int = 40  # held-out tasks per domain
+    task_samples: int = 200  # held-out tasks per domain (40 misstated recovery: benchmarks/README.md, issue 15)
     task_max_new_tokens: int = 128
     task_difficulty: int = 1
     eval_max_num_seqs: int = 48
@@ -241,7 +241,7 @@ def posttrain(out_dir: str | None = None, plan: PostPlan | None = None, command:
     if plan.compare:
         models.append(("RL student, continued", "rl-continued", stages["rl-continued"]["checkpoint"], list(domains)))
     results = {}
-    finished = {slug: _read_eval(os.path.join(out, "eval", slug)) for _, slug, _, _ in models}
+    finished = {slug: _read_eval(os.path.join(out, "eval", slug), plan, ckpt, doms) for _, slug, ckpt, doms in models}
     for i, (label, slug, ckpt, doms) in enumerate(models):
         path = os.path.join(out, "eval", slug)
         if not doms:
@@ -402,16 +402,26 @@ def _evaluate(plan: PostPlan, ckpt: str, domains: list[str], out_dir: str, deadl
     return result
 
 
-def _read_eval(path: str):
-    """A finished evaluation (tasks.json with every answer), else None (none yet, or one cut at its deadline: run
-    again)."""
+def _read_eval(path: str, plan: PostPlan, ckpt: str, domains: list[str]):
+    """A finished evaluation of `ckpt` on `domains` with this plan's settings (tasks.json with every answer), else
+    None: none yet, one cut at its deadline, or one of another checkpoint (a stage run again) or other settings
+    (another --samples): evaluate again."""
     from .eval.tasks import TaskEvalResult
 
     if not os.path.exists(os.path.join(path, "tasks.json")):
         return None
     with open(os.path.join(path, "tasks.json")) as fh:
         result = TaskEvalResult.from_dict(json.load(fh))
-    return None if result.run.get("not_evaluated") else result
+    run, settings = result.run, result.run.get("settings", {})
+    want = {"checkpoint": ckpt, "domains": list(domains), "samples": plan.task_samples,
+            "difficulty": plan.task_difficulty, "max_new_tokens": plan.task_max_new_tokens}  # fmt: skip
+    have = {"checkpoint": run.get("checkpoint"), "domains": run.get("domains"),
+            **{k: settings.get(k) for k in ("samples", "difficulty", "max_new_tokens")}}  # fmt: skip
+    if have != want:
+        changed = ", ".join(f"{k} {have[k]!r} -> {want[k]!r}" for k in want if have[k] != want[k])
+        print(f"{path}: evaluated with other settings ({changed}); evaluating again", flush=True)
+        return None
+    return None if run.get("not_evaluated") else result
 
 
 # ---------------------------------------------------------------------------------------------- the report
@@ -430,10 +440,35 @@ def accuracy_table(domains: dict[str, str | None], results: dict) -> dict[str, d
         row = {"group": group, "sft": acc("SFT", d), "teacher": acc(f"teacher {group}", d) if group else None,
                "rl_student": acc("RL student", d), "mopd": acc("MOPD student", d),
                "rl_continued": acc("RL student, continued", d)}  # fmt: skip
+        teacher = results.get(f"teacher {group}")
+        row["teacher_gain_se"] = paired_se(results["SFT"], teacher, d) if teacher and "SFT" in results else None
         row["recovery"] = recovery(row["sft"], row["mopd"], row["teacher"])
         row["recovery_from_rl"] = recovery(row["rl_student"], row["mopd"], row["teacher"])
         rows[d] = row
     return rows
+
+
+def clear_gain(row: dict) -> bool:
+    """The teacher gained by more than two paired standard errors over the SFT model."""
+    se = row.get("teacher_gain_se")
+    return row["teacher"] is not None and row["sft"] is not None and se is not None and \
+        row["teacher"] - row["sft"] > 2 * se  # fmt: skip
+
+
+def paired_se(before, after, domain: str) -> float | None:
+    """The standard error of after's accuracy minus before's on `domain`, paired over the tasks both answered
+    (reasoning on): std of the per-task differences / sqrt(n). None with fewer than 2 shared tasks."""
+
+    def rewards(result):
+        return {(r["seed"], r.get("sample", 0)): r["reward"] for r in result.records
+                if r["domain"] == domain and r.get("reasoning", "on") == "on" and not r.get("failed")}  # fmt: skip
+
+    a, b = rewards(before), rewards(after)
+    diffs = [b[k] - a[k] for k in a.keys() & b.keys()]
+    if len(diffs) < 2:
+        return None
+    mean = sum(diffs) / len(diffs)
+    return math.sqrt(sum((x - mean) ** 2 for x in diffs) / (len(diffs) - 1) / len(diffs))
 
 
 def _write_report(out, plan, recipes, sft, stages, models, results, total_s, command) -> str:
@@ -460,6 +495,12 @@ def _write_report(out, plan, recipes, sft, stages, models, results, total_s, com
         if row["teacher"] is None:
             return "n/a: no teacher" if row["group"] is None else "n/a: not evaluated"
         return "n/a: teacher did not gain"
+
+    def gain(row):
+        if row["teacher"] is None or row["sft"] is None:
+            return "n/a"
+        se = row["teacher_gain_se"]
+        return f"{100 * (row['teacher'] - row['sft']):+.1f}" + (f" ± {100 * se:.1f}" if se is not None else "")
 
     budget = plan.minutes * 60
     within = "within it" if total_s <= budget else f"**{total_s - budget:.0f}s over it**"
@@ -504,19 +545,25 @@ def _write_report(out, plan, recipes, sft, stages, models, results, total_s, com
         "",
         "| domain | teacher | "
         + " | ".join(label for label, _ in columns)
-        + " | recovery | recovery from RL student |",
-        "|---|---|" + "---:|" * (len(columns) + 2),
+        + " | teacher's gain ± SE | recovery | recovery from RL student |",
+        "|---|---|" + "---:|" * (len(columns) + 3),
     ]
     for d, r in rows.items():
         lines.append(f"| {d} | {r['group'] or 'none'} | " + " | ".join(pct(r[k]) for _, k in columns)
-                     + f" | {rec(r, 'recovery')} | {rec(r, 'recovery_from_rl')} |")  # fmt: skip
+                     + f" | {gain(r)} | {rec(r, 'recovery')} | {rec(r, 'recovery_from_rl')} |")  # fmt: skip
     means = [_mean_of(rows, k) for _, k in columns]
-    lines.append("| **mean** | | " + " | ".join(f"**{pct(m)}**" for m in means) + " | | |")
-    defined = [r["recovery"] for r in rows.values() if r["recovery"] is not None]
+    lines.append("| **mean** | | " + " | ".join(f"**{pct(m)}**" for m in means) + " | | | |")
+    defined = {d: r for d, r in rows.items() if r["recovery"] is not None}
+    clear = {d: r for d, r in defined.items() if clear_gain(r)}
     lines += [
         "",
-        f"Teachers gained on {len(defined)} of {len(rows)} domains; MOPD recovered at least 80% of the gain on "
-        f"{sum(v >= 0.8 for v in defined)} of them.",
+        "The teacher's gain is its accuracy minus the SFT model's, with the standard error of that difference over the "
+        "same tasks (paired); a gain is clear when it is more than two standard errors.",
+        "",
+        f"Teachers gained on {len(defined)} of {len(rows)} domains, clearly on {len(clear)}"
+        + (f" ({', '.join(clear)})" if clear else "")
+        + f"; MOPD recovered at least 80% of the gain on {sum(r['recovery'] >= 0.8 for r in defined.values())} of "
+        f"the {len(defined)} and on {sum(r['recovery'] >= 0.8 for r in clear.values())} of the {len(clear)}.",
     ]
     cut = {label: r.run.get("not_evaluated", 0) for label, r in results.items() if r.run.get("not_evaluated")}
     if cut:
