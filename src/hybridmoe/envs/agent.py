@@ -22,7 +22,9 @@ An episode ends when
 
 All running episodes advance together: one `generator.generate` call per round, with one SamplingParams (the
 caller's, with `max_tokens` = the largest budget left, `logprobs=0` and the chat template's stop tokens); a turn
-longer than its own episode's budget is cut there (its sampled prefix is unchanged by the cut). A trajectory's
+longer than its own episode's budget is cut there (its sampled prefix is unchanged by the cut). The round's turns
+(parsing, tool calls, verification) then run side by side on a pool of `workers` threads: a terminal command or a
+code test is a sandboxed process of tens of milliseconds, and each turn touches only its own episode. A trajectory's
 weight_version is the oldest of its completions'.
 """
 
