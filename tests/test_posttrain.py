@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 
 import pytest
@@ -182,11 +183,20 @@ def test_posttrain_end_to_end_resumes_and_reruns_nothing(tmp_path, tokenizer_dir
 
     # A fourth with another number of tasks evaluates every model again, and trains nothing.
     evaluated = []
-    monkeypatch.setattr(posttrain_mod, "_evaluate", lambda *a: evaluated.append(a[3]) or real_evaluate(*a))
+    monkeypatch.setattr(posttrain_mod, "_evaluate", lambda *a, **kw: evaluated.append(a[3]) or real_evaluate(*a, **kw))
     posttrain(str(out), dataclasses.replace(toy_plan(sft), task_samples=3))
     assert sorted(os.path.basename(p) for p in evaluated) == sorted(os.listdir(out / "eval")) and len(evaluated) == 7
     for slug in os.listdir(out / "eval"):
         assert json.loads((out / "eval" / slug / "tasks.json").read_text())["run"]["settings"]["samples"] == 3
+
+    # The run folder moved elsewhere: a fifth run there trains nothing, evaluates nothing, reports the same.
+    fourth = json.loads((out / "posttrain.json").read_text())["domains"]
+    assert json.loads((out / "mopd" / "stage.json").read_text())["checkpoint"] == "mopd/checkpoints/step-0000002"
+    moved = tmp_path / "moved"
+    shutil.move(out, moved)
+    monkeypatch.setattr(posttrain_mod, "_evaluate", refuse)
+    posttrain(str(moved), dataclasses.replace(toy_plan(sft), task_samples=3))
+    assert json.loads((moved / "posttrain.json").read_text())["domains"] == fourth
 
 
 def test_without_an_sft_model_the_speedrun_base_runs_once(tmp_path, monkeypatch):

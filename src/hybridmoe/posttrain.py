@@ -35,6 +35,8 @@ never run again, and an evaluation whose `tasks.json` holds every answer is read
 runs again). Run the same command (same `--out`) again after a crash or Ctrl-C: a stage that was interrupted resumes
 from its newest checkpoint with the step count it first planned (`planned.json`), and the stages and evaluations left
 share the new invocation's budget. A resumed run must start from the same SFT model (`run.json` records it).
+Records name the run's own checkpoints relative to its folder, so a run folder moved or copied elsewhere resumes
+there as it was.
 """
 
 from __future__ import annotations
@@ -241,7 +243,7 @@ def posttrain(out_dir: str | None = None, plan: PostPlan | None = None, command:
     if plan.compare:
         models.append(("RL student, continued", "rl-continued", stages["rl-continued"]["checkpoint"], list(domains)))
     results = {}
-    finished = {slug: _read_eval(os.path.join(out, "eval", slug), plan, ckpt, doms) for _, slug, ckpt, doms in models}
+    finished = {slug: _read_eval(out, slug, plan, ckpt, doms) for _, slug, ckpt, doms in models}
     for i, (label, slug, ckpt, doms) in enumerate(models):
         path = os.path.join(out, "eval", slug)
         if not doms:
@@ -252,7 +254,7 @@ def posttrain(out_dir: str | None = None, plan: PostPlan | None = None, command:
         weight = sum(len(m[3]) for m in models[i:] if finished[m[1]] is None)
         until = time.monotonic() + max(0.0, eval_end - time.monotonic()) * len(doms) / max(1, weight)
         print(f"\n== evaluate {label} ({time.monotonic() - t_start:.0f}s elapsed) ==", flush=True)
-        results[label] = _evaluate(plan, ckpt, doms, path, until)
+        results[label] = _evaluate(plan, ckpt, doms, path, until, label=_in_run(out, ckpt))
 
     return _write_report(out, plan, recipes, sft, stages, models, results, time.monotonic() - t_start, command)
 
@@ -271,13 +273,24 @@ def _check_run(out: str, plan: PostPlan) -> None:
         atomic_write_text(path, json.dumps(settings, indent=1))
 
 
+def _in_run(out: str, path: str) -> str:
+    """`path` as a record keeps it: relative to the run folder `out` when inside it (so that a run folder moved or
+    copied elsewhere resumes and reports as before), else absolute."""
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(out))
+    return os.path.abspath(path) if rel == ".." or rel.startswith(".." + os.sep) else rel
+
+
 def _record(out: str, name: str) -> dict | None:
-    """A finished stage's record (its stage.json), else None."""
+    """A finished stage's record (its stage.json), else None; its paths made absolute again against `out`."""
     path = os.path.join(out, name, "stage.json")
     if not os.path.exists(path):
         return None
     with open(path) as fh:
-        return json.load(fh)
+        record = json.load(fh)
+    for key in ("checkpoint", "init_from"):
+        if record.get(key):
+            record[key] = os.path.join(os.path.abspath(out), record[key])
+    return record
 
 
 def _base(out: str, plan: PostPlan, until: float) -> str:
@@ -295,8 +308,9 @@ def _base(out: str, plan: PostPlan, until: float) -> str:
         if ckpt is None:
             raise RuntimeError(f"the base run left no SFT model (see {base}/report.md): give more --minutes, or an "
                                "SFT model with --init-from")  # fmt: skip
-        done = {"stage": "base", "checkpoint": ckpt, "minutes": minutes}
+        done = {"stage": "base", "checkpoint": _in_run(out, ckpt), "minutes": minutes}
         atomic_write_text(os.path.join(out, "base", "stage.json"), json.dumps(done, indent=1))
+        done = _record(out, "base")
     return done["checkpoint"]
 
 
@@ -358,7 +372,8 @@ def _stage(out, name, recipe, init_from, deadline, plan, steps: int | None = Non
         mean_reward_first=_mean(logged[:5], "reward") if logged else None,
         mean_reward_last=_mean(logged[-5:], "reward") if logged else None, recipe=recipe.to_dict(),
     )  # fmt: skip
-    atomic_write_text(os.path.join(stage_dir, "stage.json"), json.dumps(record, indent=1))
+    on_disk = record | {k: _in_run(out, record[k]) for k in ("checkpoint", "init_from") if record[k]}
+    atomic_write_text(os.path.join(stage_dir, "stage.json"), json.dumps(on_disk, indent=1))
     return record
 
 
@@ -384,14 +399,15 @@ def _continue_rl(out, student_recipe, stages, deadline, plan) -> dict:
                   start=student["step"])  # fmt: skip
 
 
-def _evaluate(plan: PostPlan, ckpt: str, domains: list[str], out_dir: str, deadline: float):
-    """Held-out tasks of `domains`, greedy, reasoning on, through the batched engine; tasks.md/json/png in out_dir."""
+def _evaluate(plan: PostPlan, ckpt: str, domains: list[str], out_dir: str, deadline: float, label: str | None = None):
+    """Held-out tasks of `domains`, greedy, reasoning on, through the batched engine; tasks.md/json/png in out_dir.
+    label: the checkpoint as the result records it (default: ckpt)."""
     from .eval.tasks import evaluate_tasks, write_task_report
     from .serve.load import load_model
 
     model, tok = load_model(ckpt)
     result = evaluate_tasks(
-        model, tok, domains, plan.task_samples, max_num_seqs=plan.eval_max_num_seqs, checkpoint=ckpt,
+        model, tok, domains, plan.task_samples, max_num_seqs=plan.eval_max_num_seqs, checkpoint=label or ckpt,
         max_model_len=min(2048, model.config.max_position_embeddings), difficulty=plan.task_difficulty,
         reasoning="on", max_new_tokens=plan.task_max_new_tokens, overlap_seeds=plan.overlap_seeds, progress=False,
         deadline=deadline,
@@ -402,20 +418,24 @@ def _evaluate(plan: PostPlan, ckpt: str, domains: list[str], out_dir: str, deadl
     return result
 
 
-def _read_eval(path: str, plan: PostPlan, ckpt: str, domains: list[str]):
-    """A finished evaluation of `ckpt` on `domains` with this plan's settings (tasks.json with every answer), else
-    None: none yet, one cut at its deadline, or one of another checkpoint (a stage run again) or other settings
-    (another --samples): evaluate again."""
+def _read_eval(out: str, slug: str, plan: PostPlan, ckpt: str, domains: list[str]):
+    """A finished evaluation (out/eval/slug) of `ckpt` on `domains` with this plan's settings (tasks.json with every
+    answer), else None: none yet, one cut at its deadline, or one of another checkpoint (a stage run again) or other
+    settings (another --samples): evaluate again. Checkpoints inside the run compare relative to it."""
     from .eval.tasks import TaskEvalResult
 
+    path = os.path.join(out, "eval", slug)
     if not os.path.exists(os.path.join(path, "tasks.json")):
         return None
     with open(os.path.join(path, "tasks.json")) as fh:
         result = TaskEvalResult.from_dict(json.load(fh))
     run, settings = result.run, result.run.get("settings", {})
-    want = {"checkpoint": ckpt, "domains": list(domains), "samples": plan.task_samples,
+    want = {"checkpoint": _in_run(out, ckpt), "domains": list(domains), "samples": plan.task_samples,
             "difficulty": plan.task_difficulty, "max_new_tokens": plan.task_max_new_tokens}  # fmt: skip
-    have = {"checkpoint": run.get("checkpoint"), "domains": run.get("domains"),
+    recorded = run.get("checkpoint")
+    if recorded and os.path.isabs(recorded):  # evaluations written before paths were kept relative
+        recorded = _in_run(out, recorded)
+    have = {"checkpoint": recorded, "domains": run.get("domains"),
             **{k: settings.get(k) for k in ("samples", "difficulty", "max_new_tokens")}}  # fmt: skip
     if have != want:
         changed = ", ".join(f"{k} {have[k]!r} -> {want[k]!r}" for k in want if have[k] != want[k])
