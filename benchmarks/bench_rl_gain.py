@@ -20,6 +20,7 @@ others are still evaluated, so that a loss there shows).
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -59,8 +60,10 @@ def main():
     for i, s in enumerate(steps):
         after = os.path.join(a.out, f"after-{s}")
         if not os.path.exists(os.path.join(after, "envs.json")):
+            # train.keep_every: the checkpoints evaluated stay (keep_last would rotate them away)
             cmd = ["hybridmoe", "rl", a.recipe, f"model.init_from={a.init}", f"train.steps={s}",
-                   f"envs.ratios={ratios}", f"train.out_dir={run_dir}", "train.tensorboard=false"]  # fmt: skip
+                   f"envs.ratios={ratios}", f"train.out_dir={run_dir}", "train.tensorboard=false",
+                   f"train.keep_every={math.gcd(*steps)}"]  # fmt: skip
             cmd += a.overrides
             if i > 0:
                 cmd.append("--resume")

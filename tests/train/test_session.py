@@ -170,3 +170,11 @@ def test_keep_last_prunes_old_checkpoints(tmp_path, data_dir):
     names = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
     assert names == ["latest", "step-0000004", "step-0000006"]
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step-0000006"
+
+
+def test_keep_every_keeps_milestones_beyond_keep_last(tmp_path, data_dir):
+    pretrain(recipe(tmp_path / "run", data_dir, 8, save_every=1, keep_last=2, keep_every=3), peak_gflops=100.0)
+    names = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
+    assert names == ["latest", "step-0000003", "step-0000006", "step-0000007", "step-0000008"]
+    with pytest.raises(ValueError, match=r"train.keep_last=2, train.keep_every=-1: must be >= 0"):
+        recipe(tmp_path / "bad", data_dir, 8, keep_every=-1).validate()

@@ -14,7 +14,8 @@ or SFT run leaves checkpoints of one format. The model part is written in the Hu
 
 A checkpoint is written under a temporary name (`.step-0000100.<random>`, `.step-0000100.partial` under torchrun)
 and renamed when complete, so a crash never leaves a partial directory under a final name; the oldest checkpoints
-beyond `keep_last` are then removed, and so are temporary names a killed save left behind (at the next save or
+beyond `keep_last` are then removed (except those whose step is a multiple of `keep_every`, when it is not 0:
+milestones to evaluate later), and so are temporary names a killed save left behind (at the next save or
 resume). Every file is fsynced before the rename that publishes the directory.
 
 The `.pt` files hold only tensors, numbers, strings, lists and dicts, and are read with `torch.load(...,
@@ -66,7 +67,16 @@ log = logging.getLogger(__name__)
 
 
 def save_checkpoint(
-    out_dir, step, model, optimizer, state: dict, recipe_yaml: str, tokenizer_dir, keep_last=2, save_model=None
+    out_dir,
+    step,
+    model,
+    optimizer,
+    state: dict,
+    recipe_yaml: str,
+    tokenizer_dir,
+    keep_last=2,
+    save_model=None,
+    keep_every=0,
 ):
     """Write checkpoint `step` atomically. save_model(directory) writes the model part (default: the model's
     save_pretrained; a LoRA run saves its adapters instead)."""
@@ -85,7 +95,7 @@ def save_checkpoint(
         payload = {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
         atomic_write(os.path.join(tmp, "trainer_state", "optimizer.pt"), lambda p: torch.save(payload, p))
         atomic_write_text(os.path.join(tmp, "trainer_state", "state.json"), json.dumps({"step": step, **state}))
-        return _publish(out_dir, tmp, name, keep_last)
+        return _publish(out_dir, tmp, name, keep_last, keep_every)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing left under a temporary name (once renamed: a no-op)
         raise
@@ -114,8 +124,9 @@ def remove_unfinished_saves(out_dir) -> list[str]:
     return names
 
 
-def _publish(out_dir, tmp, name, keep_last) -> str:
-    """Rename a complete checkpoint directory to its final name, point `latest` at it, drop the oldest."""
+def _publish(out_dir, tmp, name, keep_last, keep_every=0) -> str:
+    """Rename a complete checkpoint directory to its final name, point `latest` at it, drop the oldest (but the
+    multiples of keep_every)."""
     root = os.path.join(out_dir, "checkpoints")
     final = os.path.join(root, name)
     if os.path.exists(final):  # the same step saved again (e.g. interrupted right after a save)
@@ -123,6 +134,8 @@ def _publish(out_dir, tmp, name, keep_last) -> str:
     os.replace(tmp, final)
     atomic_write_text(os.path.join(root, "latest"), name + "\n")
     for old in list_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
+        if keep_every > 0 and int(os.path.basename(old).removeprefix("step-")) % keep_every == 0:
+            continue
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -190,7 +203,17 @@ def reference_order(state_dict: dict, config, tp: int) -> dict:
 
 
 def save_distributed_checkpoint(
-    out_dir, step, model, optimizer, state: dict, recipe_yaml: str, tokenizer_dir, par, keep_last=2, consolidate=True
+    out_dir,
+    step,
+    model,
+    optimizer,
+    state: dict,
+    recipe_yaml: str,
+    tokenizer_dir,
+    par,
+    keep_last=2,
+    consolidate=True,
+    keep_every=0,
 ):
     """Collective: every rank calls it. Rank 0 owns the directory; all ranks write their DCP shards into it."""
     import torch.distributed.checkpoint as dcp
@@ -228,7 +251,7 @@ def save_distributed_checkpoint(
         atomic_write_text(os.path.join(tmp, "recipe.yaml"), recipe_yaml)
         record = json.dumps({"step": step, "tp": tp, "pp": par.pp, **state})
         atomic_write_text(os.path.join(tmp, "trainer_state", "state.json"), record)
-        _publish(out_dir, tmp, name, keep_last)
+        _publish(out_dir, tmp, name, keep_last, keep_every)
     par.barrier()
     return os.path.join(root, name)
 

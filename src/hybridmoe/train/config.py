@@ -116,6 +116,7 @@ class TrainSection:
     val_batches: int = 8
     save_every: int = 0  # 0: only at the end (and on interruption)
     keep_last: int = 2
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none beyond keep_last)
     tensorboard: bool = True  # when the tensorboard package is installed
     progress: bool = True
     peak_gflops: float | None = None  # matmul peak per process for MFU; None: measured at the start
@@ -234,6 +235,9 @@ def _validate_common(o: OptimSection, t: TrainSection, d=None) -> None:
         raise ValueError(f"train.precision={t.precision!r}: use fp32, bf16 or autocast-bf16")
     if t.steps < 1:
         raise ValueError(f"train.steps={t.steps} must be >= 1")
+    if t.keep_last < 0 or t.keep_every < 0:
+        raise ValueError(f"train.keep_last={t.keep_last}, train.keep_every={t.keep_every}: must be >= 0 (keep_last 0: "
+                         "keep every checkpoint; keep_every 0: none beyond the last keep_last)")  # fmt: skip
     if d is not None and (d.batch_size < 1 or d.grad_accum < 1 or d.seq_len < 2):
         raise ValueError("data.batch_size, data.grad_accum must be >= 1 and data.seq_len >= 2")
     if not 0 <= o.decay_fraction <= 1 or o.warmup_steps < 0:

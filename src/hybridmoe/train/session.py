@@ -230,11 +230,11 @@ def _save(recipe, stage: Stage, optimizer, step: int, tokens: int, par) -> str:
     if par is not None:
         return save_distributed_checkpoint(
             t.out_dir, step, stage.model, optimizer, state, recipe.to_yaml(), stage.tokenizer, par,
-            keep_last=t.keep_last, consolidate=stage.consolidate,
+            keep_last=t.keep_last, keep_every=t.keep_every, consolidate=stage.consolidate,
         )  # fmt: skip
     return save_checkpoint(
         t.out_dir, step, stage.model, optimizer, state, recipe.to_yaml(), stage.tokenizer, keep_last=t.keep_last,
-        save_model=stage.save_model,
+        keep_every=t.keep_every, save_model=stage.save_model,
     )  # fmt: skip
 
 
