@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from hybridmoe.envs import Completion, EngineGenerator, make_envs, run_episodes  # noqa: E402
+from hybridmoe.envs import Completion, EngineGenerator, make_envs, run_episodes, sandbox  # noqa: E402
 from hybridmoe.envs.sandbox import ShellSession, isolation  # noqa: E402
 from hybridmoe.serve.sampling import SamplingParams  # noqa: E402
 from hybridmoe.utils import atomic_write_text  # noqa: E402
@@ -57,15 +57,20 @@ class Scripted:
         return out
 
 
-def shell_latency(n: int) -> dict:
+def shell_latency(n: int, launchers: dict[str, str]) -> dict[str, dict]:
+    """Milliseconds per sandboxed `ls`, each launcher file in turn, interleaved (n commands each)."""
+    times = {name: [] for name in launchers}
     with ShellSession({"a.txt": "one\n", "b.log": "two\n"}) as s:
         s.run("true")  # the first run pays for imports
-        times = []
         for _ in range(n):
-            t0 = time.perf_counter()
-            s.run("ls")
-            times.append(time.perf_counter() - t0)
-    return {"commands": n, "median_ms": 1000 * statistics.median(times), "mean_ms": 1000 * statistics.fmean(times)}
+            for name, path in launchers.items():
+                sandbox.LAUNCHER = path
+                t0 = time.perf_counter()
+                s.run("ls")
+                times[name].append(time.perf_counter() - t0)
+    sandbox.LAUNCHER = launchers["current"]
+    return {name: {"launcher": launchers[name], "commands": n, "median_ms": 1000 * statistics.median(t),
+                   "mean_ms": 1000 * statistics.fmean(t)} for name, t in times.items()}  # fmt: skip
 
 
 def episodes(envs, env: str, generator, tok, prompts: int, group: int, workers: int, params) -> dict:
@@ -85,6 +90,11 @@ def main() -> int:
     p.add_argument("--prompts", type=int, default=14, help="prompts per environment (RL's share of a 28-prompt step)")
     p.add_argument("--group", type=int, default=8, help="episodes per prompt")
     p.add_argument("--commands", type=int, default=40, help="shell commands timed one by one")
+    p.add_argument(
+        "--launcher-before",
+        help="another sandbox launcher file to time beside the current one (e.g. an earlier version's sandbox.py: "
+        "git show REV:src/hybridmoe/envs/sandbox.py > /tmp/sandbox_before.py)",
+    )
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "agent-tools.json"))
     a = p.parse_args()
     from hybridmoe.serve.load import load_engine
@@ -95,10 +105,16 @@ def main() -> int:
         "machine": {"cpu": model_name or platform.processor(), "cpus": os.cpu_count(),
                     "avx512_bf16": "avx512_bf16" in lscpu, "python": platform.python_version()},
         "isolation": isolation().summary(),
-        "shell": shell_latency(a.commands),
         "rows": [],
     }  # fmt: skip
-    print(f"one sandboxed shell command: median {result['shell']['median_ms']:.1f} ms", flush=True)
+    launchers = {"current": sandbox.LAUNCHER} | ({"before": os.path.abspath(a.launcher_before)}
+                                                 if a.launcher_before else {})  # fmt: skip
+    shells = shell_latency(a.commands, launchers)
+    result["shell"] = shells["current"]
+    if "before" in shells:
+        result["shell_before"] = shells["before"]
+    for name, r in shells.items():
+        print(f"one sandboxed shell command ({name} launcher): median {r['median_ms']:.1f} ms", flush=True)
     envs = make_envs(["terminal", "code"])
     engine, tok = load_engine(a.init, max_num_seqs=64, seed=0)
     sources = [("scripted", lambda: Scripted(tok), SamplingParams(temperature=0.0)),
