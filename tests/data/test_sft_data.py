@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections import Counter
 
 import pyarrow as pa
@@ -18,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_finetune import CHATS, _write_chats
 
-from hybridmoe.data.messages import template_messages
+from hybridmoe.data.messages import MessageError, template_messages
 from hybridmoe.data.sft import (
     IGNORE_INDEX,
     Conversation,
@@ -144,6 +145,34 @@ def test_masks_cover_the_answers_not_the_prompts_in_a_tool_loop(tok):
     plain = tokenize_conversation(tok, PLAIN[1])
     assert learned(tok, plain) == ["Blue.<|im_end|>\n", "Green.<|im_end|>\n"]
     assert "<think></think>Blue." in tok.decode(plain.input_ids)
+
+
+def test_weight_0_keeps_a_message_in_the_conversation_and_out_of_the_loss(tok, tmp_path):
+    failed = {"role": "assistant", "reasoning_content": "I guess the city.", "weight": 0,
+              "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Pars"}}}]}  # fmt: skip
+    error = {"role": "tool", "content": "error: no city Pars"}
+    messages = TOOL_LOOP[:2] + [failed, error] + TOOL_LOOP[2:]  # a failed call, then the loop as before
+    checked, tools = template_messages(messages, TOOLS)
+    assert user_turn_samples(checked) == [(8, [4, 7])]
+    conv = tokenize_conversation(tok, checked, tools=tools)
+    assert "Pars" in tok.decode(conv.input_ids) and not any("Pars" in t for t in learned(tok, conv))
+    plain = tokenize_conversation(tok, *template_messages(TOOL_LOOP, TOOLS)[:1], tools=tools)
+    assert learned(tok, conv) == learned(tok, plain)  # the same targets as without the failed call
+    samples, _ = load_sft_samples(write_jsonl(tmp_path / "w.jsonl", [messages], TOOLS), tok, 1024)
+    ((_, text_learned),) = packed_texts(tok, samples)
+    assert "Pars" not in text_learned and "Paris" in text_learned
+
+    # weight is 0 or 1, on assistant messages only; a conversation with nothing of weight 1 has nothing to learn
+    for bad, got in (
+        ({**failed, "weight": 0.5}, "'0.5' on a message of role assistant"),
+        ({**error, "weight": 0}, "'0' on a message of role tool"),
+    ):
+        with pytest.raises(MessageError, match=re.escape(f"messages[2].weight must be 0 or 1, on an assistant message "
+                                                         f"(0: not a loss target), got {got}")):  # fmt: skip
+            template_messages(TOOL_LOOP[:2] + [bad, error], TOOLS)
+    only_failed = write_jsonl(tmp_path / "f.jsonl", [TOOL_LOOP, TOOL_LOOP[:2] + [failed, error]], TOOLS)
+    _, report = load_sft_samples(only_failed, tok, 1024, max_bad_fraction=1.0)
+    assert report.bad_records["no_assistant"] == 1 and report.conversations == 1
 
 
 def test_inline_reasoning_reads_like_reasoning_content(tok, tmp_path):

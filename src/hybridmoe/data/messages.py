@@ -11,6 +11,8 @@ the Hugging Face chat templates name an assistant's reasoning:
 - tool_calls: a list of `{"function": {"name": ..., "arguments": ...}}`, the arguments an object or a JSON string
   encoding one. The chat template writes one `<parameter=...>` per key, so `template_messages` decodes the strings
   first (vLLM does the same before templating);
+- weight: on an assistant message, 0 or 1 (OpenAI's fine-tuning format): 0 keeps the message in the conversation
+  but out of the SFT loss (a failed tool call before the one that works, say); the server ignores a valid one;
 - tools: a list of `{"type": "function", "function": {"name": ..., "parameters": {...}}}`.
 """
 
@@ -62,6 +64,12 @@ def check_message(message, i: int) -> dict:
     for key in ("reasoning_content", "reasoning", "name", "tool_call_id"):
         if not isinstance(message.get(key), (str, type(None))):
             raise MessageError(f"messages[{i}].{key} must be a string", "bad_message")
+    weight = message.get("weight", 1)
+    if "weight" in message and (message["role"] != "assistant" or type(weight) is not int or weight not in (0, 1)):
+        raise MessageError(
+            f"messages[{i}].weight must be 0 or 1, on an assistant message (0: not a loss target), got "
+            f"{str(weight)[:20]!r} on a message of role {message['role']}", "bad_message",
+        )  # fmt: skip
     if out.get("reasoning_content") is None and message.get("reasoning") is not None:
         out["reasoning_content"] = message["reasoning"]
     calls = message.get("tool_calls")

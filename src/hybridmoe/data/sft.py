@@ -10,7 +10,8 @@ across) conversations.
   (`.jsonl`, `.json`: one conversation a line, `{"messages": [...], "tools": [...]}` in OpenAI's chat format, any
   other keys ignored; a bare list of messages is accepted too) or Parquet (one conversation a row: a `messages`
   column of lists of structs or of JSON strings, and an optional `tools` column, likewise), read with pyarrow.
-  Messages may carry `reasoning_content`, `tool_calls` and `tool` results (`hybridmoe.data.messages`).
+  Messages may carry `reasoning_content`, `tool_calls` and `tool` results (`hybridmoe.data.messages`); an assistant
+  message with `"weight": 0` (OpenAI's fine-tuning format) stays in the conversation but is not a loss target.
 - Bad conversations: never silently dropped, never fatal one at a time. Each is a bad record (REASONS) with its
   file and line (or 0-based Parquet row), counted in the report and listed in `bad_records_path`, as in
   `hybridmoe prepare`; when more than `max_bad_fraction` of the conversations are bad, TooManyBadRecords.
@@ -289,8 +290,8 @@ def _record(obj, path: str, line: int | None, row: int | None, excerpt: str) -> 
         messages, tools = template_messages(messages, tools)
     except MessageError as e:
         return bad(e.reason, str(e))
-    if not any(m["role"] == "assistant" for m in messages):
-        return bad("no_assistant", "no assistant message, so nothing to learn from this conversation")
+    if not any(learned(m) for m in messages):
+        return bad("no_assistant", "no assistant message (of weight 1), so nothing to learn from this conversation")
     return Record(messages, tools or None, path, line, row)
 
 
@@ -310,6 +311,11 @@ def read_conversations(path: str | os.PathLike) -> list[tuple[int, list[dict]]]:
 # ---------------------------------------------------------------------------------------------- samples
 
 
+def learned(message: dict) -> bool:
+    """An assistant message that is a loss target (not `"weight": 0`)."""
+    return message["role"] == "assistant" and message.get("weight", 1) != 0
+
+
 def has_reasoning(message: dict) -> bool:
     return message["role"] == "assistant" and bool(split_reasoning(message)[0])
 
@@ -322,7 +328,7 @@ def user_turn_samples(messages: list[dict]) -> list[tuple[int, list[int]]]:
     out, start, turn = [], 0, 0
     for end in [*users[1:], len(messages)]:
         if end == len(messages) or any(has_reasoning(m) for m in messages[turn:end]):
-            learn = [i for i in range(start, end) if messages[i]["role"] == "assistant"]
+            learn = [i for i in range(start, end) if learned(messages[i])]
             if learn:
                 out.append((end, learn))
             start = end
@@ -369,7 +375,7 @@ def tokenize_conversation(
     ids = render(messages)
     mask = [False] * len(ids)
     if learn is None:
-        learn = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        learn = [i for i, m in enumerate(messages) if learned(m)]
     for i in learn:
         start = 0
         if i:
