@@ -97,6 +97,7 @@ class Plan:
     validation_reserve_s: float = 45.0  # of which kept for the final model's validation and the report
     # SFT: conversations of every task domain (training seeds), packed at the pretraining shape by default
     sft_per_domain: int = 2000
+    sft_recovery_share: float = 0.0  # of terminal's SFT tasks, demonstrations recovering from a failed call
     sft_seq_len: int | None = None  # None: seq_len
     sft_lr: float = 3e-3  # the pretraining peak; 1e-3 ended at a higher loss (1.36 vs 1.06 after 200 steps)
     sft_min_lr: float = 3e-4
@@ -275,7 +276,8 @@ def speedrun(
     from .tasks import DOMAINS, write_sft_jsonl
 
     sft_data = os.path.join(out, "data", "sft.jsonl")
-    write_sft_jsonl(sft_data, {name: plan.sft_per_domain for name in DOMAINS}, difficulty=plan.task_difficulty)
+    write_sft_jsonl(sft_data, {name: plan.sft_per_domain for name in DOMAINS}, difficulty=plan.task_difficulty,
+                    recovery_share=plan.sft_recovery_share)  # fmt: skip
     # The calibration is a guess; pretraining measured the step time at this shape. SFT plans its steps (and so its
     # learning-rate schedule) from that and the time left, so it also uses what the earlier stages left over.
     # Allowance: reading and packing the conversations (about 3 ms each here); 8% per step for what the calibration

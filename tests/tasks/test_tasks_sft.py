@@ -35,7 +35,27 @@ def test_heldout_split_and_bad_arguments(tmp_path):
         write_sft_jsonl(tmp_path / "x.jsonl", {"lists": -1})
     with pytest.raises(ValueError, match="unknown split"):
         write_sft_jsonl(tmp_path / "x.jsonl", {"lists": 1}, split="test")
+    with pytest.raises(ValueError, match=r"recovery_share=1.5 must be in \[0, 1\]"):
+        write_sft_jsonl(tmp_path / "x.jsonl", {"lists": 1}, recovery_share=1.5)
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_recovery_share_replaces_terminal_demonstrations_only(tmp_path):
+    plain = write_sft_jsonl(tmp_path / "plain.jsonl", {"terminal": 40, "lists": 5})
+    mixed = write_sft_jsonl(tmp_path / "mixed.jsonl", {"terminal": 40, "lists": 5}, recovery_share=0.5)
+    assert plain["recovery_demonstrations"] == {}
+    a, b = read(tmp_path / "plain.jsonl"), read(tmp_path / "mixed.jsonl")
+    changed = [(x, y) for x, y in zip(a, b) if x != y]
+    assert 5 < len(changed) == mixed["recovery_demonstrations"]["terminal"] < 30
+    for x, y in changed:
+        assert x["domain"] == "terminal" and x["seed"] == y["seed"]
+        prompt = len(x["messages"]) - 3  # a one-step solution: call, output, answer
+        assert y["messages"][:prompt] == x["messages"][:prompt] and y["messages"][prompt]["weight"] == 0
+    all_of_them = write_sft_jsonl(tmp_path / "all.jsonl", {"terminal": 40}, recovery_share=1.0)
+    commands = [json.loads(r["messages"][1]["tool_calls"][0]["function"]["arguments"])["command"] for r in a
+                if r["domain"] == "terminal"]  # fmt: skip
+    reads_a_file = sum(not c.startswith(("echo ", "rm -f")) for c in commands)
+    assert all_of_them["recovery_demonstrations"]["terminal"] == reads_a_file > 20
 
 
 def test_cli_tasks_write_and_show(tmp_path, capsys):

@@ -43,3 +43,37 @@ def test_every_step_kind_is_generated_and_the_tool_runs_it():
     del task
     gc.collect()
     assert not os.path.exists(path)  # the session closes with its task
+
+
+def test_recovery_demonstrations_fail_for_real_then_leave_the_answer():
+    d = get_domain("terminal")
+    kinds, none = set(), 0
+    for seed in range(30):
+        task = d.generate(seed, 1)
+        demo = d.recovery(task)
+        command = json.loads(task.solution[0]["tool_calls"][0]["function"]["arguments"])["command"]
+        if demo is None:  # only the steps that read no file: create and delete
+            assert command.startswith(("echo ", "rm -f")), command
+            none += 1
+            continue
+        failed, error, fix, done, final = demo
+        assert failed["weight"] == 0 and "weight" not in fix and "weight" not in final  # the retry is the target
+        assert error["content"].endswith(("[exit code 1]", "[exit code 2]")) and "No such file" in error["content"]
+        assert (
+            done["content"] == "[exit code 0]"
+            and error["tool_call_id"] == "call_1"
+            and done["tool_call_id"] == "call_2"
+        )
+        wrong = json.loads(failed["tool_calls"][0]["function"]["arguments"])["command"]
+        right = json.loads(fix["tool_calls"][0]["function"]["arguments"])["command"]
+        assert wrong != command and right in command and wrong.split()[0] == command.split()[0]
+        assert right == command or command.startswith("mkdir ")  # move: the folder was made before mv failed
+        kinds.add(command.split()[0])
+        # replayed in the task's own session, the two commands leave exactly the expected directory
+        d.run_tool(task, "shell", {"command": wrong})
+        d.run_tool(task, "shell", {"command": right})
+        assert d.verify(task, "Done.") == 1.0
+        assert d.recovery(task) == demo  # drawn from the task's seed
+        d.close(task)
+    assert kinds == {"mv", "mkdir", "wc", "cat"} and 0 < none < 30
+    assert d.recovery(d.generate(0, 2)) is None  # one-step tasks only

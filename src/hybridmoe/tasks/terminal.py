@@ -8,6 +8,10 @@ folder, count a file's lines and write the count to a file, delete the files end
 into a new one. The generator applies each step to its own copy of the directory, so `task.answer` is the directory
 the steps must leave (relative path -> text). The solution is one tool call per step, in the OpenAI tool-call shape
 of `tasks/calculator.py`, each followed by the tool's real output (these commands print nothing: "[exit code 0]").
+`Terminal.recovery(task)` is another demonstration of a one-step task, for SFT data: a first command with a file name
+copied wrongly (a message of weight 0: in the conversation, not a loss target), the sandbox's real error, then the
+command that works, reasoned from the error; without such demonstrations a model never calls the tool again after a
+failed call (benchmarks/README.md, issue 14 item 9), so RL has no retry to reinforce.
 
 Commands run only in the sandbox (`hybridmoe.envs.sandbox.ShellSession`), one session per task: `run_tool` opens it
 on the task's first call (it closes when the task is garbage-collected, or with `close(task)`); the terminal
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import weakref
 
 from ..envs.sandbox import ShellResult, ShellSession
@@ -64,6 +69,15 @@ def check_files(expected: dict[str, str], files: dict[str, str]) -> float:
 
 def _lines(rng: random.Random, n: int) -> str:
     return "".join(" ".join(made_up_word(rng) for _ in range(rng.randint(1, 3))) + "\n" for _ in range(n))
+
+
+def _call(i: int, command: str) -> dict:
+    return {"id": f"call_{i}", "type": "function",
+            "function": {"name": "shell", "arguments": json.dumps({"command": command})}}  # fmt: skip
+
+
+def _output(i: int, text: str) -> dict:
+    return {"role": "tool", "tool_call_id": f"call_{i}", "name": "shell", "content": text}
 
 
 class _Steps:
@@ -162,6 +176,41 @@ class Terminal(Domain):
             domain=self.name, seed=seed, difficulty=difficulty, messages=[user(question)], answer=steps.files,
             solution=solution, tools=[TOOL], metadata={"files": initial},
         )  # fmt: skip
+
+    def recovery(self, task: Task) -> list[dict] | None:
+        """The solution of a one-step task as a recovery from a failed call (module docstring): the wrong name and
+        which file it stands for are drawn from the task's seed. None where it does not apply: tasks of more than one
+        step, steps that read no file (create, delete), or (never seen) an error-free or unrecoverable first try."""
+        if task.difficulty != 1:
+            return None
+        first = task.solution[0]
+        command = json.loads(first["tool_calls"][0]["function"]["arguments"])["command"]
+        initial = task.metadata["files"]
+        sources = [w for w in re.split(r"[\s/]+", command) if w in initial]
+        if not sources:
+            return None
+        rng = random.Random(f"terminal-recovery-{task.seed}")
+        right = rng.choice(sources)
+        taken = {w.split(".")[0] for w in re.split(r"[\s/]+", command)} | {n.split(".")[0] for n in initial}
+        while (stem := made_up_word(rng)) in taken:
+            pass
+        wrong = f"{stem}.{right.rsplit('.', 1)[1]}"
+        failed = re.sub(rf"(?<![\w.]){re.escape(right)}(?![\w.])", wrong, command, count=1)
+        fix, why = command, f"There is no {wrong}: the file is {right}."
+        if command.startswith("mkdir ") and " && " in command:  # the folder was made before mv failed
+            fix, why = command.split(" && ", 1)[1], f"{why} The folder exists now, so only mv is left."
+        with ShellSession(initial, timeout_s=TIMEOUT_S) as session:
+            error = session.run(failed)
+            done = session.run(fix)
+            if error.returncode == 0 or done.returncode != 0 or not check_files(task.answer, session.files()):
+                return None
+        return [
+            assistant("", first.get("reasoning_content")) | {"tool_calls": [_call(1, failed)], "weight": 0},
+            _output(1, format_result(error)),
+            assistant("", why) | {"tool_calls": [_call(2, fix)]},
+            _output(2, format_result(done)),
+            assistant("Done.", "The second command exited with code 0."),
+        ]
 
     def session(self, task: Task) -> ShellSession:
         """The task's shell session, opened on first use over `task.metadata["files"]`."""
