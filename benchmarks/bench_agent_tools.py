@@ -98,6 +98,7 @@ def main() -> int:
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "agent-tools.json"))
     a = p.parse_args()
     from hybridmoe.serve.load import load_engine
+    from hybridmoe.train.model import resolve_init
 
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout if sys.platform == "linux" else ""
     model_name = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if "Model name" in line), "")
@@ -116,7 +117,7 @@ def main() -> int:
     for name, r in shells.items():
         print(f"one sandboxed shell command ({name} launcher): median {r['median_ms']:.1f} ms", flush=True)
     envs = make_envs(["terminal", "code"])
-    engine, tok = load_engine(a.init, max_num_seqs=64, seed=0)
+    engine, tok = load_engine(resolve_init(a.init), max_num_seqs=64, seed=0)  # a run directory: its newest
     sources = [("scripted", lambda: Scripted(tok), SamplingParams(temperature=0.0)),
                ("model", lambda: EngineGenerator(engine), SamplingParams(temperature=1.0, seed=1))]  # fmt: skip
     for source, make, params in sources:

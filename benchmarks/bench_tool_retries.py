@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from hybridmoe.envs import EngineGenerator, make_envs, run_episodes  # noqa: E402
 from hybridmoe.serve.load import load_engine  # noqa: E402
 from hybridmoe.serve.sampling import SamplingParams  # noqa: E402
+from hybridmoe.train.model import resolve_init  # noqa: E402
 from hybridmoe.utils import atomic_write_text  # noqa: E402
 
 FIRST_SEED = 1_000_010_000
@@ -73,7 +74,7 @@ def main():
     params = SamplingParams(temperature=1.0, max_tokens=a.max_new_tokens, logprobs=0)
     rows = []
     for ckpt in a.checkpoints:
-        engine, tok = load_engine(ckpt, max_num_seqs=64, seed=0)
+        engine, tok = load_engine(resolve_init(ckpt), max_num_seqs=64, seed=0)  # a run directory: its newest
         trajectories = run_episodes(envs, requests, EngineGenerator(engine), tok, group_size=a.group, params=params,
                                     max_new_tokens=a.max_new_tokens)  # fmt: skip
         row = {"checkpoint": ckpt, **tally(trajectories)}
