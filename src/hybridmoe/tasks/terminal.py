@@ -163,14 +163,9 @@ class Terminal(Domain):
         question = f"The current directory holds {listing}. {todo} Use the shell tool; change nothing else."
         solution = []
         for i, (_, command, why) in enumerate(planned):
-            call = {
-                "id": f"call_{i + 1}", "type": "function",
-                "function": {"name": "shell", "arguments": json.dumps({"command": command})},
-            }  # fmt: skip
             reasoning = f"Step {i + 1}: {why}" if difficulty > 1 else why
-            solution.append(assistant("", reasoning) | {"tool_calls": [call]})
-            output = format_result(ShellResult(0, False, "", ""))  # every planned command prints nothing
-            solution.append({"role": "tool", "tool_call_id": call["id"], "name": "shell", "content": output})
+            solution.append(assistant("", reasoning) | {"tool_calls": [_call(i + 1, command)]})
+            solution.append(_output(i + 1, format_result(ShellResult(0, False, "", ""))))  # they print nothing
         solution.append(assistant("Done.", "Every command exited with code 0."))
         return Task(
             domain=self.name, seed=seed, difficulty=difficulty, messages=[user(question)], answer=steps.files,
