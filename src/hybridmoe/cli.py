@@ -430,10 +430,12 @@ def cmd_tasks_write(args) -> int:
     names = sorted(DOMAINS) if args.domains == "all" else [d.strip() for d in args.domains.split(",") if d.strip()]
     summary = write_sft_jsonl(
         args.out, {name: args.per_domain for name in names}, split=args.split, difficulty=args.difficulty,
-        offset=args.offset,
+        offset=args.offset, recovery_share=args.recovery_share,
     )  # fmt: skip
+    recovered = "".join(f", {n} of {d} recovering from a failed call" for d, n in
+                        summary["recovery_demonstrations"].items())  # fmt: skip
     print(f"wrote {summary['records']} conversations ({len(names)} domains x {args.per_domain}, {args.split} split, "
-          f"difficulty {args.difficulty}) to {summary['path']}")  # fmt: skip
+          f"difficulty {args.difficulty}{recovered}) to {summary['path']}")  # fmt: skip
     return 0
 
 
@@ -787,6 +789,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--split", default="train", choices=("train", "heldout"), help="the seed range to draw from")
     t.add_argument("--difficulty", type=int, default=1, help="1 (easiest) to 3")
     t.add_argument("--offset", type=int, default=0, help="skip this many seeds of the split (a fresh slice)")
+    t.add_argument(
+        "--recovery-share", type=float, default=0.0,
+        help="of terminal's one-step tasks, the share written as a recovery from a failed call (0 to 1)",
+    )  # fmt: skip
     t.set_defaults(func=cmd_tasks_write)
     t = tasks_sub.add_parser("show", help="print one task, its reference solution and its answer")
     t.add_argument("domain")

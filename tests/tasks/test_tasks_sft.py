@@ -65,6 +65,12 @@ def test_cli_tasks_write_and_show(tmp_path, capsys):
     assert main(["tasks", "write", str(out), "--per-domain", "1"]) == 0  # all domains
     assert len(read(out)) == len(DOMAINS)
     capsys.readouterr()
+    args = ["tasks", "write", str(out), "--domains", "terminal", "--per-domain", "10", "--recovery-share", "1"]
+    assert main(args) == 0
+    assert "(1 domains x 10, train split, difficulty 1, 8 of terminal recovering from a failed call)" in (
+        capsys.readouterr().out
+    )
+    assert sum(any(m.get("weight") == 0 for m in r["messages"]) for r in read(out)) > 0
     assert main(["tasks", "show", "calculator", "--seed", "3", "--difficulty", "3"]) == 0
     shown = capsys.readouterr().out
     assert "tool call] calculator" in shown and "[tool]" in shown and "difficulty 3" in shown
