@@ -10,8 +10,8 @@ the steps must leave (relative path -> text). The solution is one tool call per 
 of `tasks/calculator.py`, each followed by the tool's real output (these commands print nothing: "[exit code 0]").
 `Terminal.recovery(task)` is another demonstration of a one-step task, for SFT data: a first command with a file name
 copied wrongly (a message of weight 0: in the conversation, not a loss target), the sandbox's real error, then the
-command that works, reasoned from the error; without such demonstrations a model never calls the tool again after a
-failed call (benchmarks/README.md, issue 14 item 9), so RL has no retry to reinforce.
+command that works, reasoned from the error. Without them the speedrun's SFT model never called the tool again after
+a failed call, so RL had no retry to reinforce (benchmarks/README.md, issue 14 items 9 and 10).
 
 Commands run only in the sandbox (`hybridmoe.envs.sandbox.ShellSession`), one session per task: `run_tool` opens it
 on the task's first call (it closes when the task is garbage-collected, or with `close(task)`); the terminal
