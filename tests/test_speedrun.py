@@ -178,13 +178,21 @@ def test_sft_is_calibrated_on_packed_rows_with_the_loss_on_a_share_of_the_tokens
     monkeypatch.setattr(HybridMoEForCausalLM, "forward", spy)
     recipe = speedrun_mod._recipe(Plan(**TOY), None, {"modules": "m", "tests": "t"}, "unused", steps=1)
     assert speedrun_mod._calibrate(recipe, 4, 256, doc_len=64, loss_share=0.25) > 0
-    assert len(seen) == 2
+    assert len(seen) == 2  # one untimed step, one timed
     labels, docs = seen[-1]
     assert 0.18 < (labels != -100).float().mean().item() < 0.32  # about 0.25 of the 1024 tokens
     assert docs.shape == (4, 256) and docs[0].tolist() == [i // 64 for i in range(256)]
     speedrun_mod._calibrate(recipe, 4, 64)
     labels, docs = seen[-1]
     assert bool((labels != -100).all()) and docs is None
+
+
+def test_the_calibration_is_the_median_of_its_timed_steps(monkeypatch):
+    # With more than one timed step (benchmarks/bench_calibration.py compares), one slow or fast step does not decide.
+    recipe = speedrun_mod._recipe(Plan(**TOY), None, {"modules": "m", "tests": "t"}, "unused", steps=1)
+    clock = iter([0.0, 10.0, 10.0, 10.2, 10.2, 19.2, 19.2, 19.5])  # steps of 10 (untimed), 0.2, 9.0 and 0.3 s
+    monkeypatch.setattr(speedrun_mod.time, "perf_counter", lambda: next(clock))
+    assert speedrun_mod._calibrate(recipe, 2, 32, timed=3) == pytest.approx(0.3 * 1.15)
 
 
 def test_the_evaluation_reserve_and_rl_steps_follow_the_model_not_one_guess():

@@ -97,7 +97,7 @@ class Plan:
     validation_reserve_s: float = 45.0  # of which kept for the final model's validation and the report
     # SFT: conversations of every task domain (training seeds), packed at the pretraining shape by default
     sft_per_domain: int = 2000
-    sft_recovery_share: float = 0.0  # of terminal's SFT tasks, demonstrations recovering from a failed call
+    sft_recovery_share: float = 0.5  # of terminal's one-step SFT tasks, written as a failed call and its fix
     sft_seq_len: int | None = None  # None: seq_len
     sft_lr: float = 3e-3  # the pretraining peak; 1e-3 ended at a higher loss (1.36 vs 1.06 after 200 steps)
     sft_min_lr: float = 3e-4
@@ -582,10 +582,12 @@ def _calibrate(
     checkpointing: bool = False,
     doc_len: int | None = None,
     loss_share: float = 1.0,
+    timed: int = 1,
 ) -> float:
-    """Seconds per training step of this shape (two warm steps on random tokens, the second timed). With `doc_len`,
-    an SFT step: rows packed with documents of that length and the loss on a random `loss_share` of the tokens
-    (the assistant tokens; the LM head skips the others)."""
+    """Seconds per training step of this shape: the median of `timed` steps on random tokens after one untimed
+    step (3 timed steps were no closer than 1 to a 20-step reference here: benchmarks/bench_calibration.py). With
+    `doc_len`, an SFT step: rows packed with documents of that length and the loss on a random `loss_share` of the
+    tokens (the assistant tokens; the LM head skips the others)."""
     model = _fresh_model(recipe)
     model.backbone.gradient_checkpointing = checkpointing
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -597,13 +599,13 @@ def _calibrate(
         kwargs = {"labels": labels, "document_ids": torch.arange(seq_len).expand(batch, -1) // doc_len,
                   "loss_weights": weights}  # fmt: skip
     times = []
-    for _ in range(2):
+    for _ in range(1 + timed):
         t0 = time.perf_counter()
         model(ids, return_logits=False, **kwargs).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-    return times[-1] * 1.15  # logging, validation and checkpoints take their share too
+    return _median(times[1:]) * 1.15  # logging, validation and checkpoints take their share too
 
 
 def _write_report(

@@ -7,7 +7,7 @@ import os
 
 from hybridmoe.envs.sandbox import ShellResult
 from hybridmoe.tasks import get_domain
-from hybridmoe.tasks.terminal import check_files, format_result
+from hybridmoe.tasks.terminal import SUFFIXES, check_files, format_result
 
 
 def test_check_files_is_exact_up_to_surrounding_whitespace():
@@ -47,7 +47,7 @@ def test_every_step_kind_is_generated_and_the_tool_runs_it():
 
 def test_recovery_demonstrations_fail_for_real_then_leave_the_answer():
     d = get_domain("terminal")
-    kinds, none = set(), 0
+    kinds, mistakes, none = set(), [], 0
     for seed in range(30):
         task = d.generate(seed, 1)
         demo = d.recovery(task)
@@ -69,6 +69,11 @@ def test_recovery_demonstrations_fail_for_real_then_leave_the_answer():
         assert wrong != command and right in command and wrong.split()[0] == command.split()[0]
         assert right == command or command.startswith("mkdir ")  # move: the folder was made before mv failed
         kinds.add(command.split()[0])
+        (gone,) = set(command.split()) - set(wrong.split())  # the one name copied wrongly
+        (typed,) = set(wrong.split()) - set(command.split())
+        mistakes.append("suffix" if gone.rsplit(".", 1)[0] == typed.rsplit(".", 1)[0] else "stem")
+        assert typed.rsplit(".", 1)[1] in SUFFIXES
+        assert f"There is no {typed}: the file is {gone}." in fix["reasoning_content"]
         # replayed in the task's own session, the two commands leave exactly the expected directory
         d.run_tool(task, "shell", {"command": wrong})
         d.run_tool(task, "shell", {"command": right})
@@ -76,4 +81,5 @@ def test_recovery_demonstrations_fail_for_real_then_leave_the_answer():
         assert d.recovery(task) == demo  # drawn from the task's seed
         d.close(task)
     assert kinds == {"mv", "mkdir", "wc", "cat"} and 0 < none < 30
+    assert 0.4 < mistakes.count("suffix") / len(mistakes) < 0.8 and "stem" in mistakes  # SUFFIX_SWAP_SHARE 0.6
     assert d.recovery(d.generate(0, 2)) is None  # one-step tasks only
