@@ -180,8 +180,8 @@ class Terminal(Domain):
     def recovery(self, task: Task) -> list[dict] | None:
         """The solution of a one-step task as a recovery from a failed call (module docstring): which file is named
         wrongly and how (its suffix swapped, `SUFFIX_SWAP_SHARE` of the time, else a made-up stem) are drawn from the
-        task's seed. None where it does not apply: tasks of more than one
-        step, steps that read no file (create, delete), or (never seen) an error-free or unrecoverable first try."""
+        task's seed. None where it does not apply: tasks of more than one step, steps that read no file (create,
+        delete), or (never seen) an error-free or unrecoverable first try."""
         if task.difficulty != 1:
             return None
         first = task.solution[0]
