@@ -19,7 +19,7 @@ from hybridmoe import posttrain as posttrain_mod
 from hybridmoe import speedrun as speedrun_mod
 from hybridmoe.posttrain import PostPlan, accuracy_table, clear_gain, load_recipes, paired_se, posttrain, recovery
 
-TOY = ("train.steps=2", "rl.group_size=2", "rl.prompts_per_step=4", "rl.max_new_tokens=6", "rl.max_num_seqs=8",
+TOY = ("train.steps=2", "rl.group_size=2", "rl.prompts_per_step=8", "rl.max_new_tokens=6", "rl.max_num_seqs=16",
        "envs.pool=8", "rl.micro_batch_size=4", "train.peak_gflops=100", "train.progress=false",
        "train.save_every=1")  # fmt: skip
 
@@ -88,10 +88,10 @@ def test_the_teachers_gain_has_a_paired_standard_error():
 
 def test_recipe_groups_and_domains():
     recipes = load_recipes(PostPlan())
-    assert sorted(recipes.teachers) == ["instructions", "math", "tools"]
+    assert sorted(recipes.teachers) == ["instructions", "math", "search", "tools"]
     assert recipes.domains() == {
         "arithmetic": "math", "word_problems": "math", "unit_conversion": "math", "calculator": "tools",
-        "json_schema": "instructions", "instructions": "instructions",
+        "json_schema": "instructions", "instructions": "instructions", "retrieval": "search",
     }  # fmt: skip
 
 
@@ -135,7 +135,7 @@ def test_posttrain_end_to_end_resumes_and_reruns_nothing(tmp_path, tokenizer_dir
     with pytest.raises(KeyboardInterrupt, match="mopd interrupted at step 1"):
         posttrain(str(out), toy_plan(sft))
     done = {n for n in os.listdir(out) if (out / n / "stage.json").exists()}
-    assert done == {"teacher-math", "teacher-tools", "teacher-instructions", "rl-student"}
+    assert done == {"teacher-math", "teacher-tools", "teacher-instructions", "teacher-search", "rl-student"}
     assert (out / "mopd" / "checkpoints" / "step-0000001").is_dir()
 
     # The second run: the finished stages are not run again, MOPD resumes at step 1, the rest runs.
@@ -153,11 +153,12 @@ def test_posttrain_end_to_end_resumes_and_reruns_nothing(tmp_path, tokenizer_dir
     # The report: every stage, the accuracy table of every domain, recovery, the charts and posttrain.json.
     with open(report) as fh:
         text = fh.read()
-    for name in ("teacher-math", "teacher-tools", "teacher-instructions", "rl-student", "mopd", "rl-continued"):
+    for name in ("teacher-math", "teacher-tools", "teacher-instructions", "teacher-search", "rl-student", "mopd",
+                 "rl-continued"):  # fmt: skip
         assert f"| {name} |" in text
     record = json.loads((out / "posttrain.json").read_text())
     assert list(record["domains"]) == ["arithmetic", "word_problems", "unit_conversion", "calculator", "json_schema",
-                                       "instructions"]  # fmt: skip
+                                       "instructions", "retrieval"]  # fmt: skip
     for d, row in record["domains"].items():
         assert f"| {d} | {row['group']} |" in text
         assert all(row[k] is not None for k in ("sft", "teacher", "rl_student", "mopd", "rl_continued"))
@@ -185,7 +186,7 @@ def test_posttrain_end_to_end_resumes_and_reruns_nothing(tmp_path, tokenizer_dir
     evaluated = []
     monkeypatch.setattr(posttrain_mod, "_evaluate", lambda *a, **kw: evaluated.append(a[3]) or real_evaluate(*a, **kw))
     posttrain(str(out), dataclasses.replace(toy_plan(sft), task_samples=3))
-    assert sorted(os.path.basename(p) for p in evaluated) == sorted(os.listdir(out / "eval")) and len(evaluated) == 7
+    assert sorted(os.path.basename(p) for p in evaluated) == sorted(os.listdir(out / "eval")) and len(evaluated) == 8
     for slug in os.listdir(out / "eval"):
         assert json.loads((out / "eval" / slug / "tasks.json").read_text())["run"]["settings"]["samples"] == 3
 

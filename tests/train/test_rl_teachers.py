@@ -52,4 +52,4 @@ def test_teachers_are_the_student_recipe_on_one_group(size):
 def test_tiny_teacher_runs_with_overrides():
     r = RLRecipe.from_yaml(os.path.join(RECIPES, "tiny-rl-teacher-math.yaml"), ["train.steps=3"])
     r.validate()
-    assert r.envs.ratios == {"math": 0.25} and r.train.steps == 3 and r.model.init_from == "runs/speedrun/sft"
+    assert r.envs.ratios == {"math": 0.125} and r.train.steps == 3 and r.model.init_from == "runs/speedrun/sft"
