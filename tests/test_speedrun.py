@@ -22,7 +22,7 @@ from hybridmoe.train import session as loop_mod
 TOY = {"preset": "debug", "vocab_size": 512, "seq_len": 64, "batch_size": 4, "long_seq_len": 256,
        "short_batch_size": 4, "max_files": 40, "sft_seq_len": 512, "sft_per_domain": 6, "task_samples": 2,
        "task_max_new_tokens": 8, "rl_group_size": 2, "rl_prompts_per_step": 3, "rl_max_new_tokens": 8,
-       "rl_step_s": 1.0, "validation_reserve_s": 2.0}  # fmt: skip
+       "rl_step_s": 1.0, "validation_reserve_s": 2.0, "sft_replan_at": 5}  # fmt: skip
 
 
 def test_stdlib_sources_split_modules_from_tests():
@@ -47,6 +47,10 @@ def test_speedrun_runs_every_stage_and_reports(tmp_path, monkeypatch):
         assert heading in text
     assert (run / "loss.png").stat().st_size > 10_000 and (run / "tasks.png").stat().st_size > 10_000
     assert (run / "rl-rewards.png").stat().st_size > 10_000 and "## RL rewards" in text
+    # SFT's step count was fitted to its own pace at its re-plan step (the calibration's plan may not fit), and it
+    # ran them within its deadline (up to 2 short: load on the machine can slow the last steps)
+    sft_row = next(r for r in json.loads((run / "stages.json").read_text()) if r["stage"] == "sft")
+    assert "re-planned to" in sft_row["note"] and 0 <= sft_row["planned"] - sft_row["ran"] <= 2, sft_row
     evals = json.loads((run / "evals.json").read_text())
     assert [e["stage"] for e in evals] == ["initial (random init)", "after phase 1", "after phase 2",
                                           "after long context", "after SFT", "after RL"]  # fmt: skip

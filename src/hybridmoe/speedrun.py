@@ -98,6 +98,7 @@ class Plan:
     # SFT: conversations of every task domain (training seeds), packed at the pretraining shape by default
     sft_per_domain: int = 2000
     sft_recovery_share: float = 0.5  # of terminal's one-step SFT tasks, written as a failed call and its fix
+    sft_replan_at: int = 100  # SFT's step at which its step count is fitted to its own pace (train.replan_at; 0: not)
     sft_seq_len: int | None = None  # None: seq_len
     sft_lr: float = 3e-3  # the pretraining peak; 1e-3 ended at a higher loss (1.36 vs 1.06 after 200 steps)
     sft_min_lr: float = 3e-4
@@ -298,7 +299,11 @@ def speedrun(
         runs.append(_skipped("sft", sft_steps))
     else:
         sft_summary = _run_stage(sft_recipe, sft_end)
-        runs.append(_ran("sft", 0, sft_steps, sft_summary))
+        replanned = sft_summary.get("replanned_steps")
+        runs.append(_ran("sft", 0, replanned or sft_steps, sft_summary))
+        if replanned is not None:
+            at = sft_recipe.train.replan_at
+            runs[-1]["note"] = f"planned {sft_steps} steps, re-planned to {replanned} at step {at} from SFT's pace"
 
     stage("rl")
     rl_recipe = rl_summary = None
@@ -511,6 +516,10 @@ def _sft_recipe(plan: Plan, tok_dir, sft_data, out_dir, init_from, steps) -> SFT
                 "seed": plan.seed,
                 "keep_last": 1,
                 "tensorboard": False,
+                # the steps are planned from the calibration's guess of an SFT step (20-35% off here:
+                # benchmarks/bench_calibration.py); re-planned from SFT's own pace once warm-up ends, so that the
+                # cosine decay ends at the deadline instead of being cut by it
+                "replan_at": min(plan.sft_replan_at, steps - 1) if plan.sft_replan_at and steps > 2 else 0,
             },
         }
     )

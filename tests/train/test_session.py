@@ -93,6 +93,10 @@ def test_time_limit_stops_before_the_step_that_would_end_past_it(tmp_path, data_
     assert resumed["steps"] == 5 and "interrupted" not in resumed  # the limit counts from each start
     with pytest.raises(ValueError, match="time_limit_s"):
         recipe(tmp_path / "x", data_dir, 2, time_limit_s=0).validate()
+    bad = recipe(tmp_path / "x", data_dir, 2, time_limit_s=10)
+    bad.train.replan_at = 1  # pretraining's blend is laid out over train.steps
+    with pytest.raises(ValueError, match="replan_at is for SFT"):
+        bad.validate()
 
 
 def test_ranks_agree_on_when_and_why_to_stop():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import time
 
 import pytest
 import torch
@@ -85,6 +86,47 @@ def test_native_sft_trains_the_mtp_layers_and_resumes_exactly(tmp_path, chats, t
     for a, b in zip(records, resumed):
         for key in ("loss", "lm_loss", "mtp_loss", "grad_norm", "lr", "tokens", "loss_tokens"):
             assert a[key] == b[key], (a["step"], key, a[key], b[key])
+
+
+def test_replan_fits_the_schedule_to_the_pace_and_survives_a_resume(tmp_path, chats, tokenizer_dir, monkeypatch):  # noqa: F811
+    from test_session import SlowClock
+
+    from hybridmoe.train import session as session_mod
+    from hybridmoe.train.optim import lr_at
+
+    SlowClock(100.0).slow_down(monkeypatch, session_mod)  # every step takes 100 s more than it does
+    r = native_recipe(tmp_path / "run", chats, tokenizer_dir, steps=5, train={"time_limit_s": 1000, "replan_at": 3})
+    first = sft(r, stop_after=5)
+    # at step 3, ~300 s in: the pace since step 1 is 100 s, 700 s are left; the last step starts with the slowest
+    # step (100 s) left: 3 + 1 + (0.98 * 700 - 100) // 100 = 9
+    assert first["replanned_steps"] == 9 and first["stopped"] == "stop_after" and first["steps"] == 5
+    second = sft(r, resume=True)  # the limit counts from each start; the re-planned count is the checkpoint's
+    assert second["steps"] == 9 and "interrupted" not in second and "replanned_steps" not in second
+    records = step_records(tmp_path / "run")
+    assert [x["step"] for x in records] == list(range(1, 10))
+    # steps 1-3 ran on the plan of 5 steps, the rest on the cosine of 9
+    assert [x["lr"] for x in records] == [lr_at(s, 5 if s < 3 else 9, r.optim) for s in range(9)]
+    with pytest.raises(ValueError, match="replan_at"):
+        native_recipe(tmp_path / "x", chats, tokenizer_dir, train={"replan_at": -1}).validate()
+
+
+def test_replan_agrees_across_ranks():
+    from hybridmoe.train.session import _replan
+
+    class TwoRanks:  # par.sum as seen by one of 2 ranks whose other rank counted `other` steps
+        world_size = 2
+
+        def __init__(self, other):
+            self.other = other
+
+        def sum(self, values):
+            return [values[0] + self.other]
+
+    now = time.monotonic()
+    # 1 s a step; the last step starts with the slowest (3 s) left: 1 + (98% of 100.5 s - 3 s) / 1 s = 96 more
+    assert _replan(10, (now - 9.0, 1), now + 100.5, 3.0, None) == 10 + 96
+    assert _replan(10, (now - 9.0, 1), now + 100.5, 3.0, TwoRanks(60)) == (106 + 60) // 2
+    assert _replan(10, (now - 9.0, 1), now - 5.0, 3.0, None) == 11  # past the deadline: one more step
 
 
 def test_native_sft_conversations_apart_assistant_loss(tmp_path, chats, tokenizer_dir, monkeypatch):  # noqa: F811

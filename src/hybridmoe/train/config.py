@@ -123,6 +123,11 @@ class TrainSection:
     # Stop (with a checkpoint, like Ctrl-C) before a step would end more than this many seconds after the start of
     # this run or resume; None: no limit. At least one step runs.
     time_limit_s: float | None = None
+    # With time_limit_s: at this step of a run that starts before it, set the run's step count (and so the
+    # learning-rate schedule's length) to the steps the pace since the first step fits before the time limit, so that
+    # a schedule planned from a guess of the step time still ends decayed instead of cut. 0: off. Not in
+    # pretraining, whose data blend is laid out over train.steps.
+    replan_at: int = 0
 
 
 @dataclass
@@ -206,6 +211,9 @@ class Recipe(_RecipeFile):
         _validate_common(self.optim, self.train, d)
         _validate_parallel(self.parallel, self.train)
         self.precision.policy()
+        if self.train.replan_at:
+            raise ValueError("train.replan_at is for SFT, RL and MOPD: pretraining's data blend is laid out over "
+                             "train.steps, so its step count cannot change mid-run; set train.replan_at=0")  # fmt: skip
         if not d.phases and not any(m.phases for m in d.seq_mix):
             raise ValueError("data.phases is empty: give at least one phase with a blend of prepared datasets")
         if d.seq_mix and abs(sum(m.fraction for m in d.seq_mix) - 1) > 1e-6:
@@ -244,6 +252,8 @@ def _validate_common(o: OptimSection, t: TrainSection, d=None) -> None:
         raise ValueError("optim.decay_fraction must be in [0, 1] and optim.warmup_steps >= 0")
     if t.time_limit_s is not None and not t.time_limit_s > 0:
         raise ValueError(f"train.time_limit_s={t.time_limit_s}: give a positive number of seconds, or null")
+    if t.replan_at < 0:
+        raise ValueError(f"train.replan_at={t.replan_at}: give the step to re-plan at (>= 1), or 0 for none")
     if not o.lr > 0 or o.min_lr < 0:
         raise ValueError(f"optim.lr={o.lr} must be > 0 and optim.min_lr={o.min_lr} >= 0")
     if o.min_lr > o.lr:

@@ -6,7 +6,8 @@ The session owns torchrun (`hybridmoe.distributed`: the process group; the stage
 and expert parallelism from `train.model`), seeding, resuming from the newest checkpoint (weights, optimizer, RNG
 and the stage's data position, so a run stopped at step N and resumed logs the same losses as one that never
 stopped), the stop (SIGINT / SIGTERM, `train.time_limit_s` when the next step would end past it, `stop_after`;
-under torchrun every rank stops at the same step, for the same reason), the learning-rate schedule, gradient
+under torchrun every rank stops at the same step, for the same reason), `train.replan_at` (the step count, and so the
+schedule's length, fitted once to the measured pace and the time limit), the learning-rate schedule, gradient
 clipping and the optimizer step, validation, the log record, the progress bar, checkpoints (`train.checkpoint`:
 one format for every stage) and the summary. A stage (`Stage`) owns only what differs: its data and the forward
 and backward of one step.
@@ -115,7 +116,11 @@ def _run(recipe, make_stage, par, resume: bool, stop_after: int | None, peak_gfl
     ckpt = _checkpoint_to_resume(t.out_dir, par) if resume else None
     stage = make_stage(recipe, ckpt, par)
     optimizer = build_optimizer(stage.model, recipe.optim, fused=par is None)
-    step, tokens = _restore(ckpt, stage, optimizer, par)
+    step, tokens, replanned = _restore(ckpt, stage, optimizer, par)
+    if not t.replan_at:
+        replanned = None
+    elif replanned is not None:
+        stage.steps = replanned  # the step count this run was re-planned to before it stopped
     log = MetricsLog(t.out_dir, t.tensorboard, resume_step=step if ckpt is not None else None) if main else _NoLog()
     peak = peak_gflops or t.peak_gflops or _matmul_peak()
     world = par.world_size if par is not None else 1
@@ -125,6 +130,8 @@ def _run(recipe, make_stage, par, resume: bool, stop_after: int | None, peak_gfl
         summary["initial_val_loss"] = _validate(stage, log, step)
 
     slowest = 0.0  # seconds of the slowest step of this call: what the next one may take
+    replan_at = t.replan_at if deadline is not None and step < t.replan_at else 0
+    paced_from = None  # (time, step) after this call's first step: the pace excludes its warm-up
     with stop_on_signals() as stop:
         while step < stage.steps:
             lr = lr_at(step, stage.steps, recipe.optim)
@@ -135,6 +142,13 @@ def _run(recipe, make_stage, par, resume: bool, stop_after: int | None, peak_gfl
             slowest = max(slowest, seconds)
             step += 1
             tokens += out.tokens
+            if paced_from is None:
+                paced_from = (time.monotonic(), step)
+            elif step == replan_at:
+                stage.steps = _replan(step, paced_from, deadline, slowest, par)
+                summary["replanned_steps"] = replanned = stage.steps
+                if bar is not None:
+                    bar.total = stage.steps
             tokens_per_s = out.tokens / seconds
             record = {
                 "step": step,
@@ -163,7 +177,7 @@ def _run(recipe, make_stage, par, resume: bool, stop_after: int | None, peak_gfl
             if par is not None:  # every rank stops at the same step
                 stop.agree(par)
             if (t.save_every and step % t.save_every == 0) or stop.requested or step == stage.steps:
-                summary["checkpoint"] = _save(recipe, stage, optimizer, step, tokens, par)
+                summary["checkpoint"] = _save(recipe, stage, optimizer, step, tokens, par, replanned)
             if stop.requested and step < stage.steps:
                 summary.update(interrupted=True, stopped=stop.reason)
                 break
@@ -210,10 +224,24 @@ def _checkpoint_to_resume(out_dir: str, par) -> str | None:
     return ckpt
 
 
-def _restore(ckpt: str | None, stage: Stage, optimizer, par) -> tuple[int, int]:
-    """Load the optimizer, RNG and data position of `ckpt` (the stage built the model from it); (step, tokens)."""
+def _replan(step: int, paced_from: tuple[float, int], deadline: float, slowest: float, par) -> int:
+    """`train.replan_at`: the step count that the pace since `paced_from` (time, step) fits before `deadline`, at least
+    one step more than `step`. The deadline stops a run once the time left is less than its `slowest` step, so the
+    last step must start with that much left; 2% more for steps slower than the pace. Under torchrun the ranks take
+    the mean of their counts, so they agree."""
+    now, (t0, s0) = time.monotonic(), paced_from
+    pace = (now - t0) / max(1, step - s0)
+    steps = step + 1 + max(0, int((0.98 * (deadline - now) - slowest) / pace))
+    if par is not None:
+        steps = int(par.sum([float(steps)])[0] / par.world_size)
+    return steps
+
+
+def _restore(ckpt: str | None, stage: Stage, optimizer, par) -> tuple[int, int, int | None]:
+    """Load the optimizer, RNG and data position of `ckpt` (the stage built the model from it); (step, tokens, the
+    step count a `train.replan_at` run was re-planned to, or None)."""
     if ckpt is None:
-        return 0, 0
+        return 0, 0, None
     if is_distributed_checkpoint(ckpt):
         state = load_distributed_checkpoint(ckpt, stage.model, optimizer, par)
     else:
@@ -221,12 +249,14 @@ def _restore(ckpt: str | None, stage: Stage, optimizer, par) -> tuple[int, int]:
         optimizer.load_state_dict(payload["optimizer"])
         torch.set_rng_state(payload["torch_rng"])
     stage.load_state_dict(state["data"])
-    return state["step"], state.get("tokens", 0)
+    return state["step"], state.get("tokens", 0), state.get("replanned_steps")
 
 
-def _save(recipe, stage: Stage, optimizer, step: int, tokens: int, par) -> str:
+def _save(recipe, stage: Stage, optimizer, step: int, tokens: int, par, replanned: int | None = None) -> str:
     t = recipe.train
     state = {"data": stage.state_dict(), "tokens": tokens}
+    if replanned is not None:
+        state["replanned_steps"] = replanned
     if par is not None:
         return save_distributed_checkpoint(
             t.out_dir, step, stage.model, optimizer, state, recipe.to_yaml(), stage.tokenizer, par,
