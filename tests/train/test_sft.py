@@ -108,6 +108,8 @@ def test_replan_fits_the_schedule_to_the_pace_and_survives_a_resume(tmp_path, ch
     assert [x["lr"] for x in records] == [lr_at(s, 5 if s < 3 else 9, r.optim) for s in range(9)]
     with pytest.raises(ValueError, match="replan_at"):
         native_recipe(tmp_path / "x", chats, tokenizer_dir, train={"replan_at": -1}).validate()
+    with pytest.raises(ValueError, match="replan_at=1.*>= 2"):
+        native_recipe(tmp_path / "x", chats, tokenizer_dir, train={"replan_at": 1}).validate()
 
 
 def test_replan_agrees_across_ranks():

@@ -252,8 +252,9 @@ def _validate_common(o: OptimSection, t: TrainSection, d=None) -> None:
         raise ValueError("optim.decay_fraction must be in [0, 1] and optim.warmup_steps >= 0")
     if t.time_limit_s is not None and not t.time_limit_s > 0:
         raise ValueError(f"train.time_limit_s={t.time_limit_s}: give a positive number of seconds, or null")
-    if t.replan_at < 0:
-        raise ValueError(f"train.replan_at={t.replan_at}: give the step to re-plan at (>= 1), or 0 for none")
+    if t.replan_at < 0 or t.replan_at == 1:
+        raise ValueError(f"train.replan_at={t.replan_at}: give the step to re-plan at (>= 2: the pace is measured from "
+                         "the end of the first step), or 0 for none")  # fmt: skip
     if not o.lr > 0 or o.min_lr < 0:
         raise ValueError(f"optim.lr={o.lr} must be > 0 and optim.min_lr={o.min_lr} >= 0")
     if o.min_lr > o.lr:
