@@ -94,7 +94,7 @@ def test_time_limit_stops_before_the_step_that_would_end_past_it(tmp_path, data_
     with pytest.raises(ValueError, match="time_limit_s"):
         recipe(tmp_path / "x", data_dir, 2, time_limit_s=0).validate()
     bad = recipe(tmp_path / "x", data_dir, 2, time_limit_s=10)
-    bad.train.replan_at = 1  # pretraining's blend is laid out over train.steps
+    bad.train.replan_at = 5  # pretraining's blend is laid out over train.steps
     with pytest.raises(ValueError, match="replan_at is for SFT"):
         bad.validate()
 
