@@ -6,7 +6,7 @@ import json
 import os
 
 from hybridmoe.envs.sandbox import ShellResult
-from hybridmoe.tasks import get_domain
+from hybridmoe.tasks import get_domain, terminal
 from hybridmoe.tasks.terminal import SUFFIXES, check_files, format_result
 
 
@@ -52,8 +52,8 @@ def test_recovery_demonstrations_fail_for_real_then_leave_the_answer():
         task = d.generate(seed, 1)
         demo = d.recovery(task)
         command = json.loads(task.solution[0]["tool_calls"][0]["function"]["arguments"])["command"]
-        if demo is None:  # only the steps that read no file: create and delete
-            assert command.startswith(("echo ", "rm -f")), command
+        if demo is None:  # only the steps that name no file they read: create, delete, and reading by a glob
+            assert command.startswith(("echo ", "rm -f")) or ".* " in command, command
             none += 1
             continue
         failed, error, fix, done, final = demo
@@ -83,3 +83,34 @@ def test_recovery_demonstrations_fail_for_real_then_leave_the_answer():
     assert kinds == {"mv", "mkdir", "wc", "cat"} and 0 < none < 30
     assert 0.4 < mistakes.count("suffix") / len(mistakes) < 0.8 and "stem" in mistakes  # SUFFIX_SWAP_SHARE 0.6
     assert d.recovery(d.generate(0, 2)) is None  # one-step tasks only
+
+
+def test_solutions_read_some_files_by_a_glob_that_leaves_the_answer(monkeypatch):
+    d = get_domain("terminal")
+
+    def generate(share: float) -> list:
+        monkeypatch.setattr(terminal, "GLOB_SHARE", share)
+        return [d.generate(seed, 3) for seed in range(60)]
+
+    def globs(tasks) -> int:
+        return sum(w.endswith(".*") for t in tasks for c in solution_commands(t) for w in c.split())
+
+    default, plain, every = generate(terminal.GLOB_SHARE), generate(0.0), generate(1.0)
+    assert globs(plain) == 0 and 0.15 < globs(default) / globs(every) < 0.35  # GLOB_SHARE 0.25 of the names read
+    # the tasks themselves do not change with the share: only how the solutions name the files they read
+    for task, other in zip(default, plain):
+        assert (task.messages, task.answer, task.metadata) == (other.messages, other.answer, other.metadata)
+    # every kind that reads a file, by a glob, run in the sandbox leaves the answer (count reads it through cat: sh
+    # expands no glob after <)
+    kinds = set()
+    for task in every[:8]:
+        for command in solution_commands(task):
+            kinds.add(command.split()[0])
+            assert d.run_tool(task, "shell", {"command": command}) == "[exit code 0]", command
+        assert d.verify(task, "Done.") == 1.0, solution_commands(task)
+        d.close(task)
+    assert {"mkdir", "cat", "mv"} <= kinds and any("| wc -l >" in c for t in every for c in solution_commands(t))
+
+
+def solution_commands(task) -> list[str]:
+    return [json.loads(c["function"]["arguments"])["command"] for m in task.solution for c in m.get("tool_calls") or []]

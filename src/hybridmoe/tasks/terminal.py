@@ -8,6 +8,10 @@ folder, count a file's lines and write the count to a file, delete the files end
 into a new one. The generator applies each step to its own copy of the directory, so `task.answer` is the directory
 the steps must leave (relative path -> text). The solution is one tool call per step, in the OpenAI tool-call shape
 of `tasks/calculator.py`, each followed by the tool's real output (these commands print nothing: "[exit code 0]").
+A command names a file it reads by its full name, or (`GLOB_SHARE` of the time, drawn by seed apart from the task
+itself) by the glob of its stem, `fame.*`: the stems in a directory are unique, so the glob matches that one file,
+and a model that cannot copy a suffix reliably has another way to the answer that works (the speedrun's SFT models
+wrote `fame.txt` for `fame.log` in most of their terminal failures; benchmarks/README.md, issue 14).
 `Terminal.recovery(task)` is another demonstration of a one-step task, for SFT data: a first command with a file name
 copied wrongly (a message of weight 0: in the conversation, not a loss target), the sandbox's real error, then the
 command that works, reasoned from the error. Without them the speedrun's SFT model never called the tool again after
@@ -49,6 +53,8 @@ SUFFIXES = ("txt", "log", "tmp")  # the prepared files' suffixes
 # `fame.log`): 34 of the 60 wrong names the speedrun's SFT model wrote in its first calls did that, the rest made up
 # a stem (benchmarks/README.md, issue 14 item 10).
 SUFFIX_SWAP_SHARE = 0.6
+# Of the file names a solution's commands read, the share written as the glob of the stem (module docstring).
+GLOB_SHARE = 0.25
 
 
 def format_result(result: ShellResult) -> str:
@@ -87,11 +93,16 @@ def _output(i: int, text: str) -> dict:
 
 class _Steps:
     """The directory as the generator tracks it, and the steps that change it; each step returns (instruction,
-    command, reasoning) or None when it does not apply to the directory as it is."""
+    command, reasoning) or None when it does not apply to the directory as it is. `globs` draws which names a command
+    writes as a glob of the stem; it is not `rng`, so that the draws change the solutions only, never the tasks."""
 
-    def __init__(self, rng: random.Random, files: dict[str, str]):
-        self.rng, self.files = rng, dict(files)
+    def __init__(self, rng: random.Random, files: dict[str, str], globs: random.Random):
+        self.rng, self.files, self.globs = rng, dict(files), globs
         self.used = {name.split(".")[0] for name in files}
+
+    def read(self, name: str) -> str:
+        """How a command names the existing top-level file `name`: itself, or `GLOB_SHARE` of the time `stem.*`."""
+        return f"{name.rsplit('.', 1)[0]}.*" if self.globs.random() < GLOB_SHARE else name
 
     def new_name(self) -> str:
         while (word := made_up_word(self.rng)) in self.used:
@@ -111,17 +122,20 @@ class _Steps:
         a = self.rng.choice(self.top(".txt", ".log"))
         b = f"{self.new_name()}.{a.rsplit('.', 1)[1]}"
         self.files[b] = self.files.pop(a)
-        return f"Rename {a} to {b}.", f"mv {a} {b}", "mv renames it."
+        return f"Rename {a} to {b}.", f"mv {self.read(a)} {b}", "mv renames it."
 
     def move(self):
         a, folder = self.rng.choice(self.top(".txt", ".log")), self.new_name()
         self.files[f"{folder}/{a}"] = self.files.pop(a)
-        return f"Move {a} into a new folder {folder}.", f"mkdir {folder} && mv {a} {folder}/", "mkdir, then mv."
+        command = f"mkdir {folder} && mv {self.read(a)} {folder}/"
+        return f"Move {a} into a new folder {folder}.", command, "mkdir, then mv."
 
     def count(self):
         a, out = self.rng.choice(self.top(".txt", ".log")), f"{self.new_name()}.txt"
         self.files[out] = f"{self.files[a].count(chr(10))}\n"
-        return (f"Count the lines of {a} and write only the number to {out}.", f"wc -l < {a} > {out}",
+        source = self.read(a)  # sh does not expand a glob after <, so a glob is read by cat
+        command = f"wc -l < {a} > {out}" if source == a else f"cat {source} | wc -l > {out}"
+        return (f"Count the lines of {a} and write only the number to {out}.", command,
                 "wc -l reading stdin prints just the number.")  # fmt: skip
 
     def delete(self):
@@ -138,7 +152,8 @@ class _Steps:
         a, b = self.rng.sample(sources, 2)
         out = f"{self.new_name()}.txt"
         self.files[out] = self.files[a] + self.files[b]
-        return f"Concatenate {a} and {b}, in that order, into a new file {out}.", f"cat {a} {b} > {out}", "cat joins."
+        command = f"cat {self.read(a)} {self.read(b)} > {out}"
+        return f"Concatenate {a} and {b}, in that order, into a new file {out}.", command, "cat joins."
 
 
 class Terminal(Domain):
@@ -150,7 +165,7 @@ class Terminal(Domain):
 
     def _generate(self, rng: random.Random, difficulty: int, seed: int) -> Task:
         files: dict[str, str] = {}
-        steps = _Steps(rng, files)
+        steps = _Steps(rng, files, random.Random(f"terminal-glob-{seed}"))
         for suffix in ["txt", "txt", "log", "tmp"] + rng.sample(SUFFIXES, difficulty - 1):
             steps.files[f"{steps.new_name()}.{suffix}"] = _lines(rng, rng.randint(1, 5))
         initial = dict(steps.files)
@@ -180,8 +195,9 @@ class Terminal(Domain):
     def recovery(self, task: Task) -> list[dict] | None:
         """The solution of a one-step task as a recovery from a failed call (module docstring): which file is named
         wrongly and how (its suffix swapped, `SUFFIX_SWAP_SHARE` of the time, else a made-up stem) are drawn from the
-        task's seed. None where it does not apply: tasks of more than one step, steps that read no file (create,
-        delete), or (never seen) an error-free or unrecoverable first try."""
+        task's seed. None where it does not apply: tasks of more than one step, steps that name no file they read
+        (create, delete, and the solutions that read a file by a glob), or (never seen) an error-free or unrecoverable
+        first try."""
         if task.difficulty != 1:
             return None
         first = task.solution[0]
