@@ -95,6 +95,31 @@ def test_recipe_groups_and_domains():
     }  # fmt: skip
 
 
+def test_the_three_teacher_recipe_set_is_the_tiny_recipes_on_three_environments():
+    """benchmarks/recipes/three-teachers (issue 15's recovery measurement): one teacher per environment, each the
+    student's recipe on its environment (the terminal and search teachers with a larger batch), the student and MOPD
+    the tiny recipes but for their environments."""
+    root = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "recipes", "three-teachers")
+    recipes, tiny = load_recipes(PostPlan(recipes=root)), load_recipes(PostPlan())
+    assert recipes.domains() == {"calculator": "tools", "terminal": "terminal", "retrieval": "search"}
+
+    def rest(recipe, drop=()):
+        d = recipe.to_dict()
+        del d["envs"]["ratios"], d["train"]["out_dir"]
+        for section, key in drop:
+            del d[section][key]
+        return d
+
+    assert rest(recipes.student) == rest(tiny.student) and rest(recipes.mopd) == rest(tiny.mopd)
+    assert recipes.mopd.envs.ratios == recipes.student.envs.ratios
+    for group, teacher in recipes.teachers.items():
+        assert teacher.envs.ratios == {e: recipes.student.envs.ratios[e] for e in teacher.envs.ratios}, group
+        drop = [("rl", "prompts_per_step")] if group in ("terminal", "search") else []
+        assert rest(teacher, drop) == rest(recipes.student, drop), group
+    for group in ("terminal", "search"):
+        assert recipes.teachers[group].rl.prompts_per_step == 2 * recipes.student.rl.prompts_per_step
+
+
 def test_bad_input_is_refused(tmp_path):
     with pytest.raises(ValueError, match="tiny-rl.yaml.*--recipes"):
         load_recipes(PostPlan(recipes=str(tmp_path)))

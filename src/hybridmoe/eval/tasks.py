@@ -34,6 +34,7 @@ import json
 import math
 import os
 import random
+import textwrap
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -539,7 +540,8 @@ def _bar_chart(series: dict[str, dict[str, float]], path: str, title: str) -> No
 
     domains = list(dict.fromkeys(d for values in series.values() for d in values))
     width = 0.8 / max(len(series), 1)
-    fig, ax = plt.subplots(figsize=(min(18.0, max(6.0, 1.5 + 0.3 * len(domains) * max(2, len(series)))), 4.5))
+    fig_width = min(18.0, max(6.0, 1.5 + 0.3 * len(domains) * max(2, len(series))))
+    fig, ax = plt.subplots(figsize=(fig_width, 4.5))
     for i, (label, values) in enumerate(series.items()):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(domains))]
         heights = [100 * values.get(d, math.nan) for d in domains]
@@ -549,7 +551,7 @@ def _bar_chart(series: dict[str, dict[str, float]], path: str, title: str) -> No
     ax.set_ylim(0, 120)  # the top is room for the legend
     ax.set_yticks(range(0, 101, 20))
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(title)
+    ax.set_title("\n".join(textwrap.wrap(title, int(8 * fig_width))))  # about 8 characters an inch at 12 pt
     ax.legend(fontsize=8, loc="upper left", ncols=min(len(series), 4))
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
