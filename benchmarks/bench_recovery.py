@@ -1,18 +1,21 @@
 """MOPD's recovery of each teacher's gain (issue 15) against the number of held-out tasks it is measured on.
 
 Takes finished `hybridmoe posttrain` runs (typically one per MOPD seed, sharing the SFT model and the teachers),
-evaluates the SFT model, every teacher (on its own domains) and every run's MOPD student once on the largest
---samples (the settings posttrain uses: greedy, reasoning on, difficulty 1, 128 new tokens per turn), and reads
-the smaller counts as the first tasks of the same list (held-out seeds are taken in order, so 40 tasks are the first
-40 of 400 and get the same answers). Per count and domain: the teacher's gain with its paired standard error, each
-seed's recovery (MOPD - SFT) / (teacher - SFT), their mean and range.
+evaluates the SFT model, every teacher (on its own domains), the RL student and every run's MOPD student once on the
+largest --samples (the settings posttrain uses: greedy, reasoning on, difficulty 1, 128 new tokens per turn), and
+reads the smaller counts as the first tasks of the same list (held-out seeds are taken in order, so 40 tasks are the
+first 40 of 400 and get the same answers). A run's own evaluation (its eval/ folder, from `posttrain --samples N`)
+is read instead of evaluating again when it has at least the largest count at those settings. The teachers and the
+RL student are the first run's. Per count and domain: the teacher's gain with its paired standard error, and each
+seed's recovery with its mean, both from the SFT model, (MOPD - SFT) / (teacher - SFT), and from the RL student
+(MOPD's starting point), (MOPD - RL student) / (teacher - RL student).
 
     python benchmarks/bench_recovery.py runs/pt60 runs/pt60-seed1 runs/pt60-seed2 --samples 40,200,400 \
         --out benchmarks/results/recovery-by-samples
 
 Evaluations are cached under OUT/eval (one per checkpoint); writes OUT/recovery.json, OUT/recovery.md and
-OUT/recovery.png (each seed's recovery against the task count, for the domains whose teacher gains by more than two
-standard errors on the largest count; the 80% target as a line).
+OUT/recovery.png (each seed's recovery against the task count, from the SFT model and from the RL student, for the
+domains whose teacher gains by more than two standard errors on the largest count; the 80% target as a line).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
+from hybridmoe.eval.tasks import TaskEvalSettings  # noqa: E402
 from hybridmoe.posttrain import PostPlan, paired_se, recovery  # noqa: E402
 from hybridmoe.utils import atomic_write_text  # noqa: E402
 
@@ -72,6 +76,34 @@ def evaluate(ckpt: str, domains: list[str], samples: int, cache: str) -> list[di
     return result.records
 
 
+def run_records(run_dir: str, evaluation: dict, domains: list[str], samples: int) -> list[dict] | None:
+    """A posttrain run's own evaluation (`evaluation`: an entry of its posttrain.json) when it covers `domains` with
+    at least `samples` tasks each at the settings `evaluate` uses and left no task out; else None."""
+    path = os.path.join(run_dir, evaluation.get("path") or "", "tasks.json")
+    if not evaluation.get("path") or not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        data = json.load(fh)
+    run, settings = data["run"], data["run"].get("settings", {})
+    plan = PostPlan()
+    want = {k: v for k, v in vars(TaskEvalSettings()).items() if k not in ("samples", "overlap_seeds")}
+    want.update(difficulty=plan.task_difficulty, reasoning="on", max_new_tokens=plan.task_max_new_tokens)
+    if (run.get("not_evaluated") or any(settings.get(k) != v for k, v in want.items())
+            or settings.get("samples", 0) < samples or not set(domains) <= set(run.get("domains", []))):  # fmt: skip
+        return None
+    return data["records"]
+
+
+def records(run_dir: str, run: dict, label: str, domains: list[str], samples: int, cache: str) -> list[dict]:
+    """The records of the evaluation `label` of a run: its own when it has enough tasks, else evaluated once."""
+    evaluation = run["evaluations"][label]
+    own = run_records(run_dir, evaluation, domains, samples)
+    if own is not None:
+        print(f"{label}: {run_dir}/{evaluation['path']} ({samples} tasks each from the run's own evaluation)")
+        return own
+    return evaluate(evaluation["checkpoint"], domains, samples, cache)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="finished posttrain run directories (one per MOPD seed)")
@@ -90,14 +122,17 @@ def main() -> int:
     if any(r["evaluations"]["SFT"]["checkpoint"] != first["SFT"]["checkpoint"] for r in runs):
         p.error("the runs start from different SFT models: give seeds of one run")
     groups = {d: row["group"] for d, row in runs[0]["domains"].items()}
-    sft = evaluate(first["SFT"]["checkpoint"], list(groups), counts[-1], cache)
-    teachers = {label.removeprefix("teacher "): evaluate(e["checkpoint"], e["domains"], counts[-1], cache)
+    most = counts[-1]
+    sft = records(a.runs[0], runs[0], "SFT", list(groups), most, cache)
+    teachers = {label.removeprefix("teacher "): records(a.runs[0], runs[0], label, e["domains"], most, cache)
                 for label, e in first.items() if label.startswith("teacher ")}  # fmt: skip
-    mopd = [evaluate(r["evaluations"]["MOPD student"]["checkpoint"], list(groups), counts[-1], cache) for r in runs]
+    student = records(a.runs[0], runs[0], "RL student", list(groups), most, cache) if "RL student" in first else None
+    mopd = [records(d, r, "MOPD student", list(groups), most, cache) for d, r in zip(a.runs, runs)]
 
     rows = []
     for n in counts:
         base = Prefix(sft, n)
+        rl = Prefix(student, n).accuracy if student is not None else lambda domain: None
         for domain, group in groups.items():
             if group not in teachers:
                 continue
@@ -105,11 +140,13 @@ def main() -> int:
             before, after_t = base.accuracy(domain), teacher.accuracy(domain)
             students = [Prefix(m, n).accuracy(domain) for m in mopd]
             rec = [recovery(before, s, after_t) for s in students]
+            rec_rl = [recovery(rl(domain), s, after_t) for s in students]
             rows.append({
                 "samples": n, "domain": domain, "group": group, "sft": before, "teacher": after_t,
                 "teacher_gain": after_t - before, "teacher_gain_se": paired_se(base, teacher, domain),
-                "mopd": students, "recovery": rec,
-                "recovery_mean": statistics.fmean(rec) if None not in rec else None,
+                "rl_student": rl(domain), "mopd": students, "recovery": rec,
+                "recovery_mean": statistics.fmean(rec) if None not in rec else None, "recovery_from_rl": rec_rl,
+                "recovery_from_rl_mean": statistics.fmean(rec_rl) if None not in rec_rl else None,
             })  # fmt: skip
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout if sys.platform == "linux" else ""
     cpu = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if "Model name" in line), "")
@@ -133,18 +170,22 @@ def pct(v: float | None) -> str:
 
 def markdown(result: dict) -> str:
     seeds = " / ".join(str(s) for s in result["seeds"])
+
+    def seeds_and_mean(values: list, mean: float | None) -> str:
+        each = " / ".join("n/a" if v is None else f"{100 * v:.0f}%" for v in values)
+        return f"{each} | {'n/a (teacher did not gain)' if mean is None else f'{100 * mean:.0f}%'}"
+
     lines = [
-        f"| tasks per domain | domain | SFT | teacher | teacher's gain ± SE | MOPD, seed {seeds} | recovery, seed "
-        f"{seeds} | mean |",
-        "|---:|---|---:|---:|---:|---|---|---:|",
+        f"| tasks per domain | domain | SFT | teacher | teacher's gain ± SE | RL student | MOPD, seed {seeds} | "
+        f"recovery from SFT, seed {seeds} | mean | recovery from the RL student, seed {seeds} | mean |",
+        "|---:|---|---:|---:|---:|---:|---|---|---:|---|---:|",
     ]
     for r in result["rows"]:
         se = f" ± {100 * r['teacher_gain_se']:.1f}" if r["teacher_gain_se"] is not None else ""
-        rec = " / ".join("n/a" if v is None else f"{100 * v:.0f}%" for v in r["recovery"])
-        mean = "n/a (teacher did not gain)" if r["recovery_mean"] is None else f"{100 * r['recovery_mean']:.0f}%"
         lines.append(f"| {r['samples']} | {r['domain']} | {pct(r['sft'])} | {pct(r['teacher'])} | "
-                     f"{100 * r['teacher_gain']:+.1f}{se} | {' / '.join(pct(v) for v in r['mopd'])} | {rec} | "
-                     f"{mean} |")  # fmt: skip
+                     f"{100 * r['teacher_gain']:+.1f}{se} | {pct(r.get('rl_student'))} | "
+                     f"{' / '.join(pct(v) for v in r['mopd'])} | {seeds_and_mean(r['recovery'], r['recovery_mean'])} | "
+                     f"{seeds_and_mean(r.get('recovery_from_rl', []), r.get('recovery_from_rl_mean'))} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -159,20 +200,31 @@ def plot(result: dict, path: str) -> None:
     gaining = [r["domain"] for r in largest if r["teacher_gain_se"] and r["teacher_gain"] > 2 * r["teacher_gain_se"]]
     if not gaining:
         return
-    fig, axes = plt.subplots(1, len(gaining), figsize=(4.2 * len(gaining), 3.6), squeeze=False)
-    for ax, domain in zip(axes[0], gaining):
-        rows = [r for r in result["rows"] if r["domain"] == domain]
-        for i, seed in enumerate(result["seeds"]):
-            xs = [result["counts"].index(r["samples"]) for r in rows if r["recovery"][i] is not None]
-            ys = [100 * r["recovery"][i] for r in rows if r["recovery"][i] is not None]
-            ax.plot(xs, ys, "o-", alpha=0.7, label=f"seed {seed}")
-        ax.axhline(80, color="gray", ls="--", lw=1, label="target 80%")
-        ax.set_xticks(range(len(result["counts"])), [str(c) for c in result["counts"]])
-        ax.set_xlabel("held-out tasks per domain")
-        ax.set_ylabel("MOPD recovery of the teacher's gain (%)")
-        gains = ", ".join(f"{100 * r['teacher_gain']:+.1f}" for r in rows)
-        ax.set_title(f"{domain} (teacher's gain {gains})", fontsize=9)
-        ax.legend(fontsize=7)
+    measures = [("recovery", "from the SFT model")]
+    if any(v is not None for r in largest for v in r.get("recovery_from_rl", [])):
+        measures.append(("recovery_from_rl", "from the RL student"))
+    fig, axes = plt.subplots(len(measures), len(gaining), figsize=(4.2 * len(gaining), 3.6 * len(measures)),
+                             squeeze=False)  # fmt: skip
+    for row, (key, origin) in zip(axes, measures):
+        for ax, domain in zip(row, gaining):
+            rows = [r for r in result["rows"] if r["domain"] == domain]
+            for i, seed in enumerate(result["seeds"]):
+                xs = [result["counts"].index(r["samples"]) for r in rows if r[key][i] is not None]
+                ys = [100 * r[key][i] for r in rows if r[key][i] is not None]
+                ax.plot(xs, ys, "o-", alpha=0.7, label=f"seed {seed}")
+            means = [(result["counts"].index(r["samples"]), 100 * r[f"{key}_mean"]) for r in rows
+                     if r[f"{key}_mean"] is not None]  # fmt: skip
+            if means:
+                ax.plot(*zip(*means), "k_", ms=18, mew=2, label="mean of the seeds")
+            ax.axhline(80, color="gray", ls="--", lw=1, label="target 80%")
+            ax.set_xticks(range(len(result["counts"])), [str(c) for c in result["counts"]])
+            ax.set_xlabel("held-out tasks per domain")
+            ax.set_ylabel(f"recovery {origin} (%)")
+            start = "sft" if key == "recovery" else "rl_student"
+            gains = " / ".join(f"{100 * (r['teacher'] - r[start]):+.1f}" for r in rows if r[start] is not None)
+            counts = " / ".join(str(r["samples"]) for r in rows if r[start] is not None)
+            ax.set_title(f"{domain}: teacher's gain {origin}\n{gains} points on {counts} tasks", fontsize=9)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
