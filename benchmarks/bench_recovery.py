@@ -77,8 +77,9 @@ def evaluate(ckpt: str, domains: list[str], samples: int, cache: str) -> list[di
 
 
 def run_records(run_dir: str, evaluation: dict, domains: list[str], samples: int) -> list[dict] | None:
-    """A posttrain run's own evaluation (`evaluation`: an entry of its posttrain.json) when it covers `domains` with
-    at least `samples` tasks each at the settings `evaluate` uses and left no task out; else None."""
+    """A posttrain run's own evaluation (`evaluation`: an entry of its posttrain.json) when it is of the entry's
+    checkpoint, covers `domains` with at least `samples` tasks each at the settings `evaluate` uses and left no task
+    out; else None."""
     path = os.path.join(run_dir, evaluation.get("path") or "", "tasks.json")
     if not evaluation.get("path") or not os.path.exists(path):
         return None
@@ -88,6 +89,9 @@ def run_records(run_dir: str, evaluation: dict, domains: list[str], samples: int
     plan = PostPlan()
     want = {k: v for k, v in vars(TaskEvalSettings()).items() if k not in ("samples", "overlap_seeds")}
     want.update(difficulty=plan.task_difficulty, reasoning="on", max_new_tokens=plan.task_max_new_tokens)
+    recorded = os.path.join(run_dir, run.get("checkpoint") or "")  # relative to the run, or absolute
+    if os.path.realpath(recorded) != os.path.realpath(evaluation.get("checkpoint") or ""):
+        return None  # an evaluation of another checkpoint
     if (run.get("not_evaluated") or any(settings.get(k) != v for k, v in want.items())
             or settings.get("samples", 0) < samples or not set(domains) <= set(run.get("domains", []))):  # fmt: skip
         return None

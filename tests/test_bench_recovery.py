@@ -30,32 +30,32 @@ def settings(samples: int, **change) -> dict:
     return {**s, "max_new_tokens": plan.task_max_new_tokens, "overlap_seeds": 2000, **change}
 
 
-def write_eval(run, slug, rewards: dict[str, list[float]], samples=None, not_evaluated=0, **change) -> dict:
+def write_eval(run, slug, rewards: dict[str, list[float]], samples=None, not_evaluated=0, checkpoint=None,
+               **change) -> dict:  # fmt: skip
     """run/eval/slug/tasks.json with one record per reward (task seeds in order), and its posttrain.json entry."""
     path = os.path.join(run, "eval", slug)
     os.makedirs(path, exist_ok=True)
     records = [{"domain": d, "seed": i, "sample": 0, "reasoning": "on", "reward": r}
                for d, rs in rewards.items() for i, r in enumerate(rs)]  # fmt: skip
     n = samples or max(len(rs) for rs in rewards.values())
-    run_info = {"checkpoint": f"{slug}/checkpoints/step-1", "domains": list(rewards), "not_evaluated": not_evaluated,
-                "settings": settings(n, **change)}  # fmt: skip
+    run_info = {"checkpoint": checkpoint or f"{slug}/checkpoints/step-1", "domains": list(rewards),
+                "not_evaluated": not_evaluated, "settings": settings(n, **change)}  # fmt: skip
     with open(os.path.join(path, "tasks.json"), "w") as fh:
         json.dump({"run": run_info, "records": records}, fh)
-    return {"checkpoint": os.path.join(str(run), slug, "checkpoints", "step-1"), "domains": list(rewards),
-            "path": f"eval/{slug}", "not_evaluated": not_evaluated}  # fmt: skip
+    return {"checkpoint": checkpoint or os.path.join(str(run), slug, "checkpoints", "step-1"),
+            "domains": list(rewards), "path": f"eval/{slug}", "not_evaluated": not_evaluated}  # fmt: skip
 
 
 def make_run(run, mopd: list[float]):
     """A finished 2-domain posttrain run of 4 tasks per domain: the teacher of `a` gains (0.25 -> 1.0 from the SFT
     model, 0.5 -> 1.0 from the RL student); the teacher of `b` does not."""
     evaluations = {
-        "SFT": write_eval(run, "sft", {"a": [0, 0, 0, 1], "b": [1, 1, 0, 0]}),
+        "SFT": write_eval(run, "sft", {"a": [0, 0, 0, 1], "b": [1, 1, 0, 0]}, checkpoint="/sft/checkpoints/step-9"),
         "teacher ga": write_eval(run, "teacher-ga", {"a": [1, 1, 1, 1]}),
         "teacher gb": write_eval(run, "teacher-gb", {"b": [1, 0, 0, 0]}),
         "RL student": write_eval(run, "rl-student", {"a": [1, 0, 0, 1], "b": [1, 1, 0, 0]}),
         "MOPD student": write_eval(run, "mopd", {"a": mopd, "b": [1, 1, 0, 0]}),
     }
-    evaluations["SFT"]["checkpoint"] = "/sft/checkpoints/step-9"
     domains = {"a": {"group": "ga"}, "b": {"group": "gb"}}
     with open(os.path.join(run, "posttrain.json"), "w") as fh:
         json.dump({"evaluations": evaluations, "domains": domains, "plan": {"seed": int(run.name[-1])}}, fh)
@@ -111,3 +111,5 @@ def test_a_runs_evaluation_is_read_only_at_the_settings_and_count_asked(tmp_path
     records = load().run_records(str(tmp_path), entry, ["a"], 4)
     assert (records is not None) == usable
     assert load().run_records(str(tmp_path), entry, ["a", "other"], 4) is None  # a domain it did not evaluate
+    other = {**entry, "checkpoint": str(tmp_path / "sft" / "checkpoints" / "step-2")}
+    assert load().run_records(str(tmp_path), other, ["a"], 4) is None  # an evaluation of another checkpoint
