@@ -17,7 +17,16 @@ from test_finetune import tokenizer_dir  # noqa: F401 (fixture)
 
 from hybridmoe import posttrain as posttrain_mod
 from hybridmoe import speedrun as speedrun_mod
-from hybridmoe.posttrain import PostPlan, accuracy_table, clear_gain, load_recipes, paired_se, posttrain, recovery
+from hybridmoe.posttrain import (
+    PostPlan,
+    accuracy_table,
+    clear_gain,
+    load_recipes,
+    paired_se,
+    posttrain,
+    recovery,
+    recovery_summary,
+)
 
 TOY = ("train.steps=2", "rl.group_size=2", "rl.prompts_per_step=8", "rl.max_new_tokens=6", "rl.max_num_seqs=16",
        "envs.pool=8", "rl.micro_batch_size=4", "train.peak_gflops=100", "train.progress=false",
@@ -65,6 +74,26 @@ def test_accuracy_table_recovery_per_domain():
     assert rows["json_schema"]["recovery"] == pytest.approx(-0.25)  # (0.35 - 0.4) / (0.6 - 0.4)
     assert rows["orphan"]["teacher"] is None and rows["orphan"]["recovery"] is None
     assert rows["arithmetic"]["rl_continued"] is None  # not evaluated
+
+
+def test_the_recovery_summary_counts_both_measures():
+    def row(sft, teacher, rl, mopd, se=0.01):
+        return {"sft": sft, "teacher": teacher, "rl_student": rl, "mopd": mopd, "teacher_gain_se": se,
+                "recovery": recovery(sft, mopd, teacher), "recovery_from_rl": recovery(rl, mopd, teacher)}  # fmt: skip
+
+    rows = {
+        "calculator": row(0.685, 0.877, 0.840, 0.867),  # 95% from SFT, 73% from the RL student
+        "terminal": row(0.589, 0.676, 0.548, 0.664),  # 86%, 91%
+        "retrieval": row(0.572, 0.661, 0.585, 0.665),  # 104%, 105%
+        "instructions": row(0.50, 0.52, 0.45, 0.52, se=0.02),  # gained, not clearly: 100%
+        "arithmetic": row(0.50, 0.60, 0.65, 0.60),  # clear gain, teacher below the RL student: 100% from SFT only
+        "json_schema": row(0.90, 0.89, 0.90, 0.90),  # the teacher did not gain
+    }
+    text = recovery_summary(rows)
+    assert text.startswith("Teachers gained on 5 of 6 domains, clearly on 4 (calculator, terminal, retrieval, "
+                           "arithmetic).")  # fmt: skip
+    assert "over the SFT model on 5 of the 5 (4 of the 4 clear gains)" in text
+    assert "over the RL student on 2 of the 3 clear gains where the teacher is also above the RL student" in text
 
 
 def records(domain: str, rewards: list[float]) -> list[dict]:

@@ -491,6 +491,27 @@ def paired_se(before, after, domain: str) -> float | None:
     return math.sqrt(sum((x - mean) ** 2 for x in diffs) / (len(diffs) - 1) / len(diffs))
 
 
+def recovery_summary(rows: dict[str, dict]) -> str:
+    """One sentence: on how many domains the teacher gained (clearly: `clear_gain`), and on how many of those MOPD got
+    back at least 80% of the gain, counted from the SFT model and from the RL student."""
+    defined = {d: r for d, r in rows.items() if r["recovery"] is not None}
+    clear = {d: r for d, r in defined.items() if clear_gain(r)}
+
+    def met(rs, key):
+        return sum(r[key] is not None and r[key] >= 0.8 for r in rs)
+
+    over_rl = [r for r in clear.values() if r["recovery_from_rl"] is not None]
+    from_sft, from_sft_clear = met(defined.values(), "recovery"), met(clear.values(), "recovery")
+    from_rl = met(over_rl, "recovery_from_rl")
+    named = f" ({', '.join(clear)})" if clear else ""
+    return (
+        f"Teachers gained on {len(defined)} of {len(rows)} domains, clearly on {len(clear)}{named}. MOPD "
+        f"recovered at least 80% of the teacher's gain over the SFT model on {from_sft} of the {len(defined)} "
+        f"({from_sft_clear} of the {len(clear)} clear gains), and of its gain over the RL student on {from_rl} of "
+        f"the {len(over_rl)} clear gains where the teacher is also above the RL student."
+    )
+
+
 def _write_report(out, plan, recipes, sft, stages, models, results, total_s, command) -> str:
     import torch
 
@@ -573,17 +594,12 @@ def _write_report(out, plan, recipes, sft, stages, models, results, total_s, com
                      + f" | {gain(r)} | {rec(r, 'recovery')} | {rec(r, 'recovery_from_rl')} |")  # fmt: skip
     means = [_mean_of(rows, k) for _, k in columns]
     lines.append("| **mean** | | " + " | ".join(f"**{pct(m)}**" for m in means) + " | | | |")
-    defined = {d: r for d, r in rows.items() if r["recovery"] is not None}
-    clear = {d: r for d, r in defined.items() if clear_gain(r)}
     lines += [
         "",
         "The teacher's gain is its accuracy minus the SFT model's, with the standard error of that difference over the "
         "same tasks (paired); a gain is clear when it is more than two standard errors.",
         "",
-        f"Teachers gained on {len(defined)} of {len(rows)} domains, clearly on {len(clear)}"
-        + (f" ({', '.join(clear)})" if clear else "")
-        + f"; MOPD recovered at least 80% of the gain on {sum(r['recovery'] >= 0.8 for r in defined.values())} of "
-        f"the {len(defined)} and on {sum(r['recovery'] >= 0.8 for r in clear.values())} of the {len(clear)}.",
+        recovery_summary(rows),
     ]
     cut = {label: r.run.get("not_evaluated", 0) for label, r in results.items() if r.run.get("not_evaluated")}
     if cut:
