@@ -180,6 +180,24 @@ def test_student_moves_toward_each_environments_teacher(tmp_path, tokenizer_dir,
         assert after < before, (env, before, after)  # measured: even 0.402 -> 0.398, odd 0.938 -> 0.911
 
 
+def test_asynchronous_rollouts_as_in_the_rl_stage(tmp_path, tokenizer_dir, agent):  # noqa: F811
+    """rl.rollout=async, as test_rl's: a `hybridmoe serve` worker samples and the trainer posts its weights after every
+    step. At staleness 0 every batch comes from the trainer's current weights, so the trainer reproduces the worker's
+    log-probabilities at every step, and each sample is still scored by its own environment's teacher."""
+    teachers = {"even": save_model(tmp_path / "t-even", tokenizer_dir, seed=11, scale=4.0),
+                "odd": save_model(tmp_path / "t-odd", tokenizer_dir, seed=12, scale=4.0)}  # fmt: skip
+    out = tmp_path / "a"
+    rl = {"rollout": "async", "max_staleness": 0, "temperature": 0.6}
+    distill(distill_recipe(out, tokenizer_dir, teachers, steps=3, rl=rl))
+    records = step_records(out)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert max(r["staleness_max"] for r in records) == 0 and max(r["mismatch_max"] for r in records) < 1e-3
+    for r in records:  # 4 prompts a step, one rollout each, every one scored by a teacher
+        assert r["trajectories"] == 4 == r.get("teacher_samples_even", 0) + r.get("teacher_samples_odd", 0)
+        assert math.isfinite(r["reverse_kl"]) and r["reverse_kl"] > 0
+    assert len({r["loss"] for r in records}) == 3
+
+
 def test_resume_is_exact(tmp_path, tokenizer_dir, agent):  # noqa: F811
     teachers = {"even": save_model(tmp_path / "t-even", tokenizer_dir, seed=11, scale=4.0),
                 "odd": save_model(tmp_path / "t-odd", tokenizer_dir, seed=12, scale=4.0)}  # fmt: skip
