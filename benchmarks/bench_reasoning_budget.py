@@ -5,7 +5,9 @@ on, through `hybridmoe.eval.tasks.evaluate_tasks`): the budget is the server's `
 which forces `</think>` once that many thinking tokens were generated, after which the model writes its answer (as
 `hybridmoe serve` does for a request's `reasoning_budget`). "none" is no budget; one more pass with reasoning off (an
 empty thinking block in the prompt) is drawn as a dashed line per domain. Each point also records the mean and the
-largest number of reasoning tokens of its answers, so the budget is seen to hold (largest <= budget).
+largest number of reasoning tokens of its answers (every turn together) and the largest of any one turn, which is
+what the budget caps (each turn of a tool-using answer is its own request), so the budget is seen to hold (largest
+turn <= budget).
 
 Writes benchmarks/results/reasoning-budget.json and benchmarks/reasoning-budget.png.
 
@@ -43,9 +45,11 @@ def budgets(text: str) -> list[int | None]:
 
 def point(result, domain: str, mode: str) -> dict:
     row = result.row(domain, mode)
-    reasoning = [r["reasoning_tokens"] for r in result.records if r["domain"] == domain and r["reasoning"] == mode]
+    records = [r for r in result.records if r["domain"] == domain and r["reasoning"] == mode]
     return {"accuracy": row["accuracy"], "mean_tokens": row["mean_tokens"],
-            "mean_reasoning_tokens": row["mean_reasoning_tokens"], "max_reasoning_tokens": max(reasoning),
+            "mean_reasoning_tokens": row["mean_reasoning_tokens"],
+            "max_reasoning_tokens": max(r["reasoning_tokens"] for r in records),  # an answer's turns together
+            "max_turn_reasoning_tokens": max(r["max_turn_reasoning_tokens"] for r in records),  # what a budget caps
             "truncated": row["truncated"], "failed": row["failed"]}  # fmt: skip
 
 
@@ -76,7 +80,8 @@ def main():
             curves[d].append({"budget": budget} | point(result, d, "on"))
             c = curves[d][-1]
             print(f"{d:15s} budget {str(budget):>4s}: accuracy {100 * c['accuracy']:5.1f}%, reasoning tokens mean "
-                  f"{c['mean_reasoning_tokens']:5.1f} max {c['max_reasoning_tokens']:3d}", flush=True)  # fmt: skip
+                  f"{c['mean_reasoning_tokens']:5.1f} max {c['max_reasoning_tokens']:3d} (a turn: "
+                  f"{c['max_turn_reasoning_tokens']:3d})", flush=True)  # fmt: skip
     off = evaluate_tasks(engine, tok, domains, a.samples, reasoning="off", progress=False, **settings)
     reasoning_off = {d: point(off, d, "off") for d in domains}
     passes.append({"budget": "reasoning off", "elapsed_s": off.run["elapsed_s"],

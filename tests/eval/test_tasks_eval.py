@@ -223,6 +223,7 @@ def test_reasoning_budget_forces_end_of_thinking(model_tok):
     budget = evaluate_tasks(model, tok, [ToyAdd()], reasoning_budget=3, **kw)
     on = [r for r in budget.records if r["reasoning"] == "on"]
     assert all(r["prompt_reasoning"] and r["reasoning_tokens"] <= 3 for r in on)
+    assert all(r["max_turn_reasoning_tokens"] == r["reasoning_tokens"] for r in on + free.records)  # one turn each
     long_free = [r for r in free.records if r["reasoning"] == "on" and r["reasoning_tokens"] > 3]
     assert long_free  # the random model thinks past the budget when not stopped...
     for r in long_free:  # ...and with the budget, </think> comes right after 3 thinking tokens

@@ -140,6 +140,7 @@ class _Sample:
     tool_rounds: int = 0
     tokens: int = 0  # generated, every turn together (stop tokens not counted)
     reasoning_tokens: int = 0
+    max_turn_reasoning_tokens: int = 0  # the most of any one turn (a reasoning budget holds per turn, per request)
     finish_reason: str | None = None
     error: str | None = None
     reward: float = 0.0
@@ -153,6 +154,7 @@ class _Sample:
             "prompt_reasoning": self.prompt_reasoning, "completion": self.completion,
             "reasoning_content": self.reasoning_content, "content": self.content, "answer": self.task.answer,
             "reward": self.reward, "generated_tokens": self.tokens, "reasoning_tokens": self.reasoning_tokens,
+            "max_turn_reasoning_tokens": self.max_turn_reasoning_tokens,
             "tool_calls": self.tool_calls, "tool_rounds": self.tool_rounds, "turns": self.turns,
             "finish_reason": self.finish_reason, "failed": self.error is not None, "error": self.error,
         }  # fmt: skip
@@ -257,7 +259,9 @@ class _Runner:
         if out.finish_reason == "stop" and isinstance(out.stop_reason, int) and ids and ids[-1] == out.stop_reason:
             ids = ids[:-1]  # the stop token ends the turn; it is not part of the answer
         sample.tokens += len(ids)
-        sample.reasoning_tokens += _reasoning_tokens(ids, prompt.reasoning, self.think_start, self.think_end)
+        thought = _reasoning_tokens(ids, prompt.reasoning, self.think_start, self.think_end)
+        sample.reasoning_tokens += thought
+        sample.max_turn_reasoning_tokens = max(sample.max_turn_reasoning_tokens, thought)
         sample.completion = self.tokenizer.decode(ids, skip_special_tokens=False)
         tools = sample.task.tools
         message = parse_chat_output(sample.completion, reasoning=prompt.reasoning, parse_tools=bool(tools))
