@@ -26,6 +26,8 @@ def no_long_runs(monkeypatch):
         (["speedrun", "--minutes", "-1"], "argument --minutes: -1 is out of range: give a number > 0"),
         (["posttrain", "--minutes", "0"], "argument --minutes: 0 is out of range: give a number > 0"),
         (["posttrain", "--samples", "0"], "argument --samples: 0 is out of range: give a number >= 1"),
+        (["posttrain", "--budgets", "0,x"], "argument --budgets: a reasoning budget is a number of tokens >= 0"),
+        (["posttrain", "--budgets", "8,8"], "argument --budgets: a reasoning budget is listed twice"),
         (["plan", "--gpus", "0"], "argument --gpus: 0 is out of range: give a number >= 1"),
         (["plan", "--gpus", "8", "--seq", "0"], "argument --seq: 0 is out of range"),
         (["plan", "--gpus", "8", "--moe-imbalance", "0.5"], "argument --moe-imbalance: 0.5 is out of range"),
@@ -74,3 +76,13 @@ def test_recipes_and_data_that_are_not_there_or_not_yaml(tmp_path, capsys, monke
         err = capsys.readouterr().err
         assert err.startswith(message) and "Traceback" not in err, (argv, err)
     assert not (tmp_path / "runs").exists()
+
+
+def test_posttrain_flags_reach_its_plan(monkeypatch):
+    plans = []
+    monkeypatch.setattr(posttrain, "posttrain", lambda out_dir, plan, command: plans.append(plan))
+    main(["posttrain", "--budgets", "0,16,none", "--budget-domains", "calculator, word_problems", "--samples", "50"])
+    main(["posttrain", "--no-budget-sweep"])
+    main(["posttrain"])
+    assert plans[0].budgets == (0, 16, None) and plans[0].budget_domains == ("calculator", "word_problems")
+    assert plans[0].task_samples == 50 and plans[1].budgets == () and plans[2].budgets == posttrain.PostPlan().budgets

@@ -20,6 +20,7 @@ from hybridmoe import speedrun as speedrun_mod
 from hybridmoe.posttrain import (
     PostPlan,
     accuracy_table,
+    budget_domains,
     clear_gain,
     load_recipes,
     paired_se,
@@ -35,8 +36,8 @@ TOY = ("train.steps=2", "rl.group_size=2", "rl.prompts_per_step=8", "rl.max_new_
 
 def toy_plan(sft: str) -> PostPlan:
     # every stage runs its recipe's 2 steps (10 minutes: no deadline cuts one)
-    return PostPlan(minutes=10, init_from=sft, overrides=TOY, task_samples=2,
-                    task_max_new_tokens=6, overlap_seeds=0, eval_max_num_seqs=8)  # fmt: skip
+    return PostPlan(minutes=10, init_from=sft, overrides=TOY, task_samples=2, task_max_new_tokens=6, overlap_seeds=0,
+                    eval_max_num_seqs=8, budgets=(0, 2, None), budget_samples=2)  # fmt: skip
 
 
 def test_recovery_on_hand_numbers():
@@ -124,6 +125,21 @@ def test_recipe_groups_and_domains():
     }  # fmt: skip
 
 
+def test_the_budget_sweep_domains():
+    domains = load_recipes(PostPlan()).domains()
+    assert budget_domains(PostPlan(), domains) == ["calculator", "retrieval"]
+    assert budget_domains(PostPlan(), {"arithmetic": "math", "retrieval": None, "json_schema": None}) == [
+        "retrieval", "arithmetic"]  # fmt: skip
+    assert budget_domains(PostPlan(budget_domains=("word_problems",)), domains) == ["word_problems"]
+    assert budget_domains(PostPlan(budgets=()), domains) == []  # no sweep
+    with pytest.raises(ValueError, match="strings.*environments cover"):
+        budget_domains(PostPlan(budget_domains=("strings",)), domains)
+    with pytest.raises(ValueError, match="twice"):
+        budget_domains(PostPlan(budgets=(4, 4)), domains)
+    with pytest.raises(ValueError, match="budget_samples"):
+        budget_domains(PostPlan(budget_samples=0), domains)
+
+
 def test_the_three_teacher_recipe_set_is_the_tiny_recipes_on_three_environments():
     """benchmarks/recipes/three-teachers (issue 15's recovery measurement): one teacher per environment, each the
     student's recipe on its environment (the terminal and search teachers with a larger batch), the student and MOPD
@@ -180,6 +196,7 @@ def test_bad_input_is_refused(tmp_path):
 
 def test_posttrain_end_to_end_resumes_and_reruns_nothing(tmp_path, tokenizer_dir, monkeypatch):  # noqa: F811
     sft = save_model(tmp_path / "sft", tokenizer_dir, seed=0)
+    real_evaluate = posttrain_mod._evaluate
     out = tmp_path / "run"
     real_rl, real_distill = speedrun_mod.train_rl, speedrun_mod.train_distill
 
@@ -227,23 +244,49 @@ def test_posttrain_end_to_end_resumes_and_reruns_nothing(tmp_path, tokenizer_dir
     assert record["comparison"]["mopd_sampled_tokens"] == mopd["sampled_tokens"] > 0
     assert (out / "posttrain.png").stat().st_size > 10_000 and (out / "mopd-vs-rl.png").stat().st_size > 10_000
 
+    # The MOPD student against the reasoning budget on calculator and retrieval: the table, the chart, the record.
+    sweep = record["reasoning_budget"]
+    assert sweep["checkpoint"] == "mopd/checkpoints/step-0000002" and sweep["not_evaluated"] == 0
+    assert list(sweep["curves"]) == ["calculator", "retrieval"] and sweep["settings"]["samples"] == 2
+    for d, curve in sweep["curves"].items():
+        assert [c["budget"] for c in curve] == [0, 2, None] and all(c["tasks"] == 2 for c in curve)
+        assert all(c["max_turn_reasoning_tokens"] <= c["budget"] for c in curve[:2])  # the budget holds
+        assert sweep["reasoning_off"][d]["max_reasoning_tokens"] == 0
+    assert "## The MOPD student against the reasoning budget" in text and "| reasoning off | " in text
+    assert "| none | " in text and (out / "reasoning-budget.png").stat().st_size > 10_000
+
+    # A sweep interrupted after its first pass: the next run keeps that pass and runs the three others.
+    saved = out / "eval" / "reasoning-budget" / "budget.json"
+    full = json.loads(saved.read_text())
+    saved.write_text(json.dumps(full | {"passes": full["passes"][:1]}))
+    from hybridmoe.eval import budget as budget_mod
+
+    passes, real_eval = [], budget_mod.evaluate_tasks
+    monkeypatch.setattr(budget_mod, "evaluate_tasks", lambda *a, **kw: passes.append(
+        (kw["reasoning_budget"], kw["reasoning"])) or real_eval(*a, **kw))  # fmt: skip
+    monkeypatch.setattr(posttrain_mod, "_evaluate", lambda *a, **kw: pytest.fail("evaluated again"))
+    posttrain(str(out), toy_plan(sft))
+    assert passes == [(2, "on"), (None, "on"), (None, "off")]
+    assert json.loads((out / "posttrain.json").read_text())["reasoning_budget"]["curves"] == sweep["curves"]
+
     # A third run reruns nothing: no training, no evaluation, the same table.
     def refuse(*a, **kw):
         raise AssertionError("ran again")
 
     for name in ("train_rl", "train_distill"):
         monkeypatch.setattr(speedrun_mod, name, refuse)
-    real_evaluate = posttrain_mod._evaluate
     monkeypatch.setattr(posttrain_mod, "_evaluate", refuse)
+    monkeypatch.setattr(posttrain_mod, "_sweep", refuse)
     posttrain(str(out), toy_plan(sft))
     assert json.loads((out / "posttrain.json").read_text())["domains"] == record["domains"]
 
-    # A fourth with another number of tasks evaluates every model again, and trains nothing.
+    # A fourth with another number of tasks evaluates every model again, and trains nothing (the sweep has its own).
     evaluated = []
     monkeypatch.setattr(posttrain_mod, "_evaluate", lambda *a, **kw: evaluated.append(a[3]) or real_evaluate(*a, **kw))
     posttrain(str(out), dataclasses.replace(toy_plan(sft), task_samples=3))
-    assert sorted(os.path.basename(p) for p in evaluated) == sorted(os.listdir(out / "eval")) and len(evaluated) == 8
-    for slug in os.listdir(out / "eval"):
+    models = sorted(set(os.listdir(out / "eval")) - {"reasoning-budget"})
+    assert sorted(os.path.basename(p) for p in evaluated) == models and len(evaluated) == 8
+    for slug in models:
         assert json.loads((out / "eval" / slug / "tasks.json").read_text())["run"]["settings"]["samples"] == 3
 
     # The run folder moved elsewhere: a fifth run there trains nothing, evaluates nothing, reports the same.

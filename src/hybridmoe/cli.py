@@ -43,6 +43,16 @@ def device(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def reasoning_budgets(text: str) -> list[int | None]:
+    """An argparse type: "0,4,none" -> [0, 4, None] (`hybridmoe.eval.budget.parse_budgets`)."""
+    from .eval.budget import parse_budgets
+
+    try:
+        return parse_budgets(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _parse_overrides(pairs: list[str]) -> dict:
     """key=value pairs; values are read as JSON when they parse (numbers, true/false, null, lists), else strings."""
     out = {}
@@ -277,7 +287,11 @@ def cmd_posttrain(args) -> int:
     plan = PostPlan(minutes=args.minutes, init_from=args.init_from, size=args.size, overrides=tuple(args.overrides),
                     compare=not args.no_compare, seed=args.seed,
                     **({"recipes": args.recipes} if args.recipes else {}),
-                    **({"task_samples": args.samples} if args.samples else {}))  # fmt: skip
+                    **({"task_samples": args.samples} if args.samples else {}),
+                    **({"budgets": () if args.no_budget_sweep else tuple(args.budgets)}
+                       if args.budgets or args.no_budget_sweep else {}),
+                    **({"budget_domains": tuple(d.strip() for d in args.budget_domains.split(",") if d.strip())}
+                       if args.budget_domains else {}))  # fmt: skip
     posttrain(out_dir=args.out, plan=plan, command=" ".join(["hybridmoe", *sys.argv[1:]]))
     return 0
 
@@ -595,6 +609,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=positive_int, help="held-out tasks per domain in the evaluations (default 200)")
     p.add_argument("--no-compare", action="store_true", help="skip continuing RL for MOPD's student-sampled tokens")
     p.add_argument("--seed", type=int, default=0, help="train.seed of every stage (prompt order, sampling)")
+    p.add_argument("--budgets", type=reasoning_budgets, help="reasoning budgets the MOPD student is evaluated at, "
+                   "thinking tokens per turn (default 0,4,8,16,32,64,none; none: no budget)")  # fmt: skip
+    p.add_argument("--budget-domains", help="the two (or more) domains of the budget sweep, comma-separated "
+                   "(default: calculator,retrieval where the recipes cover them)")  # fmt: skip
+    p.add_argument("--no-budget-sweep", action="store_true", help="skip the MOPD student's reasoning-budget sweep")
     p.add_argument("overrides", nargs="*", help="recipe keys for every stage, e.g. rl.max_new_tokens=96 (distill.* "
                                                 "for MOPD only)")  # fmt: skip
     p.set_defaults(func=cmd_posttrain)

@@ -15,8 +15,12 @@ teachers, multi-teacher on-policy distillation), on the recipes in recipes/ (`si
 6. evaluate      the same held-out tasks (`hybridmoe.eval.tasks`, greedy, reasoning on) of every domain the
                  environments cover, for the SFT model, each teacher (on its own domains), the RL student, the MOPD
                  student and the continued RL student
-7. report        report.md, posttrain.json, posttrain.png (accuracy per domain, one bar per model) and
-                 mopd-vs-rl.png (training reward against student-sampled tokens) in the run directory
+7. budget        the MOPD student, the final model, against the reasoning budget (`hybridmoe.eval.budget`): the
+                 held-out tasks of two domains (`budget_domains`) once per budget, `</think>` forced at the budget as
+                 `hybridmoe serve` forces it for a request's `reasoning_budget`, and once with reasoning off
+8. report        report.md, posttrain.json, posttrain.png (accuracy per domain, one bar per model), mopd-vs-rl.png
+                 (training reward against student-sampled tokens) and reasoning-budget.png (accuracy against budget)
+                 in the run directory
 
 Recovery per domain is the reference's measure (the Ultra report's "recovery": the student's gain over the teacher's
 gain), taken from the common starting point, the SFT model: (MOPD - SFT) / (teacher - SFT), defined only where the
@@ -28,15 +32,16 @@ stage's deadline set when it starts from the time left, so what one stage leaves
 A stage stops cleanly at its deadline with a checkpoint (`train.time_limit_s`) and always runs at least one step;
 it plans its recipe's `train.steps` (an override raises them), fewer when its share does not fit them at the step
 times measured so far, and a budget larger than the recipes need leaves the time unused. Every evaluation gets a
-deadline too (its share of the evaluation time by domains; answers not finished by then are left out and counted).
+deadline too (its share of the evaluation time by domains, the budget sweep's passes counted as domains evaluated;
+answers not finished by then are left out and counted).
 
 Resuming: every stage writes `<stage>/stage.json` when it ends (all its steps, or its deadline); a stage with one is
-never run again, and an evaluation whose `tasks.json` holds every answer is read back (one cut at its deadline
-runs again). Run the same command (same `--out`) again after a crash or Ctrl-C: a stage that was interrupted resumes
-from its newest checkpoint with the step count it first planned (`planned.json`), and the stages and evaluations left
-share the new invocation's budget. A resumed run must start from the same SFT model (`run.json` records it).
-Records name the run's own checkpoints relative to its folder, so a run folder moved or copied elsewhere resumes
-there as it was.
+never run again, and an evaluation whose `tasks.json` holds every answer is read back (one cut at its deadline runs
+again; the budget sweep keeps each complete pass in eval/reasoning-budget/budget.json). Run the same command (same
+`--out`) again after a crash or Ctrl-C: a stage that was interrupted resumes from its newest checkpoint with the
+step count it first planned (`planned.json`), and the stages and evaluations left share the new invocation's budget.
+A resumed run must start from the same SFT model (`run.json` records it). Records name the run's own checkpoints
+relative to its folder, so a run folder moved or copied elsewhere resumes there as it was.
 """
 
 from __future__ import annotations
@@ -79,7 +84,7 @@ class PostPlan:
     overrides: tuple[str, ...] = ()  # recipe keys for every stage's recipe (distill.* for MOPD's only)
     compare: bool = True  # also continue RL on the student for MOPD's student-sampled tokens
     base_share: float = 0.5  # of the budget, for pretraining + long context + SFT when init_from is None
-    eval_share: float = 0.12  # of the time after the base, for the task evaluations
+    eval_share: float = 0.16  # of the time after the base, for the task evaluations and the budget sweep
     report_reserve_s: float = 15.0  # kept at the end for the report and charts
     # shares of the training time; a teacher trains one group, the student all of them
     teacher_share: float = 0.15  # each
@@ -93,6 +98,10 @@ class PostPlan:
     task_max_new_tokens: int = 128
     task_difficulty: int = 1
     eval_max_num_seqs: int = 48
+    # the MOPD student against the reasoning budget; budgets empty: no sweep
+    budget_domains: tuple[str, ...] | None = None  # None: calculator and retrieval where covered, else the first two
+    budgets: tuple[int | None, ...] = (0, 4, 8, 16, 32, 64, None)  # thinking tokens per turn; None: no budget
+    budget_samples: int = 100  # held-out tasks per domain and budget
     overlap_seeds: int = 2000  # training seeds compared with the held-out prompts (the speedrun's SFT data)
     seed: int = 0
 
@@ -189,6 +198,27 @@ def load_recipes(plan: PostPlan) -> Recipes:
     return recipes
 
 
+def budget_domains(plan: PostPlan, domains: dict[str, str | None]) -> list[str]:
+    """The domains the reasoning-budget sweep runs on: the plan's (each one the environments cover), else calculator
+    and retrieval where the environments cover them (tool use and search, where the reasoning has work to do), topped
+    up with the first domains to two. Empty when the plan has no budgets."""
+    from .eval.budget import check_budgets
+
+    if not plan.budgets:
+        return []
+    check_budgets(plan.budgets)
+    if plan.budget_samples < 1:
+        raise ValueError(f"budget_samples must be >= 1 task per domain, got {plan.budget_samples}")
+    if plan.budget_domains is not None:
+        unknown = [d for d in plan.budget_domains if d not in domains]
+        if unknown or not plan.budget_domains:
+            raise ValueError(f"reasoning-budget domains {list(plan.budget_domains)}: each must be a domain the "
+                             f"environments cover ({', '.join(domains)})")  # fmt: skip
+        return list(plan.budget_domains)
+    chosen = [d for d in ("calculator", "retrieval") if d in domains]
+    return chosen + [d for d in domains if d not in chosen][: max(0, 2 - len(chosen))]
+
+
 # ---------------------------------------------------------------------------------------------- the pipeline
 
 
@@ -200,6 +230,7 @@ def posttrain(out_dir: str | None = None, plan: PostPlan | None = None, command:
     t_start = time.monotonic()
     end = t_start + plan.minutes * 60
     recipes = load_recipes(plan)  # bad recipes, and a bad init_from below, fail before anything is written
+    sweep_domains = budget_domains(plan, recipes.domains())
     given = resolve_init(plan.init_from) if plan.init_from else None
     out = os.path.abspath(out_dir or time.strftime("posttrain-%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
@@ -244,6 +275,11 @@ def posttrain(out_dir: str | None = None, plan: PostPlan | None = None, command:
         models.append(("RL student, continued", "rl-continued", stages["rl-continued"]["checkpoint"], list(domains)))
     results = {}
     finished = {slug: _read_eval(out, slug, plan, ckpt, doms) for _, slug, ckpt, doms in models}
+    mopd_ckpt = stages["mopd"]["checkpoint"]
+    sweep = _read_sweep(out, plan, mopd_ckpt, sweep_domains) if sweep_domains else None
+    # the sweep's weight in the evaluation time: its passes as domains evaluated on task_samples tasks
+    sweep_weight = 0.0 if not sweep_domains or _sweep_done(sweep) else \
+        len(sweep_domains) * (len(plan.budgets) + 1) * plan.budget_samples / plan.task_samples  # fmt: skip
     for i, (label, slug, ckpt, doms) in enumerate(models):
         path = os.path.join(out, "eval", slug)
         if not doms:
@@ -251,12 +287,17 @@ def posttrain(out_dir: str | None = None, plan: PostPlan | None = None, command:
         if finished[slug] is not None:
             results[label] = finished[slug]
             continue
-        weight = sum(len(m[3]) for m in models[i:] if finished[m[1]] is None)
+        weight = sum(len(m[3]) for m in models[i:] if finished[m[1]] is None) + sweep_weight
         until = time.monotonic() + max(0.0, eval_end - time.monotonic()) * len(doms) / max(1, weight)
         print(f"\n== evaluate {label} ({time.monotonic() - t_start:.0f}s elapsed) ==", flush=True)
         results[label] = _evaluate(plan, ckpt, doms, path, until, label=_in_run(out, ckpt))
+    if sweep_domains and not _sweep_done(sweep):
+        print(f"\n== reasoning budget: the MOPD student on {', '.join(sweep_domains)} "
+              f"({time.monotonic() - t_start:.0f}s elapsed) ==", flush=True)  # fmt: skip
+        sweep = _sweep(out, plan, mopd_ckpt, sweep_domains, sweep, eval_end)
 
-    return _write_report(out, plan, recipes, sft, stages, models, results, time.monotonic() - t_start, command)
+    return _write_report(out, plan, recipes, sft, stages, models, results, time.monotonic() - t_start, command,
+                         sweep)  # fmt: skip
 
 
 def _check_run(out: str, plan: PostPlan) -> None:
@@ -444,6 +485,67 @@ def _read_eval(out: str, slug: str, plan: PostPlan, ckpt: str, domains: list[str
     return None if run.get("not_evaluated") else result
 
 
+def _sweep_settings(out: str, plan: PostPlan, ckpt: str) -> dict:
+    """What a budget sweep records beyond its tasks' settings, to tell whether a saved one is this plan's."""
+    return {"checkpoint": _in_run(out, ckpt), "budgets": list(plan.budgets)}
+
+
+def _sweep_tasks(plan: PostPlan) -> dict:
+    """The task settings of the sweep's passes (the main evaluations' but for the number of tasks)."""
+    return {"difficulty": plan.task_difficulty, "max_new_tokens": plan.task_max_new_tokens, "overlap_seeds": 0}
+
+
+def _read_sweep(out: str, plan: PostPlan, ckpt: str, domains: list[str]) -> dict | None:
+    """The saved sweep (eval/reasoning-budget/budget.json) when it is of this checkpoint and these budgets (its
+    complete passes are then kept; `sweep_reasoning_budget` also checks the tasks' settings), else None."""
+    path = os.path.join(out, "eval", "reasoning-budget", "budget.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        saved = json.load(fh)
+    want = {"domains": list(domains), "samples": plan.budget_samples, **_sweep_tasks(plan)}
+    if saved.get("run") != _sweep_settings(out, plan, ckpt) or saved.get("settings") != want:
+        print(f"{path}: a sweep of another model or with other settings; sweeping again", flush=True)
+        return None
+    return saved
+
+
+def _sweep_done(sweep: dict | None) -> bool:
+    """Every pass of the plan ran and none was cut (budgets of another plan make _read_sweep return None)."""
+    return bool(sweep) and not sweep["not_evaluated"] and len(sweep["passes"]) == len(sweep["run"]["budgets"]) + 1
+
+
+def _sweep(out: str, plan: PostPlan, ckpt: str, domains: list[str], previous: dict | None, deadline: float) -> dict:
+    """The MOPD student against the reasoning budget on `domains`, greedy, each complete pass saved as it ends."""
+    from .eval.budget import plot_budget, sweep_reasoning_budget
+    from .serve.load import load_model
+
+    path = os.path.join(out, "eval", "reasoning-budget")
+    os.makedirs(path, exist_ok=True)
+    run = _sweep_settings(out, plan, ckpt)
+
+    def save(result):
+        atomic_write_text(os.path.join(path, "budget.json"), json.dumps(result | {"run": run}, indent=1))
+
+    model, tok = load_model(ckpt)
+    result = sweep_reasoning_budget(
+        model, tok, domains, plan.budget_samples, list(plan.budgets), deadline=deadline, previous=previous,
+        on_pass=save, max_num_seqs=plan.eval_max_num_seqs,
+        max_model_len=min(2048, model.config.max_position_embeddings), **_sweep_tasks(plan),
+    )  # fmt: skip
+    result |= {"run": run}
+    save(result)
+    plot_budget(result, os.path.join(out, "reasoning-budget.png"),
+                f"hybridmoe posttrain: the MOPD student against the reasoning budget ({plan.budget_samples} tasks "
+                "per domain)")  # fmt: skip
+    for d in domains:
+        points = ", ".join(f"{'none' if c['budget'] is None else c['budget']}: "
+                           + ("n/a" if c["accuracy"] is None else f"{100 * c['accuracy']:.1f}%")
+                           for c in result["curves"][d])  # fmt: skip
+        print(f"{d}: {points}", flush=True)
+    return result
+
+
 # ---------------------------------------------------------------------------------------------- the report
 
 
@@ -512,7 +614,7 @@ def recovery_summary(rows: dict[str, dict]) -> str:
     )
 
 
-def _write_report(out, plan, recipes, sft, stages, models, results, total_s, command) -> str:
+def _write_report(out, plan, recipes, sft, stages, models, results, total_s, command, sweep=None) -> str:
     import torch
 
     from .eval.tasks import _bar_chart
@@ -625,12 +727,15 @@ def _write_report(out, plan, recipes, sft, stages, models, results, total_s, com
             f"![MOPD vs RL]({os.path.basename(curves)})" if curves else "No steps logged.",
             "",
         ]
+    if sweep is not None:
+        lines += _budget_section(plan, sweep)
     lines += [
         "## Files",
         "",
         "- `teacher-GROUP/`, `rl-student/`, `mopd/`, `rl-continued/`: each stage's log.jsonl, checkpoints, "
         "stage.json (its record) and planned.json",
-        "- `eval/NAME/`: tasks.md, tasks.json (every answer), tasks.png per model; `posttrain.json`: the tables above",
+        "- `eval/NAME/`: tasks.md, tasks.json (every answer), tasks.png per model; `eval/reasoning-budget/budget.json`"
+        ": the budget sweep; `posttrain.json`: the tables above",
         "",
     ]
     path = os.path.join(out, "report.md")
@@ -642,10 +747,37 @@ def _write_report(out, plan, recipes, sft, stages, models, results, total_s, com
                                 "not_evaluated": results[label].run.get("not_evaluated", 0)}
                         for label, slug, ckpt, doms in models if label in results},
         "comparison": comparison,
+        "reasoning_budget": None if sweep is None else {
+            "checkpoint": sweep["run"]["checkpoint"], "settings": sweep["settings"], "curves": sweep["curves"],
+            "reasoning_off": sweep["reasoning_off"], "not_evaluated": sweep["not_evaluated"]},
     }  # fmt: skip
     atomic_write_text(os.path.join(out, "posttrain.json"), json.dumps(record, indent=1))
     print(f"\nreport: {path}", flush=True)
     return path
+
+
+def _budget_section(plan: PostPlan, sweep: dict) -> list[str]:
+    """report.md's reasoning-budget section: the table, what was cut, the chart."""
+    from .eval.budget import budget_table
+
+    domains = list(sweep["curves"])
+    lines = [
+        "## The MOPD student against the reasoning budget",
+        "",
+        f"The final model on {plan.budget_samples} held-out tasks of {' and '.join(domains)} (greedy), once per "
+        "budget with reasoning on: `</think>` is forced once the turn has that many thinking tokens, as `hybridmoe "
+        "serve` does for a request's `reasoning_budget` (each turn of a tool-using answer is its own request, so the "
+        'budget caps a turn); "none" is no budget, and one pass has reasoning off (an empty thinking block). The '
+        "largest thinking of any one turn shows the budget held.",
+        "",
+        *budget_table(sweep),
+        "",
+    ]
+    cut = [p for p in sweep["passes"] if p["not_evaluated"]]
+    if cut:
+        lines += ["Cut at the evaluation deadline (left out, not counted as wrong): " + ", ".join(
+            f"budget {p['budget']} {p['not_evaluated']} answers" for p in cut) + ".", ""]  # fmt: skip
+    return lines + ["![accuracy against reasoning budget](reasoning-budget.png)", ""]
 
 
 def _mean_of(rows: dict, key: str) -> float | None:
