@@ -536,7 +536,7 @@ def _sweep(out: str, plan: PostPlan, ckpt: str, domains: list[str], previous: di
     result |= {"run": run}
     save(result)
     plot_budget(result, os.path.join(out, "reasoning-budget.png"),
-                f"hybridmoe posttrain: the MOPD student against the reasoning budget ({plan.budget_samples} tasks "
+                f"posttrain: the MOPD student against the reasoning budget ({plan.budget_samples} tasks "
                 "per domain)")  # fmt: skip
     for d in domains:
         points = ", ".join(f"{'none' if c['budget'] is None else c['budget']}: "
