@@ -132,8 +132,9 @@ def test_the_budget_sweep_domains():
         "retrieval", "arithmetic"]  # fmt: skip
     assert budget_domains(PostPlan(budget_domains=("word_problems",)), domains) == ["word_problems"]
     assert budget_domains(PostPlan(budgets=()), domains) == []  # no sweep
-    with pytest.raises(ValueError, match="strings.*environments cover"):
-        budget_domains(PostPlan(budget_domains=("strings",)), domains)
+    for bad in (("strings",), ("calculator", "calculator"), ()):  # checked before any training starts
+        with pytest.raises(ValueError, match="environments cover.*listed once"):
+            budget_domains(PostPlan(budget_domains=bad), domains)
     with pytest.raises(ValueError, match="twice"):
         budget_domains(PostPlan(budgets=(4, 4)), domains)
     with pytest.raises(ValueError, match="budget_samples"):

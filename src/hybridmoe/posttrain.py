@@ -211,9 +211,9 @@ def budget_domains(plan: PostPlan, domains: dict[str, str | None]) -> list[str]:
         raise ValueError(f"budget_samples must be >= 1 task per domain, got {plan.budget_samples}")
     if plan.budget_domains is not None:
         unknown = [d for d in plan.budget_domains if d not in domains]
-        if unknown or not plan.budget_domains:
+        if unknown or not plan.budget_domains or len(set(plan.budget_domains)) != len(plan.budget_domains):
             raise ValueError(f"reasoning-budget domains {list(plan.budget_domains)}: each must be a domain the "
-                             f"environments cover ({', '.join(domains)})")  # fmt: skip
+                             f"environments cover ({', '.join(domains)}), listed once")  # fmt: skip
         return list(plan.budget_domains)
     chosen = [d for d in ("calculator", "retrieval") if d in domains]
     return chosen + [d for d in domains if d not in chosen][: max(0, 2 - len(chosen))]
