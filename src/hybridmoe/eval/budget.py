@@ -99,7 +99,6 @@ def sweep_reasoning_budget(
         kept = {_key(p): p for p in previous.get("passes", []) if not p["not_evaluated"]}
     plan = [(b, "on") for b in budgets] + [(OFF, "off")]
     passes = []
-    result = _assemble(recorded, passes, names)
     for i, (budget, mode) in enumerate(plan):
         if (budget, mode) in kept:
             passes.append(kept[(budget, mode)])
