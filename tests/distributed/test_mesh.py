@@ -64,11 +64,14 @@ def _failing_worker(rank, world, store, out_dir):
     from hybridmoe.distributed import teardown
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    done = os.path.join(out_dir, "left")
-    if rank == 1:  # this rank raised: it leaves without waiting for rank 0 at a barrier
+    done, ready = os.path.join(out_dir, "left"), os.path.join(out_dir, "ready")
+    if rank == 1:  # this rank raised: it leaves without waiting for rank 0 at a barrier, once rank 0's connections
+        while not os.path.exists(ready):  # are up (leaving earlier fails rank 0's init: "connectFullMesh failed")
+            time.sleep(0.05)
         teardown(failed=True)
         open(done, "w").close()
     else:  # rank 0 is busy elsewhere (here: waiting for rank 1 to have left) and never reaches a barrier first
+        open(ready, "w").close()
         while not os.path.exists(done):
             time.sleep(0.05)
         teardown(failed=True)
