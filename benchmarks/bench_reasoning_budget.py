@@ -21,19 +21,13 @@ import time
 
 import torch
 
-from hybridmoe.eval.budget import budget_label, parse_budgets, plot_budget, sweep_reasoning_budget
+from hybridmoe.cli import reasoning_budgets
+from hybridmoe.eval.budget import budget_label, plot_budget, sweep_reasoning_budget
 from hybridmoe.eval.tasks import resolve_domains
 from hybridmoe.serve.load import load_engine
 from hybridmoe.utils import atomic_write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def budgets(text: str) -> list[int | None]:
-    try:
-        return parse_budgets(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main():
@@ -42,7 +36,7 @@ def main():
     p.add_argument("--domains", default="word_problems,strings", help="task domains, comma-separated")
     p.add_argument("--samples", type=int, default=40, help="held-out tasks per domain")
     p.add_argument("--offset", type=int, default=0, help="first held-out seed")
-    p.add_argument("--budgets", type=budgets, default=budgets("0,4,8,16,32,64,none"))
+    p.add_argument("--budgets", type=reasoning_budgets, default=reasoning_budgets("0,4,8,16,32,64,none"))
     p.add_argument("--max-new-tokens", type=int, default=128, help="per answer (reasoning and answer together)")
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=2048)

@@ -517,7 +517,7 @@ def _sweep_done(sweep: dict | None) -> bool:
 
 def _sweep(out: str, plan: PostPlan, ckpt: str, domains: list[str], previous: dict | None, deadline: float) -> dict:
     """The MOPD student against the reasoning budget on `domains`, greedy, each complete pass saved as it ends."""
-    from .eval.budget import plot_budget, sweep_reasoning_budget
+    from .eval.budget import budget_label, plot_budget, sweep_reasoning_budget
     from .serve.load import load_model
 
     path = os.path.join(out, "eval", "reasoning-budget")
@@ -539,7 +539,7 @@ def _sweep(out: str, plan: PostPlan, ckpt: str, domains: list[str], previous: di
                 f"posttrain: the MOPD student against the reasoning budget ({plan.budget_samples} tasks "
                 "per domain)")  # fmt: skip
     for d in domains:
-        points = ", ".join(f"{'none' if c['budget'] is None else c['budget']}: "
+        points = ", ".join(f"{budget_label(c['budget'])}: "
                            + ("n/a" if c["accuracy"] is None else f"{100 * c['accuracy']:.1f}%")
                            for c in result["curves"][d])  # fmt: skip
         print(f"{d}: {points}", flush=True)
