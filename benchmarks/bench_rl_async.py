@@ -7,6 +7,11 @@ trainer steps). Same environments, prompts, group size, learning rate and seed. 
 trajectories trained on / the wall time of the steps (the log's step_s, the first step, which starts the engine or
 the worker, left out). Writes benchmarks/results/rl-async.json and benchmarks/rl-async.png (both reward curves).
 
+`--repeats N` runs N such pairs, in alternating order (sync first, then async first, ...): the same synchronous run
+(deterministic: the same samples every time) took from 1.41 to 1.72 s a step on one 2-core VM, so one pair can be off
+by the machine's drift. The speedup printed and saved is the pooled one (all pairs' trajectories over their seconds,
+per mode), with each pair's beside it.
+
 `--bound` runs the synchronous stage once more on one thread and splits every step into generation (the log's
 rollout_s) and the rest (step_s - rollout_s: forward, backward, optimizer, weights to the engine). With G1, T1 the
 one-thread seconds of a step's generation and training and G2, T2 the two-thread ones, no schedule of the same work
@@ -24,6 +29,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
@@ -83,6 +89,9 @@ def main():
         action="store_true",
         help="also run the synchronous stage on 1 thread: the most asynchronous rollouts can gain here",
     )
+    p.add_argument("--repeats", type=int, default=1,
+                   help="sync/async pairs, run in alternating order (the machine's speed drifts between runs); the "
+                        "speedup is the pooled one, trajectories over seconds of all pairs")  # fmt: skip
     p.add_argument("--out", default=os.path.join(HERE, "results", "rl-async.json"))
     a = p.parse_args()
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -99,39 +108,32 @@ def main():
     }
     tmp = tempfile.mkdtemp(prefix="bench-rl-async-")
     try:
-        for mode in ("sync", "async") + (("sync-1thread",) if a.bound else ()):
-            out_dir = os.path.join(tmp, mode)
-            threads = torch.get_num_threads()
-            if mode == "async" and a.async_trainer_threads:
-                torch.set_num_threads(a.async_trainer_threads)
-            if mode == "sync-1thread":
-                torch.set_num_threads(1)
-            t0 = time.perf_counter()
-            rl(recipe(a.init, out_dir, a, mode.split("-")[0]))
-            wall = time.perf_counter() - t0
-            trainer_threads = torch.get_num_threads()
-            torch.set_num_threads(threads)
-            steps = [r for r in read_log(os.path.join(out_dir, "log.jsonl")) if "loss" in r]
-            timed = steps[1:]
-            trajectories = sum(r["trajectories"] for r in timed)
-            seconds = sum(r["step_s"] for r in timed)
-            result["runs"][mode] = {
-                "trajectories_per_s": trajectories / seconds, "steps": len(steps), "wall_s": wall,
-                "mean_step_s": seconds / len(timed), "trainer_threads": trainer_threads,
-                "mean_rollout_s": sum(r["rollout_s"] for r in timed) / len(timed),
-                "staleness_max": max(r["staleness_max"] for r in steps),
-                "staleness_mean": sum(r["staleness_mean"] for r in steps) / len(steps),
-                "reward": [r["reward"] for r in steps],
-            }  # fmt: skip
-            print(f"{mode:5s}: {trajectories / seconds:.2f} trajectories/s ({seconds / len(timed):.1f}s per step after "
-                  f"the first), staleness max {result['runs'][mode]['staleness_max']}", flush=True)  # fmt: skip
+        result["repeats"] = []
+        for i in range(a.repeats):
+            # alternate the order, so that a drift in the machine's speed does not favour one mode
+            order = ("sync", "async") if i % 2 == 0 else ("async", "sync")
+            pair = {mode: run_mode(a, mode, os.path.join(tmp, f"{mode}-{i}")) for mode in order}
+            result["repeats"].append(pair)
+            if i == 0:
+                result["runs"] = {mode: pair[mode] for mode in ("sync", "async")}
+            ratio = pair["async"]["trajectories_per_s"] / pair["sync"]["trajectories_per_s"]
+            print(f"repeat {i + 1}: async / sync {ratio:.2f}x", flush=True)
+        if a.bound:
+            result["runs"]["sync-1thread"] = run_mode(a, "sync-1thread", os.path.join(tmp, "sync-1thread"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    s, y = result["runs"]["sync"], result["runs"]["async"]
-    result["speedup"] = y["trajectories_per_s"] / s["trajectories_per_s"]
-    print(f"async / sync: {result['speedup']:.2f}x trajectories per second")
+    ratios = [p["async"]["trajectories_per_s"] / p["sync"]["trajectories_per_s"] for p in result["repeats"]]
+    pooled = {mode: sum(p[mode]["trajectories"] for p in result["repeats"])
+              / sum(p[mode]["seconds"] for p in result["repeats"]) for mode in ("sync", "async")}  # fmt: skip
+    result["speedup"] = pooled["async"] / pooled["sync"]
+    result["speedups"] = ratios
+    result["speedup_median"] = statistics.median(ratios)
+    print(
+        f"async / sync: {result['speedup']:.2f}x trajectories per second ({pooled['async']:.2f} / "
+        f"{pooled['sync']:.2f}, over {a.repeats} pair(s); per pair {', '.join(f'{r:.2f}x' for r in ratios)})"
+    )
     if a.bound:
-        result["bound"] = bound(s, result["runs"]["sync-1thread"])
+        result["bound"] = bound(result["runs"]["sync"], result["runs"]["sync-1thread"])
         b = result["bound"]
         print(f"per step, generation / rest: {b['G2']:.2f} / {b['T2']:.2f} s on 2 threads, {b['G1']:.2f} / "
               f"{b['T1']:.2f} s on 1 thread; async can gain at most {b['any_schedule']:.2f}x on these 2 cores, "
@@ -140,6 +142,38 @@ def main():
     with open(a.out, "w") as fh:
         json.dump(result, fh, indent=1)
     plot(result, os.path.join(HERE, os.path.basename(a.out).replace(".json", ".png")))
+
+
+def run_mode(a, mode: str, out_dir: str) -> dict:
+    """One RL run from a.init in `mode` (sync, async or sync-1thread) and its figures over the steps after the first."""
+    threads = torch.get_num_threads()
+    if mode == "async" and a.async_trainer_threads:
+        torch.set_num_threads(a.async_trainer_threads)
+    if mode == "sync-1thread":
+        torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    try:
+        rl(recipe(a.init, out_dir, a, mode.split("-")[0]))
+    finally:
+        wall = time.perf_counter() - t0
+        trainer_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+    steps = [r for r in read_log(os.path.join(out_dir, "log.jsonl")) if "loss" in r]
+    timed = steps[1:]
+    trajectories = sum(r["trajectories"] for r in timed)
+    seconds = sum(r["step_s"] for r in timed)
+    run = {
+        "trajectories_per_s": trajectories / seconds, "trajectories": trajectories, "seconds": seconds,
+        "steps": len(steps), "wall_s": wall, "mean_step_s": seconds / len(timed), "trainer_threads": trainer_threads,
+        "mean_rollout_s": sum(r["rollout_s"] for r in timed) / len(timed),
+        "staleness_max": max(r["staleness_max"] for r in steps),
+        "staleness_mean": sum(r["staleness_mean"] for r in steps) / len(steps),
+        "reward": [r["reward"] for r in steps],
+    }  # fmt: skip
+    print(f"{mode:5s}: {trajectories / seconds:.2f} trajectories/s ({seconds / len(timed):.2f}s per step after the "
+          f"first, {run['mean_rollout_s']:.2f}s of it generating or waiting), staleness max {run['staleness_max']}",
+          flush=True)  # fmt: skip
+    return run
 
 
 def bound(two: dict, one: dict) -> dict:

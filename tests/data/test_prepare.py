@@ -24,7 +24,7 @@ from hybridmoe.data.sources import (
     iter_documents,
     split_file,
 )
-from hybridmoe.data.tokenizer import CHAT_TOKENS, SPECIAL_TOKENS, load_tokenizer, train_tokenizer
+from hybridmoe.data.tokenizer import CHAT_TOKENS, SPECIAL_TOKENS, load_tokenizer, token_id, train_tokenizer
 
 ROUND_TRIP_TEXTS = [
     "Hello, world! The quick brown fox jumps over the lazy dog.",
@@ -185,6 +185,19 @@ def test_tokenizer_round_trips_and_keeps_special_tokens(tokenizer_dir):
     assert rendered == (  # the Nemotron 3 chat format; reasoning on by default
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n"
     )
+
+
+def test_token_id_finds_a_token_without_the_vocabulary_dict(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    vocab = tok.get_vocab()
+    for token in [*CHAT_TOKENS, "<think>", "</s>", next(t for t in vocab if t not in SPECIAL_TOKENS)]:
+        assert token_id(tok, token) == vocab[token]
+    assert token_id(tok, "<not-a-token>") is None
+    tok.add_special_tokens({"unk_token": "<unk>"})  # a tokenizer with an unknown token maps misses to it
+    assert tok.convert_tokens_to_ids("<not-a-token>") == tok.unk_token_id
+    assert token_id(tok, "<not-a-token>") is None and token_id(tok, "<unk>") == tok.unk_token_id
 
 
 def test_load_tokenizer_requires_eos(tmp_path, tokenizer_dir):

@@ -16,7 +16,9 @@ import torch
 from hybridmoe import HybridMoEConfig, HybridMoEForCausalLM
 from hybridmoe.cache import MambaState
 from hybridmoe.serve import AdmissionError, Engine, SamplingParams
+from hybridmoe.serve import engine as engine_module
 from hybridmoe.serve.engine import SlotPool
+from hybridmoe.serve.sampling import SamplingError, batchable, sample, sample_rows, token_logprob
 
 VOCAB = 512
 
@@ -338,3 +340,97 @@ def test_sampling_params_are_validated():
         with pytest.raises(ValueError):
             SamplingParams(**bad)
     assert SamplingParams(stop="x").stop == ["x"]
+
+
+# ---------------------------------------------------------------------------------------------- shared work
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0, logprobs=0),
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.7, logprobs=0),
+        SamplingParams(temperature=0.7, logprobs=0, logprobs_mode="processed_logprobs"),
+    ],
+    ids=["greedy", "t1", "t0.7-raw", "t0.7-processed"],
+)
+def test_sample_rows_draws_what_sampling_row_by_row_draws(params):
+    logits = torch.randn(6, VOCAB, generator=torch.Generator().manual_seed(5)) * 3
+    batched, alone = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    tokens, logprobs = sample_rows(logits, params, batched)
+    expected = [sample(row, params, alone) for row in logits]
+    assert tokens == expected
+    if params.logprobs is None:
+        assert logprobs is None
+    else:
+        want = [token_logprob(row, t, 0, params).logprob for row, t in zip(logits, expected)]
+        assert max(abs(a - b) for a, b in zip(logprobs, want)) <= 1e-6
+    assert torch.equal(torch.rand(3, generator=batched), torch.rand(3, generator=alone))  # as many draws made
+
+
+def test_sample_rows_refuses_a_row_it_cannot_sample_and_draws_nothing():
+    logits = torch.randn(3, VOCAB)
+    logits[1] = float("nan")
+    g = torch.Generator().manual_seed(2)
+    for params in (SamplingParams(temperature=0), SamplingParams(temperature=0.9)):
+        with pytest.raises(SamplingError):
+            sample_rows(logits, params, g)
+    assert torch.equal(torch.rand(3, generator=g), torch.rand(3, generator=torch.Generator().manual_seed(2)))
+    assert not batchable(SamplingParams(top_k=5)) and not batchable(SamplingParams(top_p=0.9))
+    assert not batchable(SamplingParams(logprobs=2)) and batchable(SamplingParams(logprobs=0))
+
+
+def test_batched_sampling_in_the_engine_equals_sampling_row_by_row(monkeypatch):
+    """Decoded rows that share their params draw from the engine's generator in one batch: the same tokens and
+    logprobs as row by row (the generator's draws come in the same order)."""
+    prompts = prompts_for([5, 9, 14, 3], seed=12)
+    params = [SamplingParams(temperature=0.8, max_tokens=8, ignore_eos=True, logprobs=0,
+                             logprobs_mode="processed_logprobs")] * 4  # fmt: skip
+
+    def run():
+        out = Engine(model(), max_num_seqs=4, max_model_len=64, seed=7).generate(prompts, params)
+        return [(r.token_ids, [lp.logprob for lp in r.logprobs]) for r in out]
+
+    calls = []
+    real = engine_module.sample_rows
+    monkeypatch.setattr(engine_module, "sample_rows", lambda *a: calls.append(len(a[0])) or real(*a))
+    batched = run()
+    assert calls and max(calls) == 4  # the batch path ran
+    monkeypatch.setattr(engine_module, "batchable", lambda p: False)
+    alone = run()
+    assert [t for t, _ in batched] == [t for t, _ in alone]
+    assert max(abs(a - b) for (_, x), (_, y) in zip(batched, alone) for a, b in zip(x, y)) <= 1e-6
+
+
+def test_requests_with_the_same_prompt_share_its_prefill(monkeypatch):
+    """Requests with one prompt (a GRPO group's samples, n > 1) admitted together: the first prefills it, the others
+    get a copy of its cache, with outputs equal to each prefilling its own. A request asking for prompt logprobs
+    prefills itself; one that ends at its first token (max_tokens=1) frees its slot after the copies."""
+    same, other = prompts_for([21, 6], seed=13)
+    prompts = [same, same, other, same, same, same]
+    params = [greedy(1), greedy(6), greedy(5), SamplingParams(temperature=1.0, max_tokens=7, seed=4, ignore_eos=True),
+              greedy(3, prompt_logprobs=0), SamplingParams(temperature=0.9, max_tokens=5, ignore_eos=True)]  # fmt: skip
+    chunks = []
+    real = Engine._prefill_chunk
+
+    def counting(self, req):
+        chunks.append(req.request_id)
+        return real(self, req)
+
+    monkeypatch.setattr(Engine, "_prefill_chunk", counting)
+
+    def run():
+        chunks.clear()
+        engine = Engine(model(), max_num_seqs=6, max_model_len=64, prefill_chunk=8, seed=3)
+        out = engine.generate(prompts, params)
+        assert engine.num_free_slots == 6
+        return [(r.token_ids, r.finish_reason) for r in out], sorted(set(chunks))
+
+    shared, prefilled = run()
+    assert prefilled == ["req-0", "req-2", "req-4"]  # the leader, the other prompt, the prompt-logprobs request
+    assert shared[0][0] == reference(tuple(same), 1) and shared[1][0] == reference(tuple(same), 6)
+    monkeypatch.setattr(Engine, "_share_prompt", lambda self, leader: [])
+    alone, prefilled = run()
+    assert prefilled == [f"req-{i}" for i in range(6)]
+    assert shared == alone

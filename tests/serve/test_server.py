@@ -23,8 +23,12 @@ import torch
 from hybridmoe import HybridMoEConfig, HybridMoEForCausalLM
 from hybridmoe.data.tokenizer import load_tokenizer, train_tokenizer, vocab_size_of
 from hybridmoe.serve import Engine
+from hybridmoe.serve import worker as worker_module
+from hybridmoe.serve.engine import RequestOutput
 from hybridmoe.serve.protocol import Limits
+from hybridmoe.serve.sampling import TokenLogprob
 from hybridmoe.serve.server import OpenAIServing, ServerThread, build_server
+from hybridmoe.serve.worker import merge_outputs
 
 MODEL = "tiny-test"
 CORPUS = (
@@ -243,6 +247,40 @@ def test_n_choices_per_prompt(client, engine, live):
     assert {c.message.content for c in three.choices} == {one.choices[0].message.content}  # greedy: all alike
     assert three.usage.prompt_tokens == one.usage.prompt_tokens
     assert three.usage.completion_tokens == 3 * one.usage.completion_tokens
+
+
+def test_a_non_streamed_request_reaches_the_event_loop_twice(client, engine, live, monkeypatch):
+    """The engine thread hands a non-streamed request its first output and then one merged output at its end, not
+    one per token (each a wake-up of the event loop); a streamed one gets every token. The texts are the same."""
+    delivered = []
+    real = worker_module._deliver
+    monkeypatch.setattr(worker_module, "_deliver", lambda items: delivered.append(items) or real(items))
+    engine.script = tokens(live, "The quick brown fox jumps over the lazy dog.", end=False)
+    assert len(engine.script) > 5
+    kw = dict(model=MODEL, prompt="What is", max_tokens=5, temperature=0, logprobs=0)
+    whole = client.completions.create(**kw)
+    outputs = [out for items in delivered for _, out in items]
+    assert len(outputs) == 2 and outputs[-1].finished and len(outputs[0].new_token_ids) == 1
+    assert len(outputs[-1].new_token_ids) == len(outputs[-1].new_logprobs) == 4
+    delivered.clear()
+    streamed = list(client.completions.create(**kw, stream=True))
+    assert len([out for items in delivered for _, out in items]) == 5
+    assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
+    lps = [v for c in streamed for v in c.choices[0].logprobs.token_logprobs]
+    assert lps == whole.choices[0].logprobs.token_logprobs
+
+
+def test_merge_outputs_joins_tokens_and_keeps_the_later_state():
+    lp = [TokenLogprob(4, -0.5)], [TokenLogprob(5, -1.5), TokenLogprob(6, -0.1)]
+    a = RequestOutput("r", [4], lp[0], False, None, None, 3, 1, prompt_logprobs=[None, TokenLogprob(2, -2.0)],
+                      weight_version=1)  # fmt: skip
+    b = RequestOutput("r", [5, 6], lp[1], True, "stop", 6, 3, 3, weight_version=1)
+    m = merge_outputs(a, b)
+    assert m.new_token_ids == [4, 5, 6] and m.new_logprobs == lp[0] + lp[1]
+    assert (m.finished, m.finish_reason, m.stop_reason, m.num_generated_tokens) == (True, "stop", 6, 3)
+    assert m.prompt_logprobs == a.prompt_logprobs and m.weight_version == 1
+    none = RequestOutput("r", [7], None, False, None, None, 3, 1)
+    assert merge_outputs(none, dataclasses.replace(none, new_token_ids=[8])).new_logprobs is None
 
 
 # ------------------------------------------------------------------------------------------------ tools

@@ -220,6 +220,46 @@ def test_each_sending_thread_has_its_own_connection(monkeypatch):
     assert len(connections) == len(clients) <= 3 and all(c.is_closed for c in clients)
 
 
+def test_identical_prompts_go_out_as_one_request_with_n():
+    """A GRPO group's k samples of one prompt are one request with n = k (at most max_n), so the server admits them
+    together and prefills the prompt once; the completions come back in the prompts' order."""
+    bodies = []
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self):
+            while body := read_body(self.rfile):
+                bodies.append(body)
+                choices = [{"index": i, "token_ids": [body["prompt"][-1], i], "finish_reason": "length",
+                            "logprobs": {"token_logprobs": [-1.0, -2.0]}, "weight_version": 0}
+                           for i in range(body["n"])]  # fmt: skip
+                answer_with(self.wfile, json.dumps({"choices": choices[::-1]}).encode())  # any order: by index
+
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        generator = HTTPGenerator(f"http://127.0.0.1:{server.server_address[1]}", max_concurrency=2, max_n=3)
+        try:
+            prompts = [[1, 7], [1, 8], [1, 7], [1, 7], [1, 7], [1, 9], [1, 8]]
+            out = generator.generate(prompts, GREEDY)
+        finally:
+            generator.close()
+            server.shutdown()
+    assert sorted((b["prompt"], b["n"]) for b in bodies) == [([1, 7], 1), ([1, 7], 3), ([1, 8], 2), ([1, 9], 1)]
+    assert [c.token_ids for c in out] == [[7, 0], [8, 0], [7, 1], [7, 2], [7, 0], [9, 0], [8, 1]]
+    with pytest.raises(ValueError, match="max_n"):
+        HTTPGenerator("http://127.0.0.1:1", max_n=0)
+
+
+def read_body(rfile) -> dict | None:
+    """One HTTP/1.1 request's JSON body off a raw connection; None when the client closed it."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        byte = rfile.read(1)
+        if not byte:
+            return None
+        head += byte
+    return json.loads(rfile.read(int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))))
+
+
 def test_workers_stop_on_close_on_errors_and_when_a_worker_dies(checkpoint):
     with pytest.raises(KeyError), rollouts(checkpoint) as source:
         processes = [w.process for w in source.workers]

@@ -192,7 +192,15 @@ def test_rl_raises_the_reward(tmp_path, tokenizer_dir, agent):  # noqa: F811
     assert after > before + 0.1, (before, after)  # measured: 0.50 -> 0.66
 
 
-def test_router_frozen_or_not(tmp_path, tokenizer_dir, agent):  # noqa: F811
+def test_router_frozen_or_not(tmp_path, tokenizer_dir, agent, monkeypatch):  # noqa: F811
+    """Frozen: the routers' weights and expert biases stay as they were. Free: every router weight is trained and
+    the bias update runs at balance.bias_update_rate (its result is not compared: a sign update of +rate then -rate
+    in two steps leaves a bias exactly where it was)."""
+    import hybridmoe.train.rl as rl_module
+
+    rates = []
+    real = rl_module.balance_experts
+    monkeypatch.setattr(rl_module, "balance_experts", lambda model, rate: rates.append(rate) or real(model, rate))
     recipe = rl_recipe(tmp_path / "frozen", tokenizer_dir, steps=2, balance={"bias_update_rate": 0.1})
     torch.manual_seed(recipe.train.seed)
     start = build_model(recipe, None).state_dict()
@@ -201,9 +209,13 @@ def test_router_frozen_or_not(tmp_path, tokenizer_dir, agent):  # noqa: F811
     trained = rl(recipe)["model"].state_dict()
     assert all(torch.equal(trained[k], start[k]) for k in routers)
     assert not torch.equal(trained["lm_head.weight"], start["lm_head.weight"])
+    assert rates == [0.0, 0.0]
+    rates.clear()
     free = rl(rl_recipe(tmp_path / "free", tokenizer_dir, steps=2, rl={"freeze_router": False},
                         balance={"bias_update_rate": 0.1}))["model"].state_dict()  # fmt: skip
-    assert all(not torch.equal(free[k], start[k]) for k in routers if not k.startswith("mtp."))  # MTP: unused
+    weights = [k for k in routers if k.endswith(".weight") and not k.startswith("mtp.")]  # MTP: unused
+    assert weights and all(not torch.equal(free[k], start[k]) for k in weights)
+    assert rates == [0.1, 0.1]
 
 
 def test_pass_rate_filter_drops_solved_prompts_once(tmp_path, tokenizer_dir, agent):  # noqa: F811

@@ -360,6 +360,15 @@ def load_tokenizer(path: str | os.PathLike):
     return tokenizer
 
 
+def token_id(tokenizer, token: str) -> int | None:
+    """The id of `token` when the vocabulary has it as one token, else None. Cheaper than `token in
+    tokenizer.get_vocab()`, which builds the whole vocabulary dict on every call (~2 ms for 8k tokens)."""
+    i = tokenizer.convert_tokens_to_ids(token)
+    if i is None or (i == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        return None
+    return i
+
+
 def vocab_size_of(tokenizer) -> int:
     """One more than the largest token id (added tokens included)."""
     return max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data.messages import THINK_END, THINK_START, template_messages
+from ..data.tokenizer import token_id
 
 TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
 TOOL_RESPONSE_START, TOOL_RESPONSE_END = "<tool_response>", "</tool_response>"
@@ -73,7 +74,7 @@ def render_chat(
     Raises ValueError naming the bad message or tool."""
     messages, tools = template_messages(messages, tools)
     source = _template_source(tokenizer)
-    has_think = THINK_START in tokenizer.get_vocab()
+    has_think = token_id(tokenizer, THINK_START) is not None
     kwargs = dict(add_generation_prompt=add_generation_prompt, tokenize=False)
     if "enable_thinking" in source:
         kwargs["enable_thinking"] = reasoning

@@ -25,8 +25,10 @@ def load_model(checkpoint: str, tokenizer: str | None = None, device: str | None
 
 def stop_token_ids(tokenizer) -> list[int]:
     """The tokens that end a generation: the tokenizer's eos and, when it has one, the chat turn end `<|im_end|>`."""
+    from ..data.tokenizer import token_id
+
     eos = {tokenizer.eos_token_id}
-    im_end = tokenizer.get_vocab().get("<|im_end|>")
+    im_end = token_id(tokenizer, "<|im_end|>")
     if im_end is not None:
         eos.add(im_end)
     return sorted(t for t in eos if t is not None)

@@ -175,9 +175,10 @@ class OpenAIServing:
         return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
 
     # ------------------------------------------------------------------ engine requests
-    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, queue, param: str) -> None:
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, queue, param: str,
+               stream: bool) -> None:  # fmt: skip
         try:
-            self.worker.add(request_id, prompt_ids, params, queue)
+            self.worker.add(request_id, prompt_ids, params, queue, stream=stream)
         except ValueError as e:  # the engine's AdmissionError and invalid requests
             raise admission_error(e, param) from e
 
@@ -268,7 +269,7 @@ class OpenAIServing:
                 processors = [ReasoningBudget(budget, self.think_end_id)] if use_budget else []  # one per choice
                 params = self.sampling_params(body, len(prompt.token_ids), max_tokens, choice=i, logprobs=logprobs,
                                               logits_processors=processors)  # fmt: skip
-                self.submit(request_id, prompt.token_ids, params, queue, param="messages")
+                self.submit(request_id, prompt.token_ids, params, queue, param="messages", stream=bool(body.stream))
                 states[request_id] = _ChatState(self, i, chat_id, body.model, prompt.reasoning, parse_tools,
                                                 params.stop, body.tools)  # fmt: skip
         except APIError:
@@ -364,7 +365,7 @@ class OpenAIServing:
                 ids_ = prompts[i // body.n]
                 params = self.sampling_params(body, len(ids_), body.max_tokens, choice=i % body.n,
                                               logprobs=body.logprobs, prompt_logprobs=prompt_logprobs)  # fmt: skip
-                self.submit(request_id, ids_, params, queue, param="prompt")
+                self.submit(request_id, ids_, params, queue, param="prompt", stream=bool(body.stream))
                 states[request_id] = _CompletionState(self, i, ids_, params.stop, body.echo, body.logprobs,
                                                       body.return_token_ids)  # fmt: skip
         except APIError:

@@ -119,6 +119,39 @@ def sample(logits_v: torch.Tensor, params: SamplingParams, generator: torch.Gene
     return int(sample_from(probs, generator))
 
 
+def batchable(params: SamplingParams) -> bool:
+    """Whether `sample_rows` can take a request with these params: no logits processors, top-k or top-p, and no
+    logprob alternatives (the chosen token's alone, or none)."""
+    return not params.logits_processors and not params.top_k and params.top_p >= 1 and not params.logprobs
+
+
+def sample_rows(
+    logits_bv: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> tuple[list[int], list[float] | None]:
+    """`sample`, then (when params.logprobs is 0) `token_logprob`, for every row of `logits_bv` (b, v) of requests
+    sharing `params` (`batchable`) and `generator`: a few batched ops rather than a few per row, which on a CPU cost
+    more than the math for a small model's vocabulary. The rows draw from `generator` in row order, as `sample`
+    called row by row does, so the tokens are the same. Raises SamplingError when any row cannot be sampled (the
+    caller then samples row by row, so that only that row's request fails); nothing is drawn then."""
+    logits_bv = logits_bv.float()
+    if params.greedy:
+        values, tokens = logits_bv.max(-1)
+        if not bool((values > -torch.inf).all()):  # NaN (max propagates it) or a row all -inf
+            raise SamplingError("a row's logits are NaN or all -inf")
+    else:
+        probs = sampling_distribution(logits_bv, params.temperature, None, None)
+        totals = probs.sum(-1)
+        if not bool(((totals > 0) & (totals < torch.inf)).all()):
+            raise SamplingError("a row's sampling distribution is not finite")
+        tokens = sample_from(probs, generator)
+    if params.logprobs is None:
+        return tokens.tolist(), None
+    if params.logprobs_mode == "processed_logprobs" and not params.greedy:
+        logits_bv = logits_bv / params.temperature
+    chosen = torch.log_softmax(logits_bv, dim=-1).gather(-1, tokens[:, None])[:, 0]
+    return tokens.tolist(), chosen.tolist()
+
+
 def prompt_token_logprobs(logits_tv: torch.Tensor, targets: list[int], top_n: int) -> list[TokenLogprob]:
     """The logprob of `targets[i]` under row i of `logits_tv` (t, v) fp32, with the `top_n` most likely tokens of
     each row. In place: the rows become their log_softmax (so a chunk of prompt logits costs no second copy)."""

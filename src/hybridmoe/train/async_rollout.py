@@ -76,12 +76,15 @@ MODEL_NAME = "rollout"  # the served model name of the workers
 class HTTPGenerator:
     """`Generator` over a `hybridmoe serve` (or vLLM) server's `/v1/completions`.
 
-    Each prompt is one request, sent concurrently with the others (at most `max_concurrency` at once). A request
-    the server refuses because the prompt leaves no room to generate (400 context_length_exceeded) gives a
-    Completion with no tokens and finish_reason "length"; one the engine failed on (500 generation_failed) gives
-    finish_reason "error"; both carry the server's current weight version. A full queue (503) is retried, and so is
-    a kept-alive connection the server closed as the request went out (no response at all); any other refusal, or
-    a server that cannot be reached, raises.
+    Each distinct prompt is one request, sent concurrently with the others (at most `max_concurrency` at once);
+    a prompt given k times (the samples of a GRPO group) goes out once with n = k (at most `max_n` per request, the
+    server's choices limit), so the server takes the k samples in together and prefills the prompt once (the
+    engine's prompt sharing). With a seed, choice i samples with seed + i (the server's rule). A request the server
+    refuses because the prompt leaves no room to generate (400 context_length_exceeded) gives Completions with no
+    tokens and finish_reason "length"; one the engine failed on (500 generation_failed, which fails the request's
+    every choice) gives finish_reason "error"; both carry the server's current weight version. A full queue (503)
+    is retried, and so is a kept-alive connection the server closed as the request went out (no response at all);
+    any other refusal, or a server that cannot be reached, raises.
 
     Every sending thread has its own `httpx.Client` of one connection. One client's pool shared by the threads can
     close a connection another thread was just handed, under a request waiting for its response (httpcore 1.0.9,
@@ -89,8 +92,10 @@ class HTTPGenerator:
     then hangs until its read timeout and fails with EBADF (it stopped a benchmark RL run after 5 steps)."""
 
     def __init__(self, base_url: str, api_key: str | None = None, model_name: str = MODEL_NAME, *,
-                 max_concurrency: int = 64, timeout_s: float = 900.0, retries: int = 20):  # fmt: skip
-        self.base_url = base_url.rstrip("/")
+                 max_concurrency: int = 64, timeout_s: float = 900.0, retries: int = 20, max_n: int = 64):  # fmt: skip
+        if max_n < 1:
+            raise ValueError(f"max_n must be >= 1, got {max_n}")
+        self.base_url, self.max_n = base_url.rstrip("/"), max_n
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.model_name, self.retries, self.timeout_s = model_name, retries, timeout_s
         self._local = threading.local()
@@ -115,8 +120,17 @@ class HTTPGenerator:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         body = self.request_body(params)
-        futures = [self._pool.submit(self._complete, list(p), body) for p in prompts]
-        return [f.result() for f in futures]
+        places: dict[tuple[int, ...], list[int]] = {}  # a distinct prompt -> where it occurs
+        for i, p in enumerate(prompts):
+            places.setdefault(tuple(p), []).append(i)
+        parts = [(prompt, where[j : j + self.max_n]) for prompt, where in places.items()
+                 for j in range(0, len(where), self.max_n)]  # fmt: skip
+        futures = [self._pool.submit(self._complete, list(prompt), body, len(where)) for prompt, where in parts]
+        out: list[Completion | None] = [None] * len(prompts)
+        for (_, where), future in zip(parts, futures):
+            for i, completion in zip(where, future.result(), strict=True):
+                out[i] = completion
+        return out
 
     def request_body(self, params: SamplingParams) -> dict:
         if params.logits_processors:
@@ -139,10 +153,11 @@ class HTTPGenerator:
         r.raise_for_status()
         return r.json()["weight_version"]
 
-    def _complete(self, prompt: list[int], body: dict) -> Completion:
+    def _complete(self, prompt: list[int], body: dict, n: int = 1) -> list[Completion]:
+        """`n` samples of one prompt, in choice order."""
         for attempt in range(self.retries + 1):
             try:
-                r = self.client.post("/v1/completions", json=body | {"prompt": prompt})
+                r = self.client.post("/v1/completions", json=body | {"prompt": prompt, "n": n})
             except httpx.RemoteProtocolError:  # closed without a response: the request was not served
                 if attempt == self.retries:
                     raise
@@ -150,14 +165,18 @@ class HTTPGenerator:
                                self.base_url)  # fmt: skip
                 continue
             if r.status_code == 200:
-                choice = r.json()["choices"][0]
-                logprobs = choice["logprobs"]["token_logprobs"]
-                return Completion(choice["token_ids"], logprobs, choice["finish_reason"], choice["weight_version"])
+                choices = sorted(r.json()["choices"], key=lambda c: c.get("index", 0))
+                if len(choices) != n:
+                    raise RuntimeError(f"{self.base_url}/v1/completions answered {len(choices)} choices for n={n}")
+                return [Completion(c["token_ids"], c["logprobs"]["token_logprobs"], c["finish_reason"],
+                                   c["weight_version"]) for c in choices]  # fmt: skip
             error = _error_of(r)
             if r.status_code == 400 and error.get("code") == "context_length_exceeded":
-                return Completion([], [], "length", self.weight_version())
+                version = self.weight_version()
+                return [Completion([], [], "length", version) for _ in range(n)]
             if r.status_code == 500 and error.get("code") == "generation_failed":
-                return Completion([], [], "error", self.weight_version())
+                version = self.weight_version()
+                return [Completion([], [], "error", version) for _ in range(n)]
             if r.status_code == 503 and error.get("code") == "queue_full" and attempt < self.retries:
                 time.sleep(float(r.headers.get("Retry-After", 1)))
                 continue
@@ -222,6 +241,24 @@ class ServeWorker:
             self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                             env=full_env)  # fmt: skip
         self.url: str | None = None
+        self._client: httpx.Client | None = None
+
+    def post_weights(self, path: str, version: int) -> str | None:
+        """Have the worker load the weights saved at `path` as `version`; None once it did, else what went wrong.
+        One client for the worker's life, used by one publish at a time: a new client builds an SSL context
+        (~28 ms on a 2-core EPYC), which every optimizer step would pay."""
+        if self._client is None:
+            self._client = httpx.Client(
+                base_url=self.url, headers={"Authorization": f"Bearer {self.api_key}"}, timeout=600,
+                limits=httpx.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=2.0),
+            )  # fmt: skip
+        try:
+            r = self._client.post("/v1/weights", json={"path": path, "version": version})
+        except httpx.TransportError as e:
+            return f"{self.url}: {e!r}"
+        if r.status_code != 200:
+            return f"{self.url} answered {r.status_code}: {_error_of(r).get('message', r.text[:300])}"
+        return None
 
     def wait_ready(self, timeout_s: float) -> None:
         """Wait for the server to listen and answer /health; raises RuntimeError with its log when it does not."""
@@ -264,6 +301,8 @@ class ServeWorker:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         _stop_process(self.process, timeout_s)
+        if self._client is not None:
+            self._client.close()
 
 
 def _stop_process(process: subprocess.Popen, timeout_s: float = 10.0) -> None:
@@ -555,7 +594,7 @@ class AsyncRollouts:
             save_state_dict_pretrained(config, state_dict, tmp)
             os.replace(tmp, path)
             with ThreadPoolExecutor(len(self.workers)) as pool:
-                answers = list(pool.map(lambda w: _post_weights(w, path, version), self.workers))
+                answers = list(pool.map(lambda w: w.post_weights(path, version), self.workers))
             failed = [a for a in answers if a is not None]
             if failed:
                 raise RuntimeError("; ".join(failed))
@@ -589,18 +628,6 @@ class AsyncRollouts:
         return {"rollout_groups": self.stats["groups"], "rollout_dropped_groups": self.stats["dropped_groups"],
                 "rollout_wait_s": round(self.stats["wait_s"], 3),
                 "rollout_staleness": self.stats["staleness_sum"] / used if used else 0.0}  # fmt: skip
-
-
-def _post_weights(worker: ServeWorker, path: str, version: int) -> str | None:
-    """None when `worker` loaded the weights, else what went wrong."""
-    try:
-        r = httpx.post(worker.url + "/v1/weights", json={"path": path, "version": version},
-                       headers={"Authorization": f"Bearer {worker.api_key}"}, timeout=600)  # fmt: skip
-    except httpx.TransportError as e:
-        return f"{worker.url}: {e!r}"
-    if r.status_code != 200:
-        return f"{worker.url} answered {r.status_code}: {_error_of(r).get('message', r.text[:300])}"
-    return None
 
 
 # ---------------------------------------------------------------------------------------------- torchrun
