@@ -58,6 +58,7 @@ def recipe(init: str, out_dir: str, a, rollout: str) -> RLRecipe:
                 "rollout": rollout,
                 "max_staleness": 1 if rollout == "async" else 0,
                 "workers": 1,
+                "stream_groups": not a.no_stream_groups,
             },  # fmt: skip
             "optim": {"lr": a.lr, "min_lr": a.lr, "schedule": "constant", "weight_decay": 0.0},
             "train": {
@@ -88,6 +89,11 @@ def main():
         "--bound",
         action="store_true",
         help="also run the synchronous stage on 1 thread: the most asynchronous rollouts can gain here",
+    )
+    p.add_argument(
+        "--no-stream-groups",
+        action="store_true",
+        help="async: take each batch whole (rl.stream_groups=false), not its groups as they come",
     )
     p.add_argument("--repeats", type=int, default=1,
                    help="sync/async pairs, run in alternating order (the machine's speed drifts between runs); the "

@@ -100,6 +100,44 @@ def test_staleness_one_with_a_slow_trainer(checkpoint, models):
         assert source.stats["dropped_groups"] == 0 and source.metrics()["rollout_staleness"] == 0.75
 
 
+def test_a_batch_streamed_in_parts(checkpoint, models):
+    """stream_batch hands a batch out as its groups finish: whole groups, prompts_per_step of them in all, each within
+    the staleness bound, with the same versions as next_batch gives a slow trainer; taking one commits to it, so
+    generation moves on to the next batch at once."""
+    with rollouts(checkpoint, max_staleness=1, prompts_per_step=3) as source:
+        versions = []
+        for step in range(4):
+            parts = list(source.stream_batch(step))
+            assert parts and all(len(part) % 2 == 0 for part in parts)  # whole groups of 2
+            batch = [t for part in parts for t in part]
+            check_batch(batch, step, staleness=1, groups=3)
+            versions.append({t.weight_version for t in batch})
+            time.sleep(STEP_S)
+            source.publish(models[(step + 1) % 2], step + 1)
+        assert versions == [{0}, {0}, {1}, {2}]
+        assert source.stats["dropped_groups"] == 0 and source.stats["batches"] == 4
+        with pytest.raises(ValueError, match="versions cannot go back"):
+            list(source.stream_batch(2))
+    with rollouts(checkpoint, max_staleness=1, prompts=iter([("fake", 0), ("fake", 1), ("fake", 2)])) as source:
+        assert len([t for part in source.stream_batch(0) for t in part]) == 4
+        assert len([t for part in source.stream_batch(0) for t in part]) == 2  # the last group
+        assert list(source.stream_batch(0)) == []
+
+
+def test_a_publish_that_fails_in_the_background_is_raised_by_the_next_call(checkpoint, models):
+    import copy
+
+    broken = copy.deepcopy(models[1])
+    with torch.no_grad():
+        next(broken.parameters()).fill_(float("nan"))
+    with rollouts(checkpoint, max_staleness=1) as source:
+        source.next_batch(0)
+        source.publish(broken, 1)  # returns at once: the worker refuses the weights in the background
+        with pytest.raises(RuntimeError, match="publishing weight version 1 failed: .*NaN"):
+            source.publish(models[1], 2)
+        assert source.version == 0
+
+
 def test_staleness_zero_is_synchronous_and_new_weights_show(checkpoint, models):
     expected = [greedy_of(m, range(8)) for m in models]
     assert expected[0] != expected[1]  # else the test could not tell the weights apart

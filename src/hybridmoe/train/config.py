@@ -404,6 +404,9 @@ class RLSection:
     max_staleness: int = 0  # how many optimizer steps old a trajectory may be (sync: 0)
     rollout: str = "sync"  # sync: the in-process engine between steps | async: `hybridmoe serve` workers
     workers: int = 1  # async: rollout worker processes
+    # async, one process: train a step's groups as they arrive (the gradient is the same; the slowest groups of the
+    # batch generate while the first ones train)
+    stream_groups: bool = True
     max_model_len: int = 4096  # tokens of a whole episode (prompt, turns, tool output): the engine's room per slot
     max_num_seqs: int = 64  # sync: episodes the in-process engine decodes at once
     seq_len: int = 0  # tokens per packed training row; 0: one trajectory per row (padded to the longest)

@@ -143,6 +143,8 @@ def load_teacher(path: str, precision: str, device) -> torch.nn.Module:
 
 
 class DistillStage(RLStage):
+    streams = False  # `_prepare_rows` starts the step's per-environment statistics over: it takes whole batches
+
     def __init__(self, recipe: DistillRecipe, ckpt: str | None, par):
         from ..data.tokenizer import load_tokenizer
 

@@ -182,19 +182,23 @@ class RLStage(Stage):
     def _batch(self, version: int) -> list[Trajectory]:
         """The step's trajectories (rank 0 asks the source; under torchrun it sends them to every rank)."""
         if self.rollouts is None:
-            model = self._full_model()  # collective under torchrun
-            self.rollouts = False  # ranks other than 0 have none
-            if self.main:
-                self.prompts.load_state_dict({"position": self.trained_prompts})
-                self.rollouts = self._make_rollouts(model, version)
-                if self.recipe.rl.rollout == "sync":
-                    self.rollouts.publish(model, version)
+            self._batch_source(version)
         batch = self.rollouts.next_batch(version) if self.main else None
         if self.par is not None:
             box = [batch]
             dist.broadcast_object_list(box, src=0)
             batch = box[0]
         return batch
+
+    def _batch_source(self, version: int) -> None:
+        """Start the rollout source (rank 0) with the trainer's weights at `version`."""
+        model = self._full_model()  # collective under torchrun
+        self.rollouts = False  # ranks other than 0 have none
+        if self.main:
+            self.prompts.load_state_dict({"position": self.trained_prompts})
+            self.rollouts = self._make_rollouts(model, version)
+            if self.recipe.rl.rollout == "sync":
+                self.rollouts.publish(model, version)
 
     def _pass_rates(self, pools: dict[str, list[int]]) -> dict[tuple[str, int], float]:
         """The starting model's pass rate of every pool prompt, measured once (rank 0) and kept in
@@ -237,6 +241,8 @@ class RLStage(Stage):
     def train_step(self, step: int) -> StepOutput:
         r = self.recipe.rl
         self.version = step  # the trainer's weights: after `step` optimizer steps
+        if self.streams and r.rollout == "async" and r.stream_groups and self.par is None:
+            return self._streamed_step(step)
         t0 = time.perf_counter()
         batch = self._batch(version=step)  # sync: generated now; async: waited for
         rollout_s = time.perf_counter() - t0
@@ -264,6 +270,57 @@ class RLStage(Stage):
         tokens = sum(len(row["input_ids"]) for row in rows)
         mean_len = max(2, round(tokens / max(1, len(rows))))
         return StepOutput(losses, tokens, flops_per_token(self.model.config, mean_len), extra)
+
+    streams = True  # whether train_step may take an asynchronous batch in parts (`_streamed_step`)
+
+    def _streamed_step(self, step: int) -> StepOutput:
+        """`train_step` on a batch taken in parts as its groups finish (`AsyncRollouts.stream_batch`): each part is
+        packed, and its forward and backward run, while the rest generates. The loss is a sum over the batch's
+        tokens divided by their number, which is known only at the end: each part's backward takes the sum, and the
+        gradients are divided by the count once all parts are in (the same gradient up to rounding; the advantages
+        are per group, so a part's are the batch's)."""
+        r = self.recipe.rl
+        if self.rollouts is None:
+            self._batch_source(step)
+        batch, rows_tokens, num_rows, num_tokens, waited = [], 0, 0, 0, 0.0
+        sums: dict[str, float] = {}
+        parts = self.rollouts.stream_batch(step)
+        while True:
+            t0 = time.perf_counter()
+            part = next(parts, None)
+            waited += time.perf_counter() - t0
+            if part is None:
+                break
+            stale = [step - t.weight_version for t in part]
+            if max(stale) > r.max_staleness or min(stale) < 0:
+                raise RuntimeError(f"step {step}: the rollout source gave trajectories with staleness "
+                                   f"{sorted(set(stale))}; each must be between 0 and rl.max_staleness="
+                                   f"{r.max_staleness}")  # fmt: skip
+            rows = pack(part, self._advantages(part), r.seq_len)
+            self._prepare_rows(part, rows)
+            micro = [collate(rows[i : i + r.micro_batch_size]) for i in range(0, len(rows), r.micro_batch_size)]
+            num_tokens += sum(int(m["mask"].sum()) for m in micro)
+            part_sums = self._forward_backward(micro, 1)  # sums over the tokens, divided below
+            sums = {k: max(sums.get(k, 0.0), v) if k == "abs_diff_max" else sums.get(k, 0.0) + v
+                    for k, v in part_sums.items()}  # fmt: skip
+            batch += part
+            rows_tokens += sum(len(row["input_ids"]) for row in rows)
+            num_rows += len(rows)
+        if not batch:
+            raise StopIteration("the rollout prompts ran out")
+        scale = 1 / max(1, num_tokens)
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        for k in ("loss", "pg", "kl"):
+            sums[k] *= scale
+        stale = [step - t.weight_version for t in batch]
+        extra = self._log_keys(batch, stale, sums, num_tokens)
+        extra["rollout_s"] = waited
+        self.trained_prompts += len({t.group for t in batch})
+        mean_len = max(2, round(rows_tokens / max(1, num_rows)))
+        losses = {k: sums[k] for k in ("loss", "pg", "kl")}
+        return StepOutput(losses, rows_tokens, flops_per_token(self.model.config, mean_len), extra)
 
     # ------------------------------------------------------------------ advantages (what `train.distill` changes)
     def _advantages(self, batch: list[Trajectory]) -> list[float]:
