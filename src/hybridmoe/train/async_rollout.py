@@ -526,14 +526,19 @@ class AsyncRollouts:
             raise RuntimeError(f"rank 0's rollouts failed: {result[1]}")
         return result[1]
 
-    def _next_batch(self, version: int) -> list[Trajectory]:
+    def _check_batch_version(self, version: int, call: str) -> None:
+        """Before taking batch `version`: wait for the weights it needs if they are being published (and raise a
+        failed publish), then refuse a version that goes back or that the published weights cannot serve."""
         if version - self.max_staleness > self.version or self._publishing is not None and self._publishing.done():
-            self._wait_published()  # the weights this batch needs are on their way (or the last publish failed)
+            self._wait_published()
         if version < self._last_taken:
-            raise ValueError(f"next_batch({version}) after next_batch({self._last_taken}); versions cannot go back")
+            raise ValueError(f"{call}({version}) after batch {self._last_taken}; versions cannot go back")
         if version - self.max_staleness > self.version:
-            raise ValueError(f"next_batch({version}) but the workers hold weight version {self.version}, more than "
+            raise ValueError(f"{call}({version}) but the workers hold weight version {self.version}, more than "
                              f"max_staleness={self.max_staleness} behind; publish(model, {version}) first")  # fmt: skip
+
+    def _next_batch(self, version: int) -> list[Trajectory]:
+        self._check_batch_version(version, "next_batch")
         if self._finished:
             raise StopIteration
         t0 = time.monotonic()
@@ -583,13 +588,7 @@ class AsyncRollouts:
         torchrun: a part is not broadcast)."""
         if self.world_size != 1:
             raise RuntimeError("stream_batch is for a single process; under torchrun use next_batch")
-        if version - self.max_staleness > self.version or self._publishing is not None and self._publishing.done():
-            self._wait_published()  # the weights this batch needs are on their way (or the last publish failed)
-        if version < self._last_taken:
-            raise ValueError(f"stream_batch({version}) after batch {self._last_taken}; versions cannot go back")
-        if version - self.max_staleness > self.version:
-            raise ValueError(f"stream_batch({version}) but the workers hold weight version {self.version}, more than "
-                             f"max_staleness={self.max_staleness} behind; publish(model, {version}) first")  # fmt: skip
+        self._check_batch_version(version, "stream_batch")
         if self._finished:
             return
         deadline = None if self.wait_timeout_s is None else time.monotonic() + self.wait_timeout_s
