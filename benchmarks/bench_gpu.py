@@ -205,7 +205,23 @@ def write_checkpoints(spec: dict) -> dict:
         name = torch.cuda.get_device_name(device)
     else:
         name = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    return {"machine": f"{name}, torch {torch.__version__}", "checkpoints": out}
+    return {"machine": f"{name}, torch {torch.__version__}", "checkpoints": out, "kernels": kernel_libraries(device)}
+
+
+def kernel_libraries(device) -> dict:
+    """The fused-kernel libraries behind `hybridmoe.kernels` on this machine: each one's version where it imports
+    (on CUDA: where the dispatch of kernels/ssd_cuda.py finds it), else None; on CPU none of them runs."""
+    from hybridmoe.kernels import ssd_cuda
+
+    found = {"triton": None, "mamba_ssm": ssd_cuda.mamba_chunk_scan, "causal_conv1d": ssd_cuda.causal_conv1d_cuda}
+    out = {}
+    for package, probe in found.items():
+        try:
+            version = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            version = None
+        out[package] = version if version and (device.type != "cuda" or probe is None or probe()) else None
+    return out
 
 
 def load(spec: dict, path: str, device):
@@ -447,9 +463,15 @@ def name(r: dict) -> str:
     return f"{r['impl']} ({extra})" if extra else r["impl"]
 
 
+def header(results: dict) -> str:
+    """The machine, transformers' version and the kernel libraries found, in a line."""
+    kernels = ", ".join(f"{k} {v or 'absent'}" for k, v in results.get("kernels", {}).items())
+    return f"{results['machine']}; transformers {results['transformers']}; {kernels or 'kernels unknown'}"
+
+
 def markdown(results: dict) -> str:
     rows = results["rows"]
-    lines = []
+    lines = [header(results), ""] if results.get("machine") else []
     training = [r for r in rows if r["part"] in ("train", "finetune")]
     if training:
         lines += ["| part | shape | implementation | tokens/s | vs transformers | MFU | peak GB | "
@@ -567,8 +589,8 @@ def main() -> None:
         if "error" in writer:
             save(args.out, results | {"checkpoints": writer})
             raise SystemExit(f"writing the checkpoints failed: {writer['error']}")
-        results.update(machine=writer["machine"], checkpoints=writer["checkpoints"])
-        print(f"# {results['machine']}; transformers {results['transformers']}", flush=True)
+        results.update(machine=writer["machine"], checkpoints=writer["checkpoints"], kernels=writer["kernels"])
+        print(f"# {header(results)}", flush=True)
         print(json.dumps(writer), flush=True)
 
         def measure(spec):

@@ -43,6 +43,9 @@ def test_bench_gpu_smoke(tmp_path, device):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     results = json.loads(out.read_text())
     assert results["device"] == device and results["machine"]
+    # the kernel libraries the run found, named in the table's first line
+    assert set(results["kernels"]) == {"triton", "mamba_ssm", "causal_conv1d"}
+    assert (tmp_path / "gpu.md").read_text().startswith(results["machine"] + "; transformers ")
     rows = results["rows"]
     assert [r for r in rows if "error" in r] == []
     assert {(r["part"], r["shape"], r["impl"]) + ((r["decode_mode"],) if "decode_mode" in r else ()) for r in rows} == (
