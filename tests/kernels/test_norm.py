@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from test_kernels import assert_close_scaled, grads_of
+from test_kernels import assert_close_scaled, grads_of, interpreter_loops_work
 
 from hybridmoe.kernels.norm import gated_rms_norm, gated_rms_norm_reference
 
@@ -29,6 +29,7 @@ in_interpreter = pytest.mark.skipif(
 
 
 @needs_triton
+@interpreter_loops_work
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="this process is that interpreter process")
 def test_triton_kernels_in_a_fresh_interpreter_process():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}

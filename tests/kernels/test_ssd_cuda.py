@@ -17,7 +17,7 @@ import textwrap
 
 import pytest
 import torch
-from test_kernels import assert_close_scaled, grads_of
+from test_kernels import assert_close_scaled, grads_of, interpreter_loops_work
 
 from hybridmoe.kernels import ssd_cuda
 from hybridmoe.kernels.ssd import causal_conv1d, causal_conv1d_reference, ssd_chunked, ssd_reference
@@ -194,6 +194,7 @@ autotuner.Autotuner._bench = lambda self, *args, config, **meta: [1.0, 1.0, 1.0]
 
 
 @needs_mamba
+@interpreter_loops_work
 def test_mamba_scan_wrapper_matches_twin_in_triton_interpreter():
     """`ssd_cuda.ssd_scan_cuda` on CPU tensors (fp32: the interpreter's matmuls are exact): documents whose ids do
     not start at 0 with an initial state, so a wrong id convention would show."""

@@ -300,7 +300,12 @@ class _WeightedCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_MD, w_M, token_M, t, block_rows=None):
         out_TD = torch.zeros((t, y_MD.shape[1]), dtype=torch.float32, device=y_MD.device)
-        out_TD.index_add_(0, token_M, y_MD.float() * w_M.float()[:, None])
+        if torch.compiler.is_compiling():
+            # Traced, out of place: torch 2.11's Dynamo lost the gradients of a forward that returns a tensor it
+            # wrote in place (both came out zero; fixed by 2.13). Eager keeps the in-place sum (no second buffer).
+            out_TD = out_TD.index_add(0, token_M, y_MD.float() * w_M.float()[:, None])
+        else:
+            out_TD.index_add_(0, token_M, y_MD.float() * w_M.float()[:, None])
         ctx.save_for_backward(y_MD, w_M, token_M)
         ctx.block_rows = block_rows
         return out_TD

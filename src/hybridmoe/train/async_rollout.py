@@ -537,6 +537,25 @@ class AsyncRollouts:
             raise ValueError(f"{call}({version}) but the workers hold weight version {self.version}, more than "
                              f"max_staleness={self.max_staleness} behind; publish(model, {version}) first")  # fmt: skip
 
+    def _drop_stale(self, oldest: int) -> None:
+        """With the lock held: raise a failed rollout's error, then drop (and count) the ready groups generated
+        before weight version `oldest`."""
+        if self._error is not None:
+            raise RuntimeError(f"a rollout failed: {self._error!r}") from self._error
+        for group in [g for g in self._ready if g.version < oldest]:
+            self._ready.remove(group)
+            self.stats["dropped_groups"] += 1
+            self.stats["dropped_trajectories"] += len(group.trajectories)
+
+    def _wait_for_groups(self, deadline: float | None, waited: Callable[[], str]) -> None:
+        """With the lock held: check that every worker lives, raise TimeoutError (`waited()` says what for, the
+        running groups counted) once past `deadline`, else wait at most a second for a group to finish."""
+        for worker in self.workers:
+            worker._check_alive("generating")
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"{waited()}; {len(self._running)} running")
+        self._cond.wait(1.0 if deadline is None else max(0.01, min(1.0, deadline - time.monotonic())))
+
     def _next_batch(self, version: int) -> list[Trajectory]:
         self._check_batch_version(version, "next_batch")
         if self._finished:
@@ -546,12 +565,7 @@ class AsyncRollouts:
         oldest = version - self.max_staleness
         with self._cond:
             while True:
-                if self._error is not None:
-                    raise RuntimeError(f"a rollout failed: {self._error!r}") from self._error
-                for group in [g for g in self._ready if g.version < oldest]:
-                    self._ready.remove(group)
-                    self.stats["dropped_groups"] += 1
-                    self.stats["dropped_trajectories"] += len(group.trajectories)
+                self._drop_stale(oldest)
                 expiring = sum(1 for g in self._ready if g.version == oldest)
                 expiring_running = any(v <= oldest for v in self._running.values())
                 enough = len(self._ready) >= self.prompts_per_step
@@ -562,13 +576,8 @@ class AsyncRollouts:
                         self._finished = True
                         raise StopIteration
                     break  # the last, smaller batch
-                for worker in self.workers:
-                    worker._check_alive("generating")
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"next_batch({version}) waited {self.wait_timeout_s:g} s for "
-                                       f"{self.prompts_per_step} groups; {len(self._ready)} ready, "
-                                       f"{len(self._running)} running")  # fmt: skip
-                self._cond.wait(1.0 if deadline is None else max(0.01, min(1.0, deadline - time.monotonic())))
+                self._wait_for_groups(deadline, lambda: f"next_batch({version}) waited {self.wait_timeout_s:g} s "
+                                      f"for {self.prompts_per_step} groups; {len(self._ready)} ready")  # fmt: skip
             self._ready.sort(key=lambda g: (g.version, g.id))
             batch, self._ready = self._ready[: self.prompts_per_step], self._ready[self.prompts_per_step :]
             self._last_taken = version
@@ -614,12 +623,7 @@ class AsyncRollouts:
         t0 = time.monotonic()
         with self._cond:
             while True:
-                if self._error is not None:
-                    raise RuntimeError(f"a rollout failed: {self._error!r}") from self._error
-                for group in [g for g in self._ready if g.version < oldest]:
-                    self._ready.remove(group)
-                    self.stats["dropped_groups"] += 1
-                    self.stats["dropped_trajectories"] += len(group.trajectories)
+                self._drop_stale(oldest)
                 self._ready.sort(key=lambda g: (g.version, g.id))
                 expiring_running = any(v <= oldest for v in self._running.values())
                 part = [g for g in self._ready if g.version <= oldest or not expiring_running][:room]
@@ -627,12 +631,9 @@ class AsyncRollouts:
                     break
                 if self._exhausted and not self._running and not self._ready:
                     return None
-                for worker in self.workers:
-                    worker._check_alive("generating")
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"stream_batch({version}) waited {self.wait_timeout_s:g} s for its groups; "
-                                       f"{len(self._running)} running")  # fmt: skip
-                self._cond.wait(1.0 if deadline is None else max(0.01, min(1.0, deadline - time.monotonic())))
+                self._wait_for_groups(
+                    deadline, lambda: f"stream_batch({version}) waited {self.wait_timeout_s:g} s for its groups"
+                )
             for group in part:
                 self._ready.remove(group)
             self._streamed += len(part)
