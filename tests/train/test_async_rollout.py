@@ -172,16 +172,15 @@ def test_prompts_running_out_and_the_generator(checkpoint):
         generator.close()
 
 
-def read_request(rfile) -> bool:
-    """Read one HTTP/1.1 request (head and body) off a raw connection; False when the client closed it."""
+def read_body(rfile) -> dict | None:
+    """One HTTP/1.1 request's JSON body off a raw connection; None when the client closed it."""
     head = b""
     while not head.endswith(b"\r\n\r\n"):
         byte = rfile.read(1)
         if not byte:
-            return False
+            return None
         head += byte
-    rfile.read(int(re.search(rb"(?i)content-length: *(\d+)", head).group(1)))
-    return True
+    return json.loads(rfile.read(int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))))
 
 
 def answer_with(wfile, body: bytes) -> None:
@@ -199,7 +198,7 @@ def test_a_kept_alive_connection_closed_by_the_server_is_retried():
     class Handler(socketserver.StreamRequestHandler):
         def handle(self):  # the first request on each connection is answered, a second one is dropped unanswered
             for n in itertools.count():
-                if not read_request(self.rfile) or n > 0:
+                if read_body(self.rfile) is None or n > 0:
                     return  # a second request: closed without a response
                 served.append(self.client_address)
                 answer_with(self.wfile, answer)
@@ -226,7 +225,7 @@ def test_each_sending_thread_has_its_own_connection(monkeypatch):
 
     class Handler(socketserver.StreamRequestHandler):
         def handle(self):  # keep-alive: every request on the connection answered, after a short wait
-            while read_request(self.rfile):
+            while read_body(self.rfile) is not None:
                 connections.add(self.client_address)
                 time.sleep(0.02)
                 answer_with(self.wfile, answer)
@@ -284,17 +283,6 @@ def test_identical_prompts_go_out_as_one_request_with_n():
     assert [c.token_ids for c in out] == [[7, 0], [8, 0], [7, 1], [7, 2], [7, 0], [9, 0], [8, 1]]
     with pytest.raises(ValueError, match="max_n"):
         HTTPGenerator("http://127.0.0.1:1", max_n=0)
-
-
-def read_body(rfile) -> dict | None:
-    """One HTTP/1.1 request's JSON body off a raw connection; None when the client closed it."""
-    head = b""
-    while not head.endswith(b"\r\n\r\n"):
-        byte = rfile.read(1)
-        if not byte:
-            return None
-        head += byte
-    return json.loads(rfile.read(int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))))
 
 
 def test_workers_stop_on_close_on_errors_and_when_a_worker_dies(checkpoint):
