@@ -6,8 +6,8 @@
 # Stages, in the order given (default: setup tests bench; a later stage runs setup first where it is missing):
 #   setup  installs .whl into /tmp/site (first on PYTHONPATH, after src/), stands in for mamba-ssm's Mamba-1 CUDA
 #          extension (never called; its __init__ imports it), and compiles causal-conv1d's extension for this GPU
-#   tests  tests/kernels, the decode graphs and bench_gpu's test: each kernel against its twin on CUDA (not the Triton
-#          interpreter's tests, which stand in for a GPU on CPUs)
+#   tests  tests/kernels, the decode graphs, bench_gpu's test and the NVFP4 emulation on the device: each kernel
+#          against its twin on CUDA (not the Triton interpreter's tests, which stand in for a GPU on CPUs)
 #   bench  benchmarks/bench_gpu.py with BENCH_ARGS (default: everything), its JSON and table into $OUT
 # Everything printed also goes to $OUT/device.log; the pytest log, gpu.json and gpu.md come back beside it. Copy
 # those into benchmarks/results/ here. `--smoke` first runs the same stages on a CPU (no build; bench --smoke).
@@ -61,7 +61,7 @@ tests() {
   [[ -f $site/.ready ]] || setup
   stamp "tests"
   timeout 420 "$python" -m pytest -q -p no:cacheprovider -rs tests/kernels tests/serve/test_decode_graphs.py \
-    tests/test_bench_gpu.py -k "not interpreter" 2>&1 | tee "$out/pytest.log"
+    tests/test_bench_gpu.py tests/quant/test_nvfp4_device.py -k "not interpreter" 2>&1 | tee "$out/pytest.log"
   stamp "tests: exit ${PIPESTATUS[0]}"
 }
 

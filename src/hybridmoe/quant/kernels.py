@@ -2,6 +2,12 @@
 dozen passes over memory into one or two loops, on CPUs (a C++ compiler) and GPUs (Triton) alike.
 
 The compiled functions are the eager ones, so their twins are themselves: the tests check both give the same bits.
+On GPUs that needs Inductor's eager-numerics options (`exact_options`): by default its Triton code divides with
+`div.full.f32` (within 2 ulp, not correctly rounded), flushes fp32 subnormals to zero and contracts a*b+c into FMAs,
+any of which can move a block scale or an element across a rounding boundary; PyTorch's eager CUDA kernels do none
+of these. Compiled for a CPU (C++), the code rounds as eager does without them and runs faster, so they are set for
+GPU tensors only.
+
 The choice is made once per process and logged; HYBRIDMOE_QUANT_KERNELS=auto|compiled|eager overrides it. `auto`
 compiles and falls back to eager (with a warning) the first time compiling fails, e.g. without a C++ compiler.
 """
@@ -31,9 +37,25 @@ def mode() -> str:
     return _MODE
 
 
+# Inductor options that make compiled code round as eager code does (torch 2.11 and 2.13 have all three).
+_EAGER_NUMERICS = (
+    "eager_numerics.division_rounding",  # x / y as div_rn, not div.full
+    "eager_numerics.disable_ftz",  # keep fp32 subnormals (tiny amaxes, MXFP8's 2^-127)
+    "emulate_precision_casts",  # no FMA contraction (Triton's enable_fp_fusion)
+)
+
+
+def exact_options() -> dict[str, bool]:
+    """The eager-numerics options (module docstring) this torch's Inductor knows, for `torch.compile(options=)`."""
+    from torch._inductor import config
+
+    known = config.get_config_copy()
+    return {name: True for name in _EAGER_NUMERICS if name in known}
+
+
 @functools.cache
-def _compile(fn):
-    return torch.compile(fn, dynamic=True)
+def _compile(fn, device_type: str):
+    return torch.compile(fn, dynamic=True, options=None if device_type == "cpu" else exact_options())
 
 
 def compiled(fn):
@@ -42,12 +64,12 @@ def compiled(fn):
     global _BROKEN
     if mode() == "eager" or _BROKEN:
         return fn
-    fast = _compile(fn)
 
     def run(*args):
         global _BROKEN
         if _BROKEN:
             return fn(*args)
+        fast = _compile(fn, args[0].device.type)
         try:
             # Values only (the training recipe's autograd Functions own the gradients), outside autocast and
             # contiguous: each of these would otherwise be another compiled variant.
