@@ -20,7 +20,13 @@ alternating so that a busy machine slows both alike).
 
     python benchmarks/bench_nvfp4_checkpoint.py                       # the speedrun's checkpoint (or a made one)
     python benchmarks/bench_nvfp4_checkpoint.py --checkpoint DIR --data PREPARED_DIR
+    python benchmarks/bench_nvfp4_checkpoint.py --shapes      # resident weights at the Nemotron 3 shapes, in seconds
 Results: benchmarks/results/nvfp4_checkpoint.json and a markdown table on stdout.
+
+`--shapes` builds each Nemotron 3 preset on the meta device (shapes, no weights) in BF16, then packs it as
+`from_pretrained` packs an NVFP4 checkpoint of it with the default exclusions, and counts the resident bytes of both
+(`hybridmoe.quant.modules.weight_bytes`): what the per-weight ratio becomes for a whole model whose routed experts
+dominate, which `tiny` cannot show. Results: benchmarks/results/nvfp4_shapes.json.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import time
 import torch
 
 SPEEDRUN = "/work/runs/sr4"
+SHAPES = ("tiny", "nano-30b-a3b", "super-120b-a12b", "ultra-550b-a55b")
 
 
 def model_bytes_on_disk(path: str) -> int:
@@ -70,6 +77,45 @@ def quantized_module_names(model) -> list[str]:
         else:
             names.append(name)
     return names
+
+
+def weights_at_shapes(config) -> dict:
+    """Resident weight bytes (parameters and buffers) of `config`'s model in BF16 (routers FP32) and packed in NVFP4
+    as `from_pretrained` packs it with the default exclusions, both built on the meta device."""
+    from hybridmoe import HybridMoEForCausalLM
+    from hybridmoe.quant.layout import default_exclude_modules, pack_for_loading, quantization_config
+    from hybridmoe.quant.modules import weight_bytes
+
+    model = HybridMoEForCausalLM(config, device="meta", dtype=torch.bfloat16)
+    params = sum(p.numel() for p in model.parameters())
+    bf16 = weight_bytes(model)["total"]
+    pack_for_loading(model, quantization_config(default_exclude_modules(model)))
+    packed = weight_bytes(model)
+    return {
+        "parameters": params,
+        "bf16_bytes": bf16,
+        "nvfp4_bytes": packed["total"],
+        "nvfp4_bytes_quantized_layers": packed["quantized"],
+        "ratio": bf16 / packed["total"],
+    }
+
+
+def shapes(out: str) -> int:
+    from hybridmoe import HybridMoEConfig
+
+    rows = {name: weights_at_shapes(HybridMoEConfig.from_preset(name)) for name in SHAPES}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump(rows, fh, indent=1)
+
+    def size(n: int) -> str:
+        return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+    print("| preset | parameters | BF16 | NVFP4 | ratio |\n|---|---:|---:|---:|---:|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['parameters'] / 1e9:.2f}B | {size(r['bf16_bytes'])} | {size(r['nvfp4_bytes'])} | "
+              f"{r['ratio']:.2f}x |")  # fmt: skip
+    return 0
 
 
 def make_checkpoint(path: str) -> str:
@@ -124,8 +170,13 @@ def main() -> int:
     p.add_argument("--val-batches", type=int, help="batches of 8 x 512 tokens (default: all of the val split)")
     p.add_argument("--decode-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "nvfp4_checkpoint.json"))
+    p.add_argument("--out", help="the JSON to write (default: results/nvfp4_checkpoint.json, nvfp4_shapes.json)")
+    p.add_argument("--shapes", action="store_true", help="only the resident weights at the Nemotron 3 shapes")
     args = p.parse_args()
+    results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    if args.shapes:
+        return shapes(args.out or os.path.join(results, "nvfp4_shapes.json"))
+    args.out = args.out or os.path.join(results, "nvfp4_checkpoint.json")
 
     from hybridmoe import HybridMoEForCausalLM
     from hybridmoe.quant.export import quantize_checkpoint

@@ -355,3 +355,21 @@ def test_serve_answers_a_chat_request_from_a_quantized_checkpoint(quantized):
         assert out.token_ids == plain  # the batched engine (chunked prefill, cache slots) decodes as generate does
         spec = speculative_generate(model, prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), 2)
     assert spec.token_ids == plain  # MTP speculative decoding over packed layers keeps greedy's tokens
+
+
+def test_resident_bytes_counted_on_the_meta_device_are_those_of_the_loaded_models(source, quantized):
+    """benchmarks/bench_nvfp4_checkpoint.py --shapes counts the Nemotron 3 presets' weights on the meta device; on
+    this checkpoint's config its counts equal those of the BF16 and NVFP4 models `from_pretrained` loads."""
+    import importlib.util
+
+    path = Path(__file__).parents[2] / "benchmarks" / "bench_nvfp4_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("bench_nvfp4_checkpoint", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bf16 = HybridMoEForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+    packed = HybridMoEForCausalLM.from_pretrained(quantized, dtype=torch.bfloat16)
+    counted = bench.weights_at_shapes(bf16.config)
+    assert counted["bf16_bytes"] == weight_bytes(bf16)["total"]
+    assert counted["nvfp4_bytes"] == weight_bytes(packed)["total"]
+    assert counted["nvfp4_bytes_quantized_layers"] == weight_bytes(packed)["quantized"] > 0
+    assert counted["parameters"] == sum(p.numel() for p in bf16.parameters())
