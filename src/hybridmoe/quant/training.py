@@ -26,8 +26,9 @@ the layers, attention q/k/v/o, the latent projections, MTP layers, embeddings an
 `mamba_out_proj` (MXFP8 by default). A module's `quant` attribute (None: its plain GEMM) holds its format.
 
 Reference twins: `reference_linear` (plain float64 matmuls on the same quantize_dequantize calls) and, with quantization
-replaced by the identity, `torch.nn.functional.linear`. On GPUs the fast path is TransformerEngine's
-`NVFP4BlockScaling` recipe with its fused kernels; it is not wired in here (this emulation is its CPU twin).
+replaced by the identity, `torch.nn.functional.linear`. The emulation runs on GPUs too (tests/quant/
+test_nvfp4_device.py checks its bits there against the CPU's). Real NVFP4 GEMMs (TransformerEngine's
+`NVFP4BlockScaling`, with its fused kernels) need a Blackwell GPU (compute capability 10.0); not wired in here.
 """
 
 from __future__ import annotations
