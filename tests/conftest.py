@@ -8,9 +8,28 @@ every test folder is on sys.path; test file names are unique across folders.
 import os
 import sys
 
+import pytest
 import torch
 
 torch.set_num_threads(1)
+
+# Test modules that start several processes (torchrun, `ranks.start_ranks`, bench_gpu's workers): each such test
+# keeps a 2-core machine's cores busy by itself. Under `pytest -n 2 --dist loadgroup` (CI) they form one group and run
+# on one worker, one after another, while the other worker runs the single-threaded tests; two of them at once would
+# only take turns on the cores.
+MULTIPROCESS = {
+    "test_automodel_distributed.py", "test_finetune_distributed.py", "test_context_parallel.py", "test_mesh.py",
+    "test_pipeline_parallel.py", "test_resume_layouts.py", "test_tensor_parallel.py",
+    "test_expert_parallel_overlap.py", "test_bench_gpu.py", "test_distributed.py", "test_plan.py",
+    "test_async_rollout_distributed.py", "test_rl_distributed.py", "test_sft_distributed.py",
+}  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in MULTIPROCESS:
+            item.add_marker(pytest.mark.xdist_group("multiprocess"))
+
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 for _root, _dirs, _files in os.walk(_HERE):

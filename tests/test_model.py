@@ -501,6 +501,9 @@ def test_meta_construction_then_to_empty_and_init_weights():
     m = HybridMoEForCausalLM(cfg, device="meta")
     assert all(p.is_meta for p in m.parameters())
     assert all(b.is_meta for b in m.buffers())
+    with torch.device("meta"):  # torch's default device, as transformers models take it
+        shapes_only = HybridMoEForCausalLM(cfg)
+    assert all(t.is_meta for t in [*shapes_only.parameters(), *shapes_only.buffers()])
     m.to_empty(device="cpu")
     m.init_weights()
     for name, p in m.named_parameters():

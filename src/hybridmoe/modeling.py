@@ -454,7 +454,8 @@ class HybridMoEModel(nn.Module):
 
 class HybridMoEForCausalLM(nn.Module):
     """Backbone + untied lm_head (+ MTP layers). Build with `HybridMoEForCausalLM(config)` (initialized) or
-    `HybridMoEForCausalLM(config, device="meta")` (shapes only; then `to_empty(device=...)` and `init_weights()`)."""
+    `HybridMoEForCausalLM(config, device="meta")` (shapes only; then `to_empty(device=...)` and `init_weights()`).
+    Without `device`, torch's default device: `with torch.device("meta"): HybridMoEForCausalLM(config)` works too."""
 
     def __init__(self, config: HybridMoEConfig, device: torch.device | str | None = None, dtype=None):
         super().__init__()
@@ -463,7 +464,8 @@ class HybridMoEForCausalLM(nn.Module):
         self.tensor_parallel = None
         # Context parallelism (`distributed.cp.ContextParallel`): this rank's shard of every sequence
         self.context_parallel = None
-        with torch.device(device or "cpu"):
+        device = torch.device(device) if device is not None else torch.get_default_device()
+        with device:
             self.backbone = HybridMoEModel(config)
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
             self.mtp = None
@@ -478,7 +480,7 @@ class HybridMoEForCausalLM(nn.Module):
                         )
                 self.mtp = nn.Module()
                 self.mtp.layers = nn.ModuleList(blocks)
-            if torch.device(device or "cpu").type != "meta":
+            if device.type != "meta":
                 self.init_weights()
         if dtype is not None:
             self.to(dtype)
