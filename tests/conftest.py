@@ -13,10 +13,10 @@ import torch
 
 torch.set_num_threads(1)
 
-# Test modules that start several processes (torchrun, `ranks.start_ranks`, bench_gpu's workers): each such test
-# keeps a 2-core machine's cores busy by itself. Under `pytest -n 2 --dist loadgroup` (CI) they form one group and run
-# on one worker, one after another, while the other worker runs the single-threaded tests; two of them at once would
-# only take turns on the cores.
+# `pytest -n 2 --dist loadgroup` (CI): each test module is one xdist group, run in order on one worker, so that its
+# module-scoped fixtures (servers, checkpoints) are built once and its tests see one another's effects as they do
+# without workers. The modules that start several processes (torchrun, `ranks.start_ranks`, bench_gpu's workers)
+# keep a 2-core machine's cores busy by themselves: they form one group together, run one after another.
 MULTIPROCESS = {
     "test_automodel_distributed.py", "test_finetune_distributed.py", "test_context_parallel.py", "test_mesh.py",
     "test_pipeline_parallel.py", "test_resume_layouts.py", "test_tensor_parallel.py",
@@ -27,8 +27,8 @@ MULTIPROCESS = {
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.path.name in MULTIPROCESS:
-            item.add_marker(pytest.mark.xdist_group("multiprocess"))
+        group = "multiprocess" if item.path.name in MULTIPROCESS else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 _HERE = os.path.dirname(os.path.abspath(__file__))

@@ -376,6 +376,8 @@ def test_concurrent_clients(client, engine):
 
 def test_metrics(client, live):
     client.chat.completions.create(model=MODEL, messages=USER, max_tokens=3)
+    with pytest.raises(openai.NotFoundError):  # counted by its status
+        client.chat.completions.create(model="no-such-model", messages=USER, max_tokens=3)
     text = httpx.get(live.url + "/metrics").text
     lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
     assert float(lines['hybridmoe_requests_total{endpoint="/v1/chat/completions",status="200"}']) >= 1
