@@ -168,6 +168,19 @@ def test_the_readme_installs_what_ci_installs():
     assert pinned in SpecifierSet(allowed), (pinned, allowed)
 
 
+def test_the_readme_runs_the_tests_as_ci_does():
+    """The README's test command (in "First commands" and "Tests") is CI's, less CI's `-x` and `--durations`."""
+    ci = next(line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("python -m pytest"))
+    ci_args = [a for a in shlex.split(ci, comments=True) if a != "-x" and not a.startswith("--durations")]
+    readme = (ROOT / "README.md").read_text()
+    tests = readme[readme.index("## Tests") :]
+    block = tests[tests.index("```bash\n") + len("```bash\n") : tests.index("```", tests.index("```bash\n") + 7)]
+    first = readme[readme.index("## First commands") :]
+    first_line = next(line for line in first.splitlines() if line.startswith("python -m pytest"))
+    for line in (block.strip(), first_line):
+        assert shlex.split(line, comments=True) == ci_args, (line, ci)
+
+
 def test_the_newest_releases_job_names_tests_that_exist():
     script = (ROOT / ".ci" / "newest").read_text().replace("\\\n", " ")
     line = next(line for line in script.splitlines() if line.startswith("python -m pytest"))

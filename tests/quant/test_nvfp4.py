@@ -180,6 +180,32 @@ def test_compiled_kernels_give_the_same_bits():
         assert not kernels._BROKEN
 
 
+def test_a_kernel_is_traced_once_for_shapes_that_differ_in_sizes_only(monkeypatch):
+    """Dynamic shapes without duck shaping (`kernels._no_duck_shapes`): 16 blocks of 16 elements, then another
+    number of blocks, a square tensor, then a tall one, all reuse the first graph (with duck shaping, each of those
+    equalities became a guard and the next shape a recompile)."""
+    import functools
+
+    from hybridmoe.quant import kernels
+
+    if kernels.mode() == "eager":
+        pytest.skip("HYBRIDMOE_QUANT_KERNELS=eager")
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compile_counting = functools.cache(lambda fn, device_type: torch.compile(fn, dynamic=True, backend=counting))
+    monkeypatch.setattr(kernels, "_compile", compile_counting)
+    for shape in ((32, 256), (32, 512), (64, 64), (80, 48)):  # (one row of tiles, size 1, is a graph of its own)
+        x = torch.randn(shape)
+        got = nvfp4.fast_quantize_dequantize(x, "16x16")
+        want = nvfp4.quantize_dequantize(x, "16x16")
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert len(graphs) == 1
+
+
 def test_grouped_quantizers_give_each_group_the_bits_of_its_own_call():
     """Segments of rows, segments of columns and stacks (the routed experts' operands) in one call: every group
     quantized as a tensor of its own, bitwise, stochastic rounding included where the draws concatenate."""

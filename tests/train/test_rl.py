@@ -169,7 +169,9 @@ def test_rl_with_asynchronous_rollouts_on_a_serve_worker(tmp_path, tokenizer_dir
     records = step_records(out)
     assert [x["step"] for x in records] == [1, 2, 3]
     assert max(x["staleness_max"] for x in records) == 0 and max(x["mismatch_max"] for x in records) < 1e-3
-    assert sum(x["trajectories"] for x in records) == 3 * 2 * 4 and len({x["loss"] for x in records}) == 3
+    # (no check on the losses differing: the samples, and so whether any group's rewards differ, depend on how the
+    # worker batched the requests, which the machine's load changes; the trajectories' versions are what matter)
+    assert sum(x["trajectories"] for x in records) == 3 * 2 * 4
 
 
 def test_a_streamed_step_trains_as_the_whole_batch(tmp_path, tokenizer_dir, agent, monkeypatch):  # noqa: F811

@@ -14,6 +14,7 @@ compiles and falls back to eager (with a warning) the first time compiling fails
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -58,6 +59,18 @@ def _compile(fn, device_type: str):
     return torch.compile(fn, dynamic=True, options=None if device_type == "cpu" else exact_options())
 
 
+def _no_duck_shapes():
+    """Dynamo gives dimensions of equal size one symbol ("duck shaping") and guards on their equality, so a kernel
+    first compiled for 16 blocks of 16, or a square weight, is compiled again for the next shape. These kernels take
+    any shapes, so while they compile each dimension gets a symbol of its own (torch.fx.experimental._config, in
+    torch 2.1 and later; without it, nothing changes)."""
+    try:
+        from torch.fx.experimental import _config
+    except ImportError:  # pragma: no cover - a torch without the switch
+        return contextlib.nullcontext()
+    return _config.patch(use_duck_shape=False) if hasattr(_config, "use_duck_shape") else contextlib.nullcontext()
+
+
 def compiled(fn):
     """`fn` compiled (once, shapes dynamic) unless the mode says eager or compiling failed before under `auto`; run
     without autograd (values only)."""
@@ -73,7 +86,7 @@ def compiled(fn):
         try:
             # Values only (the training recipe's autograd Functions own the gradients), outside autocast and
             # contiguous: each of these would otherwise be another compiled variant.
-            with torch.no_grad(), torch.autocast(args[0].device.type, enabled=False):
+            with torch.no_grad(), torch.autocast(args[0].device.type, enabled=False), _no_duck_shapes():
                 return fast(*(a.detach().contiguous() if isinstance(a, torch.Tensor) else a for a in args))
         except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to the same function, eager
             if mode() == "compiled":

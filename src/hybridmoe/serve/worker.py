@@ -128,11 +128,10 @@ class EngineWorker:
             except Exception as e:  # not one request's fault (the engine contains those): start over clean
                 logger.exception("engine step failed; failing the open requests and resetting the engine")
                 self.num_failures += 1
-                error = APIError(500, f"the engine failed: {e!r}", "server_error")
-                for request_id, route in list(self._queues.items()):
-                    self._queues.pop(request_id, None)
-                    _put(route.loop, [(route.queue, error)])
+                # reset before the errors go out: a client told of the failure finds the engine clean, and a
+                # request it sends at once is not dropped by a reset still to come
                 self.engine.reset()
+                self.abort_all(APIError(500, f"the engine failed: {e!r}", "server_error"))
                 continue
             self._route(outputs)
 
