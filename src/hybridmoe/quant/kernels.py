@@ -59,16 +59,22 @@ def _compile(fn, device_type: str):
     return torch.compile(fn, dynamic=True, options=None if device_type == "cpu" else exact_options())
 
 
+@functools.cache
+def _shape_config():
+    """torch.fx.experimental._config where it has the duck-shaping switch (torch 2.1 and later), else None."""
+    try:
+        from torch.fx.experimental import _config
+    except ImportError:  # pragma: no cover - a torch without the module
+        return None
+    return _config if hasattr(_config, "use_duck_shape") else None
+
+
 def _no_duck_shapes():
     """Dynamo gives dimensions of equal size one symbol ("duck shaping") and guards on their equality, so a kernel
     first compiled for 16 blocks of 16, or a square weight, is compiled again for the next shape. These kernels take
-    any shapes, so while they compile each dimension gets a symbol of its own (torch.fx.experimental._config, in
-    torch 2.1 and later; without it, nothing changes)."""
-    try:
-        from torch.fx.experimental import _config
-    except ImportError:  # pragma: no cover - a torch without the switch
-        return contextlib.nullcontext()
-    return _config.patch(use_duck_shape=False) if hasattr(_config, "use_duck_shape") else contextlib.nullcontext()
+    any shapes, so while they compile each dimension gets a symbol of its own (without the switch, nothing changes)."""
+    config = _shape_config()
+    return contextlib.nullcontext() if config is None else config.patch(use_duck_shape=False)
 
 
 def compiled(fn):
