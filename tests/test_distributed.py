@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from helpers import write_prepared
-from ranks import start_ranks
+from ranks import run_cli_ranks, start_ranks
 from safetensors.torch import load_file
 from test_pretrain import VOCAB, pattern_docs, step_records
 
@@ -99,6 +99,13 @@ def _torchrun(nproc: int, recipe_path, *args):
     return proc
 
 
+def _ranks(nproc: int, recipe_path, *args):
+    """`hybridmoe pretrain RECIPE ARGS` on `nproc` ranks forked with torchrun's environment (`ranks.run_cli_ranks`:
+    no interpreter start-up per rank); each rank's output in `<train.out_dir>-ranks/`."""
+    out = next(a.split("=", 1)[1] for a in args if a.startswith("train.out_dir="))
+    run_cli_ranks(nproc, ["pretrain", str(recipe_path), *args], f"{out}-ranks")
+
+
 @pytest.fixture(scope="module")
 def dist_setup(tmp_path_factory):
     """Prepared data, a recipe (debug preset with MTP, global batch 4, 10 steps, a checkpoint at step 5) and the
@@ -136,13 +143,13 @@ def _assert_same_trajectory(records, reference, steps):
 
 def _resume_from_step5(first, resumed, nproc: int, recipe_path, *args):
     """A copy of `first`'s step-5 checkpoint and log (as a run interrupted after step 5 leaves them: steps 6+ dropped),
-    resumed in `resumed` with `nproc` processes (1: in this process, no torchrun)."""
+    resumed in `resumed` with `nproc` processes (1: in this process; more: `_ranks`)."""
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(first / "checkpoints" / "step-0000005", resumed / "checkpoints" / "step-0000005")
     shutil.copy(first / "log.jsonl", resumed / "log.jsonl")
     if nproc == 1:
         return train(Recipe.from_yaml(str(recipe_path), [f"train.out_dir={resumed}", *args]), resume=True)
-    _torchrun(nproc, recipe_path, f"train.out_dir={resumed}", *args, "--resume")
+    _ranks(nproc, recipe_path, f"train.out_dir={resumed}", *args, "--resume")
 
 
 def _assert_exported_equals(run, exported, expected: dict, step: int = 10):
@@ -155,12 +162,13 @@ def _assert_exported_equals(run, exported, expected: dict, step: int = 10):
                 torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-5, msg=f"{model_dir}: {name}")
 
 
-# (ep2 alone: the first run of test_distributed_resume_on_another_world_size_and_export)
-@pytest.mark.parametrize("nproc,ep", [(2, 1), (4, 2)], ids=["dp2", "dp2xep2"])
-def test_torchrun_matches_single_process(dist_setup, nproc, ep):
+# dp 2 started by torchrun itself, dp 2 x ep 2 on forked ranks (ep 2 alone: the first run of
+# test_distributed_resume_on_another_world_size_and_export)
+@pytest.mark.parametrize("nproc,ep", [(2, 1), (4, 2)], ids=["dp2-torchrun", "dp2xep2"])
+def test_multi_process_matches_single_process(dist_setup, nproc, ep):
     root, path, reference, _ = dist_setup
     out = root / f"run-{nproc}-{ep}"
-    _torchrun(nproc, path, f"parallel.ep={ep}", f"train.out_dir={out}")
+    (_torchrun if ep == 1 else _ranks)(nproc, path, f"parallel.ep={ep}", f"train.out_dir={out}")
     _assert_same_trajectory(step_records(out), reference, list(range(1, 11)))
     ckpt = out / "checkpoints" / "step-0000010"
     assert (ckpt / "dcp").is_dir() and (ckpt / "trainer_state" / f"rng-{nproc - 1}.pt").exists()
@@ -172,7 +180,7 @@ def test_distributed_resume_on_another_world_size_and_export(dist_setup, tmp_pat
     single-process model."""
     root, path, reference, single = dist_setup
     first = tmp_path / "first"
-    _torchrun(2, path, "parallel.ep=2", f"train.out_dir={first}", "train.steps=10", "parallel.consolidate=false")
+    _ranks(2, path, "parallel.ep=2", f"train.out_dir={first}", "train.steps=10", "parallel.consolidate=false")
     _assert_same_trajectory(step_records(first), reference, list(range(1, 11)))
     assert (first / "checkpoints" / "step-0000010" / "trainer_state" / "rng-1.pt").exists()
     resumed = tmp_path / "resumed"
@@ -194,12 +202,12 @@ def test_parallel_settings_are_checked(dist_setup):
     assert proc.returncode != 0 and "multiple of the number of processes" in proc.stderr + proc.stdout
 
 
-def test_torchrun_bf16_weights_with_activation_checkpointing(dist_setup):
+def test_bf16_weights_with_activation_checkpointing(dist_setup):
     """bf16 weights (the router stays fp32 in its own FSDP unit) and recomputed activations, expert parallel."""
     root, path, reference, _ = dist_setup
     out = root / "bf16-ckpt"
-    _torchrun(2, path, "parallel.ep=2", "train.precision=bf16", "train.activation_checkpointing=true",
-              f"train.out_dir={out}")  # fmt: skip
+    _ranks(2, path, "parallel.ep=2", "train.precision=bf16", "train.activation_checkpointing=true",
+           f"train.out_dir={out}")  # fmt: skip
     records = read_log(str(out / "log.jsonl"))
     losses = [r["loss"] for r in records if "loss" in r]
     val = [r["val_loss"] for r in records if "val_loss" in r]

@@ -12,7 +12,7 @@ import test_distributed
 import torch
 import torch.distributed as dist
 from ranks import start_ranks
-from test_distributed import _assert_same_trajectory, _torchrun
+from test_distributed import _assert_same_trajectory, _ranks
 from test_pretrain import step_records
 
 from hybridmoe import HybridMoEConfig, HybridMoEForCausalLM
@@ -120,13 +120,13 @@ def test_context_parallel_matches_single_process(tmp_path, world, cp, packed, tp
 # ---------------------------------------------------------------------------------------------- trainer
 
 
-def test_torchrun_context_parallel_matches_single_process(dist_setup, tmp_path):
+def test_cli_context_parallel_matches_single_process(dist_setup, tmp_path):
     """`hybridmoe pretrain ... parallel.cp=2 parallel.ep=2` on 4 processes (dp 2 x cp 2, the experts split over the
     data-parallel ranks): the single-process losses, aux loss and gradient norms, step by step, packed documents
     masked; the consolidated checkpoint equals the single-process model."""
     root, path, reference, single = dist_setup
     out = tmp_path / "cp"
-    _torchrun(4, path, "parallel.cp=2", "parallel.ep=2", f"train.out_dir={out}", "train.steps=10")
+    _ranks(4, path, "parallel.cp=2", "parallel.ep=2", f"train.out_dir={out}", "train.steps=10")
     _assert_same_trajectory(step_records(out), reference, list(range(1, 11)))
     model = HybridMoEForCausalLM.from_pretrained(str(out / "checkpoints" / "step-0000010"))
     expected = single["model"].state_dict()

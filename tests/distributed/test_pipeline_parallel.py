@@ -12,7 +12,7 @@ import test_distributed
 import torch
 import torch.distributed as dist
 from ranks import start_ranks
-from test_distributed import _assert_exported_equals, _assert_same_trajectory, _resume_from_step5, _torchrun
+from test_distributed import _assert_exported_equals, _assert_same_trajectory, _ranks, _resume_from_step5
 from test_pretrain import step_records
 
 from hybridmoe import HybridMoEConfig, HybridMoEForCausalLM
@@ -161,7 +161,7 @@ def test_split_points():
 # ---------------------------------------------------------------------------------------------- trainer
 
 
-def test_torchrun_pipeline_parallel_matches_single_process(dist_setup, tmp_path):
+def test_cli_pipeline_parallel_matches_single_process(dist_setup, tmp_path):
     """`hybridmoe pretrain ... parallel.pp=2` on 4 processes (dp 2 x pp 2, 2 micro-batches of one sequence per
     data-parallel rank): the single-process losses (LM, MTP, aux), gradient norms and validation loss, step by step;
     the consolidated checkpoint (gathered stage by stage) and the export equal the single-process model; its step-5
@@ -169,7 +169,7 @@ def test_torchrun_pipeline_parallel_matches_single_process(dist_setup, tmp_path)
     their layers under the whole model's names)."""
     root, path, reference, single = dist_setup
     out = tmp_path / "pp"
-    _torchrun(4, path, "parallel.pp=2", f"train.out_dir={out}", "train.steps=10")
+    _ranks(4, path, "parallel.pp=2", f"train.out_dir={out}", "train.steps=10")
     _assert_same_trajectory(step_records(out), reference, list(range(1, 11)))
     val, val_ref = (
         [(r["step"], r["val_loss"]) for r in read_log(os.path.join(d, "log.jsonl")) if "val_loss" in r]
@@ -183,7 +183,7 @@ def test_torchrun_pipeline_parallel_matches_single_process(dist_setup, tmp_path)
     _assert_same_trajectory(step_records(resumed), reference, list(range(1, 11)))
 
 
-def test_torchrun_pipeline_tensor_parallel_matches_single_process(dist_setup, tmp_path):
+def test_cli_pipeline_tensor_parallel_matches_single_process(dist_setup, tmp_path):
     """`hybridmoe pretrain ... parallel.pp=2 parallel.tp=2` on 4 processes (2 micro-batches of two sequences, each
     rank running its half of every sequence): the single-process losses, gradient norms and validation loss, step
     by step; the consolidated checkpoint (gathered stage by stage, the Mamba rows back in the Hugging Face order) and
@@ -192,7 +192,7 @@ def test_torchrun_pipeline_tensor_parallel_matches_single_process(dist_setup, tm
     single-process run. (pp 2 x cp 2 runs the same way: the spawned test above checks its gradients.)"""
     root, path, reference, single = dist_setup
     out = tmp_path / "run"
-    _torchrun(4, path, "parallel.pp=2", "parallel.tp=2", f"train.out_dir={out}", "train.steps=10")
+    _ranks(4, path, "parallel.pp=2", "parallel.tp=2", f"train.out_dir={out}", "train.steps=10")
     _assert_same_trajectory(step_records(out), reference, list(range(1, 11)))
     val, val_ref = (
         [v for r in read_log(os.path.join(d, "log.jsonl")) if (v := r.get("val_loss")) is not None]

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from ranks import start_ranks
 from safetensors.torch import load_file, save_file
-from test_distributed import _assert_same_trajectory, _resume_from_step5, _torchrun
+from test_distributed import _assert_same_trajectory, _ranks, _resume_from_step5
 from test_pretrain import step_records
 
 from hybridmoe import HybridMoEConfig, HybridMoEForCausalLM
@@ -106,11 +106,11 @@ def test_state_resumes_across_tp_degrees(tmp_path, saved, resumed, overrides):
 def test_pretrain_resumes_across_tp_degrees(dist_setup, tmp_path):
     """`hybridmoe pretrain` with dp 2 saved at step 5 resumes with tp 2 and in one process: steps 6-10 are the
     uninterrupted single-process run's. (The other direction, tp 2 x pp 2 resumed as dp 4, is
-    `test_pipeline_parallel.test_torchrun_pipeline_tensor_parallel_matches_single_process`.)"""
+    `test_pipeline_parallel.test_cli_pipeline_tensor_parallel_matches_single_process`.)"""
     root, path, reference, _ = dist_setup
     steps = list(range(1, 11))
     dp2 = tmp_path / "dp2"
-    _torchrun(2, path, f"train.out_dir={dp2}", "parallel.consolidate=false")  # the schedule of 10 steps
+    _ranks(2, path, f"train.out_dir={dp2}", "parallel.consolidate=false")  # the schedule of 10 steps
     _resume_from_step5(dp2, tmp_path / "dp2-tp2", 2, path, "parallel.tp=2")
     _assert_same_trajectory(step_records(tmp_path / "dp2-tp2"), reference, steps)
     _resume_from_step5(dp2, tmp_path / "dp2-one", 1, path)

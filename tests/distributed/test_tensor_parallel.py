@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from ranks import start_ranks
 from safetensors.torch import load_file
-from test_distributed import _assert_exported_equals, _assert_same_trajectory, _torchrun
+from test_distributed import _assert_exported_equals, _assert_same_trajectory, _ranks
 from test_pretrain import step_records
 
 from hybridmoe import HybridMoEConfig, HybridMoEForCausalLM
@@ -108,18 +108,18 @@ def test_tensor_parallel_matches_single_process(tmp_path, world, tp, ep, overrid
 # ---------------------------------------------------------------------------------------------- trainer
 
 
-def test_torchrun_tensor_parallel_matches_single_process(dist_setup, tmp_path):
+def test_cli_tensor_parallel_matches_single_process(dist_setup, tmp_path):
     """`hybridmoe pretrain ... parallel.tp=2` on 4 processes (dp 2 x tp 2): the single-process losses and gradient
     norms, step by step; the consolidated checkpoint (Mamba rows back in the Hugging Face order) and the export
     equal the single-process model (resuming with another tp degree: `test_resume_layouts`)."""
     root, path, reference, single = dist_setup
     out = tmp_path / "tp"
-    _torchrun(4, path, "parallel.tp=2", f"train.out_dir={out}", "train.steps=10")
+    _ranks(4, path, "parallel.tp=2", f"train.out_dir={out}", "train.steps=10")
     _assert_same_trajectory(step_records(out), reference, list(range(1, 11)))
     _assert_exported_equals(out, tmp_path / "exported", single["model"].state_dict())
 
 
-def test_torchrun_mixed_precision_matches_autocast(dist_setup, tmp_path):
+def test_cli_mixed_precision_matches_autocast(dist_setup, tmp_path):
     """parallel.mixed_precision=bf16 (FSDP2: bf16 compute copies of fp32 master weights, fp32 gradient reduction)
     on 2 processes follows the single-process bf16-autocast run; the checkpoint holds fp32 weights."""
     root, path, _, _ = dist_setup
@@ -127,7 +127,7 @@ def test_torchrun_mixed_precision_matches_autocast(dist_setup, tmp_path):
     autocast = tmp_path / "autocast"
     train(Recipe.from_yaml(str(path), ["train.precision=autocast-bf16", f"train.out_dir={autocast}", *steps]))
     out = tmp_path / "mixed"
-    _torchrun(2, path, "parallel.mixed_precision=bf16", f"train.out_dir={out}", *steps)
+    _ranks(2, path, "parallel.mixed_precision=bf16", f"train.out_dir={out}", *steps)
     records, reference = step_records(out), step_records(autocast)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for r, ref in zip(records, reference):
