@@ -73,7 +73,7 @@ def run_cli_ranks(nproc: int, argv: list[str], log_dir, timeout: float = 900) ->
 
     A torchrun launch starts its agent and then each rank as a fresh interpreter (about 4 s of CPU a rank for torch
     and hybridmoe, 10 s of wall time for 4 ranks on 2 cores); these ranks start in milliseconds. The tests that start
-    `python -m torch.distributed.run` itself (tests/test_distributed.py, tests/automodel) keep the launcher covered.
+    `python -m torch.distributed.run` itself (two in tests/test_distributed.py) keep the launcher covered.
     Each rank's output goes to `log_dir/rank-N.log`; a rank that fails, or ranks still running after `timeout`
     seconds (killed), raise with every log's tail."""
     with socket.socket() as s:  # a free port for the rendezvous store, as torchrun --standalone picks one

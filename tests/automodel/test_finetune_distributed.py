@@ -1,5 +1,5 @@
-"""`hybridmoe finetune` (the SFT stage with model.source=transformers) under torchrun (2 CPU processes, gloo,
-expert parallelism 2): the same losses as one process on the whole batch, distributed checkpoints that resume
+"""`hybridmoe finetune` (the SFT stage with model.source=transformers) on 2 ranks with torchrun's environment (CPU,
+gloo, expert parallelism 2): the same losses as one process on the whole batch, distributed checkpoints that resume
 exactly, and a `final/` that transformers loads."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _rank(rank, world, port, flags, resume):
     sft(finetune_recipe(**flags), resume=resume, peak_gflops=100.0)
 
 
-def _torchrun(flags: dict, port: int, resume: bool = False) -> None:
+def _run_ranks(flags: dict, port: int, resume: bool = False) -> None:
     start_ranks(_rank, (WORLD, port, flags, resume), nprocs=WORLD)
 
 
@@ -46,7 +46,7 @@ def test_two_processes_with_expert_parallelism_match_one(tmp_path, tokenizer_dir
     two = dict(common, out_dir=str(tmp_path / "two"), ep=2)
     sft(finetune_recipe(**one), peak_gflops=100.0)
     port = 29400 + int(lora)
-    _torchrun(two, port)
+    _run_ranks(two, port)
     ref, got = read_log(os.path.join(one["out_dir"], "log.jsonl")), read_log(os.path.join(two["out_dir"], "log.jsonl"))
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     for a, b in zip(ref, got):
@@ -65,7 +65,7 @@ def test_two_processes_with_expert_parallelism_match_one(tmp_path, tokenizer_dir
         assert os.path.isfile(os.path.join(two["out_dir"], "final", "adapter", "adapter_model.safetensors"))
     # resumed on 2 processes from step 2: steps 3-4 log the same losses
     shutil.rmtree(os.path.join(two["out_dir"], "checkpoints", "step-0000004"))
-    _torchrun(two, port + 10, resume=True)
+    _run_ranks(two, port + 10, resume=True)
     again = read_log(os.path.join(two["out_dir"], "log.jsonl"))
     assert [r["step"] for r in again] == [1, 2, 3, 4]
     for a, b in zip(got[2:], again[2:]):
