@@ -1,6 +1,7 @@
-"""torch.distributed on CPU with gloo: expert parallelism against the single-device MoE, and the trainer under
-torchrun (dp, ep, dp x ep) against the single-process run on the same global batch, including resuming from a
-distributed checkpoint on another number of processes and exporting it to the Hugging Face layout."""
+"""torch.distributed on CPU with gloo: expert parallelism against the single-device MoE, and the trainer on several
+processes (dp, ep, dp x ep; under torchrun itself or on ranks forked with its environment) against the
+single-process run on the same global batch, including resuming from a distributed checkpoint on another number of
+processes and exporting it to the Hugging Face layout."""
 
 from __future__ import annotations
 

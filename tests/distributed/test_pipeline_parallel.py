@@ -114,8 +114,8 @@ def test_pipeline_parallel_matches_single_process(tmp_path, world, pp, tp, cp, e
     """Packed documents (one crossing the context-parallel shard boundary, one starting on it), MTP (two depths: its
     carried embeddings are each rank's sequence shard and the two tokens after it) and the aux loss. The 8-process
     layout is the issue's: every dimension at once, ep borrowing its ranks from tp (`distributed.mesh`). dp 2 x pp 2,
-    tp 2 x pp 2 and cp 2 x pp 2 alone: `benchmarks/bench_parallel_layouts.py` (10 steps each) and the torchrun tests
-    below (dp x pp, tp x pp), kept out of the suite for time."""
+    tp 2 x pp 2 and cp 2 x pp 2 alone: `benchmarks/bench_parallel_layouts.py` (10 steps each) and the command-line
+    tests below (dp x pp, tp x pp), kept out of the suite for time."""
     start_ranks(_pp_worker, (world, str(tmp_path / "store"), str(tmp_path), pp, 3, 2, tp, cp, ep),
                        nprocs=world)  # fmt: skip
     r = json.loads((tmp_path / "pp.json").read_text())
