@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -786,3 +788,17 @@ def test_aux_loss_includes_each_mtp_depth():
     assert len(calls) == 2 + m.config.mtp_num_depths
     hand = torch.stack([_hand_aux_loss(g, x, 2, 20) for g, x in calls]).mean()
     assert abs(out.aux_loss.item() - hand.item()) <= 1e-6
+
+
+def test_the_model_runs_without_importing_dtensor():
+    """torch.distributed.tensor costs about a second of start-up (every serve worker, CLI command and benchmark
+    process pays it); the model, the engine and the command line leave it to the distributed code."""
+    code = (
+        "import sys, torch, hybridmoe.cli, hybridmoe.serve\n"
+        "from hybridmoe import HybridMoEConfig, HybridMoEForCausalLM\n"
+        "model = HybridMoEForCausalLM(HybridMoEConfig.from_preset('debug'))\n"
+        "model(torch.randint(0, 100, (1, 8)), labels=torch.randint(0, 100, (1, 8))).loss.backward()\n"
+        "print('torch.distributed.tensor' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -18,17 +18,13 @@ Shape legend: b batch, t time, d hidden, v vocab.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # a torch built without torch.distributed: no parameter is a DTensor
-    DTensor = ()
 
 from .cache import HybridCache, KVState
 from .config import HybridMoEConfig
@@ -750,8 +746,11 @@ class HybridMoEForCausalLM(nn.Module):
 
 def _local(t: torch.Tensor | None) -> torch.Tensor | None:
     """This rank's part of a parameter split by tensor parallelism (a DTensor), or the tensor itself. (isinstance, not
-    hasattr(t, "to_local"): torch.compile's Dynamo answers hasattr False for a DTensor parameter.)"""
-    return t.to_local() if isinstance(t, DTensor) else t
+    hasattr(t, "to_local"): torch.compile's Dynamo answers hasattr False for a DTensor parameter.) A DTensor exists only
+    once torch.distributed.tensor is imported, which costs a second at start-up: this module leaves that to the
+    distributed code."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return t.to_local() if dtensor is not None and isinstance(t, dtensor.DTensor) else t
 
 
 def _shift_left(x: torch.Tensor, shift: int, fill: int) -> torch.Tensor:
