@@ -53,12 +53,21 @@ def test_speedrun_runs_every_stage_and_reports(tmp_path, monkeypatch):
     sft_row = next(r for r in json.loads((run / "stages.json").read_text()) if r["stage"] == "sft")
     assert f"re-planned to {sft_row['planned']} at step" in sft_row["note"], sft_row
     assert 0 < sft_row["ran"] <= sft_row["planned"], sft_row
+    # On a machine slower than at calibration (a busy one), the evaluations that no longer fit before the deadline
+    # are left out and named in the report; the final model and the random init are always validated (first), and
+    # the final model's tasks evaluated (first of the tasks).
+    left_out = [line for line in text.splitlines() if line.startswith("Not evaluated (no time left): ")]
+    left_out = left_out[0].removeprefix("Not evaluated (no time left): ").rstrip(".").split(", ") if left_out else []
     evals = json.loads((run / "evals.json").read_text())
-    assert [e["stage"] for e in evals] == ["initial (random init)", "after phase 1", "after phase 2",
-                                          "after long context", "after SFT", "after RL"]  # fmt: skip
-    assert evals[-3]["val_loss_short"] < evals[0]["val_loss_short"] - 0.5
+    stages = ["initial (random init)", "after phase 1", "after phase 2", "after long context", "after SFT", "after RL"]
+    assert [e["stage"] for e in evals] == [s for s in stages if s not in left_out], left_out
+    assert evals[0]["stage"] == stages[0] and evals[-1]["stage"] == stages[-1]
+    assert evals[-1]["val_loss_short"] < evals[0]["val_loss_short"] - 0.5
     # Every domain evaluated before and after SFT and after RL, reasoning on and off.
     for label in ("before-SFT", "after-SFT", "after-RL"):
+        if f"tasks {label.replace('-', ' ')}" in left_out:
+            assert label != "after-RL" and not (run / "tasks" / label).exists()
+            continue
         result = json.loads((run / "tasks" / label / "tasks.json").read_text())
         assert {(r["domain"], r["reasoning"]) for r in result["summary"]} == {
             (d, m) for d in DOMAINS for m in ("on", "off")
