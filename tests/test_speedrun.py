@@ -3,6 +3,7 @@ and on a machine slower than at calibration (a fake clock), where every stage st
 
 import json
 import os
+import re
 import signal
 
 import httpx
@@ -56,8 +57,8 @@ def test_speedrun_runs_every_stage_and_reports(tmp_path, monkeypatch):
     # On a machine slower than at calibration (a busy one), the evaluations that no longer fit before the deadline
     # are left out and named in the report; the final model and the random init are always validated (first), and
     # the final model's tasks evaluated (first of the tasks).
-    left_out = [line for line in text.splitlines() if line.startswith("Not evaluated (no time left): ")]
-    left_out = left_out[0].removeprefix("Not evaluated (no time left): ").rstrip(".").split(", ") if left_out else []
+    found = re.search(r"^Not evaluated \(no time left\): (.*)\.$", text, re.M)
+    left_out = found.group(1).split(", ") if found else []
     evals = json.loads((run / "evals.json").read_text())
     stages = ["initial (random init)", "after phase 1", "after phase 2", "after long context", "after SFT", "after RL"]
     assert [e["stage"] for e in evals] == [s for s in stages if s not in left_out], left_out
